@@ -1,0 +1,53 @@
+"""Multi-process fine-tuning inside a SLURM job launched by submitit (``tasks_per_node`` = GPUs).
+
+Every task of the job runs the same function; this context initialises ``torch.distributed`` from
+submitit's job environment (NCCL on GPU, gloo on CPU) and tears it down. Outside a multi-task submitit
+job it is a no-op: rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def job_world() -> tuple[int, int, int]:
+    """(global rank, world size, local rank) of this process in a submitit job; (0, 1, 0) elsewhere."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return 0, 1, 0
+    import submitit
+
+    env = submitit.JobEnvironment()
+    return env.global_rank, env.num_tasks, env.local_rank
+
+
+@contextlib.contextmanager
+def distributed_context(device: torch.device) -> Iterator[DistributedContext]:
+    rank, world_size, local_rank = job_world()
+    if world_size == 1:
+        yield DistributedContext(0, 1, device)
+        return
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    try:
+        yield DistributedContext(rank, world_size, device)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,87 @@
+"""Where runs execute: ``inprocess`` (this Python process, one after another), ``local`` (each run in
+its own subprocess through submitit's LocalExecutor, one at a time so timings do not compete) and
+``slurm`` (one submitit job array per invocation on a SLURM cluster, see ``bench.slurm``).
+All three call the same job function, ``bench.runner.run_job``, with a small dict and a folder."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.config import RunSpec
+
+EXECUTORS = ("inprocess", "local", "slurm")
+
+
+@dataclass
+class Outcome:
+    key: str
+    ok: bool
+    error: str | None = None
+    log: str | None = None
+    seconds: float | None = None
+
+
+def run_inprocess(runs: list[RunSpec], results_dir: Path, progress: bool = True,
+                  announce: Callable[[str], None] = print) -> list[Outcome]:
+    import time
+
+    from bench.runner import run_job
+
+    outcomes = []
+    for index, run in enumerate(runs, start=1):
+        announce(f"[{index}/{len(runs)}] {run.key}")
+        started = time.time()
+        try:
+            run_job(run.to_dict(), str(results_dir), progress=progress)
+            outcomes.append(Outcome(run.key, True, seconds=time.time() - started))
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            announce(f"    failed: {message}")
+            outcomes.append(Outcome(run.key, False, error=message, seconds=time.time() - started))
+    return outcomes
+
+
+def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], None] = print) -> list[Outcome]:
+    import submitit
+
+    from bench.runner import run_job
+
+    executor = submitit.LocalExecutor(folder=str(results_dir / "logs" / "local" / "%j"))
+    executor.update_parameters(timeout_min=24 * 60)
+    outcomes = []
+    for index, run in enumerate(runs, start=1):
+        job = executor.submit(run_job, run.to_dict(), str(results_dir), False)
+        announce(f"[{index}/{len(runs)}] {run.key} (local job {job.job_id}, log {job.paths.stderr})")
+        try:
+            job.result()
+            outcomes.append(Outcome(run.key, True, log=str(job.paths.stderr)))
+        except Exception as error:  # noqa: BLE001
+            message = _last_error_line(str(error))
+            announce(f"    failed: {message}")
+            outcomes.append(Outcome(run.key, False, error=message, log=str(job.paths.stderr)))
+    return outcomes
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else "unknown error"
+
+
+def summary(outcomes: list[Outcome], stream=None) -> int:
+    """Print one line per failure and a count; the exit code: 0 when every run succeeded, else 1."""
+    stream = stream or sys.stdout
+    failed = [o for o in outcomes if not o.ok]
+    done = len(outcomes) - len(failed)
+    for outcome in failed:
+        where = f" (log: {outcome.log})" if outcome.log else ""
+        print(f"FAILED {outcome.key}: {outcome.error}{where}", file=stream)
+    print(f"{done} run(s) succeeded, {len(failed)} failed", file=stream)
+    return 1 if failed else 0

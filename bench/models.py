@@ -1,0 +1,106 @@
+"""Building timm models by name and loading weights: a local file (DeiT's ``{"model": state_dict}``,
+``{"state_dict": ...}`` or a plain state dict), a URL (torch.hub's cache) or a timm pretrained tag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class WeightsError(ValueError):
+    """Weights missing, unreadable or not matching the model (the message names the file)."""
+
+
+def create_model(name: str, kwargs: dict[str, Any] | None = None, meta: bool = False) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)``; ``meta``: without allocating weights."""
+    import timm
+
+    kwargs = dict(kwargs or {})
+    if meta:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **kwargs)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: DeiT's ``{"model": ...}``, ``{"state_dict": ...}``, plain;
+    a DDP ``module.`` prefix is removed."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{source}: not a state dict (expected tensors, or {{'model': state_dict}} as DeiT saves)")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def read_weights(path_or_url: str) -> dict[str, torch.Tensor]:
+    """Load a state dict from a local file or URL (URLs go through torch.hub's download cache)."""
+    if path_or_url.startswith(("http://", "https://")):
+        try:
+            obj = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", check_hash=False)
+        except Exception as error:  # noqa: BLE001 - network and format errors alike become one line
+            raise WeightsError(f"{path_or_url}: download failed ({type(error).__name__}: {error})") from None
+        return extract_state_dict(obj, path_or_url)
+    path = Path(path_or_url)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torn, foreign or pickled-code files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{path}: unreadable checkpoint ({reason[:200]})") from None
+    return extract_state_dict(obj, str(path))
+
+
+def _mismatch(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> str | None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or wrong):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if wrong:
+        key = wrong[0]
+        parts.append(f"shape of {key} is {tuple(state[key].shape)}, model has {tuple(expected[key].shape)}")
+    return f"{source}: does not fit the model: " + "; ".join(parts)
+
+
+def check_weights(model: nn.Module, weights: str) -> None:
+    """Raise ``WeightsError`` when local weights are missing, unreadable or do not fit ``model``
+    (a meta model is fine). URLs and timm tags are checked when the run loads them."""
+    if weights.startswith(("http://", "https://", "timm:")):
+        return
+    problem = _mismatch(model, read_weights(weights), weights)
+    if problem:
+        raise WeightsError(problem)
+
+
+def load_model(name: str, kwargs: dict[str, Any], weights: str | None) -> nn.Module:
+    """A timm model with its weights: ``None`` (random init, seeded by the caller), a path, a URL or
+    ``timm:<tag>`` (timm's own pretrained weights, e.g. ``timm:fb_in1k``)."""
+    if weights and weights.startswith("timm:"):
+        import timm
+
+        tag = weights[len("timm:") :]
+        try:
+            return timm.create_model(f"{name}.{tag}" if tag else name, pretrained=True, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            raise WeightsError(f"{weights}: timm pretrained weights for {name} unavailable ({error})") from None
+    model = create_model(name, kwargs)
+    if weights:
+        state = read_weights(weights)
+        problem = _mismatch(model, state, weights)
+        if problem:
+            raise WeightsError(problem)
+        model.load_state_dict(state)
+    return model

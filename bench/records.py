@@ -1,0 +1,114 @@
+"""Result records: one JSON file per run, written atomically, never edited.
+
+A record (``schema: 1``)::
+
+    {
+      "schema": 1,
+      "key": "tome-r4-1a2b3c4d",            # stable: derived from the run's configuration
+      "experiment": "quickstart",
+      "run": {                               # everything the run needed (frozen RunSpec, as a dict)
+        "model": "vit_tiny_patch16_224", "model_kwargs": {...}, "model_label": "fmnist-vit",
+        "weights": "configs/fmnist_vit.pth" | null | "https://..." | "timm:<tag>",
+        "data": {"name": "fashion_mnist", "root": null, "subset": 2000},
+        "method": "tome", "params": {"r": 4},
+        "batch_size": 128, "dtype": "fp32", "device": "cpu", "threads": 2,
+        "stages": ["eval", "macs", "throughput"], "throughput_batch_sizes": [32],
+        "reference": {"top1": 79.8, "gmacs": 4.6, "source": "DeiT paper"} | null,
+        ...
+      },
+      "metrics": {
+        "eval": {"top1": 89.3, "top5": 99.8, "loss": 0.31, "agreement": 97.2, "images": 10000},
+        "macs": {"torchprofile": 12345678, "analytic": 12300000, "data_mean": 12345678.0},
+        "throughput": [{"batch_size": 32, "dtype": "fp32", "device": "cpu", "device_name": "...",
+                        "threads": 2, "images_per_s": 2100.0, "times_s": [...],
+                        "baseline_images_per_s": 1500.0, "baseline_times_s": [...], "speedup": 1.4}],
+        "finetune": {"history": [...], "epochs_done": 10}
+      },
+      "tokens_per_layer": {"in": [50, 50, ...], "out": [50, 42, ...]},
+      "method_stats": {"3": {"pooled_fraction": 0.41}},
+      "env": {"torch": "...", "timm": "...", "python": "...", "device_name": "...", "threads": 2,
+              "git_commit": "...", "hostname": "...", "slurm_job_id": null},
+      "started_at": "2026-11-25T15:00:00+00:00", "finished_at": "...", "wall_s": 12.3
+    }
+
+A file that does not parse, or lacks the fields above, is a torn write: ``read_record`` reports it and
+the runner redoes that run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+REQUIRED_FIELDS = ("schema", "key", "run", "metrics", "env")
+
+
+class RecordError(ValueError):
+    """A record file is unreadable or incomplete (the message names the file)."""
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle, indent=1, sort_keys=False, default=_jsonable)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A record, or ``RecordError`` naming the file when it is cut off, malformed or incomplete."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise RecordError(f"{path}: cannot read record ({error.strerror})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordError(f"{path}: record cut off or malformed JSON (line {error.lineno}, column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: record is not a JSON object")
+    missing = [name for name in REQUIRED_FIELDS if name not in record]
+    if missing:
+        raise RecordError(f"{path}: record lacks field {missing[0]!r}")
+    if record["schema"] != SCHEMA:
+        raise RecordError(f"{path}: record schema {record['schema']!r}, this version reads {SCHEMA}")
+    return record
+
+
+def record_path(results_dir: Path, key: str) -> Path:
+    return Path(results_dir) / "runs" / f"{key}.json"
+
+
+def read_all(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every readable record under ``results_dir/runs`` (sorted by key) and one message per bad file."""
+    records, problems = [], []
+    for path in sorted((Path(results_dir) / "runs").glob("*.json")):
+        try:
+            records.append(read_record(path))
+        except RecordError as error:
+            problems.append(str(error))
+    return records, problems

@@ -1,0 +1,185 @@
+"""SLURM through submitit: cluster profiles, one job array per invocation, job tracking for ``--status``.
+
+A profile is a YAML file in ``slurm/`` (``--profile NAME`` or ``slurm: {profile: NAME}`` in the
+experiment) with these keys, all optional: partition, account, qos, gpus_per_node, tasks_per_node,
+cpus_per_task, mem_gb, timeout_min, constraint, array_parallelism, max_requeue, setup (shell lines run
+before the job, e.g. module loads). ``tasks_per_node`` applies to fine-tuning runs (one DDP process per
+GPU); evaluation runs use one task. Each run's throughput and its dense baseline are timed inside the
+same job, so they always share a node and a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import submitit
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILE_KEYS = ("partition", "account", "qos", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
+                "timeout_min", "constraint", "array_parallelism", "max_requeue", "setup")
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def profile_path(name: str) -> Path:
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    return REPO / "slurm" / f"{name}.yaml"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in (REPO / "slurm").glob("*.yaml"))
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    path = profile_path(name)
+    if not path.exists():
+        raise ProfileError(f"{path}: no such cluster profile; available: {', '.join(available_profiles()) or 'none'}")
+    try:
+        profile = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ProfileError(f"{path}: malformed YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(profile, dict):
+        raise ProfileError(f"{path}: a profile is a mapping with keys from: {', '.join(PROFILE_KEYS)}")
+    for key, value in profile.items():
+        if key not in PROFILE_KEYS:
+            raise ProfileError(f"{path}: {key}: unknown key; allowed: {', '.join(PROFILE_KEYS)}")
+        if key == "setup":
+            if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
+                raise ProfileError(f"{path}: setup: must be a list of shell lines")
+        elif key in ("partition", "account", "qos", "constraint"):
+            if not isinstance(value, str):
+                raise ProfileError(f"{path}: {key}: must be a string, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ProfileError(f"{path}: {key}: must be an integer >= 0, got {value!r}")
+    return profile
+
+
+def executor_parameters(profile: dict[str, Any], finetune: bool) -> dict[str, Any]:
+    """submitit's ``update_parameters`` arguments for a profile."""
+    mapping = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
+               "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
+               "max_requeue": "slurm_max_num_timeout", "gpus_per_node": "gpus_per_node",
+               "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "timeout_min": "timeout_min"}
+    params = {mapping[k]: v for k, v in profile.items() if k in mapping}
+    params["tasks_per_node"] = profile.get("tasks_per_node", 1) if finetune else 1
+    params["nodes"] = 1
+    # The job imports this repository's packages wherever the user submitted from.
+    params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}", *profile.get("setup", [])]
+    return params
+
+
+def ensure_slurm_conf() -> None:
+    """Point SLURM's clients at the local cluster of ``slurm/local_cluster.sh`` when nothing else is set."""
+    if "SLURM_CONF" in os.environ:
+        return
+    state = Path(os.environ.get("TOKENBENCH_SLURM_DIR", REPO / ".slurm"))
+    if (state / "slurm.conf").exists():
+        os.environ["SLURM_CONF"] = str((state / "slurm.conf").resolve())
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """The SLURM job: ``run_job`` of one run. On preemption or time limit submitit calls
+    ``checkpoint()`` (inherited: requeue with the same arguments); fine-tuning then resumes from its last
+    checkpoint, which the training loop wrote at the step where the signal arrived."""
+
+    def __call__(self, spec: dict[str, Any], results_dir: str) -> str:
+        from bench.runner import run_job
+
+        os.environ["TOKENBENCH_LOG"] = str(submitit.JobEnvironment().paths.stderr)
+        return run_job(spec, results_dir, progress=False)
+
+
+def jobs_file(results_dir: Path) -> Path:
+    return Path(results_dir) / "jobs.json"
+
+
+def _read_jobs(results_dir: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return json.loads(jobs_file(results_dir).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_jobs(results_dir: Path, jobs: dict[str, dict[str, Any]]) -> None:
+    path = jobs_file(results_dir)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(jobs, indent=1))
+    os.replace(tmp, path)
+
+
+def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait: bool = False) -> int:
+    """Submit ``runs`` as SLURM job arrays (one per resource shape: evaluation, fine-tuning); print the
+    job ids and the log folder; with ``wait``, wait and summarise. Exit code as ``run_bench``'s."""
+    from bench.executors import Outcome, summary
+
+    ensure_slurm_conf()
+    settings = load_profile(profile or experiment.slurm.get("profile") or "local")
+    results_dir = Path(results_dir).resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if not runs:
+        print("nothing to submit: every run has a record")
+        return 0
+    log_folder = results_dir / "logs" / "slurm"
+    jobs_by_key: dict[str, Any] = {}
+    for finetune in (False, True):
+        group = [run for run in runs if ("finetune" in run.stages) == finetune]
+        if not group:
+            continue
+        executor = submitit.AutoExecutor(folder=str(log_folder / "%j"), cluster="slurm")
+        executor.update_parameters(name=f"tokenbench-{experiment.name}", **executor_parameters(settings, finetune))
+        with executor.batch():
+            submitted = [executor.submit(RunJob(), run.to_dict(), str(results_dir)) for run in group]
+        for run, job in zip(group, submitted, strict=True):
+            jobs_by_key[run.key] = job
+    known = _read_jobs(results_dir)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for key, job in jobs_by_key.items():
+        known[key] = {"job_id": job.job_id, "log": str(job.paths.stderr), "submitted_at": now}
+        (results_dir / "failed" / f"{key}.json").unlink(missing_ok=True)
+    _write_jobs(results_dir, known)
+    ids = sorted({job.job_id.split("_")[0] for job in jobs_by_key.values()})
+    print(f"submitted {len(jobs_by_key)} run(s) as job array(s) {', '.join(ids)}; logs in {log_folder}")
+    if not wait:
+        print(f"follow with: python run_bench.py --config {experiment.file} --status")
+        return 0
+    outcomes = []
+    for key, job in jobs_by_key.items():
+        try:
+            job.result()
+            outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
+        except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
+            from bench.executors import _last_error_line
+
+            outcomes.append(Outcome(key, False, error=_last_error_line(str(error)), log=str(job.paths.stderr)))
+    return summary(outcomes)
+
+
+def job_states(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """State of every submitted run's job (from ``sacct``; ``UNKNOWN`` when SLURM cannot be asked)."""
+    jobs = _read_jobs(results_dir)
+    if not jobs:
+        return {}
+    ensure_slurm_conf()
+    states: dict[str, str] = {}
+    ids = ",".join(sorted({job["job_id"].split("_")[0] for job in jobs.values()}))
+    try:
+        out = subprocess.run(["sacct", "-j", ids, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+        for line in out.splitlines():
+            job_id, _, state = line.partition("|")
+            states[job_id.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
+    except (OSError, subprocess.SubprocessError) as error:
+        print(f"warning: sacct unavailable ({error}); job states unknown", file=sys.stderr)
+    return {key: {**job, "state": states.get(job["job_id"], "UNKNOWN")} for key, job in jobs.items()}

@@ -1,0 +1,103 @@
+"""Which runs of an experiment are done, failed, queued or still to do; torn records are set aside."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.config import RunSpec
+from bench.records import RecordError, read_record, record_path
+
+
+@dataclass
+class RunStatus:
+    key: str
+    state: str  # done | failed | pending | running | todo
+    detail: str = ""
+    log: str | None = None
+
+
+def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False) -> tuple[list[RunSpec], list[str]]:
+    """Runs without a finished record (all with ``force``). A record that does not parse (cut off
+    mid-write) is renamed ``*.json.torn`` and its run redone; readable records are never touched."""
+    todo, notes = [], []
+    for run in runs:
+        path = record_path(results_dir, run.key)
+        if not path.exists() or force:
+            todo.append(run)
+            continue
+        try:
+            read_record(path)
+        except RecordError as error:
+            torn = path.with_suffix(".json.torn")
+            path.replace(torn)
+            notes.append(f"warning: {error}; moved to {torn.name}, the run is redone")
+            todo.append(run)
+    return todo, notes
+
+
+def _failure(results_dir: Path, key: str) -> dict | None:
+    path = Path(results_dir) / "failed" / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
+    from bench.slurm import job_states
+
+    queued = job_states(results_dir)
+    rows = []
+    for run in runs:
+        path = record_path(results_dir, run.key)
+        if path.exists():
+            try:
+                read_record(path)
+                rows.append(RunStatus(run.key, "done", log=queued.get(run.key, {}).get("log")))
+                continue
+            except RecordError as error:
+                rows.append(RunStatus(run.key, "todo", f"torn record: {error}"))
+                continue
+        job = queued.get(run.key)
+        failure = _failure(results_dir, run.key)
+        if job and job["state"] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"):
+            state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
+            rows.append(RunStatus(run.key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
+        elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):
+            error = (failure or {}).get("error") or (job and _last_error(job.get("log"))) or "no record written"
+            log = (job or {}).get("log") or (failure or {}).get("log")
+            detail = f"job {job['job_id']} {job['state']}: {error}" if job else error
+            rows.append(RunStatus(run.key, "failed", detail, log))
+        else:
+            rows.append(RunStatus(run.key, "todo"))
+    return rows
+
+
+def _last_error(log: str | None) -> str | None:
+    if not log:
+        return None
+    try:
+        lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else None
+
+
+def print_status(rows: list[RunStatus]) -> None:
+    width = max(len(row.key) for row in rows)
+    for row in rows:
+        line = f"{row.state:8s} {row.key:{width}s}"
+        if row.detail:
+            line += f"  {row.detail}"
+        if row.log and row.state != "done":
+            line += f"  log: {row.log}"
+        print(line)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.state] = counts.get(row.state, 0) + 1
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))

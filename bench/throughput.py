@@ -1,0 +1,127 @@
+"""Throughput the way timm's benchmark.py and torchbench do it: eval mode, ``torch.inference_mode``,
+warm-up, synchronisation around the timed region on CUDA, repeated timed runs, the median reported and
+the raw times kept, with batch size, dtype, device and thread count recorded next to the number."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    images_per_s: float  # batch_size / median time of one forward
+    batch_size: int
+    dtype: str
+    device: str
+    device_name: str
+    threads: int
+    warmup: int
+    times_s: list[float]  # every timed forward, in order
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """fp32: nothing; fp16 / bf16: autocast on the device."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(
+    model: nn.Module,
+    batch: torch.Tensor,
+    dtype: str = "fp32",
+    warmup: int = 3,
+    runs: int = 10,
+) -> ThroughputResult:
+    """Images per second of ``model`` on ``batch`` (B, C, H, W), already on the model's device.
+
+    Pass real images for methods whose work depends on the input (PPT's branch choice)."""
+    device = batch.device
+    model.eval()
+    times: list[float] = []
+    with torch.inference_mode(), autocast(device, dtype):
+        for _ in range(warmup):
+            model(batch)
+        _sync(device)
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(batch)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return ThroughputResult(
+        images_per_s=batch.shape[0] / statistics.median(times),
+        batch_size=batch.shape[0],
+        dtype=dtype,
+        device=str(device),
+        device_name=device_name(device),
+        threads=torch.get_num_threads(),
+        warmup=warmup,
+        times_s=times,
+    )
+
+
+def compare_throughput(
+    model: nn.Module,
+    baseline: nn.Module,
+    batch: torch.Tensor,
+    dtype: str = "fp32",
+    warmup: int = 3,
+    runs: int = 10,
+) -> tuple[ThroughputResult, ThroughputResult]:
+    """Time ``model`` and the dense ``baseline`` in the same process on the same batch, alternating
+    one timed forward of each per round, so that drifting machine load hits both alike.
+    Returns (method result, baseline result); speed-up = method.images_per_s / baseline.images_per_s."""
+    device = batch.device
+    model.eval()
+    baseline.eval()
+    times: dict[int, list[float]] = {0: [], 1: []}
+    with torch.inference_mode(), autocast(device, dtype):
+        for _ in range(warmup):
+            model(batch)
+            baseline(batch)
+        _sync(device)
+        for _ in range(runs):
+            for index, candidate in enumerate((model, baseline)):
+                start = time.perf_counter()
+                candidate(batch)
+                _sync(device)
+                times[index].append(time.perf_counter() - start)
+    return tuple(  # type: ignore[return-value]
+        ThroughputResult(
+            images_per_s=batch.shape[0] / statistics.median(times[index]),
+            batch_size=batch.shape[0],
+            dtype=dtype,
+            device=str(device),
+            device_name=device_name(device),
+            threads=torch.get_num_threads(),
+            warmup=warmup,
+            times_s=times[index],
+        )
+        for index in (0, 1)
+    )

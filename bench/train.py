@@ -1,0 +1,258 @@
+"""Fine-tuning with the method active, DeiT-style: AdamW, cosine schedule with linear warm-up (per step),
+label smoothing, optional mixup / cutmix (timm), AMP on GPU. A checkpoint after every epoch; a run
+resumes from it. Multi-process (DDP) runs see the same global batches as a single process: each global
+batch is split across ranks, and augmentation randomness is seeded per (epoch, image), not per process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from bench.throughput import autocast
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    epochs: int = 30
+    batch_size: int = 256  # global, over all processes
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    clip_grad: float | None = None
+    seed: int = 0
+    workers: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, opts: FinetuneOptions) -> float:
+    """Linear warm-up from 0, then cosine from ``lr`` down to ``min_lr``."""
+    if step < warmup_steps:
+        return opts.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return opts.min_lr + (opts.lr - opts.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class EpochBatches:
+    """The batches of one epoch on one rank: a permutation seeded by (seed, epoch), cut into global
+    batches (last partial one dropped), each split into ``world_size`` contiguous shares."""
+
+    def __init__(self, size: int, opts: FinetuneOptions, epoch: int, rank: int, world_size: int) -> None:
+        if opts.batch_size % world_size:
+            raise ValueError(f"finetune.batch_size {opts.batch_size} is not divisible by {world_size} processes")
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(opts.seed * 10_007 + epoch))
+        share = opts.batch_size // world_size
+        self.batches = [
+            order[start + rank * share : start + (rank + 1) * share].tolist()
+            for start in range(0, size - opts.batch_size + 1, opts.batch_size)
+        ]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - a torn or foreign file must not be silently resumed from
+        raise ValueError(f"{path}: unreadable fine-tuning checkpoint ({error}); delete it to restart") from None
+
+
+def finetune(
+    model: nn.Module,
+    train_set: Dataset,
+    opts: FinetuneOptions,
+    checkpoint_dir: Path,
+    device: torch.device,
+    dtype: str = "fp32",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    stop_after_epoch: int | None = None,
+) -> dict:
+    """Train ``model`` (a ``bench.apply`` result: the method is active) in place; returns the history.
+
+    ``checkpoint_dir/last.pth`` is written after every epoch (rank 0) and resumed from when present.
+    ``stop_after_epoch`` ends early after that epoch (tests of resumption)."""
+    import timm.optim
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    vit = model.vit if hasattr(model, "vit") else model
+    model.to(device)
+    optimizer = timm.optim.create_optimizer_v2(vit, "adamw", lr=opts.lr, weight_decay=opts.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=(device.type == "cuda" and dtype == "fp16"))
+    steps_per_epoch = len(train_set) // opts.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"finetune.batch_size {opts.batch_size} is larger than the training set ({len(train_set)})")
+    total_steps, warmup_steps = opts.epochs * steps_per_epoch, int(opts.warmup_epochs * steps_per_epoch)
+
+    history: list[dict] = []
+    start_epoch, start_step, partial = 0, 0, None
+    state = load_checkpoint(checkpoint_dir / "last.pth")
+    if state is not None:
+        vit.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"], state["history"]
+        start_step, partial = state.get("step", 0), state.get("partial")
+        where = f"epoch {start_epoch + 1}, step {start_step}" if start_step else f"the end of epoch {start_epoch}"
+        log(f"resuming from {checkpoint_dir / 'last.pth'} at {where}")
+
+    train_model: nn.Module = model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    mixup = None
+    if opts.mixup > 0 or opts.cutmix > 0:
+        mixup = Mixup(mixup_alpha=opts.mixup, cutmix_alpha=opts.cutmix, label_smoothing=opts.label_smoothing,
+                      num_classes=vit.num_classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
+    base_set = train_set.dataset if isinstance(train_set, Subset) else train_set
+
+    def save(epoch_done: int, step: int = 0, partial_totals: list[float] | None = None) -> None:
+        if rank == 0:
+            atomic_torch_save({"epoch": epoch_done, "step": step, "partial": partial_totals,
+                               "rng": torch.get_rng_state(), "model": vit.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                               "history": history, "options": opts.to_dict()}, checkpoint_dir / "last.pth")
+
+    with PreemptionGuard() as guard:
+        for epoch in range(start_epoch, opts.epochs):
+            if stop_after_epoch is not None and epoch > stop_after_epoch:
+                break
+            torch.manual_seed(opts.seed * 10_007 + epoch)  # mixup, drop path: the same stream after a resume
+            first_step, totals = 0, [0.0, 0.0, 0.0]  # loss sum, correct, seen
+            if epoch == start_epoch and start_step:
+                first_step, totals = start_step, list(partial)
+                torch.set_rng_state(state["rng"])
+            if hasattr(base_set, "set_epoch"):
+                base_set.set_epoch(epoch)
+            batches = EpochBatches(len(train_set), opts, epoch, rank, world_size)
+            loader = DataLoader(train_set, batch_sampler=batches.batches[first_step:], num_workers=opts.workers,
+                                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(epoch))
+            model.train()
+            started = time.time()
+            bar = _progress(loader, f"finetune epoch {epoch + 1}/{opts.epochs}", progress and rank == 0)
+            for step, (images, targets) in enumerate(bar, start=first_step):
+                global_step = epoch * steps_per_epoch + step
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(global_step, total_steps, warmup_steps, opts)
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                hard_targets = targets
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                with autocast(device, dtype):
+                    logits = train_model(images)
+                    loss = criterion(logits, targets)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if opts.clip_grad:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(vit.parameters(), opts.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                totals[0] += loss.item() * images.shape[0]
+                totals[1] += (logits.argmax(-1) == hard_targets).sum().item()
+                totals[2] += images.shape[0]
+                # A preemption signal is acted on here, between two steps: the checkpoint is consistent
+                # and the requeued job continues with the next step, not from the epoch's start.
+                guard.at_step_boundary(lambda step=step, totals=totals, epoch=epoch: save(epoch, step + 1, list(totals)))
+            reduced = torch.tensor(totals, dtype=torch.float64)
+            if world_size > 1:
+                dist.all_reduce(reduced)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": reduced[0].item() / reduced[2].item(),
+                "train_top1": 100.0 * reduced[1].item() / reduced[2].item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.time() - started,
+            }
+            history.append(record)
+            log(f"epoch {record['epoch']}/{opts.epochs}: loss {record['train_loss']:.4f} "
+                f"train top-1 {record['train_top1']:.2f}% ({record['seconds']:.0f} s)")
+            save(epoch + 1)
+            if world_size > 1:
+                dist.barrier()
+    return {"history": history, "epochs_done": len(history)}
+
+
+class PreemptionGuard:
+    """Inside a submitit SLURM job, defer the preemption signal (USR2 by default) to the next step
+    boundary of the training loop: save a consistent checkpoint there, then hand the signal to submitit,
+    which calls the job's ``checkpoint()`` and requeues it. Elsewhere it does nothing."""
+
+    def __init__(self) -> None:
+        self.pending: tuple | None = None
+        self.original = None
+        self.signum: int | None = None
+
+    def __enter__(self) -> PreemptionGuard:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            self.signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+            self.original = signal.getsignal(self.signum)
+            signal.signal(self.signum, self._defer)
+        return self
+
+    def _defer(self, signum, frame) -> None:
+        self.pending = (signum, frame)
+
+    def at_step_boundary(self, save: Callable[[], None]) -> None:
+        if self.pending is None:
+            return
+        save()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        pending, self.pending = self.pending, None
+        signal.signal(self.signum, self.original)
+        if callable(self.original):
+            self.original(*pending)  # submitit: checkpoint(), requeue, exit
+
+    def __exit__(self, *exc) -> None:
+        if self.signum is not None:
+            if self.pending is not None:
+                self._hand_over()
+            signal.signal(self.signum, self.original)
+
+
+def _progress(iterable, description: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, mininterval=2.0)

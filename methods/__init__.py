@@ -1,0 +1,46 @@
+"""The registry of token-reduction methods.
+
+Each method lives in its own module in this package and registers itself with ``@register("name")``.
+``names()`` lists them, ``build(name, **params)`` returns a configured :class:`Method`; an unknown name,
+an unknown parameter or an invalid value raises ``ValueError`` naming what was given and what is allowed.
+
+Adding a method = one new file here (a subclass of :class:`Method` decorated with ``@register``) and its
+module name in ``_MODULES`` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from methods.base import Method, ReductionContext, TokenState, register, registered
+
+# Every method module; importing one registers it.
+_MODULES = ("baseline", "tome", "ppt", "pruning", "pooling", "evit", "topk")
+
+for _module in _MODULES:
+    importlib.import_module(f"methods.{_module}")
+
+
+def names() -> list[str]:
+    """The registered method names, sorted."""
+    return sorted(registered())
+
+
+def build(name: str, **params: Any) -> Method:
+    """A configured method: ``build("tome", r=13)``. Raises ``ValueError`` for unknown names or parameters."""
+    classes = registered()
+    if name not in classes:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(sorted(classes))}")
+    return classes[name](**params)
+
+
+def parameters(name: str) -> dict[str, Any]:
+    """The parameters of a method with their defaults (``inspect``-free: read from the class)."""
+    classes = registered()
+    if name not in classes:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(sorted(classes))}")
+    return dict(classes[name].defaults)
+
+
+__all__ = ["Method", "ReductionContext", "TokenState", "build", "names", "parameters", "register"]

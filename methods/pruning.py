@@ -1,0 +1,15 @@
+"""Pruning-only: PPT's pruning policy for every image (the "pruning-only" row of the PPT ablation,
+arXiv 2310.01812): at each of ``layers`` drop the ``r`` patch tokens with the lowest PPT score."""
+
+from methods.base import REQUIRED, register
+from methods.ppt import PPT
+
+
+@register("pruning")
+class Pruning(PPT):
+    defaults = {"r": REQUIRED, "layers": [3, 6, 9], "prop_attn": True}
+    data_dependent = False
+
+    @property
+    def threshold(self) -> float:
+        return 0.0

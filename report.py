@@ -1,0 +1,505 @@
+"""Aggregate every run record of a results folder into a markdown leaderboard, a CSV and a Pareto plot.
+
+    python report.py RESULTS_DIR [--out FILE.md] [--csv FILE] [--plot FILE.png]
+
+Defaults: ``RESULTS_DIR/leaderboard.md``, ``RESULTS_DIR/leaderboard.csv``, ``RESULTS_DIR/pareto.png``.
+It only reads the records under ``RESULTS_DIR/runs`` (see ``bench/records.py``); it never re-runs anything.
+
+Numbers come from the records as they are: ``delta_top1`` and ``mac_reduction`` compare a run with the
+baseline run of its group (same model, data and weights); ``speedup`` is the one the record measured
+against a baseline timed in the same process, never recomputed across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from bench import records  # noqa: E402 - light: bench loads the model stack lazily
+
+read_all = records.read_all
+
+GROUP = ["model", "data", "weights"]
+CSV_COLUMNS = [
+    "model", "method", "params", "top1", "top5", "delta_top1", "agreement", "gmacs", "mac_reduction",
+    "images_per_s", "speedup",
+    "data", "weights", "key", "gmacs_analytic", "gmacs_data", "batch_size", "dtype", "device",
+]
+EXTRA_COLUMNS = [
+    "experiment", "throughput_batch_size", "throughput_dtype", "device_name", "threads",
+    "ref_top1", "ref_top5", "ref_gmacs", "ref_source",
+]
+THROUGHPUT_COLUMNS = [
+    "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
+    "threads", "images_per_s", "baseline_images_per_s", "speedup",
+]
+NAN = float("nan")
+
+
+# ----------------------------------------------------------------------------------------------- frame
+
+
+def _get(mapping: Any, *path: str) -> Any:
+    """``mapping[path[0]][path[1]]...``, or ``None`` where any level is missing or not a mapping."""
+    for name in path:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(name)
+    return mapping
+
+
+def _num(value: Any, scale: float = 1.0) -> float:
+    """A float (divided by ``scale``), NaN for missing or non-numeric values."""
+    if isinstance(value, bool) or value is None:
+        return NAN
+    try:
+        return float(value) / scale
+    except (TypeError, ValueError):
+        return NAN
+
+
+def _format_param(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_format_param(item) for item in value) + "]"
+    return str(value)
+
+
+def format_params(params: Any) -> str:
+    """``{"r": 13}`` -> ``r=13``; ``{"keep_rate": 0.7, "layers": [3, 6, 9]}`` -> ``keep_rate=0.7, layers=[3, 6, 9]``."""
+    if not isinstance(params, dict) or not params:
+        return ""
+    return ", ".join(f"{name}={_format_param(value)}" for name, value in params.items())
+
+
+def _data_label(data: Any) -> str:
+    if isinstance(data, str):
+        return data
+    name = str(_get(data, "name") or "")
+    subset = _get(data, "subset")
+    return f"{name} (subset {subset})" if subset else name
+
+
+def _throughput_entries(record: dict) -> list[dict]:
+    entries = _get(record, "metrics", "throughput")
+    if isinstance(entries, dict):  # tolerate a single entry written without the list
+        entries = [entries]
+    return [entry for entry in entries or [] if isinstance(entry, dict)]
+
+
+def _speedup(entry: dict) -> float:
+    """The entry's speed-up; if only the in-process baseline rate was kept, their ratio (same process)."""
+    speedup = _num(entry.get("speedup"))
+    if math.isnan(speedup):
+        base = _num(entry.get("baseline_images_per_s"))
+        if base > 0:
+            speedup = _num(entry.get("images_per_s")) / base
+    return speedup
+
+
+def _row(record: dict) -> dict[str, Any]:
+    run = record.get("run") if isinstance(record.get("run"), dict) else {}
+    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    method = str(run.get("method") or "")
+    entries = _throughput_entries(record)
+    first = entries[0] if entries else {}
+    reference = run.get("reference") if isinstance(run.get("reference"), dict) else {}
+    weights = run.get("weights")
+    return {
+        "model": str(run.get("model_label") or run.get("model") or ""),
+        "method": method,
+        "params": format_params(run.get("params")),
+        "top1": _num(_get(metrics, "eval", "top1")),
+        "top5": _num(_get(metrics, "eval", "top5")),
+        "delta_top1": NAN,
+        "agreement": _num(_get(metrics, "eval", "agreement")),
+        "gmacs": _num(_get(metrics, "macs", "torchprofile"), 1e9),
+        "mac_reduction": NAN,
+        "images_per_s": _num(first.get("images_per_s")),
+        "speedup": _speedup(first) if first else NAN,
+        "data": _data_label(run.get("data")),
+        "weights": str(weights) if weights else "random init",
+        "key": str(record.get("key") or ""),
+        "gmacs_analytic": _num(_get(metrics, "macs", "analytic"), 1e9),
+        "gmacs_data": _num(_get(metrics, "macs", "data_mean"), 1e9),
+        "batch_size": run.get("batch_size"),
+        "dtype": run.get("dtype"),
+        "device": run.get("device"),
+        "experiment": str(record.get("experiment") or ""),
+        "throughput_batch_size": first.get("batch_size"),
+        "throughput_dtype": first.get("dtype"),
+        "device_name": first.get("device_name") or _get(record, "env", "device_name"),
+        "threads": first.get("threads", _get(record, "env", "threads")) if first else None,
+        "ref_top1": _num(reference.get("top1")),
+        "ref_top5": _num(reference.get("top5")),
+        "ref_gmacs": _num(reference.get("gmacs")),
+        "ref_source": reference.get("source") if reference else None,
+        # not CSV columns: kept for the markdown sections, dropped by write_csv
+        "_reference": bool(reference),
+        "_tokens_out": _get(record, "tokens_per_layer", "out"),
+        "_method_stats": record.get("method_stats") if isinstance(record.get("method_stats"), dict) else None,
+        "_n_throughput": len(entries),
+    }
+
+
+def _first_valid(values: pd.Series) -> float:
+    values = values.dropna()
+    return float(values.iloc[0]) if len(values) else NAN
+
+
+def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
+    """One row per record (columns ``CSV_COLUMNS + EXTRA_COLUMNS`` and private ``_...`` columns), with
+    ``delta_top1`` / ``mac_reduction`` against the baseline of the record's (model, data, weights) group."""
+    rows = [_row(record) for record in recs]
+    columns = CSV_COLUMNS + EXTRA_COLUMNS + ["_reference", "_tokens_out", "_method_stats", "_n_throughput"]
+    df = pd.DataFrame(rows, columns=columns)
+    if df.empty:
+        return df
+    for name in ("batch_size", "throughput_batch_size", "threads"):  # integers with gaps, not 32.0
+        df[name] = pd.to_numeric(df[name], errors="coerce").astype("Int64")
+    for _, group in df.groupby(GROUP, sort=False):
+        base = group[group["method"] == "baseline"]
+        if base.empty:
+            continue
+        base_top1, base_gmacs = _first_valid(base["top1"]), _first_valid(base["gmacs"])
+        index = group.index
+        df.loc[index, "delta_top1"] = df.loc[index, "top1"] - base_top1
+        if base_gmacs > 0:
+            df.loc[index, "mac_reduction"] = 100.0 * (1.0 - df.loc[index, "gmacs"] / base_gmacs)
+    return df
+
+
+def build_throughput_frame(recs: Sequence[dict]) -> pd.DataFrame:
+    """Long format: one row per throughput entry of every record."""
+    rows = []
+    for record in recs:
+        row = _row(record)
+        for entry in _throughput_entries(record):
+            rows.append({
+                "key": row["key"], "model": row["model"], "data": row["data"], "weights": row["weights"],
+                "method": row["method"], "params": row["params"],
+                "batch_size": entry.get("batch_size"), "dtype": entry.get("dtype"),
+                "device": entry.get("device"), "device_name": entry.get("device_name"),
+                "threads": entry.get("threads"), "images_per_s": _num(entry.get("images_per_s")),
+                "baseline_images_per_s": _num(entry.get("baseline_images_per_s")), "speedup": _speedup(entry),
+            })
+    return pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS)
+
+
+def load_frame(results_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """``(frame, problems)``: the flat per-record frame and one message per unreadable record file."""
+    recs, problems = read_all(Path(results_dir))
+    return build_frame(recs), problems
+
+
+def load_all(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """``(frame, throughput_frame, problems)`` from one read of the folder."""
+    recs, problems = read_all(Path(results_dir))
+    return build_frame(recs), build_throughput_frame(recs), problems
+
+
+def sort_group(group: pd.DataFrame) -> pd.DataFrame:
+    """Baseline first, then by GMACs descending (unmeasured last), then method / params / key."""
+    order = group.assign(_not_base=group["method"] != "baseline", _neg_gmacs=-group["gmacs"])
+    order = order.sort_values(["_not_base", "_neg_gmacs", "method", "params", "key"], na_position="last",
+                              kind="stable")
+    return group.loc[order.index]
+
+
+def pareto_front(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows not dominated in (GMACs lower, top-1 higher): each has a strictly higher top-1 than every row
+    with at most its GMACs. Rows lacking either number are ignored. Sorted by GMACs ascending; with
+    ``by`` (e.g. ``GROUP``) the front is computed separately within each group."""
+    valid = df.dropna(subset=["top1", "gmacs"])
+    if by:
+        parts = [pareto_front(group) for _, group in valid.groupby(list(by), sort=False)]
+        return pd.concat(parts) if parts else valid.iloc[0:0]
+    ordered = valid.sort_values(["gmacs", "top1"], ascending=[True, False], kind="stable")
+    keep, best = [], -math.inf
+    for index, top1 in ordered["top1"].items():
+        if top1 > best:
+            keep.append(index)
+            best = top1
+    return ordered.loc[keep]
+
+
+# -------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(value: Any, digits: int, suffix: str = "", signed: bool = False) -> str:
+    number = _num(value)
+    if math.isnan(number):
+        return ""
+    return f"{number:{'+' if signed else ''}.{digits}f}{suffix}"
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _group_title(model: str, data: str, weights: str) -> str:
+    return f"{model} on {data} ({weights})"
+
+
+def _conditions(group: pd.DataFrame) -> str:
+    seen: list[str] = []
+    for _, row in group.iterrows():
+        if math.isnan(row["images_per_s"]):
+            continue
+        parts = [str(row["device_name"] or row["device"] or "unknown device")]
+        if row["throughput_batch_size"] is not None and not pd.isna(row["throughput_batch_size"]):
+            parts.append(f"batch size {int(row['throughput_batch_size'])}")
+        if row["throughput_dtype"]:
+            parts.append(str(row["throughput_dtype"]))
+        if row["threads"] is not None and not pd.isna(row["threads"]):
+            parts.append(f"{int(row['threads'])} threads")
+        text = ", ".join(parts)
+        if text not in seen:
+            seen.append(text)
+    if not seen:
+        return "_Throughput: not measured._"
+    return ("_Throughput: " + "; ".join(seen) +
+            ". Speed-up is against a baseline timed in the same process and conditions._")
+
+
+def _leaderboard_section(df: pd.DataFrame) -> list[str]:
+    headers = ["Method", "Params", "Top-1", "Top-5", "Δ Top-1", "Agreement", "GMACs", "MAC red.",
+               "Images/s", "Speed-up"]
+    lines: list[str] = []
+    for (model, data, weights), group in df.groupby(GROUP, sort=True):
+        rows = [[
+            _cell(row["method"]), _cell(row["params"]), _fmt(row["top1"], 2), _fmt(row["top5"], 2),
+            _fmt(row["delta_top1"], 2, signed=True), _fmt(row["agreement"], 2), _fmt(row["gmacs"], 3),
+            _fmt(row["mac_reduction"], 1, "%"), _fmt(row["images_per_s"], 0), _fmt(row["speedup"], 2, "x"),
+        ] for _, row in sort_group(group).iterrows()]
+        lines += [f"## {_group_title(model, data, weights)}", "", _table(rows, headers), "", _conditions(group)]
+        if not (group["method"] == "baseline").any():
+            lines += ["", "_No baseline run in this group: Δ Top-1 and MAC reduction are left empty._"]
+        lines.append("")
+    return lines
+
+
+def _throughput_section(df: pd.DataFrame, tp: pd.DataFrame) -> list[str]:
+    if tp.empty or not (df["_n_throughput"] > 1).any():
+        return []
+    lines = ["## Throughput by batch size", ""]
+    tp = tp.assign(_dtype=tp["dtype"].fillna("").astype(str))
+    several_dtypes = tp["_dtype"].nunique() > 1
+    for (model, data, weights), group in tp.groupby(GROUP, sort=True):
+        conditions = sorted({(int(b), d) for b, d in zip(group["batch_size"], group["_dtype"], strict=True)
+                             if b is not None and not pd.isna(b)})
+        headers = ["Method", "Params"]
+        for batch, dtype in conditions:
+            label = f"bs {batch}" + (f" {dtype}" if several_dtypes else "")
+            headers += [f"Images/s ({label})", f"Speed-up ({label})"]
+        order = sort_group(df[df["key"].isin(group["key"])])
+        rows = []
+        for _, rec in order.iterrows():
+            entries = group[group["key"] == rec["key"]]
+            row = [_cell(rec["method"]), _cell(rec["params"])]
+            for batch, dtype in conditions:
+                match = entries[(entries["batch_size"] == batch) & (entries["_dtype"] == dtype)]
+                first = match.iloc[0] if len(match) else None
+                row += [_fmt(first["images_per_s"], 0) if first is not None else "",
+                        _fmt(first["speedup"], 2, "x") if first is not None else ""]
+            rows.append(row)
+        lines += [f"### {_group_title(model, data, weights)}", "", _table(rows, headers), ""]
+    return lines
+
+
+def _reference_section(df: pd.DataFrame) -> list[str]:
+    refs = df[df["_reference"]]
+    if refs.empty:
+        return []
+    rows = []
+    for _, row in refs.sort_values(["model", "data", "weights", "method", "params"], kind="stable").iterrows():
+        for name, measured_col, ref_col, digits in (("Top-1", "top1", "ref_top1", 2),
+                                                    ("Top-5", "top5", "ref_top5", 2),
+                                                    ("GMACs", "gmacs", "ref_gmacs", 3)):
+            if math.isnan(row[ref_col]):
+                continue
+            rows.append([_cell(row["model"]), _cell(row["method"]), _cell(row["params"]), name,
+                         _fmt(row[ref_col], digits), _fmt(row[measured_col], digits),
+                         _fmt(row[measured_col] - row[ref_col], digits, signed=True), _cell(row["ref_source"])])
+    if not rows:
+        return []
+    headers = ["Model", "Method", "Params", "Metric", "Published", "Measured", "Measured − published", "Source"]
+    return ["## Published vs measured", "", _table(rows, headers), ""]
+
+
+def _stats_line(stats: dict) -> str:
+    by_name: dict[str, list[str]] = {}
+    layers = sorted(stats, key=lambda layer: (not str(layer).isdigit(), int(layer) if str(layer).isdigit() else 0,
+                                              str(layer)))
+    for layer in layers:
+        values = stats[layer]
+        if not isinstance(values, dict):
+            continue
+        for name, value in values.items():
+            number = _num(value)
+            text = f"{number:.2f}" if not math.isnan(number) else str(value)
+            by_name.setdefault(name, []).append(f"layer {layer}: {text}")
+    return "; ".join(f"{name.replace('_', ' ')} per layer: {', '.join(parts)}" for name, parts in by_name.items())
+
+
+def _tokens_section(df: pd.DataFrame) -> list[str]:
+    has_tokens = df["_tokens_out"].map(lambda value: isinstance(value, list) and len(value) > 0)
+    has_stats = df["_method_stats"].map(lambda value: bool(value))
+    if not (has_tokens | has_stats).any():
+        return []
+    lines = ["## Per-layer tokens", ""]
+    for (model, data, weights), group in df[has_tokens | has_stats].groupby(GROUP, sort=True):
+        group = sort_group(group)
+        rows = [[_cell(row["method"]), _cell(row["params"]),
+                 ", ".join(str(n) for n in row["_tokens_out"]) if isinstance(row["_tokens_out"], list) else ""]
+                for _, row in group.iterrows()]
+        lines += [f"### {_group_title(model, data, weights)}", "",
+                  _table(rows, ["Method", "Params", "Tokens leaving each block"]), ""]
+        for _, row in group.iterrows():
+            if row["_method_stats"]:
+                label = row["method"] + (f" ({row['params']})" if row["params"] else "")
+                lines.append(f"- {_cell(label)}: {_stats_line(row['_method_stats'])}")
+        if group["_method_stats"].map(bool).any():
+            lines.append("")
+    return lines
+
+
+def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_df: pd.DataFrame | None = None,
+                    generated: datetime | None = None) -> str:
+    """The leaderboard as markdown (see the module docstring); ``generated`` defaults to now (UTC)."""
+    throughput_df = throughput_df if throughput_df is not None else pd.DataFrame(columns=THROUGHPUT_COLUMNS)
+    generated = generated or datetime.now(timezone.utc)
+    experiments = sorted({name for name in df["experiment"] if name}) if not df.empty else []
+    title = ", ".join(experiments) or "tokenbench"
+    stamp = generated.strftime("%Y-%m-%d %H:%M %Z").strip()
+    n_groups = df.groupby(GROUP).ngroups if not df.empty else 0
+    lines = [f"# Leaderboard: {title}", "",
+             f"{len(df)} run{'s' if len(df) != 1 else ''} in {n_groups} group{'s' if n_groups != 1 else ''}, "
+             f"generated {stamp} by `report.py` from the run records (nothing re-run).", ""]
+    if not df.empty:
+        lines += _leaderboard_section(df)
+        lines += _throughput_section(df, throughput_df)
+        lines += _reference_section(df)
+        lines += _tokens_section(df)
+    if problems:
+        lines += ["## Skipped records", ""] + [f"- {_cell(problem)}" for problem in problems] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------ csv & plot
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df[CSV_COLUMNS + EXTRA_COLUMNS].to_csv(path, index=False)
+
+
+def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
+    """Top-1 vs GMACs, a colour per group, the per-group Pareto front as a step line. ``False`` (nothing
+    written) when no record has both numbers."""
+    valid = df.dropna(subset=["top1", "gmacs"])
+    if valid.empty:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colours = plt.get_cmap("tab10")
+    for number, ((model, data, weights), group) in enumerate(valid.groupby(GROUP, sort=True)):
+        colour = colours(number % 10)
+        ax.scatter(group["gmacs"], group["top1"], color=colour, s=36, zorder=3,
+                   label=_group_title(model, data, weights))
+        for rank, (_, row) in enumerate(group.sort_values("gmacs", kind="stable").iterrows()):
+            label = row["method"] + (f" ({row['params']})" if row["params"] else "")
+            # alternate above / below so neighbouring labels do not print over each other
+            ax.annotate(label, (row["gmacs"], row["top1"]), xytext=(4, 5 if rank % 2 == 0 else -11),
+                        textcoords="offset points", fontsize=7, color=colour)
+        front = pareto_front(group)
+        xs, ys = list(front["gmacs"]), list(front["top1"])
+        if group["gmacs"].max() > xs[-1]:  # the best top-1 stays reachable up to the largest budget
+            xs.append(group["gmacs"].max())
+            ys.append(ys[-1])
+        ax.plot(xs, ys, drawstyle="steps-post", color=colour, alpha=0.6, linewidth=1.5, zorder=2)
+    ax.margins(x=0.12, y=0.08)
+    ax.set_xlabel("GMACs per image (torchprofile)")
+    ax.set_ylabel("Top-1 accuracy (%)")
+    ax.set_title("Top-1 vs GMACs (step line: Pareto front per group)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------- cli
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_dir", type=Path, help="folder holding runs/*.json")
+    parser.add_argument("--out", type=Path, help="markdown file (default RESULTS_DIR/leaderboard.md)")
+    parser.add_argument("--csv", type=Path, help="CSV file (default RESULTS_DIR/leaderboard.csv)")
+    parser.add_argument("--plot", type=Path, help="PNG file (default RESULTS_DIR/pareto.png)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # bad usage: argparse has printed the message
+        return int(exit_.code or 0)
+    folder: Path = args.results_dir
+    if not folder.is_dir():
+        print(f"report.py: error: results folder {folder} does not exist", file=sys.stderr)
+        return 2
+    try:
+        df, tp, problems = load_all(folder)
+    except OSError as error:
+        print(f"report.py: error: cannot read results folder {folder}: {error.strerror}", file=sys.stderr)
+        return 2
+    if df.empty:
+        extra = f" ({len(problems)} unreadable file{'s' if len(problems) != 1 else ''})" if problems else ""
+        print(f"report.py: error: no readable run record in {folder / 'runs'}{extra}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"report.py: skipped {problem}", file=sys.stderr)
+
+    out = args.out or folder / "leaderboard.md"
+    csv = args.csv or folder / "leaderboard.csv"
+    plot = args.plot or folder / "pareto.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_markdown(df, problems, tp))
+    print(out)
+    write_csv(df, csv)
+    print(csv)
+    if plot_pareto(df, plot):
+        print(plot)
+    else:
+        print("report.py: no record has both top-1 and GMACs; plot skipped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

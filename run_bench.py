@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Run a tokenbench experiment: expand the YAML grid into runs, execute those without a finished record,
+write one JSON record per run, then the leaderboard.
+
+    python run_bench.py --config configs/quickstart.yaml                 # in this process
+    python run_bench.py --config X.yaml --executor local                  # one subprocess per run
+    python run_bench.py --config X.yaml --executor slurm --profile local  # a SLURM job array (submitit)
+    python run_bench.py --config X.yaml --status                          # done / pending / running / failed
+    python run_bench.py --config X.yaml --dry-run                         # validate and list, run nothing
+
+Exit codes: 0 every run succeeded; 1 some runs failed (their errors are listed, the others' records
+kept); 2 bad input (the message names the file, the key and what is allowed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument("--executor", choices=("inprocess", "local", "slurm"), default="inprocess")
+    parser.add_argument("--results", help="results folder (default: results/<experiment name>)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and list the runs")
+    parser.add_argument("--force", action="store_true", help="redo runs that already have a record")
+    parser.add_argument("--only", metavar="GLOB", help="only runs whose key or method matches GLOB")
+    parser.add_argument("--profile", help="SLURM cluster profile (slurm/<name>.yaml or a path)")
+    parser.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the jobs")
+    parser.add_argument("--status", action="store_true", help="list every run's state and exit")
+    parser.add_argument("--no-report", action="store_true", help="do not write the leaderboard afterwards")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bench.config import ConfigError, load_experiment, select
+    from bench.status import collect_status, print_status, todo_runs
+
+    try:
+        experiment = load_experiment(args.config, check_files=not args.status)
+    except ConfigError as error:
+        return fail(str(error))
+    results_dir = Path(args.results) if args.results else ROOT / "results" / experiment.name
+    runs = select(experiment.runs, args.only)
+    if not runs:
+        return fail(f"{args.config}: --only {args.only!r} matches no run (keys: {experiment.runs[0].key}, ...)")
+
+    if args.status:
+        rows = collect_status(runs, results_dir)
+        print_status(rows)
+        return 0 if all(row.state == "done" for row in rows) else 1
+
+    todo, notes = todo_runs(runs, results_dir, force=args.force)
+    for note in notes:
+        print(note, file=sys.stderr)
+    print(f"{experiment.name}: {len(runs)} run(s), {len(runs) - len(todo)} already done, {len(todo)} to run "
+          f"-> {results_dir}")
+    if args.dry_run:
+        for run in runs:
+            print(f"  {'todo' if run in todo else 'done'}  {run.key}")
+        return 0
+    if args.executor == "slurm":
+        from bench.slurm import ProfileError, submit
+
+        try:
+            return submit(experiment, todo, results_dir, profile=args.profile, wait=args.wait)
+        except ProfileError as error:
+            return fail(str(error))
+
+    from bench.executors import run_inprocess, run_local, summary
+
+    started = time.time()
+    if args.executor == "local":
+        outcomes = run_local(todo, results_dir)
+    else:
+        outcomes = run_inprocess(todo, results_dir, progress=not args.quiet and sys.stderr.isatty())
+    code = summary(outcomes)
+    print(f"wall time {time.time() - started:.1f} s")
+    if not args.no_report:
+        import report
+
+        report.main([str(results_dir)])
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Shared pytest fixtures.
+
+SLURM fixtures: the tests marked ``@pytest.mark.slurm`` run against the real local cluster that
+``bash slurm/local_cluster.sh start`` brings up. They find it through ``<state dir>/env.sh`` (state dir =
+``$TOKENBENCH_SLURM_DIR`` or ``<repo>/.slurm``). When the cluster is not up they are skipped, unless
+``TOKENBENCH_REQUIRE_SLURM=1`` (CI), in which case they fail with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def slurm_state_dir() -> Path:
+    return Path(os.environ.get("TOKENBENCH_SLURM_DIR") or REPO_ROOT / ".slurm")
+
+
+def read_env_sh(path: Path) -> dict[str, str]:
+    """Parse the ``export KEY=VALUE`` lines that local_cluster.sh writes (values are shell-quoted)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("export "):
+            continue
+        key, sep, raw = line[len("export ") :].partition("=")
+        if sep:
+            parts = shlex.split(raw)
+            values[key.strip()] = parts[0] if parts else ""
+    return values
+
+
+def _slurm_unavailable(reason: str) -> None:
+    hint = "start it with: bash slurm/local_cluster.sh start"
+    if os.environ.get("TOKENBENCH_REQUIRE_SLURM") == "1":
+        pytest.fail(
+            f"TOKENBENCH_REQUIRE_SLURM=1 but the local SLURM cluster is not usable: {reason} ({hint})",
+            pytrace=False,
+        )
+    pytest.skip(f"local SLURM cluster not available: {reason} ({hint})")
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Environment (dict) for subprocesses talking to the local cluster.
+
+    Also sets ``os.environ["SLURM_CONF"]`` for the whole session (restored afterwards): submitit runs
+    sbatch/sacct/scancel as subprocesses of this Python and they must find this cluster's slurm.conf.
+    """
+    env_sh = slurm_state_dir() / "env.sh"
+    if not env_sh.is_file():
+        _slurm_unavailable(f"{env_sh} does not exist")
+    values = read_env_sh(env_sh)
+    conf = values.get("SLURM_CONF")
+    if not conf or not Path(conf).is_file():
+        _slurm_unavailable(f"{env_sh} does not name an existing SLURM_CONF")
+    for tool in ("sbatch", "sacct", "scontrol", "srun"):
+        if shutil.which(tool) is None:
+            _slurm_unavailable(f"'{tool}' is not on PATH")
+
+    env = dict(os.environ)
+    env.update(values)
+    try:
+        ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        _slurm_unavailable("'scontrol ping' timed out")
+    if ping.returncode != 0 or "is UP" not in ping.stdout:
+        _slurm_unavailable(f"'scontrol ping' says: {(ping.stdout + ping.stderr).strip()!r}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", conf)
+        yield env
+
+
+@pytest.fixture(scope="session")
+def submitit_folder(tmp_path_factory) -> Path:
+    """A submitit log folder unique to this test session.
+
+    Never reuse one across sessions: wiping the cluster's state resets job ids to 1, and a reused
+    ``<folder>/%j`` would hand back a previous session's results.
+    """
+    return tmp_path_factory.mktemp("submitit")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Small test models run fastest on one thread, and tests then share the 2-core machine fairly."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,249 @@
+"""The pipeline end to end on real Fashion-MNIST images: YAML -> run_bench -> records -> report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import run_bench
+from bench.records import read_all, read_record, record_path
+
+MODEL = {
+    "name": "vit_tiny_patch16_224",
+    "label": "tiny-fmnist",
+    "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 4,
+               "num_heads": 2},
+}
+METHODS = ["baseline", {"method": "tome", "r": 4}, {"method": "ppt", "r": 6, "layers": [1, 2], "threshold": 1e-3},
+           {"method": "evit", "keep_rate": 0.7, "layers": [1]}]
+
+
+def config(tmp_path: Path, **changes) -> dict:
+    cfg = {
+        "name": "unit",
+        "defaults": {"model": MODEL, "weights": None, "data": {"name": "fashion_mnist", "subset": 200},
+                     "batch_size": 100, "device": "cpu", "threads": 1},
+        "stages": ["eval", "macs", "throughput"],
+        "throughput": {"batch_sizes": [16], "warmup": 1, "runs": 2},
+        "macs": {"images": 2},
+        "grid": {"methods": METHODS},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def write(tmp_path: Path, cfg: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def bench_main(path: Path, results: Path, *extra: str) -> int:
+    return run_bench.main(["--config", str(path), "--results", str(results), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One experiment run once; tests read its results (and copy them before changing anything)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    path = write(tmp, config(tmp))
+    results = tmp / "results"
+    assert bench_main(path, results) == 0
+    return path, results
+
+
+def test_every_run_has_a_complete_record(finished):
+    _, results = finished
+    records, problems = read_all(results)
+    assert problems == []
+    by_method = {r["run"]["method"]: r for r in records}
+    assert sorted(by_method) == ["baseline", "evit", "ppt", "tome"]
+    base = by_method["baseline"]
+    assert base["metrics"]["eval"]["images"] == 200
+    assert base["metrics"]["eval"]["agreement"] == 100.0
+    assert 0 <= base["metrics"]["eval"]["top1"] <= base["metrics"]["eval"]["top5"] <= 100
+    assert base["tokens_per_layer"]["out"] == [50, 50, 50, 50]
+    assert by_method["tome"]["tokens_per_layer"]["out"] == [46, 42, 38, 34]
+    assert by_method["ppt"]["tokens_per_layer"]["out"] == [50, 44, 38, 38]
+    assert set(by_method["ppt"]["method_stats"]) == {"1", "2"}
+    assert 0 <= by_method["ppt"]["method_stats"]["1"]["pooled_fraction"] <= 1
+    for record in records:
+        macs = record["metrics"]["macs"]
+        assert abs(macs["analytic"] - macs["torchprofile"]) / macs["torchprofile"] < 0.02
+        (throughput,) = record["metrics"]["throughput"]
+        assert throughput["batch_size"] == 16 and throughput["dtype"] == "fp32" and throughput["threads"] == 1
+        assert len(throughput["times_s"]) == 2 and len(throughput["baseline_times_s"]) == 2
+        assert throughput["speedup"] == pytest.approx(throughput["images_per_s"] / throughput["baseline_images_per_s"])
+        assert record["env"]["torch"] == torch.__version__
+        assert record["run"]["params"] == record["run"]["params"]
+    assert by_method["tome"]["metrics"]["macs"]["torchprofile"] < base["metrics"]["macs"]["torchprofile"]
+    # the random-init model's agreement with its own dense predictions is measured, not assumed
+    assert 0 <= by_method["tome"]["metrics"]["eval"]["agreement"] <= 100
+
+
+def test_report_is_written_from_the_records(finished):
+    _, results = finished
+    board = (results / "leaderboard.md").read_text()
+    assert "## tiny-fmnist on fashion_mnist (subset 200) (random init)" in board
+    csv = (results / "leaderboard.csv").read_text().splitlines()
+    assert csv[0].startswith("model,method,params,top1,top5,delta_top1,agreement,gmacs,mac_reduction,images_per_s,speedup")
+    assert len(csv) == 1 + 4
+    assert (results / "pareto.png").stat().st_size > 1000
+
+
+def test_second_invocation_skips_finished_runs(finished, capsys):
+    path, results = finished
+    before = {p.name: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")}
+    assert bench_main(path, results, "--no-report") == 0
+    assert "4 already done, 0 to run" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")} == before
+
+
+def test_torn_record_is_redone_and_others_kept(finished, tmp_path, capsys):
+    import shutil
+
+    path, original = finished
+    results = tmp_path / "copy"
+    shutil.copytree(original, results)
+    records = sorted((results / "runs").glob("*.json"))
+    torn = records[0]
+    torn.write_text(torn.read_text()[:150])  # cut off mid-write
+    untouched = {p.name: p.stat().st_mtime_ns for p in records[1:]}
+    assert bench_main(path, results, "--no-report") == 0
+    captured = capsys.readouterr()
+    assert "record cut off" in captured.err and "1 to run" in captured.out
+    assert read_record(torn)["key"] == torn.stem
+    assert torn.with_suffix(".json.torn").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in records[1:]} == untouched
+
+
+def test_dry_run_lists_runs_and_writes_nothing(tmp_path, capsys):
+    path = write(tmp_path, config(tmp_path))
+    assert bench_main(path, tmp_path / "results", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "4 run(s), 0 already done, 4 to run" in out
+    assert out.count("  todo  tiny-fmnist-") == 4
+    assert not (tmp_path / "results").exists()
+
+
+def test_only_and_force(finished, capsys):
+    path, results = finished
+    key = next(p.stem for p in (results / "runs").glob("*tome*.json"))
+    before = record_path(results, key).stat().st_mtime_ns
+    assert bench_main(path, results, "--only", "tome", "--force", "--no-report") == 0
+    assert "1 run(s), 0 already done, 1 to run" in capsys.readouterr().out
+    assert record_path(results, key).stat().st_mtime_ns > before
+
+
+def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, monkeypatch, capsys):
+    import bench.runner
+
+    original = bench.runner.macs_stage
+
+    def flaky(model, run):
+        if run.method == "tome":
+            raise RuntimeError("injected failure in the macs stage")
+        return original(model, run)
+
+    monkeypatch.setattr(bench.runner, "macs_stage", flaky)
+    path = write(tmp_path, config(tmp_path, stages=["macs"]))
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 1
+    out = capsys.readouterr().out
+    assert "FAILED tiny-fmnist-tome-r4-" in out and "injected failure in the macs stage" in out
+    assert "3 run(s) succeeded, 1 failed" in out
+    assert len(list((results / "runs").glob("*.json"))) == 3
+    failure = json.loads(next((results / "failed").glob("*tome*.json")).read_text())
+    assert failure["error"] == "RuntimeError: injected failure in the macs stage"
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
+    status = capsys.readouterr().out
+    assert "failed   tiny-fmnist-tome-r4-" in status and "injected failure" in status
+    assert "3 done" in status and "1 failed" in status
+
+
+BAD_INPUTS = [
+    ({"bogus": 1}, "exp.yaml: bogus: unknown key; allowed: name, description, defaults"),
+    ({"defaults": {"model": MODEL, "colour": 1}}, "defaults.colour: unknown key; allowed: model, weights"),
+    ({"grid": {"methods": ["tomee"]}}, "grid.methods[0].method: unknown method 'tomee'; allowed: baseline, evit"),
+    ({"grid": {"methods": [{"method": "tome", "rr": 1}]}}, "grid.methods[0]: method 'tome': unknown parameter 'rr'"),
+    ({"grid": {"methods": [{"method": "tome", "r": 49}]}}, "r=49 would remove all 49 patch tokens"),
+    ({"grid": {"methods": [{"method": "ppt", "r": 4, "layers": [3, 6, 9]}]}}, "include block 6, but the model has 4 blocks"),
+    ({"grid": {"methods": [{"method": "evit", "keep_rate": 2}]}}, "'keep_rate' must be a number in (0, 1], got 2"),
+    ({"stages": ["eval", "speed"]}, "stages[1]: 'speed' not allowed; allowed: finetune, eval, macs, throughput"),
+    ({"defaults": {"model": MODEL, "data": {"name": "fashion_mnist", "root": "/nonexistent/fm"}}},
+     "defaults.data.root: /nonexistent/fm does not exist"),
+    ({"defaults": {"model": MODEL, "data": {"name": "imagenet", "root": "/nonexistent/in1k"}}},
+     "defaults.data.root: /nonexistent/in1k/val does not exist"),
+    ({"defaults": {"model": MODEL, "weights": "missing.pth", "data": {"name": "fashion_mnist"}}},
+     "grid.models[0].weights: "),
+    ({"defaults": {"model": {**MODEL, "name": "vit_nonexistent"}, "data": {"name": "fashion_mnist"}}},
+     "unknown timm model 'vit_nonexistent'"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message):
+    cfg = config(tmp_path)
+    for key, value in change.items():
+        cfg[key] = value
+    path = write(tmp_path, cfg)
+    assert bench_main(path, tmp_path / "results") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {path}")
+    assert message in err
+
+
+def test_malformed_yaml_and_missing_file(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ngrid: {methods: [baseline\n")
+    assert bench_main(path, tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "broken.yaml: malformed YAML (line" in err
+    assert bench_main(tmp_path / "nope.yaml", tmp_path / "r") == 2
+    assert "nope.yaml: experiment file not found" in capsys.readouterr().err
+
+
+def test_weights_deit_format_plain_and_corrupt(tmp_path, capsys):
+    from bench.models import create_model
+
+    vit = create_model(MODEL["name"], MODEL["kwargs"])
+    torch.save({"model": vit.state_dict(), "epoch": 3}, tmp_path / "deit_style.pth")
+    torch.save(vit.state_dict(), tmp_path / "plain.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    for name in ("deit_style.pth", "plain.pth"):
+        cfg = config(tmp_path, stages=["eval"], grid={"methods": ["baseline"]})
+        cfg["defaults"]["weights"] = name
+        assert bench_main(write(tmp_path, cfg), tmp_path / f"results-{name}", "--no-report") == 0
+        (record,), _ = read_all(tmp_path / f"results-{name}")
+        assert record["run"]["weights"] == name
+    accuracies = {read_all(tmp_path / f"results-{n}")[0][0]["metrics"]["eval"]["top1"] for n in ("deit_style.pth", "plain.pth")}
+    assert len(accuracies) == 1  # the same weights, whichever format
+    cfg = config(tmp_path)
+    cfg["defaults"]["weights"] = "corrupt.pth"
+    assert bench_main(write(tmp_path, cfg), tmp_path / "c") == 2
+    err = capsys.readouterr().err
+    assert "corrupt.pth: unreadable checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_stage_trains_checkpoints_and_exports(tmp_path):
+    cfg = config(tmp_path, stages=["finetune", "eval"], grid={"methods": [{"method": "tome", "r": 2}]},
+                 finetune={"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5, "export": "tuned.pth"})
+    path = write(tmp_path, cfg)
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    (record,), _ = read_all(results)
+    history = record["metrics"]["finetune"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"] + 0.5
+    exported = torch.load(tmp_path / "tuned.pth", weights_only=True)
+    final = torch.load(results / "checkpoints" / record["key"] / "final.pth", weights_only=True)
+    assert set(exported) == {"model"}
+    assert all(torch.equal(exported["model"][k], final["model"][k]) for k in final["model"])
+    assert "agreement" in record["metrics"]["eval"]
+    assert os.path.exists(results / "checkpoints" / record["key"] / "last.pth")

@@ -1,0 +1,106 @@
+"""The method registry: names, building, parameter validation with errors that name what is allowed."""
+
+import pytest
+
+import bench
+import methods
+from tests.helpers import small_vit
+
+EXPECTED = ["baseline", "evit", "pooling", "ppt", "pruning", "tome", "topk"]
+
+
+def test_names_lists_every_method():
+    assert methods.names() == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "expected"),
+    [
+        ("baseline", {}, {}),
+        ("tome", {"r": 13}, {"r": 13, "inflection": 0, "prop_attn": True}),
+        ("tome", {"r": [4, 4, 2]}, {"r": [4, 4, 2], "inflection": 0, "prop_attn": True}),
+        ("ppt", {"r": 50}, {"r": 50, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}),
+        ("pruning", {"r": 50}, {"r": 50, "layers": [3, 6, 9], "prop_attn": True}),
+        ("pooling", {"r": 5, "layers": [1]}, {"r": 5, "layers": [1], "prop_attn": True}),
+        ("evit", {"keep_rate": 0.5}, {"keep_rate": 0.5, "layers": [3, 6, 9]}),
+        ("topk", {"keep_rate": 0.7, "layers": [2]}, {"keep_rate": 0.7, "layers": [2]}),
+    ],
+)
+def test_build_fills_defaults(name, params, expected):
+    method = methods.build(name, **params)
+    assert method.name == name
+    assert method.params == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("tomee", {"r": 1}, "unknown method 'tomee'; allowed: baseline, evit, pooling, ppt, pruning, tome, topk"),
+        ("tome", {"r": 1, "rr": 2}, "unknown parameter 'rr'; allowed: r, inflection, prop_attn"),
+        ("baseline", {"r": 1}, "unknown parameter 'r'; allowed: none"),
+        ("pruning", {"r": 1, "threshold": 1.0}, "unknown parameter 'threshold'; allowed: r, layers, prop_attn"),
+        ("tome", {}, "missing required parameter 'r'"),
+        ("tome", {"r": -1}, "'r' must be an integer >= 0, got -1"),
+        ("tome", {"r": 2.5}, "'r' must be an integer >= 0, got 2.5"),
+        ("tome", {"r": [1, 2], "inflection": -1}, "'inflection' is used only with an int r"),
+        ("tome", {"r": 3, "prop_attn": "yes"}, "'prop_attn' must be true or false"),
+        ("ppt", {"r": 3, "threshold": -1}, "'threshold' must be a number >= 0"),
+        ("ppt", {"r": 3, "layers": []}, "'layers' must be a non-empty list"),
+        ("ppt", {"r": 3, "layers": [2, 2]}, "repeated block index"),
+        ("evit", {"keep_rate": 1.5}, "'keep_rate' must be a number in (0, 1], got 1.5"),
+        ("evit", {"keep_rate": 0}, "'keep_rate' must be a number in (0, 1], got 0"),
+    ],
+)
+def test_invalid_parameters_name_what_is_allowed(name, params, message):
+    with pytest.raises(ValueError) as error:
+        methods.build(name, **params)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("ppt", {"r": 4, "layers": [3, 12]}, "include block 12, but the model has 12 blocks (allowed: 0..11)"),
+        ("evit", {"keep_rate": 0.5, "layers": [20]}, "include block 20"),
+        ("tome", {"r": [1] * 13}, "r lists 13 layers, but the model has 12 blocks"),
+    ],
+)
+def test_parameters_impossible_for_the_model(name, params, message):
+    with pytest.raises(ValueError) as error:
+        bench.apply(small_vit(), name, **params)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("tome", {"r": 64}, "r=64 would remove all 64 patch tokens"),
+        ("tome", {"r": 40, "inflection": -1}, "r=80 would remove all 64 patch tokens"),
+        ("ppt", {"r": 80}, "r=80 would remove all 64 patch tokens"),
+    ],
+)
+def test_budget_check_rejects_r_beyond_the_patch_count(name, params, message):
+    model = bench.apply(small_vit(), name, **params)  # the harness caps, as the reference code does
+    with pytest.raises(ValueError) as error:
+        model.method.check_budget(model.context)
+    assert message in str(error.value)
+
+
+def test_apply_accepts_a_built_method_and_rejects_extra_params():
+    vit = small_vit()
+    model = bench.apply(vit, methods.build("tome", r=2))
+    assert model.method.params["r"] == 2
+    with pytest.raises(ValueError, match="already built method"):
+        bench.apply(vit, methods.build("tome", r=2), r=3)
+
+
+def test_apply_rejects_non_vit():
+    import torch
+
+    with pytest.raises(ValueError, match="needs a timm VisionTransformer"):
+        bench.apply(torch.nn.Linear(2, 2), "baseline")
+
+
+def test_forward_stats_before_forward_is_an_error():
+    with pytest.raises(ValueError, match="has not run a forward pass"):
+        bench.forward_stats(bench.apply(small_vit(), "baseline"))
