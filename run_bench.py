@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench.status import collect_status, print_status, todo_runs
 
     try:
-        experiment = load_experiment(args.config, check_files=not args.status)
+        experiment = load_experiment(args.config, check_files=not args.status, data_required=not args.dry_run)
     except ConfigError as error:
         return fail(str(error))
+    for warning in experiment.warnings:
+        print(warning, file=sys.stderr)
     results_dir = Path(args.results) if args.results else ROOT / "results" / experiment.name
     runs = select(experiment.runs, args.only)
     if not runs:

@@ -36,6 +36,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -115,12 +116,14 @@ class Experiment:
     runs: list[RunSpec]
     slurm: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
-def load_experiment(path: str | Path, check_files: bool = True) -> Experiment:
-    """Parse, validate and expand an experiment file. ``check_files``: also check that data folders and
-    local weights exist and load (what ``--dry-run`` and a real run do before anything is computed)."""
+def load_experiment(path: str | Path, check_files: bool = True, data_required: bool = True) -> Experiment:
+    """Parse, validate and expand an experiment file. ``check_files``: also check that local weights
+    exist and fit the model, and that data folders exist (an error when ``data_required``, else a
+    warning in ``Experiment.warnings``: ``--dry-run`` validates a cluster config on a laptop)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "", "experiment file not found")
@@ -135,12 +138,13 @@ def load_experiment(path: str | Path, check_files: bool = True) -> Experiment:
         raise ConfigError(path, "", f"cannot read ({error.strerror})") from None
     if not isinstance(raw, dict):
         raise ConfigError(path, "", "an experiment file must be a YAML mapping (name, defaults, grid, ...)")
-    return Parser(path, raw, check_files).experiment()
+    return Parser(path, raw, check_files, data_required).experiment()
 
 
 class Parser:
-    def __init__(self, path: Path, raw: dict[str, Any], check_files: bool) -> None:
-        self.path, self.raw, self.check_files = path, raw, check_files
+    def __init__(self, path: Path, raw: dict[str, Any], check_files: bool, data_required: bool = True) -> None:
+        self.path, self.raw, self.check_files, self.data_required = path, raw, check_files, data_required
+        self.warnings: list[str] = []
         self.base = path.resolve().parent
         self._contexts: dict[str, Any] = {}
         self._checked_weights: set[tuple[str, str]] = set()
@@ -172,10 +176,11 @@ class Parser:
         return value
 
     def resolve(self, value: str) -> str:
-        """A local path relative to the config file's folder; URLs and timm tags unchanged."""
+        """A local path relative to the config file's folder (``${VAR}`` and ``${VAR:-default}``
+        expanded); URLs and timm tags unchanged."""
         if value.startswith(("http://", "https://", "timm:")):
             return value
-        candidate = Path(value).expanduser()
+        candidate = Path(expand_env(value)).expanduser()
         return str(candidate if candidate.is_absolute() else (self.base / candidate).resolve())
 
     # ----------------------------------------------------------------------------------------------
@@ -225,7 +230,8 @@ class Parser:
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:
             raise self.error("grid", f"the same run appears twice: {duplicates[0]}")
-        return Experiment(name=name, file=self.path, runs=runs, slurm=dict(slurm), raw=self.raw)
+        return Experiment(name=name, file=self.path, runs=runs, slurm=dict(slurm), raw=self.raw,
+                          warnings=list(dict.fromkeys(self.warnings)))
 
     def throughput(self, value: Any) -> dict[str, Any]:
         value = self.keys(value, THROUGHPUT_KEYS, "throughput")
@@ -402,6 +408,14 @@ class Parser:
         return RunSpec.from_dict({**run.to_dict(), "key": run_key(run)})
 
     def check_data(self, data: dict[str, Any], needs_train: bool, where: str) -> None:
+        try:
+            self._check_data(data, needs_train)
+        except ConfigError as error:
+            if self.data_required:
+                raise
+            self.warnings.append(f"warning: {error} (runs would fail here)")
+
+    def _check_data(self, data: dict[str, Any], needs_train: bool) -> None:
         from bench.data import DEBIAN_FMNIST
 
         root = data["root"]
@@ -415,6 +429,16 @@ class Parser:
             raise self.error("defaults.data.root", f"{root} does not exist")
         elif root is None and not DEBIAN_FMNIST.is_dir():
             pass  # torchvision's downloader fetches it at run time where there is network
+
+
+def expand_env(text: str) -> str:
+    """``${VAR}`` / ``${VAR:-default}`` / ``$VAR`` from the environment."""
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1) or match.group(3), match.group(2)
+        return os.environ.get(name) or (default if default is not None else match.group(0))
+
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", substitute, text)
 
 
 def _canonical(value: Any) -> str:

@@ -4,6 +4,7 @@ function every executor calls (in-process, local subprocess, SLURM), with a smal
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import json
@@ -39,10 +40,19 @@ def failure_path(results_dir: Path, key: str) -> Path:
 
 def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True) -> str:
     """Execute one run and return its record's path. On failure, a failure note (error, traceback, log)
-    is written next to the records and the exception propagates (the executor reports it)."""
+    is written next to the records and the exception propagates (the executor reports it).
+
+    ``SystemExit`` is not a failure: it is how submitit ends a job it has checkpointed and requeued after
+    a preemption signal. Test hook: a run whose key matches the glob in ``$TOKENBENCH_FAIL_KEYS`` raises
+    ``RuntimeError`` at job time (after validation, so failures inside a real SLURM job can be tested)."""
     run = RunSpec.from_dict(spec)
     try:
+        fail_keys = os.environ.get("TOKENBENCH_FAIL_KEYS")
+        if fail_keys and fnmatch.fnmatch(run.key, fail_keys):
+            raise RuntimeError(f"injected failure: run {run.key} matches TOKENBENCH_FAIL_KEYS={fail_keys!r}")
         execute(run, Path(results_dir), progress=progress)
+    except SystemExit:
+        raise
     except BaseException as error:
         _write_failure(Path(results_dir), run, error)
         raise
@@ -283,6 +293,7 @@ def finetune_stage(model, run: RunSpec, results_dir: Path, device: torch.device,
         model.to(ctx.device)
         result = finetune(model, train, options, checkpoint_dir, ctx.device, run.dtype, rank=ctx.rank,
                           world_size=ctx.world_size, progress=progress)
+        result["world_size"] = ctx.world_size  # processes that trained (tasks of a DDP job)
         if ctx.rank == 0:
             final = {"model": model.vit.state_dict()}
             atomic_torch_save(final, checkpoint_dir / "final.pth")

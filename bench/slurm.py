@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -67,17 +68,31 @@ def load_profile(name: str) -> dict[str, Any]:
 
 
 def executor_parameters(profile: dict[str, Any], finetune: bool) -> dict[str, Any]:
-    """submitit's ``update_parameters`` arguments for a profile."""
+    """submitit's ``update_parameters`` arguments for a profile (``max_requeue`` is a constructor argument
+    of the executor instead: see ``make_executor``)."""
     mapping = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
                "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
-               "max_requeue": "slurm_max_num_timeout", "gpus_per_node": "gpus_per_node",
-               "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "timeout_min": "timeout_min"}
+               "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb",
+               "timeout_min": "timeout_min"}
     params = {mapping[k]: v for k, v in profile.items() if k in mapping}
+    if not params.get("gpus_per_node"):
+        params.pop("gpus_per_node", None)  # --gpus-per-node=0 is refused by clusters without GPU gres
     params["tasks_per_node"] = profile.get("tasks_per_node", 1) if finetune else 1
     params["nodes"] = 1
     # The job imports this repository's packages wherever the user submitted from.
     params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}", *profile.get("setup", [])]
     return params
+
+
+def make_executor(log_folder: Path, profile: dict[str, Any], finetune: bool, name: str) -> submitit.AutoExecutor:
+    """A SLURM executor for one job array. ``max_requeue`` is submitit's ``max_num_timeout`` (default 3): how
+    often a job may be requeued after its time limit. submitit counts a preemption signal (USR2) as such a
+    timeout once the job has run min(80 %, limit - 10 min) of its limit: with ``timeout_min`` <= 10, every
+    preemption counts."""
+    executor = submitit.AutoExecutor(folder=str(Path(log_folder) / "%j"), cluster="slurm",
+                                     slurm_max_num_timeout=profile.get("max_requeue", 3))
+    executor.update_parameters(name=name, **executor_parameters(profile, finetune))
+    return executor
 
 
 def ensure_slurm_conf() -> None:
@@ -132,13 +147,13 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
         print("nothing to submit: every run has a record")
         return 0
     log_folder = results_dir / "logs" / "slurm"
+    submitted_at = time.time()
     jobs_by_key: dict[str, Any] = {}
     for finetune in (False, True):
         group = [run for run in runs if ("finetune" in run.stages) == finetune]
         if not group:
             continue
-        executor = submitit.AutoExecutor(folder=str(log_folder / "%j"), cluster="slurm")
-        executor.update_parameters(name=f"tokenbench-{experiment.name}", **executor_parameters(settings, finetune))
+        executor = make_executor(log_folder, settings, finetune, name=f"tokenbench-{experiment.name}")
         with executor.batch():
             submitted = [executor.submit(RunJob(), run.to_dict(), str(results_dir)) for run in group]
         for run, job in zip(group, submitted, strict=True):
@@ -154,15 +169,17 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     if not wait:
         print(f"follow with: python run_bench.py --config {experiment.file} --status")
         return 0
+    from bench.executors import _last_error_line
+
     outcomes = []
     for key, job in jobs_by_key.items():
         try:
-            job.result()
+            # results(), not result(): a multi-task (DDP) job has one result per task (rank 0 records).
+            job.results()
             outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
-            from bench.executors import _last_error_line
-
             outcomes.append(Outcome(key, False, error=_last_error_line(str(error)), log=str(job.paths.stderr)))
+    print(f"all {len(jobs_by_key)} job(s) ended {time.time() - submitted_at:.1f} s after submission")
     return summary(outcomes)
 
 
@@ -172,14 +189,40 @@ def job_states(results_dir: Path) -> dict[str, dict[str, Any]]:
     if not jobs:
         return {}
     ensure_slurm_conf()
-    states: dict[str, str] = {}
     ids = ",".join(sorted({job["job_id"].split("_")[0] for job in jobs.values()}))
+    states: dict[str, str] = {}
     try:
         out = subprocess.run(["sacct", "-j", ids, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
                              text=True, timeout=30, check=True).stdout
-        for line in out.splitlines():
-            job_id, _, state = line.partition("|")
-            states[job_id.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
+        states.update(_parse_states(out))
     except (OSError, subprocess.SubprocessError) as error:
         print(f"warning: sacct unavailable ({error}); job states unknown", file=sys.stderr)
+    if any(job["job_id"] not in states for job in jobs.values()):
+        # Just submitted: the accounting database may not list the job yet; the controller does.
+        try:
+            out = subprocess.run(["squeue", "-r", "-h", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout
+            states = {**_parse_states(out), **states}
+        except (OSError, subprocess.SubprocessError):
+            pass
     return {key: {**job, "state": states.get(job["job_id"], "UNKNOWN")} for key, job in jobs.items()}
+
+
+def _parse_states(out: str) -> dict[str, str]:
+    """``JobID|State`` lines of sacct/squeue -> {job id: state}. A pending array's tasks share one line,
+    ``12_[0-3,5%2]``: it is expanded to 12_0 ... 12_5."""
+    states: dict[str, str] = {}
+    for line in out.splitlines():
+        job_id, _, state = line.strip().partition("|")
+        state = state.split()[0] if state.strip() else "UNKNOWN"
+        job_id = job_id.strip()
+        base, sep, tasks = job_id.partition("_[")
+        if not sep:
+            states[job_id] = state
+            continue
+        for part in tasks.rstrip("]").split("%")[0].split(","):
+            first, _, last = part.partition("-")
+            if first.isdigit() and (not last or last.isdigit()):
+                for task in range(int(first), int(last or first) + 1):
+                    states[f"{base}_{task}"] = state
+    return states

@@ -247,3 +247,25 @@ def test_finetune_stage_trains_checkpoints_and_exports(tmp_path):
     assert all(torch.equal(exported["model"][k], final["model"][k]) for k in final["model"])
     assert "agreement" in record["metrics"]["eval"]
     assert os.path.exists(results / "checkpoints" / record["key"] / "last.pth")
+
+
+@pytest.mark.parametrize("name", ["quickstart", "fmnist_vit", "deit_imagenet", "deit_s_ppt_finetune"])
+def test_shipped_configs_are_valid_under_dry_run(name, tmp_path, capsys):
+    path = Path(run_bench.ROOT) / "configs" / f"{name}.yaml"
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path), "--dry-run"]) == 0
+    assert " to run -> " in capsys.readouterr().out
+
+
+def test_paper_config_expands_models_methods_and_references():
+    from bench.config import load_experiment
+
+    experiment = load_experiment(Path(run_bench.ROOT) / "configs" / "deit_imagenet.yaml", data_required=False)
+    assert len(experiment.runs) == 3 * 6
+    by = {(r.model_label, r.method): r for r in experiment.runs}
+    assert by[("deit-s", "ppt")].params == {"r": 50, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}
+    assert by[("deit-s", "ppt")].reference["top1"] == 79.498
+    assert by[("deit-b", "baseline")].reference["gmacs"] == 17.56
+    assert by[("deit-t", "tome")].reference is None
+    assert by[("deit-s", "baseline")].weights.endswith("deit_small_patch16_224-cd65a155.pth")
+    keys = [r.key for r in experiment.runs]
+    assert keys == [r.key for r in load_experiment(experiment.file, data_required=False).runs]  # stable

@@ -1,0 +1,361 @@
+"""run_bench with ``--executor slurm`` against the real local cluster (slurm/local_cluster.sh): job arrays,
+failures inside jobs, preemption with requeue and resume, multi-task (DDP) fine-tuning. No mocks.
+
+Run:  bash slurm/local_cluster.sh start
+      TOKENBENCH_REQUIRE_SLURM=1 .venv/bin/python -m pytest tests/test_slurm_pipeline.py -s
+Skipped when the cluster is not up, failed instead when TOKENBENCH_REQUIRE_SLURM=1. ``-s`` shows the
+measured times (submit -> records, preemption -> resumed -> done, DDP vs single-process differences).
+
+Every test has its own results folder, hence its own submitit log folder (``<results>/logs/slurm/%j``):
+job ids restart at 1 after a cluster wipe, and a reused folder would hand back stale results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import run_bench
+from bench.records import read_all
+
+pytestmark = pytest.mark.slurm
+
+MODEL = {
+    "name": "vit_tiny_patch16_224",
+    "label": "tiny-fmnist",
+    "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 4,
+               "num_heads": 2},
+}
+EVAL_METHODS = ["baseline", {"method": "tome", "r": 4}, {"method": "ppt", "r": 6, "layers": [1, 2], "threshold": 1e-3},
+                {"method": "evit", "keep_rate": 0.7, "layers": [1]}]
+# Fine-tuning: 1000 images, global batch 20 -> 50 steps per epoch (about 1 s on one CPU thread).
+FINETUNE = {"epochs": 5, "batch_size": 20, "lr": 1e-3, "warmup_epochs": 0.5}
+
+
+def weights_file(folder: Path) -> str:
+    """A random-init checkpoint: with ``weights: null`` the dense reference model of the agreement metric
+    would be a second random draw that depends on the process's RNG state, not the run's weights."""
+    from bench.models import create_model
+
+    path = folder / "tiny.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(create_model(MODEL["name"], MODEL["kwargs"]).state_dict(), path)
+    return path.name
+
+
+def experiment(folder: Path, name: str, **changes) -> Path:
+    cfg = {
+        "name": name,
+        "defaults": {"model": MODEL, "weights": weights_file(folder), "data": {"name": "fashion_mnist", "subset": 200},
+                     "batch_size": 100, "device": "cpu", "threads": 1},
+        "stages": ["eval", "macs"],
+        "macs": {"images": 2},
+        "grid": {"methods": EVAL_METHODS},
+    }
+    cfg.update(changes)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def finetune_experiment(folder: Path) -> Path:
+    cfg = experiment(folder, "ft", stages=["finetune", "eval"], finetune=FINETUNE,
+                     grid={"methods": [{"method": "tome", "r": 2}]})
+    data = yaml.safe_load(cfg.read_text())
+    data["defaults"]["data"]["subset"] = 1000
+    data["defaults"]["batch_size"] = 250
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def bench(config: Path, results: Path, *extra: str) -> int:
+    return run_bench.main(["--config", str(config), "--results", str(results), "--quiet", "--no-report", *extra])
+
+
+def on_slurm(config: Path, results: Path, *extra: str, profile: str = "local") -> int:
+    return bench(config, results, "--executor", "slurm", "--profile", profile, *extra)
+
+
+def records_by_key(results: Path) -> dict[str, dict]:
+    records, problems = read_all(results)
+    assert problems == []
+    return {record["key"]: record for record in records}
+
+
+def jobs(results: Path) -> dict[str, dict]:
+    return json.loads((results / "jobs.json").read_text())
+
+
+def sacct_rows(env: dict[str, str], job_id: str, *flags: str) -> list[dict[str, str]]:
+    fields = ["JobID", "State", "ExitCode", "Start", "End"]
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", ",".join(fields), *flags], env=env,
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines() if line.strip()]
+
+
+def sacct_final(env: dict[str, str], job_id: str, *flags: str, timeout: float = 60) -> list[dict[str, str]]:
+    """sacct rows once the job has ended (a job is still ending for a moment after its result file)."""
+
+    def ended() -> list[dict[str, str]] | None:
+        rows = sacct_rows(env, job_id, *flags)
+        return rows if rows and rows[-1]["State"].split()[0] not in ("PENDING", "RUNNING", "COMPLETING") else None
+
+    return [{**row, "State": row["State"].split()[0]} for row in wait_for(ended, timeout, f"job {job_id} to end", 0.5)]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def in_background(function, *args, **kwargs) -> tuple[threading.Thread, list]:
+    """Run ``function`` (e.g. a ``run_bench --wait``) in a thread; its return value lands in the list."""
+    returned: list = []
+    thread = threading.Thread(target=lambda: returned.append(function(*args, **kwargs)), daemon=True)
+    thread.start()
+    return thread, returned
+
+
+def watch_status(config: Path, results: Path, waiter: threading.Thread, timeout: float = 300) -> set[str]:
+    """Poll ``--status`` (its rows, via ``collect_status``) once a second until ``waiter`` ends; the states
+    seen after the submission was recorded."""
+    from bench.config import load_experiment
+    from bench.status import collect_status
+
+    runs = load_experiment(config).runs
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while waiter.is_alive() and time.monotonic() < deadline:
+        if (results / "jobs.json").exists():
+            seen.update(row.state for row in collect_status(runs, results))
+        waiter.join(timeout=1.0)
+    waiter.join(timeout=max(deadline - time.monotonic(), 0))
+    assert not waiter.is_alive(), f"run_bench --wait still waiting after {timeout:.0f} s"
+    return seen
+
+
+def report(capsys, message: str) -> None:
+    """A measured number, shown even though the test captures its output (and with ``-s``)."""
+    with capsys.disabled():
+        print(f"\n[measured] {message}")
+
+
+def flat(stats: dict) -> dict[str, float]:
+    return {f"{layer}.{name}": value for layer, values in stats.items() for name, value in values.items()}
+
+
+def close(a: float, b: float, rel: float = 1e-9) -> bool:
+    return a == pytest.approx(b, rel=rel, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# a. One job array = the same records as in-process
+# --------------------------------------------------------------------------------------------------
+def test_job_array_gives_the_same_records_as_inprocess(slurm_env, tmp_path, capsys):
+    config = experiment(tmp_path, "array")
+    results = tmp_path / "slurm"
+    started = time.monotonic()
+    waiter, codes = in_background(on_slurm, config, results, "--wait")
+    seen = watch_status(config, results, waiter)  # --status while the array runs: pending / running only
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    assert codes == [0], out
+    assert "submitted 4 run(s) as job array(s) " in out and "4 run(s) succeeded, 0 failed" in out
+    assert seen and seen <= {"pending", "running", "done"} and seen & {"pending", "running"}, seen
+    submitted = jobs(results)
+    arrays = {job["job_id"].split("_")[0] for job in submitted.values()}
+    assert len(arrays) == 1, f"expected one job array, got {submitted}"
+    assert sorted(job["job_id"].split("_")[1] for job in submitted.values()) == ["0", "1", "2", "3"]
+    report(capsys, f"4-run array: submit -> all records {elapsed:.1f} s (run_bench: "
+           f"{next(line for line in out.splitlines() if 'after submission' in line)}); --status saw {sorted(seen)}")
+
+    assert bench(config, tmp_path / "inprocess") == 0
+    capsys.readouterr()
+    on_cluster, local = records_by_key(results), records_by_key(tmp_path / "inprocess")
+    assert sorted(on_cluster) == sorted(local) and len(local) == 4
+    for key, record in on_cluster.items():
+        reference = local[key]
+        assert record["run"] == {**reference["run"]}
+        for name in ("top1", "top5", "agreement", "images"):
+            assert record["metrics"]["eval"][name] == reference["metrics"]["eval"][name], (key, name)
+        assert close(record["metrics"]["eval"]["loss"], reference["metrics"]["eval"]["loss"]), key
+        assert record["metrics"]["macs"] == pytest.approx(reference["metrics"]["macs"], rel=1e-9), key
+        assert record["tokens_per_layer"] == reference["tokens_per_layer"], key
+        assert flat(record["method_stats"]) == pytest.approx(flat(reference["method_stats"]), rel=1e-9), key
+        assert record["env"]["slurm_job_id"] and record["env"]["slurm_array_task_id"] is not None
+        assert reference["env"]["slurm_job_id"] is None
+
+    assert run_bench.main(["--config", str(config), "--results", str(results), "--status"]) == 0
+    status = capsys.readouterr().out
+    assert status.count("done     tiny-fmnist-") == 4 and status.strip().endswith("4 done")
+
+    # A second submission finds every record and submits nothing.
+    assert on_slurm(config, results, "--wait") == 0
+    again = capsys.readouterr().out
+    assert "4 already done, 0 to run" in again and "nothing to submit" in again
+    assert jobs(results) == submitted
+
+
+# --------------------------------------------------------------------------------------------------
+# b. A run that crashes inside its job
+# --------------------------------------------------------------------------------------------------
+def test_a_crash_inside_a_job_is_reported_failed_with_log_and_error(slurm_env, tmp_path, capsys, monkeypatch):
+    # The hook is read by run_job inside the job: sbatch exports the submitting environment (--export=ALL).
+    monkeypatch.setenv("TOKENBENCH_FAIL_KEYS", "*-tome-*")
+    config = experiment(tmp_path, "crash", stages=["macs"], grid={"methods": EVAL_METHODS[:2] + EVAL_METHODS[3:]})
+    results = tmp_path / "slurm"
+    assert on_slurm(config, results, "--wait") == 1
+    out = capsys.readouterr().out
+    assert "2 run(s) succeeded, 1 failed" in out
+    failed_line = next(line for line in out.splitlines() if line.startswith("FAILED "))
+    assert "tiny-fmnist-tome-r4-" in failed_line and "injected failure" in failed_line
+    assert len(records_by_key(results)) == 2
+
+    assert run_bench.main(["--config", str(config), "--results", str(results), "--status"]) == 1
+    status = capsys.readouterr().out
+    assert status.strip().endswith("2 done, 1 failed")
+    row = next(line for line in status.splitlines() if line.startswith("failed "))
+    assert "tiny-fmnist-tome-r4-" in row and "FAILED" in row
+    assert "RuntimeError: injected failure: run tiny-fmnist-tome-r4-" in row  # the last error line
+    log = Path(row.split("log: ")[1].strip())
+    assert log.exists() and "injected failure" in log.read_text()
+    note = json.loads(next((results / "failed").glob("*tome*.json")).read_text())
+    assert note["log"] == str(log) and note["slurm_job_id"]
+
+
+# --------------------------------------------------------------------------------------------------
+# c, d. Fine-tuning: preemption (USR2 -> checkpoint -> requeue -> resume) and two DDP tasks
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finetuned_inprocess(tmp_path_factory):
+    """The uninterrupted single-process reference: (config, record, final weights)."""
+    folder = tmp_path_factory.mktemp("finetune")
+    config = finetune_experiment(folder)
+    results = folder / "inprocess"
+    assert bench(config, results) == 0
+    (record,) = records_by_key(results).values()
+    final = torch.load(results / "checkpoints" / record["key"] / "final.pth", weights_only=True)["model"]
+    return config, record, final
+
+
+def history(record: dict, *fields: str) -> list[tuple]:
+    return [tuple(entry[f] for f in fields) for entry in record["metrics"]["finetune"]["history"]]
+
+
+def test_preempted_finetune_resumes_mid_epoch_with_identical_results(slurm_env, finetuned_inprocess, tmp_path,
+                                                                   capsys):
+    from bench.config import load_experiment
+    from bench.status import collect_status
+
+    config, reference, reference_weights = finetuned_inprocess
+    key = reference["key"]
+    results = tmp_path / "slurm"
+    submitted = time.monotonic()
+    waiter, codes = in_background(on_slurm, config, results, "--wait")
+    job_id = wait_for(lambda: (results / "jobs.json").exists() and jobs(results)[key]["job_id"], 60, "jobs.json")
+    # After the first epoch's checkpoint, training is in epoch 2 (of 5, ~1 s each): signal it there.
+    wait_for((results / "checkpoints" / key / "last.pth").exists, 120, "the first epoch's checkpoint", 0.05)
+    preempted = time.monotonic()
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_env, check=True, timeout=30)
+    folder = results / "logs" / "slurm" / job_id
+    logs = lambda: "".join(p.read_text(errors="replace") for p in sorted(folder.glob("*_log.*")))  # noqa: E731
+    runs, seen = load_experiment(config).runs, []
+
+    def resumed_yet() -> bool:
+        seen.append(collect_status(runs, results)[0])  # while requeued: pending, never failed
+        return "resuming from" in logs()
+
+    wait_for(resumed_yet, 180, "the requeued job to resume", 0.5)
+    resumed = time.monotonic()
+    waiter.join(timeout=300)
+    done = time.monotonic()
+    assert not waiter.is_alive() and codes == [0], capsys.readouterr().out
+    assert {row.state for row in seen} <= {"pending", "running"}, seen
+    assert any(row.state == "pending" for row in seen), seen
+
+    text = logs()
+    assert "Caught signal SIGUSR2" in text and "Requeued job" in text
+    resume_line = next(line for line in text.splitlines() if "resuming from" in line)
+    assert ", step " in resume_line, f"not a mid-epoch checkpoint: {resume_line}"  # "at epoch E, step S"
+    rows = sacct_final(slurm_env, job_id, "-D")  # -D: every instance of a requeued job
+    assert [row["State"] for row in rows] == ["REQUEUED", "COMPLETED"], rows
+    assert not (results / "failed").exists() or not list((results / "failed").iterdir())
+    report(capsys, f"preemption: submit -> USR2 {preempted - submitted:.1f} s, USR2 -> resumed "
+           f"{resumed - preempted:.1f} s, resumed -> done {done - resumed:.1f} s "
+           f"(USR2 -> done {done - preempted:.1f} s); {resume_line.strip().split(' at ')[-1]}; sacct -D: "
+           + ", ".join(f"{row['JobID']} {row['State']}" for row in rows))
+
+    (record,) = records_by_key(results).values()
+    # Exact equality: the same CPU, one thread, the same batches and RNG streams, state restored bit for bit.
+    fields = ("epoch", "train_loss", "train_top1", "lr")
+    assert history(record, *fields) == history(reference, *fields)
+    assert {k: v for k, v in record["metrics"]["eval"].items()} == reference["metrics"]["eval"]
+    weights = torch.load(results / "checkpoints" / key / "final.pth", weights_only=True)["model"]
+    assert weights.keys() == reference_weights.keys()
+    assert all(torch.equal(weights[name], reference_weights[name]) for name in weights)
+
+
+def test_two_task_ddp_finetune_matches_one_process(slurm_env, finetuned_inprocess, tmp_path, capsys):
+    config, reference, reference_weights = finetuned_inprocess
+    profile = tmp_path / "ddp2.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "debug", "tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 2,
+                                       "timeout_min": 30, "max_requeue": 5}))
+    results = tmp_path / "slurm"
+    started = time.monotonic()
+    assert on_slurm(config, results, "--wait", profile=str(profile)) == 0, capsys.readouterr().out
+    elapsed = time.monotonic() - started
+    (record,) = records_by_key(results).values()
+    job_id = jobs(results)[record["key"]]["job_id"]
+    folder = results / "logs" / "slurm" / job_id
+    # Both tasks ran to the end: each wrote its submitit result; rank 0 alone wrote the record.
+    assert (folder / f"{job_id}_0_result.pkl").exists() and (folder / f"{job_id}_1_result.pkl").exists()
+    assert (folder / f"{job_id}_1_log.err").exists()
+    assert record["metrics"]["finetune"]["world_size"] == 2
+    (row,) = sacct_final(slurm_env, job_id)
+    assert (row["State"], row["ExitCode"]) == ("COMPLETED", "0:0")  # rank 1 ended cleanly too
+    assert reference["metrics"]["finetune"]["world_size"] == 1
+
+    # Gloo averages the two half-batch gradients: the same updates up to float rounding, which AdamW
+    # amplifies only where the true gradient is ~0: the attention key biases (softmax ignores a constant
+    # added to every key), whose Adam steps are normalised rounding noise of up to ~lr each.
+    weights = torch.load(results / "checkpoints" / record["key"] / "final.pth", weights_only=True)["model"]
+    dim = MODEL["kwargs"]["embed_dim"]
+
+    def relative(name: str, keep=slice(None)) -> float:
+        a, b = weights[name][..., keep], reference_weights[name][..., keep]
+        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    per_tensor = {name: relative(name) for name in weights if not name.endswith("attn.qkv.bias")}
+    per_tensor.update({name: relative(name, torch.cat([torch.arange(dim), torch.arange(2 * dim, 3 * dim)]))
+                       for name in weights if name.endswith("attn.qkv.bias")})  # q and v biases
+    key_bias = max((weights[n][dim : 2 * dim] - reference_weights[n][dim : 2 * dim]).abs().max().item()
+                   for n in weights if n.endswith("attn.qkv.bias"))
+    overall = (sum(((weights[n] - reference_weights[n]) ** 2).sum() for n in weights)
+               / sum((w**2).sum() for w in reference_weights.values())).sqrt().item()
+    loss_rel = max(abs(a - b) / abs(b) for (a,), (b,) in zip(history(record, "train_loss"),
+                                                           history(reference, "train_loss"), strict=True))
+    worst = max(per_tensor, key=per_tensor.get)
+    report(capsys, f"DDP 2 tasks: submit -> record {elapsed:.1f} s; vs 1 process after "
+           f"{FINETUNE['epochs'] * 50} AdamW steps: train loss max rel. diff {loss_rel:.1e}; weights rel. L2 diff "
+           f"{overall:.1e} overall, per tensor max {per_tensor[worst]:.1e} ({worst}) without key biases, key "
+           f"biases max abs diff {key_bias:.1e} (lr {FINETUNE['lr']}); eval top-1 "
+           f"{record['metrics']['eval']['top1']:.2f} vs {reference['metrics']['eval']['top1']:.2f}")
+    assert history(record, "epoch", "lr") == history(reference, "epoch", "lr")
+    assert loss_rel < 1e-5
+    assert overall < 1e-3
+    assert per_tensor[worst] < 1e-3
+    assert key_bias < 5 * FINETUNE["lr"]
+    assert abs(record["metrics"]["eval"]["top1"] - reference["metrics"]["eval"]["top1"]) <= 0.2  # <= 2 of 1000
