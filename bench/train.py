@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -39,6 +41,23 @@ class FinetuneOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    """torch (drop path), numpy and random (timm's mixup draws its lambda and mode from them)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, opts: FinetuneOptions) -> float:
@@ -147,7 +166,7 @@ def finetune(
     def save(epoch_done: int, step: int = 0, partial_totals: list[float] | None = None) -> None:
         if rank == 0:
             atomic_torch_save({"epoch": epoch_done, "step": step, "partial": partial_totals,
-                               "rng": torch.get_rng_state(), "model": vit.state_dict(),
+                               "rng": rng_state(), "model": vit.state_dict(),
                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                "history": history, "options": opts.to_dict()}, checkpoint_dir / "last.pth")
 
@@ -155,11 +174,11 @@ def finetune(
         for epoch in range(start_epoch, opts.epochs):
             if stop_after_epoch is not None and epoch > stop_after_epoch:
                 break
-            torch.manual_seed(opts.seed * 10_007 + epoch)  # mixup, drop path: the same stream after a resume
+            seed_everything(opts.seed * 10_007 + epoch)  # drop path, mixup: the same streams after a resume
             first_step, totals = 0, [0.0, 0.0, 0.0]  # loss sum, correct, seen
             if epoch == start_epoch and start_step:
                 first_step, totals = start_step, list(partial)
-                torch.set_rng_state(state["rng"])
+                set_rng_state(state["rng"])
             if hasattr(base_set, "set_epoch"):
                 base_set.set_epoch(epoch)
             batches = EpochBatches(len(train_set), opts, epoch, rank, world_size)

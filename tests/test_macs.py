@@ -1,0 +1,80 @@
+"""MAC counts against the published references (DeiT-S, torchprofile, one 224x224 image) and the
+analytic cross-check; the throughput function's protocol fields."""
+
+import pytest
+import timm
+import torch
+
+import bench
+import methods
+
+
+@pytest.fixture(scope="module")
+def deit_s():
+    # MACs do not depend on weights: a random-init DeiT-S, nothing downloaded.
+    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+
+
+REFERENCES = [
+    ("baseline", {}, 4.60),
+    ("tome", {"r": 13}, 2.71),
+    ("ppt", {"r": 50, "layers": [3, 6, 9], "threshold": 7e-5}, 2.945),
+    ("pruning", {"r": 50}, 2.945),
+    ("pooling", {"r": 50}, 2.945),
+    ("evit", {"keep_rate": 0.7}, 3.03),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "gmacs"), REFERENCES, ids=[r[0] for r in REFERENCES])
+def test_deit_s_macs_match_the_published_counts(deit_s, method, params, gmacs):
+    macs = bench.count_macs(bench.apply(deit_s, method, **params))
+    assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
+
+
+@pytest.mark.parametrize("method", methods.names())
+def test_analytic_count_agrees_with_torchprofile(deit_s, method):
+    params = {"baseline": {}, "tome": {"r": 13}, "evit": {"keep_rate": 0.7}, "topk": {"keep_rate": 0.5}}.get(method, {"r": 50})
+    model = bench.apply(deit_s, method, **params)
+    counted = bench.count_macs(model)
+    info = bench.forward_stats(model)
+    analytic = bench.analytic_macs(model, info.tokens_in, info.tokens_out)
+    assert abs(analytic - counted) / counted < 0.01
+    assert analytic == bench.analytic_macs(model)  # without counts: those of a forward on one image
+
+
+def test_plain_timm_model_counts_like_the_baseline(deit_s):
+    assert bench.count_macs(deit_s) == bench.count_macs(bench.apply(deit_s, "baseline"))
+    assert bench.analytic_macs(deit_s) == bench.analytic_macs(bench.apply(deit_s, "baseline"))
+
+
+def test_counts_do_not_depend_on_weights():
+    a = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64)
+    torch.manual_seed(5)
+    b = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64)
+    assert bench.count_macs(bench.apply(a, "tome", r=3)) == bench.count_macs(bench.apply(b, "tome", r=3))
+
+
+def test_data_averaged_macs_is_the_mean_of_single_image_counts():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()
+    model = bench.apply(vit, "ppt", r=2, layers=[1], threshold=1e9)
+    images = [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    singles = [bench.count_macs(model, image=image) for image in images]
+    assert bench.data_macs(model, images) == pytest.approx(sum(singles) / 3)
+    with pytest.raises(ValueError, match="at least one image"):
+        bench.data_macs(model, [])
+
+
+def test_throughput_records_the_protocol():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    model = bench.apply(vit, "tome", r=2)
+    batch = torch.randn(4, 3, 32, 32)
+    result = bench.measure_throughput(model, batch, dtype="bf16", warmup=1, runs=3)
+    assert result.batch_size == 4 and result.dtype == "bf16" and result.device == "cpu"
+    assert result.threads == torch.get_num_threads() and len(result.times_s) == 3 and result.warmup == 1
+    median = sorted(result.times_s)[1]
+    assert result.images_per_s == pytest.approx(4 / median)
+    assert not model.training
+    measured, dense = bench.compare_throughput(model, bench.apply(vit, "baseline"), batch, runs=3, warmup=1)
+    assert len(measured.times_s) == len(dense.times_s) == 3
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        bench.measure_throughput(model, batch, dtype="fp8")

@@ -1,0 +1,126 @@
+"""Fine-tuning: the schedule, exact resumption after an epoch and after a preemption signal mid-epoch."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import timm
+import torch
+from torch.utils.data import Dataset
+
+import bench
+from bench.train import EpochBatches, FinetuneOptions, finetune, lr_at
+
+
+class Toy(Dataset):
+    """Random 1x28x28 images with random labels."""
+
+    def __init__(self, n: int = 96) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 1, 28, 28, generator=generator)
+        self.labels = torch.randint(0, 10, (n,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], int(self.labels[index])
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
+                            num_classes=10, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.1)
+    return bench.apply(vit, "tome", r=4)
+
+
+OPTIONS = FinetuneOptions(epochs=3, batch_size=16, lr=1e-3, min_lr=1e-5, warmup_epochs=0.5, mixup=0.2, seed=3)
+
+
+def train(tmp_path, name, dataset=None, **kwargs):
+    model = tiny_model()
+    result = finetune(model, dataset or Toy(), OPTIONS, tmp_path / name, torch.device("cpu"), progress=False,
+                      log=lambda message: None, **kwargs)
+    return model, result
+
+
+def same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    opts = FinetuneOptions(lr=1.0, min_lr=0.1)
+    assert lr_at(0, 100, 10, opts) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, opts) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, opts) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, opts) == pytest.approx(0.55)
+    assert lr_at(100, 100, 10, opts) == pytest.approx(0.1)
+
+
+def test_epoch_batches_split_one_global_batch_across_ranks():
+    opts = FinetuneOptions(batch_size=8, seed=1)
+    single = EpochBatches(30, opts, epoch=2, rank=0, world_size=1).batches
+    shares = [EpochBatches(30, opts, epoch=2, rank=r, world_size=2).batches for r in (0, 1)]
+    assert len(single) == 3  # the last partial batch is dropped
+    assert [a + b for a, b in zip(*shares, strict=True)] == single
+    assert EpochBatches(30, opts, epoch=3, rank=0, world_size=1).batches != single
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        EpochBatches(30, opts, epoch=0, rank=0, world_size=3)
+
+
+def test_resume_after_an_epoch_is_exact(tmp_path):
+    straight, result = train(tmp_path, "straight")
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    train(tmp_path, "split", stop_after_epoch=0)
+    assert torch.load(tmp_path / "split" / "last.pth", weights_only=False)["epoch"] == 1
+    resumed, resumed_result = train(tmp_path, "split")
+    assert same_weights(straight, resumed)
+    assert [h["train_loss"] for h in resumed_result["history"]] == [h["train_loss"] for h in result["history"]]
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_preemption_signal_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path, monkeypatch):
+    straight, result = train(tmp_path, "straight")
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint-and-requeue handler
+        raise Preempted
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        # epoch 2 (index 1) reads image 40 somewhere in its batches: the signal arrives mid-epoch
+        with pytest.raises(Preempted):
+            train(tmp_path, "preempted", dataset=_SignalAtEpoch(Toy(), epoch=1, index=40))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    state = torch.load(tmp_path / "preempted" / "last.pth", weights_only=False)
+    assert state["epoch"] == 1 and 0 < state["step"] < 6  # mid-epoch, at a step boundary
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    resumed, resumed_result = train(tmp_path, "preempted")
+    assert same_weights(straight, resumed)
+    assert [h["train_loss"] for h in resumed_result["history"]] == pytest.approx(
+        [h["train_loss"] for h in result["history"]], rel=1e-12)
+
+
+class _SignalAtEpoch(Dataset):
+    """Wraps a dataset; sends SIGUSR2 the first time ``index`` is read during ``epoch``."""
+
+    def __init__(self, data: Toy, epoch: int, index: int) -> None:
+        self.data, self.target_epoch, self.index, self.epoch, self.sent = data, epoch, index, 0, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        if self.epoch == self.target_epoch and index == self.index and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return self.data[index]
