@@ -119,7 +119,7 @@ def _row(record: dict) -> dict[str, Any]:
     return {
         "model": str(run.get("model_label") or run.get("model") or ""),
         "method": method,
-        "params": format_params(run.get("params")),
+        "params": run["params_label"] if isinstance(run.get("params_label"), str) else format_params(run.get("params")),
         "top1": _num(_get(metrics, "eval", "top1")),
         "top5": _num(_get(metrics, "eval", "top5")),
         "delta_top1": NAN,
@@ -283,9 +283,10 @@ def _leaderboard_section(df: pd.DataFrame) -> list[str]:
                "Images/s", "Speed-up"]
     lines: list[str] = []
     for (model, data, weights), group in df.groupby(GROUP, sort=True):
+        gmacs_digits = 3 if group["gmacs"].max() >= 1 else 4  # small models: 0.0482, not 0.048
         rows = [[
             _cell(row["method"]), _cell(row["params"]), _fmt(row["top1"], 2), _fmt(row["top5"], 2),
-            _fmt(row["delta_top1"], 2, signed=True), _fmt(row["agreement"], 2), _fmt(row["gmacs"], 3),
+            _fmt(row["delta_top1"], 2, signed=True), _fmt(row["agreement"], 2), _fmt(row["gmacs"], gmacs_digits),
             _fmt(row["mac_reduction"], 1, "%"), _fmt(row["images_per_s"], 0), _fmt(row["speedup"], 2, "x"),
         ] for _, row in sort_group(group).iterrows()]
         lines += [f"## {_group_title(model, data, weights)}", "", _table(rows, headers), "", _conditions(group)]

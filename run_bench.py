@@ -79,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench.slurm import ProfileError, submit
 
         try:
-            return submit(experiment, todo, results_dir, profile=args.profile, wait=args.wait)
+            code = submit(experiment, todo, results_dir, profile=args.profile, wait=args.wait)
         except ProfileError as error:
             return fail(str(error))
+        if args.wait and not args.no_report:
+            write_report(results_dir)
+        return code
 
     from bench.executors import run_inprocess, run_local, summary
 
@@ -93,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     code = summary(outcomes)
     print(f"wall time {time.time() - started:.1f} s")
     if not args.no_report:
-        import report
-
-        report.main([str(results_dir)])
+        write_report(results_dir)
     return code
+
+
+def write_report(results_dir: Path) -> None:
+    import report
+
+    if (results_dir / "runs").is_dir():
+        report.main([str(results_dir)])
 
 
 if __name__ == "__main__":

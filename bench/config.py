@@ -97,6 +97,7 @@ class RunSpec:
     reference: dict[str, Any] | None
     config_file: str
     key: str = ""
+    params_label: str = ""  # the parameters that differ from the method's defaults, for tables
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -405,7 +406,7 @@ class Parser:
             self.check_data(base["data"], "finetune" in stages, where)
         run = RunSpec(**base, method=method, params=copy.deepcopy(params), stages=stages, throughput=throughput,
                       macs=macs, eval=evaluation, finetune=finetune, reference=reference)
-        return RunSpec.from_dict({**run.to_dict(), "key": run_key(run)})
+        return RunSpec.from_dict({**run.to_dict(), "key": run_key(run), "params_label": params_label(method, params)})
 
     def check_data(self, data: dict[str, Any], needs_train: bool, where: str) -> None:
         try:
@@ -445,18 +446,28 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _non_default(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    import methods
+
+    defaults = methods.parameters(method)
+    return {k: v for k, v in params.items() if defaults.get(k) != v}
+
+
+def params_label(method: str, params: dict[str, Any]) -> str:
+    """``r=13`` or ``keep_rate=0.8, layers=[1, 3, 5]``: what differs from the method's defaults."""
+    return ", ".join(f"{k}={v}" for k, v in _non_default(method, params).items())
+
+
 def run_key(run: RunSpec) -> str:
     """Stable across machines: model label, method, compact parameters and a hash of everything that
     changes the result (paths as written, not as resolved)."""
-    identity = {k: v for k, v in run.to_dict().items() if k not in ("key", "weights_path", "config_file", "reference")}
+    identity = {k: v for k, v in run.to_dict().items()
+                if k not in ("key", "params_label", "weights_path", "config_file", "reference")}
     identity["data"] = {**run.data, "root": Path(run.data["root"]).name if run.data["root"] else None}
     if run.finetune:
         identity["finetune"] = {k: v for k, v in run.finetune.items() if k != "export"}
     digest = hashlib.sha1(_canonical(identity).encode()).hexdigest()[:8]
-    import methods
-
-    defaults = methods.parameters(run.method)
-    compact = "-".join(f"{k}{_short(v)}" for k, v in run.params.items() if defaults.get(k) != v)
+    compact = "-".join(f"{k}{_short(v)}" for k, v in _non_default(run.method, run.params).items())
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{run.model_label}-{run.method}-{compact}").strip("-")
     return f"{slug[:80]}-{digest}"
 

@@ -212,6 +212,7 @@ def dense_predictions(run: RunSpec, results_dir: Path, device: torch.device, pro
             return torch.load(path, weights_only=True)
         except Exception:  # noqa: BLE001 - a torn cache file is recomputed
             path.unlink(missing_ok=True)
+    torch.manual_seed(run.seed)  # with random-init weights: the same init as the run's own model
     vit = load_model(run.model, run.model_kwargs, run.weights_path).to(device)
     top_k, _, _ = predict(bench.apply(vit, "baseline"), _loader(_val_set(run), run, device), device, run.dtype,
                           "dense predictions", progress)

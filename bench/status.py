@@ -46,7 +46,7 @@ def _failure(results_dir: Path, key: str) -> dict | None:
 
 
 def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
-    from bench.slurm import job_states
+    from bench.slurm import ACTIVE_STATES, job_states
 
     queued = job_states(results_dir)
     rows = []
@@ -62,7 +62,7 @@ def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
                 continue
         job = queued.get(run.key)
         failure = _failure(results_dir, run.key)
-        if job and job["state"] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"):
+        if job and job["state"] in ACTIVE_STATES:  # a requeued (preempted) job is pending again, not failed
             state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
             rows.append(RunStatus(run.key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
         elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):
@@ -96,7 +96,7 @@ def print_status(rows: list[RunStatus]) -> None:
             line += f"  {row.detail}"
         if row.log and row.state != "done":
             line += f"  log: {row.log}"
-        print(line)
+        print(line.rstrip())
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.state] = counts.get(row.state, 0) + 1

@@ -62,28 +62,8 @@ def measure_throughput(
     """Images per second of ``model`` on ``batch`` (B, C, H, W), already on the model's device.
 
     Pass real images for methods whose work depends on the input (PPT's branch choice)."""
-    device = batch.device
-    model.eval()
-    times: list[float] = []
-    with torch.inference_mode(), autocast(device, dtype):
-        for _ in range(warmup):
-            model(batch)
-        _sync(device)
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(batch)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return ThroughputResult(
-        images_per_s=batch.shape[0] / statistics.median(times),
-        batch_size=batch.shape[0],
-        dtype=dtype,
-        device=str(device),
-        device_name=device_name(device),
-        threads=torch.get_num_threads(),
-        warmup=warmup,
-        times_s=times,
-    )
+    (times,) = _time_rounds([model], batch, dtype, warmup, runs)
+    return _result(times, batch, dtype, warmup)
 
 
 def compare_throughput(
@@ -97,31 +77,38 @@ def compare_throughput(
     """Time ``model`` and the dense ``baseline`` in the same process on the same batch, alternating
     one timed forward of each per round, so that drifting machine load hits both alike.
     Returns (method result, baseline result); speed-up = method.images_per_s / baseline.images_per_s."""
+    model_times, baseline_times = _time_rounds([model, baseline], batch, dtype, warmup, runs)
+    return _result(model_times, batch, dtype, warmup), _result(baseline_times, batch, dtype, warmup)
+
+
+def _time_rounds(models: list[nn.Module], batch: torch.Tensor, dtype: str, warmup: int, runs: int) -> list[list[float]]:
+    """``warmup`` untimed rounds, then ``runs`` rounds of one synchronised, timed forward per model."""
     device = batch.device
-    model.eval()
-    baseline.eval()
-    times: dict[int, list[float]] = {0: [], 1: []}
+    for model in models:
+        model.eval()
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode(), autocast(device, dtype):
         for _ in range(warmup):
-            model(batch)
-            baseline(batch)
+            for model in models:
+                model(batch)
         _sync(device)
         for _ in range(runs):
-            for index, candidate in enumerate((model, baseline)):
+            for model, model_times in zip(models, times, strict=True):
                 start = time.perf_counter()
-                candidate(batch)
+                model(batch)
                 _sync(device)
-                times[index].append(time.perf_counter() - start)
-    return tuple(  # type: ignore[return-value]
-        ThroughputResult(
-            images_per_s=batch.shape[0] / statistics.median(times[index]),
-            batch_size=batch.shape[0],
-            dtype=dtype,
-            device=str(device),
-            device_name=device_name(device),
-            threads=torch.get_num_threads(),
-            warmup=warmup,
-            times_s=times[index],
-        )
-        for index in (0, 1)
+                model_times.append(time.perf_counter() - start)
+    return times
+
+
+def _result(times: list[float], batch: torch.Tensor, dtype: str, warmup: int) -> ThroughputResult:
+    return ThroughputResult(
+        images_per_s=batch.shape[0] / statistics.median(times),
+        batch_size=batch.shape[0],
+        dtype=dtype,
+        device=str(batch.device),
+        device_name=device_name(batch.device),
+        threads=torch.get_num_threads(),
+        warmup=warmup,
+        times_s=times,
     )

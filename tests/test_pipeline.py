@@ -269,3 +269,17 @@ def test_paper_config_expands_models_methods_and_references():
     assert by[("deit-s", "baseline")].weights.endswith("deit_small_patch16_224-cd65a155.pth")
     keys = [r.key for r in experiment.runs]
     assert keys == [r.key for r in load_experiment(experiment.file, data_required=False).runs]  # stable
+
+
+def test_local_executor_runs_each_run_in_a_subprocess(tmp_path, capsys):
+    cfg = config(tmp_path, stages=["macs"], grid={"methods": ["baseline", {"method": "tome", "r": 4}]})
+    path = write(tmp_path, cfg)
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--executor", "local", "--no-report") == 0
+    out = capsys.readouterr().out
+    assert out.count("(local job ") == 2
+    records, _ = read_all(results)
+    assert sorted(r["run"]["method"] for r in records) == ["baseline", "tome"]
+    assert all(r["env"]["hostname"] for r in records)
+    job_folders = [p for p in (results / "logs" / "local").iterdir() if p.name.isdigit()]
+    assert len(job_folders) == 2  # one submitit folder per run
