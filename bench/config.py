@@ -253,18 +253,15 @@ class Parser:
             return None
         options = {}
         for option in fields(FinetuneOptions):
-            if option.name in value:
-                given = value[option.name]
-                numeric = isinstance(given, (int, float)) and not isinstance(given, bool)
-                if option.name == "clip_grad" and given is None:
-                    numeric = True
-                if not numeric or (given is not None and given < 0):
-                    raise self.error(f"finetune.{option.name}", f"must be a number >= 0, got {given!r}")
-                options[option.name] = given
-        try:
-            resolved = FinetuneOptions(**options).to_dict()
-        except TypeError as error:
-            raise self.error("finetune", str(error)) from None
+            if option.name not in value:
+                continue
+            given = value[option.name]
+            if not (given is None and option.name == "clip_grad") and (
+                isinstance(given, bool) or not isinstance(given, (int, float)) or given < 0
+            ):
+                raise self.error(f"finetune.{option.name}", f"must be a number >= 0, got {given!r}")
+            options[option.name] = given
+        resolved = FinetuneOptions(**options).to_dict()
         for whole in ("epochs", "batch_size", "seed", "workers"):
             self.integer(resolved[whole], f"finetune.{whole}", 1 if whole in ("epochs", "batch_size") else 0)
         export = value.get("export")
