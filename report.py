@@ -413,8 +413,8 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> None:
 
 
 def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
-    """Top-1 vs GMACs, a colour per group, the per-group Pareto front as a step line. ``False`` (nothing
-    written) when no record has both numbers."""
+    """Top-1 vs GMACs: a colour per method, a marker per group, each group's Pareto front as a step line.
+    ``False`` (nothing written) when no record has both numbers."""
     valid = df.dropna(subset=["top1", "gmacs"])
     if valid.empty:
         return False
@@ -425,21 +425,26 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colours = plt.get_cmap("tab10")
+    method_colour = {name: colours(i % 10) for i, name in enumerate(sorted(valid["method"].unique()))}
+    markers = "os^Dv<>p*h"
     for number, ((model, data, weights), group) in enumerate(valid.groupby(GROUP, sort=True)):
-        colour = colours(number % 10)
-        ax.scatter(group["gmacs"], group["top1"], color=colour, s=36, zorder=3,
-                   label=_group_title(model, data, weights))
+        marker = markers[number % len(markers)]
+        for method, points in group.groupby("method", sort=True):
+            label = method if number == 0 else None  # one legend entry per method (colour)
+            ax.scatter(points["gmacs"], points["top1"], color=method_colour[method], marker=marker, s=40,
+                       zorder=3, label=label)
+        ax.scatter([], [], color="grey", marker=marker, label=_group_title(model, data, weights))
         for rank, (_, row) in enumerate(group.sort_values("gmacs", kind="stable").iterrows()):
-            label = row["method"] + (f" ({row['params']})" if row["params"] else "")
+            text = row["params"] if row["params"] else row["method"]
             # alternate above / below so neighbouring labels do not print over each other
-            ax.annotate(label, (row["gmacs"], row["top1"]), xytext=(4, 5 if rank % 2 == 0 else -11),
-                        textcoords="offset points", fontsize=7, color=colour)
+            ax.annotate(text, (row["gmacs"], row["top1"]), xytext=(4, 5 if rank % 2 == 0 else -11),
+                        textcoords="offset points", fontsize=6.5, color=method_colour[row["method"]])
         front = pareto_front(group)
         xs, ys = list(front["gmacs"]), list(front["top1"])
         if group["gmacs"].max() > xs[-1]:  # the best top-1 stays reachable up to the largest budget
             xs.append(group["gmacs"].max())
             ys.append(ys[-1])
-        ax.plot(xs, ys, drawstyle="steps-post", color=colour, alpha=0.6, linewidth=1.5, zorder=2)
+        ax.plot(xs, ys, drawstyle="steps-post", color="black", alpha=0.45, linewidth=1.2, zorder=2)
     ax.margins(x=0.12, y=0.08)
     ax.set_xlabel("GMACs per image (torchprofile)")
     ax.set_ylabel("Top-1 accuracy (%)")
