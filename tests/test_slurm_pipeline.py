@@ -25,17 +25,11 @@ import yaml
 
 import run_bench
 from bench.records import read_all
+from tests.test_pipeline import METHODS, MODEL
 
 pytestmark = pytest.mark.slurm
 
-MODEL = {
-    "name": "vit_tiny_patch16_224",
-    "label": "tiny-fmnist",
-    "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 4,
-               "num_heads": 2},
-}
-EVAL_METHODS = ["baseline", {"method": "tome", "r": 4}, {"method": "ppt", "r": 6, "layers": [1, 2], "threshold": 1e-3},
-                {"method": "evit", "keep_rate": 0.7, "layers": [1]}]
+EVAL_METHODS = METHODS
 # Fine-tuning: 1000 images, global batch 20 -> 50 steps per epoch (about 1 s on one CPU thread).
 FINETUNE = {"epochs": 5, "batch_size": 20, "lr": 1e-3, "warmup_epochs": 0.5}
 
