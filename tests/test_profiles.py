@@ -1,0 +1,62 @@
+"""Cluster profiles: validation with named errors, and their mapping onto submitit's parameters."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import run_bench
+from bench.slurm import ProfileError, executor_parameters, load_profile, make_executor
+from tests.test_pipeline import config, write
+
+
+@pytest.mark.parametrize("name", ["local", "example_gpu"])
+def test_shipped_profiles_load(name):
+    profile = load_profile(name)
+    assert profile["partition"]
+
+
+def test_profile_maps_onto_submitit_parameters():
+    profile = load_profile("example_gpu")
+    finetune = executor_parameters(profile, finetune=True)
+    evaluation = executor_parameters(profile, finetune=False)
+    assert finetune["slurm_partition"] == "gpu" and finetune["slurm_account"] == "my-lab"
+    assert finetune["slurm_constraint"] == "a100" and finetune["slurm_array_parallelism"] == 16
+    assert finetune["tasks_per_node"] == 4 and evaluation["tasks_per_node"] == 1
+    assert finetune["gpus_per_node"] == 4 and finetune["timeout_min"] == 720 and finetune["mem_gb"] == 240
+    assert finetune["slurm_setup"][0].startswith("export PYTHONPATH=")
+    assert finetune["slurm_setup"][1:] == ["module load cuda/12.4", "source ~/venvs/tokenbench/bin/activate"]
+
+
+def test_max_requeue_becomes_submitits_timeout_budget(tmp_path):
+    executor = make_executor(tmp_path, {"partition": "debug", "max_requeue": 7}, finetune=False, name="t")
+    assert executor._executor.max_num_timeout == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"partition": "debug", "gpus": 2}, "gpus: unknown key; allowed: partition, account, qos, gpus_per_node"),
+        ({"mem_gb": "lots"}, "mem_gb: must be an integer >= 0, got 'lots'"),
+        ({"setup": "module load cuda"}, "setup: must be a list of shell lines"),
+        ({"partition": 3}, "partition: must be a string, got 3"),
+    ],
+)
+def test_bad_profiles_are_one_line_errors(tmp_path, capsys, content, message):
+    profile = tmp_path / "mine.yaml"
+    profile.write_text(yaml.safe_dump(content))
+    with pytest.raises(ProfileError, match=message.split(":")[0]):
+        load_profile(str(profile))
+    path = write(tmp_path, config(tmp_path, grid={"methods": ["baseline"]}))
+    code = run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--executor", "slurm",
+                           "--profile", str(profile)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {profile}: ") and message in err
+
+
+def test_unknown_profile_lists_the_available_ones():
+    with pytest.raises(ProfileError) as error:
+        load_profile("nosuchcluster")
+    assert "nosuchcluster.yaml: no such cluster profile; available: example_gpu, local" in str(error.value)
+    assert Path(str(error.value).split(":")[0]).name == "nosuchcluster.yaml"
