@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config import RunSpec
+from bench.records import last_error_line
 
 EXECUTORS = ("inprocess", "local", "slurm")
 
@@ -61,18 +62,10 @@ def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], 
             job.result()
             outcomes.append(Outcome(run.key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001
-            message = _last_error_line(str(error))
+            message = last_error_line(str(error)) or "unknown error"
             announce(f"    failed: {message}")
             outcomes.append(Outcome(run.key, False, error=message, log=str(job.paths.stderr)))
     return outcomes
-
-
-def _last_error_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "Exception" in line:
-            return line[:300]
-    return lines[-1][:300] if lines else "unknown error"
 
 
 def summary(outcomes: list[Outcome], stream=None) -> int:

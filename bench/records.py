@@ -112,3 +112,25 @@ def read_all(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         except RecordError as error:
             problems.append(str(error))
     return records, problems
+
+
+def failure_path(results_dir: Path, key: str) -> Path:
+    """Where a failed run leaves its note (error line, traceback, log path); removed once it succeeds."""
+    return Path(results_dir) / "failed" / f"{key}.json"
+
+
+def read_failure(results_dir: Path, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(failure_path(results_dir, key).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def last_error_line(text: str) -> str | None:
+    """The line of a log or exception text that says what went wrong: the last one naming an Error or
+    Exception, else the last non-empty one."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else None

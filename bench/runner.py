@@ -27,15 +27,11 @@ from bench.config import RunSpec
 from bench.data import build_dataset
 from bench.macs import analytic_macs, count_macs, data_macs
 from bench.models import load_model
-from bench.records import SCHEMA, record_path, write_record
+from bench.records import SCHEMA, failure_path, record_path, write_record
 from bench.throughput import autocast, compare_throughput, device_name
 from bench.train import FinetuneOptions, atomic_torch_save, finetune
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def failure_path(results_dir: Path, key: str) -> Path:
-    return Path(results_dir) / "failed" / f"{key}.json"
 
 
 def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True) -> str:

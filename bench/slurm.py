@@ -22,6 +22,8 @@ from typing import Any
 import submitit
 import yaml
 
+from bench.records import failure_path, last_error_line
+
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_KEYS = ("partition", "account", "qos", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
                 "timeout_min", "constraint", "array_parallelism", "max_requeue", "setup")
@@ -162,15 +164,13 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for key, job in jobs_by_key.items():
         known[key] = {"job_id": job.job_id, "log": str(job.paths.stderr), "submitted_at": now}
-        (results_dir / "failed" / f"{key}.json").unlink(missing_ok=True)
+        failure_path(results_dir, key).unlink(missing_ok=True)
     _write_jobs(results_dir, known)
     ids = sorted({job.job_id.split("_")[0] for job in jobs_by_key.values()})
     print(f"submitted {len(jobs_by_key)} run(s) as job array(s) {', '.join(ids)}; logs in {log_folder}")
     if not wait:
         print(f"follow with: python run_bench.py --config {experiment.file} --status")
         return 0
-    from bench.executors import _last_error_line
-
     outcomes = []
     for key, job in jobs_by_key.items():
         try:
@@ -178,7 +178,7 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
             job.results()
             outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
-            outcomes.append(Outcome(key, False, error=_last_error_line(str(error)), log=str(job.paths.stderr)))
+            outcomes.append(Outcome(key, False, error=last_error_line(str(error)) or "unknown error", log=str(job.paths.stderr)))
     print(f"all {len(jobs_by_key)} job(s) ended {time.time() - submitted_at:.1f} s after submission")
     return summary(outcomes)
 

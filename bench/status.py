@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config import RunSpec
-from bench.records import RecordError, read_record, record_path
+from bench.records import RecordError, last_error_line, read_failure, read_record, record_path
 
 
 @dataclass
@@ -37,14 +36,6 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False) -> tu
     return todo, notes
 
 
-def _failure(results_dir: Path, key: str) -> dict | None:
-    path = Path(results_dir) / "failed" / f"{key}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
     from bench.slurm import ACTIVE_STATES, job_states
 
@@ -61,12 +52,12 @@ def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
                 rows.append(RunStatus(run.key, "todo", f"torn record: {error}"))
                 continue
         job = queued.get(run.key)
-        failure = _failure(results_dir, run.key)
+        failure = read_failure(results_dir, run.key)
         if job and job["state"] in ACTIVE_STATES:  # a requeued (preempted) job is pending again, not failed
             state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
             rows.append(RunStatus(run.key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
         elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):
-            error = (failure or {}).get("error") or (job and _last_error(job.get("log"))) or "no record written"
+            error = (failure or {}).get("error") or (job and _log_error(job.get("log"))) or "no record written"
             log = (job or {}).get("log") or (failure or {}).get("log")
             detail = f"job {job['job_id']} {job['state']}: {error}" if job else error
             rows.append(RunStatus(run.key, "failed", detail, log))
@@ -75,17 +66,13 @@ def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
     return rows
 
 
-def _last_error(log: str | None) -> str | None:
+def _log_error(log: str | None) -> str | None:
     if not log:
         return None
     try:
-        lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+        return last_error_line(Path(log).read_text(errors="replace"))
     except OSError:
         return None
-    for line in reversed(lines):
-        if "Error" in line or "Exception" in line:
-            return line[:300]
-    return lines[-1][:300] if lines else None
 
 
 def print_status(rows: list[RunStatus]) -> None:
