@@ -286,3 +286,36 @@ def test_local_executor_runs_each_run_in_a_subprocess(tmp_path, capsys):
     assert all(r["env"]["hostname"] for r in records)
     job_folders = [p for p in (results / "logs" / "local").iterdir() if p.name.isdigit()]
     assert len(job_folders) == 2  # one submitit folder per run
+
+
+def _image_folder(root: Path, classes: int = 2, per_class: int = 3) -> None:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n0000000{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (300, 260 + 20 * c, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"img_{i}.JPEG", format="JPEG")
+
+
+def test_imagenet_folder_layout_and_deit_eval_transform(tmp_path):
+    from bench.data import IMAGENET_MEAN, build_dataset
+
+    _image_folder(tmp_path / "in1k")
+    val = build_dataset("imagenet", "val", root=str(tmp_path / "in1k"))
+    image, label = val[4]
+    assert len(val) == 6 and label == 1 and image.shape == (3, 224, 224)  # resize 256, center crop 224
+    assert abs(image.mean().item() + IMAGENET_MEAN[0] / 0.229) < 3  # normalised, not raw [0, 1]
+    train = build_dataset("imagenet", "train", root=str(tmp_path / "in1k"), augment=True)
+    assert train[0][0].shape == (3, 224, 224)
+    cfg = config(tmp_path, stages=["eval", "macs"], grid={"methods": ["baseline", {"method": "tome", "r": 8}]})
+    cfg["defaults"] = {"model": {"name": "deit_tiny_patch16_224", "label": "deit-t-2", "kwargs": {"depth": 2}},
+                       "data": {"name": "imagenet", "root": "in1k"}, "batch_size": 4, "device": "cpu"}
+    results = tmp_path / "results"
+    assert bench_main(write(tmp_path, cfg), results, "--no-report") == 0
+    records = {r["run"]["method"]: r for r in read_all(results)[0]}
+    assert records["baseline"]["metrics"]["eval"]["images"] == 6
+    assert records["tome"]["tokens_per_layer"]["out"] == [189, 181]
