@@ -14,10 +14,9 @@ fi
 # Reinstall only when pyproject.toml changed since the last successful install.
 stamp="$VENV/.tokenbench-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]" 2>&1 \
         | grep -v "^WARNING: Location" || true
-    "$VENV/bin/python" -c "import torch, torchvision, timm, submitit, torchprofile, pandas" 
+    "$VENV/bin/python" -c "import torch, torchvision, timm, submitit, torchprofile, pandas"
     touch "$stamp"
 fi
 
