@@ -66,15 +66,6 @@ MODEL_SPECS = {
 _CACHE: dict[str, torch.nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Many tiny ops: one intra-op thread is much faster, and far more robust on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def get_model(name: str) -> torch.nn.Module:
     """float64, eval-mode model (built once per session)."""
     if name not in _CACHE:
