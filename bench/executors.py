@@ -62,7 +62,7 @@ def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], 
             job.result()
             outcomes.append(Outcome(run.key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001
-            message = last_error_line(str(error)) or "unknown error"
+            message = last_error_line(str(error), "unknown error")
             announce(f"    failed: {message}")
             outcomes.append(Outcome(run.key, False, error=message, log=str(job.paths.stderr)))
     return outcomes

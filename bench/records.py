@@ -126,11 +126,11 @@ def read_failure(results_dir: Path, key: str) -> dict[str, Any] | None:
         return None
 
 
-def last_error_line(text: str) -> str | None:
+def last_error_line(text: str, default: str | None = None) -> str | None:
     """The line of a log or exception text that says what went wrong: the last one naming an Error or
-    Exception, else the last non-empty one."""
+    Exception, else the last non-empty one, else ``default``."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
         if "Error" in line or "Exception" in line:
             return line[:300]
-    return lines[-1][:300] if lines else None
+    return lines[-1][:300] if lines else default

@@ -178,7 +178,7 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
             job.results()
             outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
-            outcomes.append(Outcome(key, False, error=last_error_line(str(error)) or "unknown error", log=str(job.paths.stderr)))
+            outcomes.append(Outcome(key, False, error=last_error_line(str(error), "unknown error"), log=str(job.paths.stderr)))
     print(f"all {len(jobs_by_key)} job(s) ended {time.time() - submitted_at:.1f} s after submission")
     return summary(outcomes)
 
