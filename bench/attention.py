@@ -1,9 +1,11 @@
-"""The attention of a timm block, run on ``scaled_dot_product_attention`` in every case, returning the
-signals the active method needs from it.
+"""The attention of a timm block, returning the signals the active method needs from it.
 
-Proportional attention (ToMe/PPT) adds ``log(size_j)`` to the logit of key j: that is an additive float
+By default it runs on ``scaled_dot_product_attention``: proportional attention (ToMe/PPT) adds
+``log(size_j)`` to the logit of key j and padding (ragged batches) adds ``-inf``, both in one additive float
 mask, so the fused kernel stays. Signals that need the class token's attention compute only that row
-(q[:, :, 0] against all keys), never the N x N matrix.
+(q[:, :, 0] against all keys), never the N x N matrix. The full matrix is computed (and then also used for
+the output, so nothing is computed twice) only where a method asks for it (``ATTN``) or where its numerics
+require it (``mode`` ``explicit`` / ``policy``). See ``docs/methods.md#the-block-loop``.
 """
 
 from __future__ import annotations
@@ -12,14 +14,86 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import CLS_ATTN, METRIC, PPT_SCORE
+from methods.base import ATTN, CLS_ATTN, METRIC, PPT_SCORE
+
+POLICY_EPS = 1e-6  # ATS's softmax epsilon (docs/methods.md#ats)
+
+
+def key_bias(size: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive mask (B, 1, 1, N): ``log(size)`` (proportional attention) and ``-inf`` for padded keys;
+    None when neither applies (the dense path stays exactly timm's)."""
+    bias = None if size is None else size.log()[:, None, None, :, 0]
+    if mask is not None:
+        pad = torch.zeros(mask.shape, dtype=torch.float32 if bias is None else bias.dtype, device=mask.device)
+        pad = pad.masked_fill(~mask, float("-inf"))[:, None, None, :]
+        bias = pad if bias is None else bias + pad
+    return bias
 
 
 def size_bias(size: torch.Tensor | None) -> torch.Tensor | None:
     """The additive mask (B, 1, 1, N) of proportional attention, or None before any reduction."""
-    if size is None:
-        return None
-    return size.log()[:, None, None, :, 0]
+    return key_bias(size, None)
+
+
+_PARTS = {"qkv": (0, 3), "qk": (0, 2), "v": (2, 3)}  # which thirds of timm's fused qkv weight
+
+
+def project(attn: nn.Module, x: torch.Tensor, parts: str = "qkv") -> list[torch.Tensor]:
+    """The block's ``parts`` (``qkv``, ``qk`` or ``v``) of ``x`` (B, N, C), each (B, H, N, d), q and k after
+    ``q_norm``/``k_norm``. Only the requested parts are projected (their MACs only)."""
+    batch, num_tokens, _ = x.shape
+    first, last = _PARTS[parts]
+    width = attn.num_heads * attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    if (first, last) != (0, 3):
+        weight = weight[first * width : last * width]
+        bias = None if bias is None else bias[first * width : last * width]
+    out = F.linear(x, weight, bias).reshape(batch, num_tokens, last - first, attn.num_heads, attn.head_dim)
+    named = dict(zip(parts, out.permute(2, 0, 3, 1, 4).unbind(0), strict=True))
+    if "q" in named:
+        named["q"] = attn.q_norm(named["q"])
+    if "k" in named:
+        named["k"] = attn.k_norm(named["k"])
+    return [named[p] for p in parts]
+
+
+def probabilities(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, mode: str = "explicit",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The post-softmax attention (B, H, N, N), written out.
+
+    ``explicit``: ``softmax((q k^T) * scale + bias)`` in the working dtype. ``policy`` (ATS): in float32,
+    ``p = (exp(l - max) + eps/n) / (sum exp(l - max) + eps)`` over the image's real keys (``n`` of them,
+    max and sum over those only), exactly 0 for padded keys."""
+    if mode == "policy":
+        logits = (q.float() @ k.float().transpose(-2, -1)) * scale
+        if bias is not None:
+            logits = logits + bias.float()
+        real = None if mask is None else mask[:, None, None, :]
+        if real is not None:
+            logits = logits.masked_fill(~real, float("-inf"))
+        shifted = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        count = q.shape[2] if mask is None else mask.sum(dim=-1).to(torch.float32)[:, None, None, None]
+        probs = (shifted + POLICY_EPS / count) / (shifted.sum(dim=-1, keepdim=True) + POLICY_EPS)
+        if real is not None:
+            probs = probs.masked_fill(~real, 0.0)
+        return probs.to(q.dtype)
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return logits.softmax(dim=-1)
+
+
+def output(attn: nn.Module, x: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
+    """The block's attention output from the per-head results (B, H, N, d): attention-output norm, gate,
+    projection (timm's ``Attention.forward`` after the attention itself)."""
+    batch, _, num_tokens, _ = heads_out.shape
+    out = heads_out.transpose(1, 2).reshape(batch, num_tokens, -1)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
 
 
 def attention(
@@ -28,34 +102,60 @@ def attention(
     bias: torch.Tensor | None,
     needs: frozenset[str],
     num_prefix: int,
+    mode: str = "fused",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """timm's ``Attention.forward`` (q/k norm, attention-output norm and gate honoured) with an additive
-    ``bias``, plus the requested signals."""
-    batch, num_tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    ``bias``, plus the requested signals. ``mode``: ``fused`` (SDPA unless ``ATTN`` is needed), ``explicit``
+    or ``policy`` (see ``probabilities``); ``mask`` (B, N): real tokens, for the policy softmax."""
+    q, k, v = project(attn, x)
     if bias is not None:
         bias = bias.to(q.dtype)  # autocast runs q/k in half precision; the mask must match
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    out = out.transpose(1, 2).reshape(batch, num_tokens, -1)
-    out = getattr(attn, "norm", nn.Identity())(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
+    probs = None
+    if mode != "fused" or ATTN in needs:
+        probs = probabilities(q, k, bias, attn.scale, "explicit" if mode == "fused" else mode, mask)
+        heads_out = attn.attn_drop(probs) @ v
+    else:
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    out = output(attn, x, heads_out)
 
     signals: dict[str, torch.Tensor] = {}
+    if ATTN in needs:
+        signals[ATTN] = probs
     if METRIC in needs:
         signals[METRIC] = k.mean(dim=1)
     if CLS_ATTN in needs or PPT_SCORE in needs:
-        cls_row = class_attention(q, k, bias, attn.scale)  # (B, H, N)
+        cls_row = probs[:, :, 0] if probs is not None else class_attention(q, k, bias, attn.scale)  # (B, H, N)
         if CLS_ATTN in needs:
             signals[CLS_ATTN] = cls_row.mean(dim=1)
         if PPT_SCORE in needs:
             signals[PPT_SCORE] = ppt_score(cls_row, v, num_prefix)
     return out, signals
+
+
+def attention_before(
+    attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str], mode: str = "fused",
+    mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Signals of a block's attention on ``x`` computed before a START reduction: q and k only (``ATTN``:
+    the full post-softmax attention; ``METRIC``: keys averaged over heads)."""
+    q, k = project(attn, x, "qk")
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    signals: dict[str, torch.Tensor] = {}
+    if ATTN in needs:
+        signals[ATTN] = probabilities(q, k, bias, attn.scale, "explicit" if mode == "fused" else mode, mask)
+    if METRIC in needs:
+        signals[METRIC] = k.mean(dim=1)
+    return signals
+
+
+def attention_from_probs(attn: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """A block's attention output with given post-softmax probabilities (B, H, N, N) (MCTF's one-step-ahead:
+    the attention merged along with the tokens): only the values of ``x`` are projected."""
+    (v,) = project(attn, x, "v")
+    return output(attn, x, attn.attn_drop(probs.to(v.dtype)) @ v)
 
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:

@@ -51,12 +51,15 @@ def data_macs(model: nn.Module, images: Iterable[torch.Tensor]) -> float:
 
 
 def analytic_macs(
-    model: nn.Module, tokens_in: Sequence[int] | None = None, tokens_out: Sequence[int] | None = None
+    model: nn.Module, tokens_attn: Sequence[int] | None = None, tokens_mlp: Sequence[int] | None = None
 ) -> int:
     """MACs from token counts, nanoGPT-style, as a cross-check of the counter: per block
-    ``4*N*C^2 + 2*N^2*C`` for attention over N tokens and ``2*N'*C*hidden`` (= 8*N'*C^2) for the MLP over
-    N' tokens, plus patch embedding and head. Without counts, those of a forward on one image are used."""
+    ``4*N*C^2 + 2*N^2*C`` for attention over N tokens (``ForwardInfo.tokens_attn``) and ``2*N'*C*hidden``
+    (= 8*N'*C^2) for the MLP over N' tokens (``tokens_mlp``), plus patch embedding and head. Without counts,
+    those of a forward on one image are used. Work a method adds outside the blocks' linear layers and
+    attention (similarities, clustering) is not included."""
     vit = model.vit if isinstance(model, ReducedViT) else model
+    tokens_in, tokens_out = tokens_attn, tokens_mlp
     if tokens_in is None:
         if isinstance(model, ReducedViT):
             count_input = torch.randn(model_input_size(model), generator=torch.Generator().manual_seed(0))
@@ -65,7 +68,7 @@ def analytic_macs(
             with torch.no_grad():
                 model(count_input[None].to(_device(model)))
             model.train(was_training)
-            tokens_in, tokens_out = model.last_forward.tokens_in, model.last_forward.tokens_out
+            tokens_in, tokens_out = model.last_forward.tokens_attn, model.last_forward.tokens_mlp
         else:
             dense = vit.patch_embed.num_patches + vit.num_prefix_tokens
             tokens_in = tokens_out = [dense] * len(vit.blocks)

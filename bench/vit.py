@@ -1,13 +1,17 @@
 """The one block loop: a timm VisionTransformer with a token-reduction method applied.
 
-Inside every block, reduction happens between the attention residual and the MLP residual:
+A method reduces a block's tokens at one of three points (``docs/methods.md#the-block-loop``):
 
-    x = x + drop_path1(ls1(attn(norm1(x), log(size))))   # attention over N tokens
-    x, size = method.reduce(x, size, signals of this attention)
-    x = x + drop_path2(ls2(mlp(norm2(x))))               # MLP over N' tokens
+    x, size = method.reduce(...)                          # START: before norm1 (DPC-KNN, static, MCTF, ...)
+    x = x + drop_path1(ls1(attn(norm1(x), log(size))))    # attention over N tokens
+    x, size = method.reduce(x, size, signals of this attention)   # MID: ToMe, PPT, EViT, ... (the default)
+    x = x + drop_path2(ls2(mlp(norm2(x))))                # MLP over N' tokens
+    x, size = method.reduce(...)                          # END: after the MLP (MCTF without one-step-ahead)
 
-All per-forward state (sizes, sources, token counts, statistics) lives in local variables of
-``forward_features``; the result of the last forward is published once at its end (``last_forward``).
+The method is asked once per forward which point each block uses and which signals it needs
+(``Method.step``); only those signals are computed. All per-forward state (sizes, sources, masks, token
+counts, statistics, the method's scratch) lives in local variables of ``_run``; the result of the last forward
+is published once at its end (``last_forward``).
 """
 
 from __future__ import annotations
@@ -18,25 +22,44 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from bench.attention import attention, size_bias
-from methods.base import CLS_ATTN, PPT_SCORE, Method, ReductionContext, TokenState
+from bench.attention import attention, attention_before, attention_from_probs, key_bias
+from methods.base import (
+    ATTN,
+    CLS_ATTN,
+    END,
+    MID,
+    POINTS,
+    PPT_SCORE,
+    PREV_ATTN,
+    START,
+    START_SIGNALS,
+    Method,
+    ReductionContext,
+    Step,
+    TokenState,
+)
 
 
 @dataclass(frozen=True)
 class ForwardInfo:
-    """What one forward pass did.
+    """What one forward pass did (counts are per batch: the padded count when images keep different
+    numbers of tokens; ``mask`` then says which are real).
 
-    ``tokens_in[i]``: tokens entering block i (its attention); ``tokens_out[i]``: tokens after block i's
-    reduction (its MLP). ``stats[i]``: the method's statistics at block i (e.g. PPT's pooled fraction).
-    ``source``: (B, N, N0) map from output tokens to input tokens, when tracking was on. ``size``: (B, N, 1).
+    ``tokens_in[i]``: tokens entering block i; ``tokens_attn[i]``: tokens its attention ran over (after a START
+    reduction); ``tokens_mlp[i]``: tokens its MLP ran over (after a MID reduction); ``tokens_out[i]``: tokens
+    leaving it (after an END reduction). ``stats[i]``: the method's statistics at block i (e.g. PPT's pooled
+    fraction; values may be 0-d tensors: no host synchronisation inside the forward). ``source``: (B, N, N0)
+    map from output tokens to input tokens, when tracking was on. ``size``: (B, N, 1). ``mask``: (B, N).
     """
 
-    batch_size: int
     tokens_in: list[int]
     tokens_out: list[int]
-    stats: dict[int, dict[str, float]] = field(default_factory=dict)
+    tokens_attn: list[int] = field(default_factory=list)
+    tokens_mlp: list[int] = field(default_factory=list)
+    stats: dict[int, dict[str, float | torch.Tensor]] = field(default_factory=dict)
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 class ReducedViT(nn.Module):
@@ -55,9 +78,12 @@ class ReducedViT(nn.Module):
             num_tokens=vit.patch_embed.num_patches + vit.num_prefix_tokens,
         )
         method.check(self.context)
-        needs = set().union(*(method.signals(layer, self.context) for layer in range(self.context.depth)))
+        steps = self._steps(self.context)
+        needs = set().union(*(step.signals for step in steps if step is not None))
         if needs & {CLS_ATTN, PPT_SCORE} and not getattr(vit, "has_class_token", vit.cls_token is not None):
             raise ValueError(f"method {method.name!r} scores tokens by the class token's attention; this model has none")
+        if any(step is not None for step in steps):
+            check_pooling(vit, method.name)
 
     # The timm attributes users reach for keep working on the wrapper.
     @property
@@ -68,43 +94,114 @@ class ReducedViT(nn.Module):
     def pretrained_cfg(self) -> dict:
         return getattr(self.vit, "pretrained_cfg", {})
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        vit, method, ctx = self.vit, self.method, self.context
+    def _steps(self, ctx: ReductionContext) -> list[Step | None]:
+        steps = [self.method.step(layer, ctx) for layer in range(ctx.depth)]
+        for layer, step in enumerate(steps):
+            if step is None:
+                continue
+            if step.point not in POINTS:
+                raise ValueError(f"method {self.method.name!r}: block {layer} reduces at {step.point!r}; allowed: "
+                                 f"{', '.join(POINTS)}")
+            early = step.signals - START_SIGNALS if step.point == START else step.signals & {PREV_ATTN}
+            if early:
+                raise ValueError(f"method {self.method.name!r}: signal {sorted(early)[0]!r} is not available at the "
+                                 f"{step.point} of block {layer}")
+        return steps
+
+    def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
+        vit, method = self.vit, self.method
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        if x.shape[1] != ctx.num_tokens:
-            ctx = ReductionContext(depth=ctx.depth, num_prefix=ctx.num_prefix, num_tokens=x.shape[1])
+        ctx = ReductionContext(depth=self.context.depth, num_prefix=self.context.num_prefix, num_tokens=x.shape[1])
+        steps = self._steps(ctx)
         source = None
         if self.track_source:
             source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
         tokens = TokenState(x=x, size=None, source=source)
-        tokens_in, tokens_out, stats = [], [], {}
+        counts: dict[str, list[int]] = {"in": [], "attn": [], "mlp": [], "out": []}
+        stats: dict[int, dict] = {}
+        previous_attn = None  # block l-1's attention, kept only when block l asks for it
         for layer, block in enumerate(vit.blocks):
-            needs = method.signals(layer, ctx)
-            tokens_in.append(int(tokens.x.shape[1]))
-            bias = size_bias(tokens.size) if method.prop_attn else None
-            out, signals = attention(block.attn, block.norm1(tokens.x), bias, needs, ctx.num_prefix)
+            step = steps[layer]
+            point = step.point if step is not None else None
+            needs = step.signals if step is not None else frozenset()
+            keep_attn = layer + 1 < ctx.depth and steps[layer + 1] is not None and PREV_ATTN in steps[layer + 1].signals
+            counts["in"].append(int(tokens.x.shape[1]))
+
+            if point == START:
+                signals = {}
+                if needs - {PREV_ATTN}:
+                    signals = attention_before(block.attn, block.norm1(tokens.x), self._bias(tokens), needs,
+                                               method.attention, tokens.mask)
+                if PREV_ATTN in needs:
+                    signals[PREV_ATTN] = previous_attn
+                tokens = self._reduce(layer, tokens, signals, ctx, stats)
+            previous_attn = None
+
+            counts["attn"].append(int(tokens.x.shape[1]))
+            normed = block.norm1(tokens.x)
+            if tokens.attn_probs is not None:
+                out, signals = attention_from_probs(block.attn, normed, tokens.attn_probs), {}
+                tokens.attn_probs = None
+            else:
+                block_needs = (needs if point in (MID, END) else frozenset()) | ({ATTN} if keep_attn else frozenset())
+                out, signals = attention(block.attn, normed, self._bias(tokens), block_needs, ctx.num_prefix,
+                                         method.attention, tokens.mask)
+                if keep_attn:
+                    previous_attn = signals[ATTN]
             tokens.x = tokens.x + block.drop_path1(block.ls1(out))
-            if needs:
-                tokens, layer_stats = method.reduce(layer, tokens, signals, ctx)
-                if layer_stats:
-                    stats[layer] = layer_stats
+
+            if point == MID:
+                tokens = self._reduce(layer, tokens, signals, ctx, stats)
+            counts["mlp"].append(int(tokens.x.shape[1]))
             tokens.x = tokens.x + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens.x))))
-            tokens_out.append(int(tokens.x.shape[1]))
+            if point == END:
+                tokens = self._reduce(layer, tokens, signals, ctx, stats)
+            counts["out"].append(int(tokens.x.shape[1]))
         self.last_forward = ForwardInfo(
-            batch_size=x.shape[0],
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
+            tokens_in=counts["in"],
+            tokens_out=counts["out"],
+            tokens_attn=counts["attn"],
+            tokens_mlp=counts["mlp"],
             stats=stats,
             size=tokens.size,
             source=tokens.source,
+            mask=tokens.mask,
         )
-        return vit.norm(tokens.x)
+        return vit.norm(tokens.x), tokens
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.vit.forward_head(x, pre_logits=pre_logits)
+    def _bias(self, tokens: TokenState) -> torch.Tensor | None:
+        return key_bias(tokens.size if self.method.prop_attn else None, tokens.mask)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
+    def _reduce(self, layer: int, tokens: TokenState, signals: dict, ctx: ReductionContext, stats: dict) -> TokenState:
+        tokens, layer_stats = self.method.reduce(layer, tokens, signals, ctx)
+        if layer_stats:
+            stats[layer] = layer_stats
+        return tokens
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The normalised output tokens (B, N', C) of the reduced model."""
+        return self._run(images)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, tokens: TokenState | None = None) -> torch.Tensor:
+        """timm's head. With ``tokens`` (the state that produced ``x``) average pooling weights each token by
+        its size and ignores padding: the sum of size-weighted patch tokens over the original patch count
+        (ToMe's rule for MAE), which equals timm's mean when nothing was reduced."""
+        vit = self.vit
+        reduced = tokens is not None and (tokens.size is not None or tokens.mask is not None)
+        if not reduced or vit.attn_pool is not None or vit.global_pool != "avg":
+            return vit.forward_head(x, pre_logits=pre_logits)
+        first = 0 if getattr(vit, "pool_include_prefix", False) else vit.num_prefix_tokens
+        weight = tokens.sizes()[:, first:]
+        if tokens.mask is not None:
+            weight = weight * tokens.mask[:, first:, None].to(weight.dtype)
+        original = self.context.num_tokens - first
+        pooled = (x[:, first:] * weight).sum(dim=1) / original
+        pooled = vit.head_drop(vit.fc_norm(pooled))
+        return pooled if pre_logits else vit.head(pooled)
+
+    def forward(self, images: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x, tokens = self._run(images)
+        return self.forward_head(x, pre_logits=pre_logits, tokens=tokens)
 
 
 def check_supported(model: nn.Module) -> None:
@@ -121,3 +218,16 @@ def check_supported(model: nn.Module) -> None:
                 f"block {index} of {type(model).__name__} is a {type(block).__name__}, not a timm ViT Block "
                 f"(norm1 / attn.qkv / ls1 / mlp expected; missing {missing or ['attn.qkv']})"
             )
+
+
+def check_pooling(vit: VisionTransformer, method: str) -> None:
+    """Reduced tokens reach the head through the class token, or through size-weighted average pooling;
+    other heads are refused (their rule for merged tokens is not defined)."""
+    name = getattr(vit, "default_cfg", {}).get("architecture") or type(vit).__name__
+    if vit.attn_pool is not None:
+        raise ValueError(f"model {name}: its attention-pool head (global_pool='map') attends over all output tokens; "
+                         f"method {method!r} changes that set, which has no defined rule: use a class-token or "
+                         "average-pool ViT")
+    if vit.global_pool not in ("token", "avg", ""):
+        raise ValueError(f"model {name}: global_pool={vit.global_pool!r} is not supported with token reduction "
+                         f"(method {method!r}); allowed: token, avg")

@@ -4,22 +4,23 @@ Each method lives in its own module in this package and registers itself with ``
 ``names()`` lists them, ``build(name, **params)`` returns a configured :class:`Method`; an unknown name,
 an unknown parameter or an invalid value raises ``ValueError`` naming what was given and what is allowed.
 
-Adding a method = one new file here (a subclass of :class:`Method` decorated with ``@register``) and its
-module name in ``_MODULES`` below.
+Adding a method = one new file here (a subclass of :class:`Method` decorated with ``@register``): every
+module of this package except the shared ``base`` and ``ops`` is imported, which registers it.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 from methods.base import Method, ReductionContext, TokenState, register, registered
 
-# Every method module; importing one registers it.
-_MODULES = ("baseline", "tome", "ppt", "pruning", "pooling", "evit", "topk")
+_SHARED = ("base", "ops")  # helpers, not methods
 
-for _module in _MODULES:
-    importlib.import_module(f"methods.{_module}")
+for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
+    if _module not in _SHARED:
+        importlib.import_module(f"methods.{_module}")
 
 
 def names() -> list[str]:

@@ -1,19 +1,22 @@
 """What every method shares: the registry decorator, parameter validation and the token state.
 
-A method is a small object with two questions answered per layer:
+A method is a small object with two questions answered per block (semantics: ``docs/methods.md``):
 
-* ``signals(layer, ctx)``: which signals of that layer's attention it needs (empty: no reduction here);
+* ``step(layer, ctx)``: where block ``layer`` reduces (``START`` before ``norm1``, ``MID`` between the
+  attention and the MLP residual, ``END`` after the MLP) and which signals it needs, or ``None``. Methods
+  that reduce at ``MID`` only may answer ``signals(layer, ctx)`` instead (non-empty: reduce there);
 * ``reduce(layer, tokens, signals, ctx)``: the reduced :class:`TokenState` and that layer's statistics.
 
 It holds only its configuration: everything that changes during a forward pass lives in the harness's
-forward (``bench.vit``), so a model can be entered twice and batches cannot leak into each other.
+forward (``bench.vit``; ``ctx.scratch`` is a dict created fresh for every forward), so a model can be
+entered twice and batches cannot leak into each other.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -22,7 +25,13 @@ import torch
 METRIC = "metric"  # keys averaged over heads, (B, N, d): ToMe's similarity metric
 CLS_ATTN = "cls_attn"  # post-softmax attention of the class token, mean over heads, (B, N)
 PPT_SCORE = "ppt_score"  # PPT's importance score of the patch tokens, normalised, (B, N - p)
-SIGNALS = frozenset({METRIC, CLS_ATTN, PPT_SCORE})
+ATTN = "attn"  # the full post-softmax attention (B, H, N, N): explicit, only where asked
+PREV_ATTN = "prev_attn"  # at START of block l: the full attention of block l-1 (B, H, N, N)
+
+# Where a block reduces.
+START, MID, END = "start", "mid", "end"
+POINTS = (START, MID, END)
+START_SIGNALS = frozenset({ATTN, METRIC, PREV_ATTN})  # what the harness can give before the attention
 
 REQUIRED = object()  # marks a parameter without a default
 
@@ -31,11 +40,35 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 @dataclass(frozen=True)
 class ReductionContext:
-    """What a method may know about the model it is attached to."""
+    """What a method may know about the model it is attached to. ``scratch``: per-forward state (a new
+    dict in every forward, e.g. a seeded generator); empty outside a forward."""
 
     depth: int  # number of blocks
     num_prefix: int  # class (+ distillation / register) tokens, never reduced
     num_tokens: int  # tokens entering the first block (prefix + patches)
+    scratch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Block ``layer`` reduces at ``point`` (START / MID / END) with these ``signals`` of its attention."""
+
+    point: str = MID
+    signals: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class BudgetKnob:
+    """The parameter a calibrator turns to meet a MAC budget.
+
+    ``kind``: ``int`` (r), ``float`` (keep rates, ratios: searched to ``tolerance``) or ``choice`` (a
+    discrete list, ``Method.budget_choices``). ``cheaper``: ``higher`` when a larger value costs fewer MACs
+    (r), ``lower`` when a smaller one does (keep_rate)."""
+
+    name: str
+    kind: str = "float"
+    cheaper: str = "lower"
+    tolerance: float = 1e-3
 
 
 @dataclass
@@ -50,6 +83,12 @@ class TokenState:
     x: torch.Tensor
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    # (B, N) bool, True for real tokens: images of one batch may keep different counts (ATS); padded
+    # tokens are masked out of every attention (-inf key bias) and ignored by pooling and statistics.
+    mask: torch.Tensor | None = None
+    # Set by a START reduction that already knows this block's attention on the reduced tokens (MCTF's
+    # one-step-ahead): (B, H, N', N') post-softmax, used instead of a new softmax. Consumed by the block.
+    attn_probs: torch.Tensor | None = None
 
     def sizes(self) -> torch.Tensor:
         if self.size is not None:
@@ -62,6 +101,7 @@ class TokenState:
             x=_take(self.x, index),
             size=_take(self.sizes(), index),
             source=None if self.source is None else _take(self.source, index),
+            mask=None if self.mask is None else self.mask.gather(1, index),
         )
 
 
@@ -92,8 +132,14 @@ class Method:
 
     name: ClassVar[str] = "?"
     defaults: ClassVar[dict[str, Any]] = {}
-    # True when the tokens a layer keeps can depend on the image (MACs are then also averaged over data).
+    # True when the MACs can vary per image (they are then also averaged over real images).
     data_dependent: ClassVar[bool] = False
+    # How every block computes its attention: "fused" (scaled_dot_product_attention; explicit only in a
+    # block that asks for ATTN), "explicit" (softmax written out in every block) or "policy" (ATS's fp32
+    # softmax with its epsilon, in every block).
+    attention: ClassVar[str] = "fused"
+    # The parameter a MAC budget turns (None: the method has no cost knob, e.g. baseline).
+    budget_knob: ClassVar[BudgetKnob | None] = None
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -124,7 +170,17 @@ class Method:
         return bool(self.params.get("prop_attn", False))
 
     def signals(self, layer: int, ctx: ReductionContext) -> frozenset[str]:
+        """MID-only methods: the signals block ``layer`` needs; non-empty means it reduces there."""
         return frozenset()
+
+    def step(self, layer: int, ctx: ReductionContext) -> Step | None:
+        """Where block ``layer`` reduces and with which signals; ``None``: it does not."""
+        needs = self.signals(layer, ctx)
+        return Step(MID, needs) if needs else None
+
+    def budget_choices(self, ctx: ReductionContext) -> list[Any]:
+        """The values of a ``choice`` budget knob available for this model."""
+        return []
 
     def reduce(
         self, layer: int, tokens: TokenState, signals: dict[str, torch.Tensor], ctx: ReductionContext

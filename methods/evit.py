@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from methods.base import CLS_ATTN, Method, ReductionContext, register
+from methods.base import CLS_ATTN, BudgetKnob, Method, ReductionContext, register
 from methods.ops import keep_top_attentive
 
 
 @register("evit")
 class EViT(Method):
+    """docs/methods.md#evit"""
+
     defaults = {"keep_rate": 0.7, "layers": [3, 6, 9]}
+    budget_knob = BudgetKnob("keep_rate", kind="float", cheaper="lower")
     fuse: ClassVar[bool] = True
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,4 @@ from methods.ppt import PPT
 class Pooling(PPT):
     defaults = {"r": REQUIRED, "layers": [3, 6, 9], "prop_attn": True}
     data_dependent = False
-
-    @property
-    def threshold(self) -> float:
-        return float("inf")
+    branch = "pool"

@@ -9,7 +9,7 @@ pruned. Both branches remove exactly ``r`` tokens, so a batch keeps one token co
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -17,6 +17,7 @@ from methods.base import (
     METRIC,
     PPT_SCORE,
     REQUIRED,
+    BudgetKnob,
     Method,
     ReductionContext,
     TokenState,
@@ -28,8 +29,13 @@ from methods.ops import bipartite_soft_matching, max_merge, merge_tokens, prune_
 
 @register("ppt")
 class PPT(Method):
+    """docs/methods.md#ppt"""
+
     defaults = {"r": REQUIRED, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}
     data_dependent = True
+    budget_knob = BudgetKnob("r", kind="int", cheaper="higher")
+    # "choose": per image by the variance of its scores; "prune" / "pool": every image (the ablations).
+    branch: ClassVar[str] = "choose"
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         valid = {"r": self._count("r", params["r"]), "layers": self._layers(params["layers"])}
@@ -38,11 +44,6 @@ class PPT(Method):
         valid["prop_attn"] = self._bool("prop_attn", params["prop_attn"])
         return valid
 
-    @property
-    def threshold(self) -> float:
-        """Images whose score variance is below this are pooled, the others pruned."""
-        return self.params["threshold"]
-
     def check(self, ctx: ReductionContext) -> None:
         self._check_layers(ctx)
 
@@ -50,45 +51,42 @@ class PPT(Method):
         self._check_r(self.params["r"], ctx)
 
     def signals(self, layer: int, ctx: ReductionContext) -> frozenset[str]:
-        return frozenset({METRIC, PPT_SCORE}) if layer in self.params["layers"] and self.params["r"] > 0 else frozenset()
+        if layer not in self.params["layers"] or self.params["r"] <= 0:
+            return frozenset()
+        return {"choose": frozenset({METRIC, PPT_SCORE}), "prune": frozenset({PPT_SCORE}),
+                "pool": frozenset({METRIC})}[self.branch]
 
     def reduce(self, layer, tokens, signals, ctx):
         r = min(self.params["r"], max_merge(tokens.x.shape[1], ctx.num_prefix))
+        if self.branch == "prune":
+            return (prune_by_score(tokens, signals[PPT_SCORE], r, ctx.num_prefix) if r > 0 else tokens,
+                    {"pooled_fraction": 0.0})
+        if self.branch == "pool":
+            plan = bipartite_soft_matching(signals[METRIC], r, ctx.num_prefix) if r > 0 else None
+            # PPT's rule with an infinite threshold: pooled, unless the variance of a single patch score is
+            # undefined (NaN < inf is false)
+            pooled = 1.0 if tokens.x.shape[1] - ctx.num_prefix >= 2 else 0.0
+            return (merge_tokens(tokens, plan) if plan else tokens), {"pooled_fraction": pooled}
         scores = signals[PPT_SCORE]
-        pool = scores.var(dim=-1) < self.threshold  # unbiased variance, per image
-        stats = {"pooled_fraction": pool.float().mean().item()}
+        pool = scores.var(dim=-1) < self.params["threshold"]  # unbiased variance, per image
+        stats = {"pooled_fraction": pool.to(scores.dtype).mean()}  # a tensor: no host sync in the forward
         if r <= 0:
             return tokens, stats
         return ppt_step(tokens, signals[METRIC], scores, pool, r, ctx.num_prefix), stats
 
 
 def ppt_step(tokens: TokenState, metric, scores, pool: torch.Tensor, r: int, num_prefix: int) -> TokenState:
-    """Pool the images flagged in ``pool``, prune the others; every image loses exactly ``r`` tokens and
-    is reduced only with its own tensors, so an image's result does not depend on its batch."""
-    if bool(pool.all()):
-        return merge_tokens(tokens, bipartite_soft_matching(metric, r, num_prefix))
-    if not bool(pool.any()):
-        return prune_by_score(tokens, scores, r, num_prefix)
-    pooled_idx, pruned_idx = pool.nonzero()[:, 0], (~pool).nonzero()[:, 0]
-    pooled = merge_tokens(_subset(tokens, pooled_idx), bipartite_soft_matching(metric[pooled_idx], r, num_prefix))
-    pruned = prune_by_score(_subset(tokens, pruned_idx), scores[pruned_idx], r, num_prefix)
+    """Pool the images flagged in ``pool``, prune the others. Both branches are computed for the whole batch
+    and selected per image (no data-dependent branch, so no host synchronisation); every image loses exactly
+    ``r`` tokens and is reduced only with its own tensors, so its result does not depend on its batch."""
+    pooled = merge_tokens(tokens, bipartite_soft_matching(metric, r, num_prefix))
+    pruned = prune_by_score(tokens, scores, r, num_prefix)
+
+    def choose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(pool.view(-1, *([1] * (a.dim() - 1))), a, b)
+
     return TokenState(
-        x=_combine(pooled.x, pruned.x, pooled_idx, pruned_idx),
-        size=_combine(pooled.size, pruned.size, pooled_idx, pruned_idx),
-        source=None if tokens.source is None else _combine(pooled.source, pruned.source, pooled_idx, pruned_idx),
+        x=choose(pooled.x, pruned.x),
+        size=choose(pooled.size, pruned.size),
+        source=None if tokens.source is None else choose(pooled.source, pruned.source),
     )
-
-
-def _subset(tokens: TokenState, index: torch.Tensor) -> TokenState:
-    return TokenState(
-        x=tokens.x[index],
-        size=tokens.sizes()[index],
-        source=None if tokens.source is None else tokens.source[index],
-    )
-
-
-def _combine(a: torch.Tensor, b: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
-    out = a.new_empty((a.shape[0] + b.shape[0], *a.shape[1:]))
-    out[a_idx] = a
-    out[b_idx] = b
-    return out

@@ -9,7 +9,4 @@ from methods.ppt import PPT
 class Pruning(PPT):
     defaults = {"r": REQUIRED, "layers": [3, 6, 9], "prop_attn": True}
     data_dependent = False
-
-    @property
-    def threshold(self) -> float:
-        return 0.0
+    branch = "prune"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from methods.base import METRIC, REQUIRED, Method, ReductionContext, register
+from methods.base import METRIC, REQUIRED, BudgetKnob, Method, ReductionContext, register
 from methods.ops import tome_reduce
 
 
@@ -25,7 +25,10 @@ def tome_schedule(r: int | list[int], depth: int, inflection: float = 0.0) -> li
 
 @register("tome")
 class ToMe(Method):
+    """docs/methods.md#tome"""
+
     defaults = {"r": REQUIRED, "inflection": 0, "prop_attn": True}
+    budget_knob = BudgetKnob("r", kind="int", cheaper="higher")
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         r = params["r"]

@@ -1,6 +1,6 @@
 """A deliberately naive, spec-literal second implementation of every token-reduction method.
 
-Written from ``spec/methods.md`` only (not from the project's ``methods/``/``bench/`` code, nor from the
+Written from the semantics in ``docs/methods.md`` only (not from the project's ``methods/``/``bench/`` code, nor from the
 authors' repositories), to cross-check the project's fast batched implementation. Everything here works
 on ONE image at a time, computes the full (N x N) attention explicitly, and implements the reductions
 with plain Python lists and loops: clarity over speed.
@@ -15,7 +15,8 @@ Readings of the spec taken where it is silent (all of them only matter for disti
   are always kept, first, in their original order (class, distillation).
 - The r cap at a PPT layer is ``(N - p) // 2`` (the spec's ``(N - 1) // 2`` for a class token only), so that
   both branches remove the same number of tokens; for even N with p = 2 the two formulas agree anyway.
-- EViT keeps ``ceil(keep_rate * (N - p))`` patch tokens; when nothing is dropped no fused token is appended.
+- EViT keeps ``ceil(keep_rate * (N - p))`` patch tokens; when nothing is dropped the layer returns its tokens
+  unchanged (original order, no fused token), as EViT's own code does.
 - ToMe's ``metric`` is the keys after ``attn.k_norm`` (the keys the attention actually uses), averaged over heads.
 """
 
@@ -175,6 +176,8 @@ def evit_reduce(tokens: list[torch.Tensor], sizes: list[float], sources: list[se
     cls_attn = (attn[:, 0, :].sum(dim=0) / heads).tolist()  # mean over heads, (N,)
     patches = list(range(p, n_tokens))
     keep = math.ceil(keep_rate * (n_tokens - p))
+    if keep >= len(patches):  # nothing to drop: the layer leaves the tokens as they are (no re-sorting)
+        return tokens, sizes, sources
     order = sorted(patches, key=lambda i: -cls_attn[i])
     kept = order[:keep]
     dropped = order[keep:]
