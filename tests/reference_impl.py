@@ -17,6 +17,10 @@ Readings of the spec taken where it is silent (all of them only matter for disti
   both branches remove the same number of tokens; for even N with p = 2 the two formulas agree anyway.
 - EViT keeps ``ceil(keep_rate * (N - p))`` patch tokens; when nothing is dropped the layer returns its tokens
   unchanged (original order, no fused token), as EViT's own code does.
+- Register tokens (DINOv2 / ViT ``reg4``) are prefix tokens like the distillation token: ToMe's alternating
+  split puts them on both sides; prefix rows and columns are excluded from matching.
+- Models without a class token pool by average: the pooled feature weights each token by its size over the
+  original patch count; without prefix tokens ToMe's surviving A tokens keep their similarity order.
 - ToMe's ``metric`` is the keys after ``attn.k_norm`` (the keys the attention actually uses), averaged over heads.
 """
 
@@ -104,17 +108,20 @@ def tome_merge(tokens: list[torch.Tensor], sizes: list[float], sources: list[set
     best_index = []
     for ai in range(len(a_pos)):
         values = list(similarity[ai])
-        if ai == 0:  # the class token (A's first row) is never merged
+        if a_pos[ai] < p:  # prefix tokens on the A side (class token, registers at even positions) never merge
             values = [-math.inf] * len(values)
-        if p == 2:  # the distillation token (B's first column) receives nothing
-            values[0] = -math.inf
+        for bj in range(len(b_pos)):
+            if b_pos[bj] < p:  # prefix tokens on the B side (distillation token, ...) receive nothing
+                values[bj] = -math.inf
         j = max(range(len(values)), key=lambda t: values[t])
         best_value.append(values[j])
         best_index.append(j)
     order = sorted(range(len(a_pos)), key=lambda t: -best_value[t])
     merged = order[:r]
-    kept = sorted(order[r:])
-    assert 0 in kept, "the class token must never be merged"
+    # with prefix tokens the surviving A tokens return to position order (so the prefix stays first);
+    # without any (global-average-pool models) they stay in descending order of their best similarity
+    kept = sorted(order[r:]) if p else order[r:]
+    assert all(ai in kept for ai in range(len(a_pos)) if a_pos[ai] < p), "prefix tokens must never be merged"
 
     b_sum = [tokens[b] * sizes[b] for b in b_pos]
     b_size = [sizes[b] for b in b_pos]
@@ -130,14 +137,14 @@ def tome_merge(tokens: list[torch.Tensor], sizes: list[float], sources: list[set
     a_tokens = [tokens[a_pos[ai]] for ai in kept]
     a_sizes = [sizes[a_pos[ai]] for ai in kept]
     a_source = [sources[a_pos[ai]] for ai in kept]
-    if p == 1:
-        return a_tokens + b_tokens, a_sizes + b_size, a_source + b_source
+    a_prefix, b_prefix = (p + 1) // 2, p // 2
 
-    # class token, distillation token, remaining A, remaining B
-    def order(a_list, b_list):
-        return [a_list[0], b_list[0]] + a_list[1:] + b_list[1:]
+    # the prefix tokens in their original order (alternating A, B), then the remaining A, then the remaining B
+    def order_tokens(a_list, b_list):
+        prefix = [a_list[i // 2] if i % 2 == 0 else b_list[i // 2] for i in range(p)]
+        return prefix + a_list[a_prefix:] + b_list[b_prefix:]
 
-    return order(a_tokens, b_tokens), order(a_sizes, b_size), order(a_source, b_source)
+    return order_tokens(a_tokens, b_tokens), order_tokens(a_sizes, b_size), order_tokens(a_source, b_source)
 
 
 def ppt_scores(attn: torch.Tensor, v: torch.Tensor, p: int) -> list[float]:
@@ -219,9 +226,7 @@ def reference_single(vit, image: torch.Tensor, method: str, **params: Any) -> di
     """Run ``vit`` with ``method`` on one image (C, H, W). Returns logits, token counts and per-layer info."""
     params = _params(vit, method, params)
     depth = len(vit.blocks)
-    p = vit.num_prefix_tokens
-    if p not in (1, 2):
-        raise NotImplementedError("reference covers a class token, optionally with a distillation token")
+    p = vit.num_prefix_tokens  # class, distillation and register tokens (0 for global-average-pool models)
 
     x = vit.patch_embed(image[None])
     x = vit._pos_embed(x)
@@ -270,7 +275,13 @@ def reference_single(vit, image: torch.Tensor, method: str, **params: Any) -> di
         tokens = [x[t] for t in range(x.shape[0])]
 
     x = vit.norm(torch.stack(tokens)[None])
-    logits = vit.forward_head(x)[0]
+    if vit.global_pool == "avg":
+        # average pooling over merged tokens: each token counts as many times as the patches it stands for,
+        # divided by the original number of patches (ToMe's rule for MAE)
+        pooled = sum(x[0, t] * sizes[t] for t in range(p, len(tokens))) / (tokens_in[0] - p)
+        logits = vit.head(vit.fc_norm(pooled[None]))[0]
+    else:
+        logits = vit.forward_head(x)[0]
     source = torch.zeros(len(sources), tokens_in[0], dtype=torch.bool)
     for t, src in enumerate(sources):
         source[t, sorted(src)] = True

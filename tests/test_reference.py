@@ -43,9 +43,10 @@ def _perturb(vit: torch.nn.Module, seed: int) -> torch.nn.Module:
             for ls in (blk.ls1, blk.ls2):
                 if hasattr(ls, "gamma"):
                     ls.gamma.copy_(0.1 + noise(ls.gamma, 0.5))
-        vit.cls_token.add_(noise(vit.cls_token, 0.5))
-        if getattr(vit, "dist_token", None) is not None:
-            vit.dist_token.add_(noise(vit.dist_token, 0.5))
+        for name in ("cls_token", "dist_token", "reg_token"):
+            token = getattr(vit, name, None)
+            if token is not None:
+                token.add_(noise(token, 0.5))
     return vit
 
 
@@ -61,6 +62,10 @@ MODEL_SPECS = {
     "ls": ("vit_tiny_patch16_224", {"patch_size": 8, "init_values": 0.1}),
     # q/k normalisation and attention output (scale) norm
     "qkn": ("vit_tiny_patch16_224", {"patch_size": 8, "qk_norm": True, "scale_attn_norm": True}),
+    # four register tokens after the class token (DINOv2 / ViT reg4 style): 5 prefix tokens (N = 69)
+    "reg": ("vit_tiny_patch16_224", {"patch_size": 8, "reg_tokens": 4}),
+    # no class token, global average pooling (MAE style): 0 prefix tokens (N = 64)
+    "gap": ("vit_tiny_patch16_224", {"patch_size": 8, "class_token": False, "global_pool": "avg"}),
 }
 
 _CACHE: dict[str, torch.nn.Module] = {}
@@ -423,3 +428,33 @@ def test_fp32_within_spec_tolerance(method, params):
     diff = (logits.double() - ref["logits"]).abs().max().item()
     assert diff <= ATOL, f"fp32 {method} {params}: max abs logit diff {diff:.3e}"
     assert list(info.tokens_out) == ref["tokens_out"]
+
+
+BACKBONE_CASES = [
+    ("reg", "tome", {"r": 5}),
+    ("reg", "ppt", {"r": 8, "threshold": None}),
+    ("reg", "pruning", {"r": 8}),
+    ("reg", "pooling", {"r": 8}),
+    ("reg", "evit", {"keep_rate": 0.6}),
+    ("reg", "topk", {"keep_rate": 0.6}),
+    ("gap", "tome", {"r": 5}),
+    ("gap", "tome", {"r": 3, "inflection": -1}),
+    ("gap", "pooling", {"r": 10, "layers": [1, 5]}),
+]
+
+
+@pytest.mark.parametrize(("model_name", "method", "params"), BACKBONE_CASES,
+                         ids=[f"{a}-{m}-{p}" for a, m, p in BACKBONE_CASES])
+def test_register_and_average_pool_backbones(model_name, method, params):
+    """Register tokens are protected like the class token; without a class token the head pools the merged
+    tokens weighted by their size. Logits, counts and token order agree with the reference."""
+    vit = get_model(model_name)
+    if params.get("threshold", 0) is None:
+        params = {**params, "threshold": mixed_threshold(vit, get_images(), 3, r=params["r"])}
+    ref = compare(model_name, method, **params)
+    assert ref["tokens_out"][-1] < ref["tokens_in"][0]
+    prefix = get_model(model_name).num_prefix_tokens
+    assert prefix == (5 if model_name == "reg" else 0)
+    # the prefix tokens come out first, each standing for itself only
+    assert torch.equal(ref["source"][:, :prefix, :prefix], torch.eye(prefix, dtype=torch.bool).expand(BATCH, -1, -1))
+    assert not ref["source"][:, :prefix, prefix:].any()
