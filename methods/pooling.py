@@ -8,5 +8,4 @@ from methods.ppt import PPT
 @register("pooling")
 class Pooling(PPT):
     defaults = {"r": REQUIRED, "layers": [3, 6, 9], "prop_attn": True}
-    data_dependent = False
     branch = "pool"

@@ -32,7 +32,9 @@ class PPT(Method):
     """docs/methods.md#ppt"""
 
     defaults = {"r": REQUIRED, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}
-    data_dependent = True
+    # Which tokens go depends on the image, but every image does the same work (both branches are computed
+    # and selected per image, to keep the forward free of host synchronisation): MACs do not vary.
+    data_dependent = False
     budget_knob = BudgetKnob("r", kind="int", cheaper="higher")
     # "choose": per image by the variance of its scores; "prune" / "pool": every image (the ablations).
     branch: ClassVar[str] = "choose"

@@ -8,5 +8,4 @@ from methods.ppt import PPT
 @register("pruning")
 class Pruning(PPT):
     defaults = {"r": REQUIRED, "layers": [3, 6, 9], "prop_attn": True}
-    data_dependent = False
     branch = "prune"

@@ -7,6 +7,7 @@ import torch
 
 import bench
 import methods
+from methods.base import CLS_ATTN
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +55,47 @@ def test_counts_do_not_depend_on_weights():
     assert bench.count_macs(bench.apply(a, "tome", r=3)) == bench.count_macs(bench.apply(b, "tome", r=3))
 
 
+class _AboveUniform(methods.Method):
+    """Test-only method (not registered) whose token count depends on the image: at block 1 keep the patch
+    tokens whose class attention is above the mean of the patches' (``keep`` fixes that count instead, with
+    the same operations traced). A count that depends on the image needs its value on the host: fine here,
+    the MACs are traced one image at a time."""
+
+    defaults = {"keep": None}
+    data_dependent = True
+
+    def signals(self, layer, ctx):
+        return frozenset({CLS_ATTN}) if layer == 1 else frozenset()
+
+    def reduce(self, layer, tokens, signals, ctx):
+        patches = signals[CLS_ATTN][:, ctx.num_prefix :]
+        above = (patches > patches.mean(dim=1, keepdim=True)).sum(dim=1).amin()
+        keep = int(above) if self.params["keep"] is None else self.params["keep"]
+        top = patches.topk(keep, dim=1).indices + ctx.num_prefix
+        prefix = torch.arange(ctx.num_prefix, device=top.device).expand(top.shape[0], -1)
+        return tokens.gather(torch.cat([prefix, top], dim=1)), None
+
+
 def test_data_averaged_macs_is_the_mean_of_single_image_counts():
+    torch.manual_seed(0)  # random weights, but the same ones whatever ran before
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()
-    model = bench.apply(vit, "ppt", r=2, layers=[1], threshold=1e9)
-    images = [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    singles = [bench.count_macs(model, image=image) for image in images]
-    assert bench.data_macs(model, images) == pytest.approx(sum(singles) / 3)
+    model = bench.apply(vit, _AboveUniform())
+    images = [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    kept = []
+    for image in images:
+        with torch.no_grad():
+            model(image[None])
+        kept.append(bench.forward_stats(model).tokens_out[1])
+    assert len(set(kept)) > 1  # the images keep different numbers of tokens
+
+    # Each image costs what the same model with that image's count fixed costs, whatever it is fed.
+    fixed = {n: bench.count_macs(bench.apply(vit, _AboveUniform(keep=n - 1))) for n in set(kept)}
+    expected = [fixed[n] for n in kept]
+    assert [bench.count_macs(model, image=image) for image in images] == expected
+
+    averaged = bench.data_macs(model, images)
+    assert averaged == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+    assert any(averaged != count for count in expected)  # a mean, not one image's count
     with pytest.raises(ValueError, match="at least one image"):
         bench.data_macs(model, [])
 
