@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -76,6 +78,8 @@ class ReducedViT(nn.Module):
             depth=len(vit.blocks),
             num_prefix=vit.num_prefix_tokens,
             num_tokens=vit.patch_embed.num_patches + vit.num_prefix_tokens,
+            img_size=tuple(vit.patch_embed.img_size),
+            patch_size=tuple(vit.patch_embed.patch_size),
         )
         method.check(self.context)
         steps = self._steps(self.context)
@@ -110,8 +114,12 @@ class ReducedViT(nn.Module):
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
         vit, method = self.vit, self.method
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        ctx = ReductionContext(depth=self.context.depth, num_prefix=self.context.num_prefix, num_tokens=x.shape[1])
+        size = method.input_size(self.context)
+        if size is not None and tuple(images.shape[-2:]) != tuple(size):
+            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+        x = vit.norm_pre(vit.patch_drop(embed(vit, images)))
+        ctx = ReductionContext(depth=self.context.depth, num_prefix=self.context.num_prefix, num_tokens=x.shape[1],
+                               img_size=self.context.img_size, patch_size=self.context.patch_size)
         steps = self._steps(ctx)
         source = None
         if self.track_source:
@@ -202,6 +210,31 @@ class ReducedViT(nn.Module):
     def forward(self, images: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x, tokens = self._run(images)
         return self.forward_head(x, pre_logits=pre_logits, tokens=tokens)
+
+
+def embed(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Patch and position embedding with prefix tokens: timm's own at the model's input size; at another size
+    (a multiple of the patch size) the position embeddings are resampled the way timm resamples them for
+    ``dynamic_img_size`` models (bicubic, prefix embeddings unchanged)."""
+    patch = vit.patch_embed
+    if tuple(images.shape[-2:]) == tuple(patch.img_size):
+        return vit._pos_embed(patch(images))
+    height, width = images.shape[-2:]
+    if height % patch.patch_size[0] or width % patch.patch_size[1]:
+        raise ValueError(f"input {height}x{width} is not a multiple of the patch size {tuple(patch.patch_size)}")
+    grid = patch.proj(images)
+    x = patch.norm(grid.flatten(2).transpose(1, 2))
+    tokens = (vit.cls_token, getattr(vit, "dist_token", None), getattr(vit, "reg_token", None))
+    prefix = [token.expand(x.shape[0], -1, -1) for token in tokens if token is not None]
+    if vit.pos_embed is None:
+        return torch.cat([*prefix, x], dim=1)
+    pos = resample_abs_pos_embed(vit.pos_embed, new_size=list(grid.shape[-2:]), old_size=patch.grid_size,
+                                 num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens)
+    if vit.no_embed_class:
+        x = torch.cat([*prefix, x + pos], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + pos
+    return vit.pos_drop(x)
 
 
 def check_supported(model: nn.Module) -> None:

@@ -46,6 +46,8 @@ class ReductionContext:
     depth: int  # number of blocks
     num_prefix: int  # class (+ distillation / register) tokens, never reduced
     num_tokens: int  # tokens entering the first block (prefix + patches)
+    img_size: tuple[int, int] = (224, 224)  # the input (H, W) the model was built for
+    patch_size: tuple[int, int] = (16, 16)
     scratch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
@@ -177,6 +179,10 @@ class Method:
         """Where block ``layer`` reduces and with which signals; ``None``: it does not."""
         needs = self.signals(layer, ctx)
         return Step(MID, needs) if needs else None
+
+    def input_size(self, ctx: ReductionContext) -> tuple[int, int] | None:
+        """The (H, W) the images are resized to before the patch embedding (``resize``); None: unchanged."""
+        return None
 
     def budget_choices(self, ctx: ReductionContext) -> list[Any]:
         """The values of a ``choice`` budget knob available for this model."""

@@ -18,6 +18,7 @@ SETTINGS = {
     "pooling": {"r": 12},
     "evit": {"keep_rate": 0.7},
     "topk": {"keep_rate": 0.7},
+    "resize": {"img_size": 48},
 }
 
 

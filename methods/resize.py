@@ -1,0 +1,35 @@
+"""Resize: the trivial baseline of a lower input resolution. The dense model runs on the images resized to
+``img_size`` (bicubic with antialiasing, inside the forward) with its position embeddings resampled as timm
+does for other resolutions; nothing is reduced inside the blocks. ``docs/methods.md#resize``"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from methods.base import REQUIRED, BudgetKnob, Method, ReductionContext, register
+
+
+@register("resize")
+class Resize(Method):
+    defaults = {"img_size": REQUIRED}
+    budget_knob = BudgetKnob("img_size", kind="choice", cheaper="lower")
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        size = params["img_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise self._error(f"parameter 'img_size' must be an integer >= 1 (pixels), got {size!r}")
+        return {"img_size": size}
+
+    def check(self, ctx: ReductionContext) -> None:
+        size, patch = self.params["img_size"], ctx.patch_size
+        if size % patch[0] or size % patch[1]:
+            raise self._error(f"img_size={size} is not a multiple of the patch size {patch[0]} (allowed: "
+                              f"{', '.join(str(v) for v in self.budget_choices(ctx)[-4:])}, ...)")
+
+    def input_size(self, ctx: ReductionContext) -> tuple[int, int]:
+        return (self.params["img_size"], self.params["img_size"])
+
+    def budget_choices(self, ctx: ReductionContext) -> list[int]:
+        """Every multiple of the patch size up to the model's own input size, smallest first."""
+        patch = max(ctx.patch_size)
+        return [patch * k for k in range(1, min(ctx.img_size) // patch + 1)]

@@ -1,0 +1,50 @@
+"""``resize``: the dense model at a lower input resolution (trivial baseline)."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import bench
+from tests.helpers import images, small_vit
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit3_small_patch16_224"])  # class pos-embed or not
+def test_resize_at_the_models_own_size_is_the_dense_model(name):
+    vit = small_vit(name)
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(bench.apply(vit, "resize", img_size=64)(x), vit(x))
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit3_small_patch16_224",
+                                  "deit_tiny_distilled_patch16_224", "vit_base_patch16_reg4_gap_256"])
+def test_resize_equals_timms_dynamic_size_model_on_resized_images(name):
+    vit = small_vit(name)
+    dynamic = timm.create_model(name, pretrained=False, img_size=64, patch_size=8, num_classes=10,
+                                dynamic_img_size=True).eval()
+    dynamic.load_state_dict(vit.state_dict())
+    x = images(2)
+    small = F.interpolate(x, size=(40, 40), mode="bicubic", align_corners=False, antialias=True)
+    with torch.no_grad():
+        got = bench.apply(vit, "resize", img_size=40)(x)
+        expected = dynamic(small)
+        dense = vit(x)
+    scale = dense.abs().max()  # DeiT-III's LayerScale starts tiny: compare relative to the logits
+    assert (got - expected).abs().max() < 1e-4 * scale
+    assert (got - dense).abs().max() > 0.05 * scale
+
+
+def test_resize_macs_are_the_dense_models_at_that_size():
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    at_160 = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=160)
+    macs = bench.count_macs(bench.apply(vit, "resize", img_size=160))
+    assert macs == bench.count_macs(bench.apply(at_160, "baseline"))
+    assert macs < 0.55 * bench.count_macs(bench.apply(vit, "baseline"))
+
+
+def test_resize_refuses_sizes_that_are_not_a_multiple_of_the_patch():
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
+        bench.apply(small_vit(), "resize", img_size=60)
+    model = bench.apply(small_vit(), "resize", img_size=64)
+    assert model.method.budget_choices(model.context) == [8, 16, 24, 32, 40, 48, 56, 64]
