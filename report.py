@@ -3,7 +3,8 @@
     python report.py RESULTS_DIR [--out FILE.md] [--csv FILE] [--plot FILE.png]
 
 Defaults: ``RESULTS_DIR/leaderboard.md``, ``RESULTS_DIR/leaderboard.csv``, ``RESULTS_DIR/pareto.png``.
-It only reads the records under ``RESULTS_DIR/runs`` (see ``bench/records.py``); it never re-runs anything.
+It only reads the records under ``RESULTS_DIR/runs`` (see ``bench/pipeline/records.py``); it never re-runs
+anything. ``tokenbench-report`` (installed with the project) is the same command.
 
 Numbers come from the records as they are: ``delta_top1`` and ``mac_reduction`` compare a run with the
 baseline run of its group (same model, data and weights); ``speedup`` is the one the record measured
@@ -20,16 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import pandas as pd
+from tabulate import tabulate
 
-import pandas as pd  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-
-from bench import records  # noqa: E402 - light: bench loads the model stack lazily
-
-read_all = records.read_all
+from bench.pipeline.files import atomic_file, atomic_write
+from bench.pipeline.records import read_all  # light: the model stack is not imported
 
 GROUP = ["model", "data", "weights"]
 CSV_COLUMNS = [
@@ -195,12 +191,6 @@ def build_throughput_frame(recs: Sequence[dict]) -> pd.DataFrame:
                 "baseline_images_per_s": _num(entry.get("baseline_images_per_s")), "speedup": _speedup(entry),
             })
     return pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS)
-
-
-def load_frame(results_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """``(frame, problems)``: the flat per-record frame and one message per unreadable record file."""
-    recs, problems = read_all(Path(results_dir))
-    return build_frame(recs), problems
 
 
 def load_all(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -407,9 +397,8 @@ def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_d
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df[CSV_COLUMNS + EXTRA_COLUMNS].to_csv(path, index=False)
+    with atomic_file(path) as handle:
+        df[CSV_COLUMNS + EXTRA_COLUMNS].to_csv(handle, index=False)
 
 
 def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
@@ -452,9 +441,8 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, binary=True) as handle:
+        fig.savefig(handle, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return True
 
@@ -495,8 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or folder / "leaderboard.md"
     csv = args.csv or folder / "leaderboard.csv"
     plot = args.plot or folder / "pareto.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(df, problems, tp))
+    atomic_write(out, render_markdown(df, problems, tp))
     print(out)
     write_csv(df, csv)
     print(csv)

@@ -8,6 +8,8 @@ write one JSON record per run, then the leaderboard.
     python run_bench.py --config X.yaml --status                          # done / pending / running / failed
     python run_bench.py --config X.yaml --dry-run                         # validate and list, run nothing
 
+``tokenbench-run`` (installed with the project) is the same command.
+
 Exit codes: 0 every run succeeded; 1 some runs failed (their errors are listed, the others' records
 kept); 2 bad input (the message names the file, the key and what is allowed).
 """
@@ -19,15 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.pipeline.executors import EXECUTORS
+from bench.pipeline.files import REPO
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML file")
-    parser.add_argument("--executor", choices=("inprocess", "local", "slurm"), default="inprocess")
+    parser.add_argument("--executor", choices=EXECUTORS, default="inprocess")
     parser.add_argument("--results", help="results folder (default: results/<experiment name>)")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and list the runs")
     parser.add_argument("--force", action="store_true", help="redo runs that already have a record")
@@ -47,8 +48,8 @@ def fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.config import ConfigError, load_experiment, select
-    from bench.status import collect_status, print_status, todo_runs
+    from bench.pipeline.config import ConfigError, load_experiment, select
+    from bench.pipeline.status import collect_status, print_status, todo_runs
 
     try:
         experiment = load_experiment(args.config, check_files=not args.status, data_required=not args.dry_run)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(error))
     for warning in experiment.warnings:
         print(warning, file=sys.stderr)
-    results_dir = Path(args.results) if args.results else ROOT / "results" / experiment.name
+    results_dir = Path(args.results) if args.results else REPO / "results" / experiment.name
     runs = select(experiment.runs, args.only)
     if not runs:
         return fail(f"{args.config}: --only {args.only!r} matches no run (keys: {experiment.runs[0].key}, ...)")
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'todo' if run in todo else 'done'}  {run.key}")
         return 0
     if args.executor == "slurm":
-        from bench.slurm import ProfileError, submit
+        from bench.pipeline.profiles import ProfileError
+        from bench.pipeline.slurm import submit
 
         try:
             code = submit(experiment, todo, results_dir, profile=args.profile, wait=args.wait)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             write_report(results_dir)
         return code
 
-    from bench.executors import run_inprocess, run_local, summary
+    from bench.pipeline.executors import run_inprocess, run_local, summary
 
     started = time.time()
     if args.executor == "local":

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from bench.vit import ForwardInfo, ReducedViT
     from methods.base import Method
 
-# Imported on first use, so that light modules (bench.records for report.py) load without the model stack.
+# Imported on first use, so that light modules (bench.pipeline.records for report.py) load without the model stack.
 _LAZY = {
     "analytic_macs": "bench.macs",
     "count_macs": "bench.macs",

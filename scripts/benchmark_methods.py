@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import timm
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import bench  # noqa: E402
-from bench.macs import model_input_size  # noqa: E402
-from bench.throughput import device_name  # noqa: E402
+import bench
+from bench.macs import model_input_size
+from bench.throughput import DTYPES, device_name
 
 SETTINGS = [
     ("baseline", {}),
@@ -41,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=3)

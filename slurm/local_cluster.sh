@@ -16,14 +16,27 @@
 # The one shared thing is munge: Slurm's clients look for munged at the system socket /run/munge, so we run
 # munged there (or reuse one that is already answering) with the machine's /etc/munge/munge.key.
 #
+# Where the state dir is: <repo root>/.slurm (git-ignored). The daemons that drop privileges (mariadbd as
+# user mysql, munged) must reach it; when the checkout sits under a folder they cannot traverse (a 0700
+# home, mktemp -d), `start` puts the state in /var/tmp/tokenbench-slurm-<hash of the repo path> instead
+# and makes <repo root>/.slurm a link to it, so every reader (env.sh, tests, run_bench) still finds it
+# at <repo root>/.slurm.
+#
 # Environment:
-#   TOKENBENCH_SLURM_DIR      state dir (default: <repo root>/.slurm, git-ignored)
+#   TOKENBENCH_SLURM_DIR      state dir (default: <repo root>/.slurm, or where that link points)
 #   TOKENBENCH_SLURM_TIMEOUT  seconds each wait loop may take before giving up (default 60)
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$SCRIPT_DIR")
-STATE_DIR=${TOKENBENCH_SLURM_DIR:-$REPO_ROOT/.slurm}
+LINK=$REPO_ROOT/.slurm              # where readers look; a folder, or a link made by `start`
+if [[ -n ${TOKENBENCH_SLURM_DIR:-} ]]; then
+    STATE_DIR=$TOKENBENCH_SLURM_DIR
+elif [[ -L $LINK ]]; then
+    STATE_DIR=$(readlink -f -- "$LINK")
+else
+    STATE_DIR=$LINK
+fi
 # Absolute path: it is baked into slurm.conf and env.sh, which are read from other working directories.
 [[ $STATE_DIR == /* ]] || STATE_DIR=$PWD/$STATE_DIR
 STATE_DIR=${STATE_DIR%/}
@@ -36,34 +49,39 @@ SLURMD_PORT=6818
 DBD_PORT=6819
 DB_PORT=3307
 
-CONF=$STATE_DIR/slurm.conf
-DBD_CONF=$STATE_DIR/slurmdbd.conf   # slurmdbd has no -f: it reads slurmdbd.conf next to $SLURM_CONF
-ENV_SH=$STATE_DIR/env.sh
-PID_DIR=$STATE_DIR/pids             # PIDs recorded by this script: the only thing `stop` ever signals
-RUN_DIR=$STATE_DIR/run              # pid files the daemons write themselves (informational)
-LOG_DIR=$STATE_DIR/log
-SPOOL_DIR=$STATE_DIR/spool
-MUNGE_DIR=$STATE_DIR/munge          # munged runs as user munge: its own pid file goes in a dir it owns
-DB_DIR=$STATE_DIR/mariadb           # datadir + socket, owned by user mysql for the same reason
-DB_SOCK=$DB_DIR/run/mariadbd.sock
-DB_PASS_FILE=$STATE_DIR/db.pass     # generated once so restarts reuse the existing database user
-MARKER=$STATE_DIR/.tokenbench-slurm # `stop --purge` only deletes a dir that carries this marker
-
 PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client slurmdbd mariadb-server)
 DAEMONS=(munged mariadb slurmdbd slurmctld slurmd)   # start order; stop goes in reverse
 declare -A COMM=([munged]=munged [mariadb]=mariadbd [slurmdbd]=slurmdbd [slurmctld]=slurmctld [slurmd]=slurmd)
-# Where each daemon logs. munged and mariadbd log to stderr in the foreground, so their stdout/stderr is
-# their log. The Slurm daemons in the foreground write their LogFile *and* echo it to stderr, so their
-# stderr goes to a separate file that only matters for errors before the LogFile is opened.
-declare -A LOGFILE=([munged]=$LOG_DIR/munged.log [mariadb]=$LOG_DIR/mariadb.log
-                    [slurmdbd]=$LOG_DIR/slurmdbd.log [slurmctld]=$LOG_DIR/slurmctld.log
-                    [slurmd]=$LOG_DIR/slurmd.log)
-declare -A OUTFILE=([munged]=$LOG_DIR/munged.log [mariadb]=$LOG_DIR/mariadb.log
-                    [slurmdbd]=$LOG_DIR/slurmdbd.stderr [slurmctld]=$LOG_DIR/slurmctld.stderr
-                    [slurmd]=$LOG_DIR/slurmd.stderr)
+# Paths inside the state dir (set again if `start` moves the state dir: see choose_state_dir).
+state_paths() {
+    CONF=$STATE_DIR/slurm.conf
+    DBD_CONF=$STATE_DIR/slurmdbd.conf   # slurmdbd has no -f: it reads slurmdbd.conf next to $SLURM_CONF
+    ENV_SH=$STATE_DIR/env.sh
+    PID_DIR=$STATE_DIR/pids             # PIDs recorded by this script: the only thing `stop` ever signals
+    RUN_DIR=$STATE_DIR/run              # pid files the daemons write themselves (informational)
+    LOG_DIR=$STATE_DIR/log
+    SPOOL_DIR=$STATE_DIR/spool
+    MUNGE_DIR=$STATE_DIR/munge          # munged runs as user munge: its own pid file goes in a dir it owns
+    DB_DIR=$STATE_DIR/mariadb           # datadir + socket, owned by user mysql for the same reason
+    DB_SOCK=$DB_DIR/run/mariadbd.sock
+    DB_PASS_FILE=$STATE_DIR/db.pass     # generated once so restarts reuse the existing database user
+    MARKER=$STATE_DIR/.tokenbench-slurm # `stop --purge` only deletes a dir that carries this marker
 
-# Every Slurm command below (ours and the daemons') must see this cluster's config, never /etc/slurm.
-export SLURM_CONF=$CONF
+    # Where each daemon logs. munged and mariadbd log to stderr in the foreground, so their stdout/stderr is
+    # their log. The Slurm daemons in the foreground write their LogFile *and* echo it to stderr, so their
+    # stderr goes to a separate file that only matters for errors before the LogFile is opened.
+    declare -gA LOGFILE=([munged]=$LOG_DIR/munged.log [mariadb]=$LOG_DIR/mariadb.log
+                        [slurmdbd]=$LOG_DIR/slurmdbd.log [slurmctld]=$LOG_DIR/slurmctld.log
+                        [slurmd]=$LOG_DIR/slurmd.log)
+    declare -gA OUTFILE=([munged]=$LOG_DIR/munged.log [mariadb]=$LOG_DIR/mariadb.log
+                        [slurmdbd]=$LOG_DIR/slurmdbd.stderr [slurmctld]=$LOG_DIR/slurmctld.stderr
+                        [slurmd]=$LOG_DIR/slurmd.stderr)
+
+    # Every Slurm command below (ours and the daemons') must see this cluster's config, never /etc/slurm.
+    export SLURM_CONF=$CONF
+}
+state_paths
+
 
 log() { printf '[local_cluster] %s\n' "$*"; }
 DIE_HINT=""
@@ -208,6 +226,22 @@ install_packages() {
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------
+mysql_can_reach() { setpriv --reuid=mysql --regid=mysql --init-groups test -x "$1" 2>/dev/null; }
+
+# The default state dir <repo>/.slurm only works if user mysql can traverse the checkout's path. If it
+# cannot (and neither TOKENBENCH_SLURM_DIR nor an earlier start decided), move the state to a folder under
+# /var/tmp named after the repo path, and link <repo>/.slurm to it for the readers.
+choose_state_dir() {
+    [[ -z ${TOKENBENCH_SLURM_DIR:-} && $STATE_DIR == "$LINK" && ! -L $LINK ]] || return 0
+    mysql_can_reach "$REPO_ROOT" && return 0
+    [[ -d $LINK ]] && die "$LINK exists but user 'mysql' cannot reach it ($REPO_ROOT is not traversable); remove it, or set TOKENBENCH_SLURM_DIR"
+    STATE_DIR=/var/tmp/tokenbench-slurm-$(printf '%s' "$REPO_ROOT" | sha1sum | cut -c1-12)
+    state_paths
+    mkdir -p "$STATE_DIR"
+    ln -sfn "$STATE_DIR" "$LINK"
+    log "state dir $STATE_DIR: user 'mysql' cannot traverse $REPO_ROOT; $LINK links there"
+}
+
 make_dirs() {
     mkdir -p "$STATE_DIR" "$PID_DIR" "$RUN_DIR" "$LOG_DIR" "$SPOOL_DIR/slurmctld" "$SPOOL_DIR/slurmd"
     touch "$MARKER"
@@ -467,6 +501,7 @@ cmd_start() {
     [[ $EUID -eq 0 ]] || die "start must run as root (the daemons run as root/munge/mysql)"
     DIE_HINT=$'\n[local_cluster] daemons started so far are left running for inspection; logs in '"$LOG_DIR"$'\n[local_cluster] `bash '"${BASH_SOURCE[0]}"' stop` stops them'
     install_packages
+    choose_state_dir
     make_dirs
     write_configs
     start_munged
@@ -544,6 +579,10 @@ cmd_stop() {
         [[ -e $MARKER ]] || die "refusing to delete $STATE_DIR: it has no $(basename "$MARKER") marker"
         rm -rf -- "$STATE_DIR"
         log "removed $STATE_DIR"
+        if [[ -L $LINK && ! -e $LINK ]]; then
+            rm -f -- "$LINK"
+            log "removed the link $LINK"
+        fi
     fi
     log "stopped"
 }

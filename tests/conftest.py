@@ -1,8 +1,9 @@
 """Shared pytest fixtures.
 
 SLURM fixtures: the tests marked ``@pytest.mark.slurm`` run against the real local cluster that
-``bash slurm/local_cluster.sh start`` brings up. They find it through ``<state dir>/env.sh`` (state dir =
-``$TOKENBENCH_SLURM_DIR`` or ``<repo>/.slurm``). When the cluster is not up they are skipped, unless
+``bash slurm/local_cluster.sh start`` brings up. They find it through ``<state dir>/env.sh`` (state dir:
+``bench.pipeline.slurm.local_cluster_dir``, the script's rule). When the cluster is not up they are
+skipped, and counted apart in the summary line (``N skipped: no SLURM cluster``), unless
 ``TOKENBENCH_REQUIRE_SLURM=1`` (CI), in which case they fail with the reason.
 """
 
@@ -16,11 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def slurm_state_dir() -> Path:
-    return Path(os.environ.get("TOKENBENCH_SLURM_DIR") or REPO_ROOT / ".slurm")
+SLURM_SKIPPED = "skipped: no SLURM cluster"  # the summary line's category for SLURM tests that could not run
 
 
 def read_env_sh(path: Path) -> dict[str, str]:
@@ -54,7 +51,9 @@ def slurm_env():
     Also sets ``os.environ["SLURM_CONF"]`` for the whole session (restored afterwards): submitit runs
     sbatch/sacct/scancel as subprocesses of this Python and they must find this cluster's slurm.conf.
     """
-    env_sh = slurm_state_dir() / "env.sh"
+    from bench.pipeline.slurm import local_cluster_dir
+
+    env_sh = local_cluster_dir() / "env.sh"
     if not env_sh.is_file():
         _slurm_unavailable(f"{env_sh} does not exist")
     values = read_env_sh(env_sh)
@@ -98,3 +97,18 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_report_teststatus(report, config):
+    """A skipped SLURM test is counted as such in the summary line (``12 skipped: no SLURM cluster``)."""
+    if report.skipped and "slurm" in report.keywords:
+        return SLURM_SKIPPED, "s", ("SKIPPED", {"yellow": True})
+    return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get(SLURM_SKIPPED, [])
+    if skipped:
+        reason = skipped[0].longrepr[2] if isinstance(skipped[0].longrepr, tuple) else str(skipped[0].longrepr)
+        terminalreporter.write_sep("=", f"{len(skipped)} SLURM test(s) did not run", yellow=True)
+        terminalreporter.write_line(f"{reason.removeprefix('Skipped: ')}; TOKENBENCH_REQUIRE_SLURM=1 makes them fail")

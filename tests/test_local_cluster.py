@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
 
 pytestmark = pytest.mark.slurm
 
@@ -104,7 +105,6 @@ def test_short_partition(slurm_env, tmp_path):
 
 
 def _executor(folder: Path, **params):
-    submitit = pytest.importorskip("submitit")
     executor = submitit.AutoExecutor(folder=folder / "%j")
     assert executor.cluster == "slurm", "submitit did not pick slurm: is srun on PATH?"
     executor.update_parameters(slurm_partition="debug", timeout_min=5, cpus_per_task=1, **params)
@@ -142,8 +142,6 @@ def test_submitit_two_tasks(slurm_env, submitit_folder):
 
 
 def test_submitit_exception_propagates(slurm_env, submitit_folder):
-    submitit = pytest.importorskip("submitit")
-
     def boom():
         raise ValueError("tokenbench-boom")
 

@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 import run_bench
-from bench.records import read_all, read_record, record_path
+from bench.pipeline.files import REPO
+from bench.pipeline.records import read_all, read_record, record_path
 
 MODEL = {
     "name": "vit_tiny_patch16_224",
@@ -80,10 +82,52 @@ def test_every_run_has_a_complete_record(finished):
         assert len(throughput["times_s"]) == 2 and len(throughput["baseline_times_s"]) == 2
         assert throughput["speedup"] == pytest.approx(throughput["images_per_s"] / throughput["baseline_images_per_s"])
         assert record["env"]["torch"] == torch.__version__
-        assert record["run"]["params"] == record["run"]["params"]
     assert by_method["tome"]["metrics"]["macs"]["torchprofile"] < base["metrics"]["macs"]["torchprofile"]
-    # the random-init model's agreement with its own dense predictions is measured, not assumed
-    assert 0 <= by_method["tome"]["metrics"]["eval"]["agreement"] <= 100
+    # the parameters as the config gave them (the label: only those differing from the method's defaults)
+    assert {method: r["run"]["params_label"] for method, r in by_method.items()} == {
+        "baseline": "", "tome": "r=4", "ppt": "r=6, layers=[1, 2], threshold=0.001",
+        "evit": "layers=[1]"}  # keep_rate 0.7 is its default
+    for entry in METHODS[1:]:
+        given = {k: v for k, v in entry.items() if k != "method"}
+        assert by_method[entry["method"]]["run"]["params"].items() >= given.items()
+
+
+def test_record_holds_the_run_spec_and_accuracy_agreement_from_plain_timm(tmp_path):
+    """top-1 and agreement recomputed outside the pipeline: plain timm forward for the dense model, the
+    method's model on the same 200 images in batches of 100, compared prediction by prediction. Weights
+    scaled x3 so that predictions vary (a random-init tiny model predicts one class for everything)."""
+    import bench
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.data import build_dataset
+    from bench.pipeline.models import create_model
+
+    torch.manual_seed(0)
+    vit = create_model(MODEL["name"], MODEL["kwargs"]).eval()
+    with torch.no_grad():
+        for parameter in vit.parameters():
+            parameter.mul_(3.0)
+    torch.save({"model": vit.state_dict()}, tmp_path / "scaled.pth")
+    cfg = config(tmp_path, stages=["eval"])
+    cfg["defaults"]["weights"] = "scaled.pth"
+    path = write(tmp_path, cfg)
+    assert bench_main(path, tmp_path / "results", "--no-report") == 0
+    records = {r["key"]: r for r in read_all(tmp_path / "results")[0]}
+    runs = load_experiment(path).runs
+    val = build_dataset("fashion_mnist", "val", subset=200)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    targets = torch.tensor([val[i][1] for i in range(len(val))])
+    agreements = {}
+    with torch.no_grad():
+        dense = torch.cat([vit(batch).argmax(-1) for batch in images.split(100)])
+        for run in runs:
+            record = records[run.key]
+            assert record["run"] == json.loads(json.dumps(run.to_dict()))
+            model = bench.apply(vit, run.method, **run.params)
+            top1 = torch.cat([model(batch).argmax(-1) for batch in images.split(100)])
+            assert record["metrics"]["eval"]["top1"] == pytest.approx(100.0 * (top1 == targets).float().mean().item())
+            agreements[run.method] = 100.0 * (top1 == dense).float().mean().item()
+            assert record["metrics"]["eval"]["agreement"] == pytest.approx(agreements[run.method]), run.method
+    assert agreements["baseline"] == 100.0 and min(agreements.values()) < 90.0, agreements
 
 
 def test_report_is_written_from_the_records(finished):
@@ -141,16 +185,16 @@ def test_only_and_force(finished, capsys):
 
 
 def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, monkeypatch, capsys):
-    import bench.runner
+    from bench.pipeline.stages import macs
 
-    original = bench.runner.macs_stage
+    original = macs.run
 
-    def flaky(model, run):
-        if run.method == "tome":
+    def flaky(ctx):
+        if ctx.run.method == "tome":
             raise RuntimeError("injected failure in the macs stage")
-        return original(model, run)
+        return original(ctx)
 
-    monkeypatch.setattr(bench.runner, "macs_stage", flaky)
+    monkeypatch.setattr(macs, "run", flaky)
     path = write(tmp_path, config(tmp_path, stages=["macs"]))
     results = tmp_path / "results"
     assert bench_main(path, results, "--no-report") == 1
@@ -176,7 +220,17 @@ BAD_INPUTS = [
     ({"grid": {"methods": [{"method": "evit", "keep_rate": 2}]}}, "'keep_rate' must be a number in (0, 1], got 2"),
     ({"stages": ["finetune"], "finetune": {"lr": "fast"}}, "finetune.lr: must be a number >= 0, got 'fast'"),
     ({"finetune": {"epochz": 3}}, "finetune.epochz: unknown key; allowed: epochs, batch_size"),
-    ({"throughput": {"batch_sizes": [0]}}, "throughput.batch_sizes: must be an integer >= 1, got 0"),
+    ({"throughput": {"batch_sizes": [0]}}, "throughput.batch_sizes[0]: must be an integer >= 1, got 0"),
+    ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),
+    ({"eval": {"agreement": "no"}}, "eval.agreement: must be true or false, got 'no'"),
+    ({"reference": [{"method": "tome", "top1": "high"}]}, "reference[0].top1: must be a number, got 'high'"),
+    ({"reference": [{"method": "tome", "gmacs": True}]}, "reference[0].gmacs: must be a number, got True"),
+    ({"reference": [{"method": "tome", "params": [4]}]}, "reference[0].params: must be a mapping of method parameters"),
+    ({"reference": [{"method": "tome", "source": 7}]}, "reference[0].source: must be a string, got 7"),
+    ({"reference": [{"top1": 1.0}]}, "reference[0].method: missing"),
+    ({"slurm": {"profile": "nosuchcluster"}}, "slurm.profile: no such cluster profile 'nosuchcluster'; allowed: example_gpu"),
+    ({"slurm": {"profile": 3}}, "slurm.profile: must be the name of a cluster profile"),
+    ({"finetune": {"epochs": 0}}, "finetune.epochs: must be an integer >= 1, got 0"),
     ({"stages": ["eval", "speed"]}, "stages[1]: 'speed' not allowed; allowed: finetune, eval, macs, throughput"),
     ({"defaults": {"model": MODEL, "data": {"name": "fashion_mnist", "root": "/nonexistent/fm"}}},
      "defaults.data.root: /nonexistent/fm does not exist"),
@@ -213,7 +267,7 @@ def test_malformed_yaml_and_missing_file(tmp_path, capsys):
 
 
 def test_weights_deit_format_plain_and_corrupt(tmp_path, capsys):
-    from bench.models import create_model
+    from bench.pipeline.models import create_model
 
     vit = create_model(MODEL["name"], MODEL["kwargs"])
     torch.save({"model": vit.state_dict(), "epoch": 3}, tmp_path / "deit_style.pth")
@@ -236,14 +290,15 @@ def test_weights_deit_format_plain_and_corrupt(tmp_path, capsys):
 
 def test_finetune_stage_trains_checkpoints_and_exports(tmp_path):
     cfg = config(tmp_path, stages=["finetune", "eval"], grid={"methods": [{"method": "tome", "r": 2}]},
-                 finetune={"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5, "export": "tuned.pth"})
+                 finetune={"epochs": 3, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5, "export": "tuned.pth"})
     path = write(tmp_path, cfg)
     results = tmp_path / "results"
     assert bench_main(path, results, "--no-report") == 0
     (record,), _ = read_all(results)
     history = record["metrics"]["finetune"]["history"]
-    assert [h["epoch"] for h in history] == [1, 2]
-    assert history[1]["train_loss"] < history[0]["train_loss"] + 0.5
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    losses = [h["train_loss"] for h in history]
+    assert losses[2] < losses[1] < losses[0], losses  # it learns
     exported = torch.load(tmp_path / "tuned.pth", weights_only=True)
     final = torch.load(results / "checkpoints" / record["key"] / "final.pth", weights_only=True)
     assert set(exported) == {"model"}
@@ -254,15 +309,15 @@ def test_finetune_stage_trains_checkpoints_and_exports(tmp_path):
 
 @pytest.mark.parametrize("name", ["quickstart", "fmnist_vit", "deit_imagenet", "deit_s_ppt_finetune"])
 def test_shipped_configs_are_valid_under_dry_run(name, tmp_path, capsys):
-    path = Path(run_bench.ROOT) / "configs" / f"{name}.yaml"
+    path = REPO / "configs" / f"{name}.yaml"
     assert run_bench.main(["--config", str(path), "--results", str(tmp_path), "--dry-run"]) == 0
     assert " to run -> " in capsys.readouterr().out
 
 
 def test_paper_config_expands_models_methods_and_references():
-    from bench.config import load_experiment
+    from bench.pipeline.config import load_experiment
 
-    experiment = load_experiment(Path(run_bench.ROOT) / "configs" / "deit_imagenet.yaml", data_required=False)
+    experiment = load_experiment(REPO / "configs" / "deit_imagenet.yaml", data_required=False)
     assert len(experiment.runs) == 3 * 6
     by = {(r.model_label, r.method): r for r in experiment.runs}
     assert by[("deit-s", "ppt")].params == {"r": 50, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}
@@ -270,8 +325,38 @@ def test_paper_config_expands_models_methods_and_references():
     assert by[("deit-b", "baseline")].reference["gmacs"] == 17.56
     assert by[("deit-t", "tome")].reference is None
     assert by[("deit-s", "baseline")].weights.endswith("deit_small_patch16_224-cd65a155.pth")
-    keys = [r.key for r in experiment.runs]
-    assert keys == [r.key for r in load_experiment(experiment.file, data_required=False).runs]  # stable
+
+
+KEYS_SCRIPT = """
+import json, sys
+from bench.pipeline.config import load_experiment
+print(json.dumps([run.key for run in load_experiment(sys.argv[1], check_files=False).runs]))
+"""
+
+
+def test_run_keys_do_not_depend_on_where_the_config_lies(tmp_path):
+    """The same config (relative weights file and data folder) in two folders, loaded here and in a fresh
+    process started in a third folder: the keys agree although every resolved path differs."""
+    import subprocess
+    import sys
+
+    from bench.pipeline.config import load_experiment
+
+    cfg = config(tmp_path, stages=["finetune", "eval"], finetune={"epochs": 1, "export": "out/tuned.pth"})
+    cfg["defaults"]["weights"] = "tiny.pth"
+    cfg["defaults"]["data"]["root"] = "fm"
+    here, there = tmp_path / "here", tmp_path / "there" / "copy"
+    for folder in (here, there):
+        folder.mkdir(parents=True)
+        write(folder, cfg)
+    (tmp_path / "cwd").mkdir()
+    runs = load_experiment(here / "exp.yaml", check_files=False).runs
+    copy = load_experiment(there / "exp.yaml", check_files=False).runs
+    assert all(a.weights_path != b.weights_path and a.data["root"] != b.data["root"] for a, b in zip(runs, copy, strict=True))
+    process = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, str(there / "exp.yaml")], cwd=tmp_path / "cwd",
+                             capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(process.stdout) == [run.key for run in runs]
+    assert len({run.key for run in runs}) == len(METHODS)
 
 
 def test_local_executor_runs_each_run_in_a_subprocess(tmp_path, capsys):
@@ -302,13 +387,20 @@ def _image_folder(root: Path, classes: int = 2, per_class: int = 3) -> None:
 
 
 def test_imagenet_folder_layout_and_deit_eval_transform(tmp_path):
-    from bench.data import IMAGENET_MEAN, build_dataset
+    from bench.pipeline.data import build_dataset
 
     _image_folder(tmp_path / "in1k")
     val = build_dataset("imagenet", "val", root=str(tmp_path / "in1k"))
     image, label = val[4]
     assert len(val) == 6 and label == 1 and image.shape == (3, 224, 224)  # resize 256, center crop 224
-    assert abs(image.mean().item() + IMAGENET_MEAN[0] / 0.229) < 3  # normalised, not raw [0, 1]
+    # normalised with ImageNet's mean / std, not raw [0, 1]: uniform noise pixels average 0.5 per channel
+    from PIL import Image
+
+    raw = torch.from_numpy(np.asarray(Image.open(val.samples[4][0]), dtype=np.float32) / 255)
+    for channel, (mean, std) in enumerate(((0.485, 0.229), (0.456, 0.224), (0.406, 0.225))):
+        expected = (raw[..., channel].mean().item() - mean) / std
+        assert image[channel].mean().item() == pytest.approx(expected, abs=0.05)
+        assert image[channel].std().item() > 0.5  # the same image unnormalised: std ~0.16 (JPEG-smoothed noise)
     train = build_dataset("imagenet", "train", root=str(tmp_path / "in1k"), augment=True)
     assert train[0][0].shape == (3, 224, 224)
     cfg = config(tmp_path, stages=["eval", "macs"], grid={"methods": ["baseline", {"method": "tome", "r": 8}]})

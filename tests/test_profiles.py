@@ -1,19 +1,21 @@
 """Cluster profiles: validation with named errors, and their mapping onto submitit's parameters."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 import run_bench
-from bench.slurm import ProfileError, executor_parameters, load_profile, make_executor
+from bench.pipeline.profiles import Profile, ProfileError, load_profile
+from bench.pipeline.slurm import executor_parameters, make_executor
 from tests.test_pipeline import config, write
 
 
 @pytest.mark.parametrize("name", ["local", "example_gpu"])
 def test_shipped_profiles_load(name):
     profile = load_profile(name)
-    assert profile["partition"]
+    assert profile.partition
 
 
 def test_profile_maps_onto_submitit_parameters():
@@ -29,8 +31,16 @@ def test_profile_maps_onto_submitit_parameters():
 
 
 def test_max_requeue_becomes_submitits_timeout_budget(tmp_path):
-    executor = make_executor(tmp_path, {"partition": "debug", "max_requeue": 7}, finetune=False, name="t")
+    executor = make_executor(tmp_path, Profile(partition="debug", max_requeue=7), finetune=False, name="t")
     assert executor._executor.max_num_timeout == 7
+    assert make_executor(tmp_path, Profile(), finetune=False, name="t")._executor.max_num_timeout == 3
+
+
+def test_profile_defaults_and_unset_keys():
+    params = executor_parameters(Profile(partition="debug", gpus_per_node=0), finetune=True)
+    assert params["slurm_partition"] == "debug" and params["tasks_per_node"] == 1
+    assert "gpus_per_node" not in params and "mem_gb" not in params and "slurm_account" not in params
+    assert params["slurm_setup"][1:] == []
 
 
 @pytest.mark.parametrize(
@@ -39,13 +49,15 @@ def test_max_requeue_becomes_submitits_timeout_budget(tmp_path):
         ({"partition": "debug", "gpus": 2}, "gpus: unknown key; allowed: partition, account, qos, gpus_per_node"),
         ({"mem_gb": "lots"}, "mem_gb: must be an integer >= 0, got 'lots'"),
         ({"setup": "module load cuda"}, "setup: must be a list of shell lines"),
+        ({"setup": ["ok", 3]}, "setup[1]: must be a string, got 3"),
+        ({"max_requeue": -1}, "max_requeue: must be an integer >= 0, got -1"),
         ({"partition": 3}, "partition: must be a string, got 3"),
     ],
 )
 def test_bad_profiles_are_one_line_errors(tmp_path, capsys, content, message):
     profile = tmp_path / "mine.yaml"
     profile.write_text(yaml.safe_dump(content))
-    with pytest.raises(ProfileError, match=message.split(":")[0]):
+    with pytest.raises(ProfileError, match=re.escape(message.split(":")[0])):
         load_profile(str(profile))
     path = write(tmp_path, config(tmp_path, grid={"methods": ["baseline"]}))
     code = run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--executor", "slurm",

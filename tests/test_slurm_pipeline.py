@@ -24,7 +24,7 @@ import torch
 import yaml
 
 import run_bench
-from bench.records import read_all
+from bench.pipeline.records import read_all
 from tests.test_pipeline import METHODS, MODEL
 
 pytestmark = pytest.mark.slurm
@@ -37,7 +37,7 @@ FINETUNE = {"epochs": 5, "batch_size": 20, "lr": 1e-3, "warmup_epochs": 0.5}
 def weights_file(folder: Path) -> str:
     """A random-init checkpoint: with ``weights: null`` the dense reference model of the agreement metric
     would be a second random draw that depends on the process's RNG state, not the run's weights."""
-    from bench.models import create_model
+    from bench.pipeline.models import create_model
 
     path = folder / "tiny.pth"
     if not path.exists():
@@ -122,8 +122,8 @@ def in_background(function, *args, **kwargs) -> tuple[threading.Thread, list]:
 def watch_status(config: Path, results: Path, waiter: threading.Thread, timeout: float = 300) -> set[str]:
     """Poll ``--status`` (its rows, via ``collect_status``) once a second until ``waiter`` ends; the states
     seen after the submission was recorded."""
-    from bench.config import load_experiment
-    from bench.status import collect_status
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.status import collect_status
 
     runs = load_experiment(config).runs
     seen: set[str] = set()
@@ -251,8 +251,8 @@ def history(record: dict, *fields: str) -> list[tuple]:
 
 def test_preempted_finetune_resumes_mid_epoch_with_identical_results(slurm_env, finetuned_inprocess, tmp_path,
                                                                    capsys):
-    from bench.config import load_experiment
-    from bench.status import collect_status
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.status import collect_status
 
     config, reference, reference_weights = finetuned_inprocess
     key = reference["key"]

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 import bench
-from bench.train import EpochBatches, FinetuneOptions, finetune, lr_at
+from bench.pipeline.train import EpochBatches, FinetuneOptions, finetune, lr_at
 
 
 class Toy(Dataset):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.config import RunSpec
-from bench.records import RecordError, last_error_line, read_failure, read_record, record_path
+from bench.pipeline.config import RunSpec
+from bench.pipeline.records import RecordError, last_error_line, read_failure, read_record, record_path
 
 
 @dataclass
@@ -37,7 +37,7 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False) -> tu
 
 
 def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
-    from bench.slurm import ACTIVE_STATES, job_states
+    from bench.pipeline.slurm import ACTIVE_STATES, job_states
 
     queued = job_states(results_dir)
     rows = []

@@ -25,6 +25,7 @@
       - {model: deit-s, method: tome, params: {r: 13}, top1: 79.4, gmacs: 2.7, source: "ToMe, table 1"}
     slurm: {profile: local}                # cluster profile for --executor slurm
 
+Each section's keys, types and defaults are the frozen dataclasses below (``bench.pipeline.schema``).
 An unknown key, unknown method or parameter, a value impossible for the model, a missing data folder or
 unreadable weights raise ``ConfigError`` naming the file, the key and what is allowed.
 """
@@ -33,9 +34,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import hashlib
 import itertools
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -44,32 +43,111 @@ from typing import Any
 
 import yaml
 
-STAGES = ("finetune", "eval", "macs", "throughput")
-DTYPES = ("fp32", "fp16", "bf16")
+from bench.pipeline.data import DATASETS
+from bench.pipeline.files import canonical, digest
+from bench.pipeline.schema import FileError, SchemaError, check_keys, option, parse
+from bench.pipeline.stages import STAGES
+from bench.pipeline.train import FinetuneOptions
+from bench.throughput import DTYPES
+
 DEVICES = ("auto", "cpu", "cuda")
-TOP_KEYS = ("name", "description", "defaults", "stages", "throughput", "macs", "eval", "finetune", "grid",
-            "reference", "slurm")
-DEFAULT_KEYS = ("model", "weights", "data", "batch_size", "dtype", "device", "threads", "seed", "workers")
-MODEL_KEYS = ("name", "kwargs", "label", "weights")
-DATA_KEYS = ("name", "root", "subset")
-THROUGHPUT_KEYS = ("batch_sizes", "warmup", "runs")
-MACS_KEYS = ("images",)
-EVAL_KEYS = ("agreement",)
-FINETUNE_KEYS = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
-                 "mixup", "cutmix", "clip_grad", "seed", "workers", "export")
-REFERENCE_KEYS = ("model", "method", "params", "top1", "top5", "gmacs", "source")
-GRID_KEYS = ("models", "methods")
-SLURM_KEYS = ("profile",)
+WEIGHTS = "null, a path, a URL or timm:<tag>"
 
 
-class ConfigError(ValueError):
+class ConfigError(FileError):
     """One bad value in an experiment file: ``<file>: <key>: <what is wrong; what is allowed>``."""
 
-    def __init__(self, file: str | Path, key: str, message: str) -> None:
-        self.file, self.key = str(file), key
-        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+# ------------------------------------------------------------------------------------------ the schema
+@dataclass(frozen=True)
+class ModelSection:
+    """``defaults.model`` and each ``grid.models`` entry (an entry overrides the defaults' keys)."""
+
+    name: str | None = option(None, expect="a timm model name (e.g. deit_small_patch16_224)")
+    kwargs: dict[str, Any] | None = option(None, expect="a mapping of timm.create_model keyword arguments")
+    label: str | None = None
+    weights: str | None = option(None, expect=WEIGHTS)
 
 
+@dataclass(frozen=True)
+class DataSection:
+    name: str = option(choices=tuple(DATASETS))
+    root: str | None = option(None, expect="a folder path")
+    subset: int | None = option(None, minimum=1)
+
+
+@dataclass(frozen=True)
+class DefaultsSection:
+    model: dict[str, Any] | None = None  # keys: ModelSection's
+    weights: str | None = option(None, expect=WEIGHTS)
+    data: DataSection | None = None
+    batch_size: int = option(128, minimum=1)
+    dtype: str = option("fp32", choices=tuple(DTYPES))
+    device: str = option("auto", choices=DEVICES)
+    threads: int | None = option(None, minimum=1)
+    seed: int = option(0, minimum=0)
+    workers: int = option(0, minimum=0)
+
+
+@dataclass(frozen=True)
+class ThroughputSection:
+    batch_sizes: list[int] = option([32], minimum=1, nonempty=True)
+    warmup: int = option(3, minimum=0)
+    runs: int = option(10, minimum=1)
+
+
+@dataclass(frozen=True)
+class MacsSection:
+    images: int = option(16, minimum=1)  # real images for data-averaged MACs
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    agreement: bool = True  # top-1 agreement with the dense model's predictions
+
+
+@dataclass(frozen=True)
+class ReferenceSection:
+    """Published numbers, matched to runs by model label, method and (a subset of) parameters."""
+
+    method: str
+    model: str | None = None
+    params: dict[str, Any] | None = option(None, expect="a mapping of method parameters")
+    top1: float | None = None
+    top5: float | None = None
+    gmacs: float | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class GridSection:
+    models: list[Any] | None = None  # str or ModelSection mappings
+    methods: list[Any] | None = None  # str or {method: NAME, param: value, sweep: {...}}
+
+
+@dataclass(frozen=True)
+class SlurmSection:
+    profile: str | None = option(None, expect="the name of a cluster profile (slurm/<name>.yaml) or a path")
+
+
+@dataclass(frozen=True)
+class ExperimentSection:
+    name: str = option(expect="a name of letters, digits, '_', '.', '-'")
+    description: str | None = None
+    defaults: DefaultsSection = DefaultsSection()
+    stages: tuple[str, ...] = option(("eval", "macs"), choices=STAGES, nonempty=True,
+                                     expect=f"a non-empty list of: {', '.join(STAGES)}")
+    throughput: ThroughputSection = ThroughputSection()
+    macs: MacsSection = MacsSection()
+    eval: EvalSection = EvalSection()
+    finetune: FinetuneOptions = FinetuneOptions()
+    grid: Any = None  # one GridSection mapping or a list of them
+    reference: list[ReferenceSection] | None = option(
+        None, expect="a list of {model, method, params, top1, top5, gmacs, source}")
+    slurm: SlurmSection = SlurmSection()
+
+
+# ------------------------------------------------------------------------------------------- the runs
 @dataclass(frozen=True)
 class RunSpec:
     """Everything one run needs; travels to the job (small and picklable) and into its record."""
@@ -90,10 +168,10 @@ class RunSpec:
     seed: int
     workers: int
     stages: tuple[str, ...]
-    throughput: dict[str, Any]
-    macs: dict[str, Any]
-    eval: dict[str, Any]
-    finetune: dict[str, Any] | None
+    throughput: dict[str, Any]  # ThroughputSection as a dict
+    macs: dict[str, Any]  # MacsSection
+    eval: dict[str, Any]  # EvalSection
+    finetune: dict[str, Any] | None  # FinetuneOptions (export resolved); None without the finetune stage
     reference: dict[str, Any] | None
     config_file: str
     key: str = ""
@@ -115,8 +193,7 @@ class Experiment:
     name: str
     file: Path
     runs: list[RunSpec]
-    slurm: dict[str, Any] = field(default_factory=dict)
-    raw: dict[str, Any] = field(default_factory=dict)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -139,12 +216,16 @@ def load_experiment(path: str | Path, check_files: bool = True, data_required: b
         raise ConfigError(path, "", f"cannot read ({error.strerror})") from None
     if not isinstance(raw, dict):
         raise ConfigError(path, "", "an experiment file must be a YAML mapping (name, defaults, grid, ...)")
-    return Parser(path, raw, check_files, data_required).experiment()
+    parser = Parser(path, check_files, data_required)
+    try:
+        return parser.experiment(raw)
+    except SchemaError as error:
+        raise ConfigError.of(path, error) from None
 
 
 class Parser:
-    def __init__(self, path: Path, raw: dict[str, Any], check_files: bool, data_required: bool = True) -> None:
-        self.path, self.raw, self.check_files, self.data_required = path, raw, check_files, data_required
+    def __init__(self, path: Path, check_files: bool, data_required: bool = True) -> None:
+        self.path, self.check_files, self.data_required = path, check_files, data_required
         self.warnings: list[str] = []
         self.base = path.resolve().parent
         self._contexts: dict[str, Any] = {}
@@ -152,29 +233,6 @@ class Parser:
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.path, key, message)
-
-    def keys(self, mapping: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
-        if mapping is None:
-            return {}
-        if not isinstance(mapping, dict):
-            raise self.error(where, f"must be a mapping with keys from: {', '.join(allowed)}")
-        for key in mapping:
-            if key not in allowed:
-                joined = f"{where}.{key}" if where else str(key)
-                raise self.error(joined, f"unknown key; allowed: {', '.join(allowed)}")
-        return mapping
-
-    def integer(self, value: Any, where: str, minimum: int = 0, optional: bool = False) -> int | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.error(where, f"must be an integer >= {minimum}, got {value!r}")
-        return value
-
-    def choice(self, value: Any, allowed: tuple[str, ...], where: str) -> str:
-        if value not in allowed:
-            raise self.error(where, f"{value!r} not allowed; allowed: {', '.join(allowed)}")
-        return value
 
     def resolve(self, value: str) -> str:
         """A local path relative to the config file's folder (``${VAR}`` and ``${VAR:-default}``
@@ -185,142 +243,79 @@ class Parser:
         return str(candidate if candidate.is_absolute() else (self.base / candidate).resolve())
 
     # ----------------------------------------------------------------------------------------------
-    def experiment(self) -> Experiment:
-        raw = self.keys(self.raw, TOP_KEYS, "")
-        name = raw.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+    def experiment(self, raw: dict[str, Any]) -> Experiment:
+        section = parse(ExperimentSection, raw)
+        name = section.name
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise self.error("name", f"must be a name of letters, digits, '_', '.', '-', got {name!r}")
-        defaults = self.keys(raw.get("defaults"), DEFAULT_KEYS, "defaults")
-        stages = raw.get("stages", ["eval", "macs"])
-        if not isinstance(stages, list) or not stages:
-            raise self.error("stages", f"must be a non-empty list of: {', '.join(STAGES)}")
-        for index, stage in enumerate(stages):
-            self.choice(stage, STAGES, f"stages[{index}]")
-        stages = tuple(stage for stage in STAGES if stage in stages)  # run order is fixed
-        throughput = self.throughput(raw.get("throughput"))
-        macs = self.keys(raw.get("macs"), MACS_KEYS, "macs")
-        macs = {"images": self.integer(macs.get("images", 16), "macs.images", 1)}
-        evaluation = self.keys(raw.get("eval"), EVAL_KEYS, "eval")
-        evaluation = {"agreement": bool(evaluation.get("agreement", True))}
-        finetune = self.finetune(raw.get("finetune"), "finetune" in stages)
-        slurm = self.keys(raw.get("slurm"), SLURM_KEYS, "slurm")
-        references = self.references(raw.get("reference"))
-        blocks = raw.get("grid")
+        stages = tuple(stage for stage in STAGES if stage in section.stages)  # run order is fixed
+        finetune = None
+        if "finetune" in stages:
+            finetune = section.finetune.to_dict()
+            finetune["export"] = self.resolve(finetune["export"]) if finetune["export"] else None
+        self.check_profile(section.slurm.profile)
+        references = section.reference or []
+        blocks = section.grid
         if blocks is None:
             raise self.error("grid", "missing; give models x methods to run (grid: {methods: [baseline, ...]})")
         blocks = blocks if isinstance(blocks, list) else [blocks]
+        shared = {"stages": stages, "throughput": asdict(section.throughput), "macs": asdict(section.macs),
+                  "eval": asdict(section.eval), "finetune": finetune}
         runs: list[RunSpec] = []
         for block_index, block in enumerate(blocks):
             where = f"grid[{block_index}]" if len(blocks) > 1 else "grid"
-            block = self.keys(block, GRID_KEYS, where)
-            models = block.get("models") or [{}]
-            if not isinstance(models, list):
-                raise self.error(f"{where}.models", "must be a list of model entries")
-            method_entries = block.get("methods")
-            if not isinstance(method_entries, list) or not method_entries:
+            block = parse(GridSection, block, where)
+            models = block.models or [{}]
+            method_entries = block.methods
+            if not method_entries:
                 raise self.error(f"{where}.methods", "must be a non-empty list (e.g. [baseline, {method: tome, r: 4}])")
             for model_index, model_entry in enumerate(models):
-                model_where = f"{where}.models[{model_index}]"
-                base = self.run_base(defaults, model_entry, model_where, name)
+                base = self.run_base(section.defaults, model_entry, f"{where}.models[{model_index}]", name)
                 for method_index, entry in enumerate(method_entries):
                     method_where = f"{where}.methods[{method_index}]"
                     for method, params in self.expand_method(entry, method_where):
-                        runs.append(self.make_run(base, method, params, method_where, stages, throughput, macs,
-                                                  evaluation, finetune, references))
+                        runs.append(self.make_run(base, method, params, method_where, shared, references))
         keys = [run.key for run in runs]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:
             raise self.error("grid", f"the same run appears twice: {duplicates[0]}")
-        return Experiment(name=name, file=self.path, runs=runs, slurm=dict(slurm), raw=self.raw,
+        return Experiment(name=name, file=self.path, runs=runs, slurm=section.slurm,
                           warnings=list(dict.fromkeys(self.warnings)))
 
-    def throughput(self, value: Any) -> dict[str, Any]:
-        value = self.keys(value, THROUGHPUT_KEYS, "throughput")
-        sizes = value.get("batch_sizes", [32])
-        if not isinstance(sizes, list) or not sizes:
-            raise self.error("throughput.batch_sizes", f"must be a non-empty list of integers >= 1, got {sizes!r}")
-        return {
-            "batch_sizes": [self.integer(s, "throughput.batch_sizes", 1) for s in sizes],
-            "warmup": self.integer(value.get("warmup", 3), "throughput.warmup", 0),
-            "runs": self.integer(value.get("runs", 10), "throughput.runs", 1),
-        }
+    def check_profile(self, profile: str | None) -> None:
+        from bench.pipeline.profiles import available_profiles, profile_path
 
-    def finetune(self, value: Any, active: bool) -> dict[str, Any] | None:
-        from bench.train import FinetuneOptions
+        if profile is not None and not profile_path(profile).is_file():
+            raise self.error("slurm.profile", f"no such cluster profile {profile!r}; allowed: "
+                             f"{', '.join(available_profiles()) or 'none'} (or a path to a .yaml file)")
 
-        value = self.keys(value, FINETUNE_KEYS, "finetune")
-        if not active:
-            return None
-        options = {}
-        for option in fields(FinetuneOptions):
-            if option.name not in value:
-                continue
-            given = value[option.name]
-            if not (given is None and option.name == "clip_grad") and (
-                isinstance(given, bool) or not isinstance(given, (int, float)) or given < 0
-            ):
-                raise self.error(f"finetune.{option.name}", f"must be a number >= 0, got {given!r}")
-            options[option.name] = given
-        resolved = FinetuneOptions(**options).to_dict()
-        for whole in ("epochs", "batch_size", "seed", "workers"):
-            self.integer(resolved[whole], f"finetune.{whole}", 1 if whole in ("epochs", "batch_size") else 0)
-        export = value.get("export")
-        if export is not None and not isinstance(export, str):
-            raise self.error("finetune.export", f"must be a file path, got {export!r}")
-        resolved["export"] = self.resolve(export) if export else None
-        return resolved
-
-    def references(self, value: Any) -> list[dict[str, Any]]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise self.error("reference", "must be a list of {model, method, params, top1, top5, gmacs, source}")
-        references = []
-        for index, entry in enumerate(value):
-            entry = self.keys(entry, REFERENCE_KEYS, f"reference[{index}]")
-            if "method" not in entry:
-                raise self.error(f"reference[{index}].method", "missing")
-            references.append(dict(entry))
-        return references
-
-    def run_base(self, defaults: dict, model_entry: Any, where: str, experiment: str) -> dict[str, Any]:
-        model_defaults = self.keys(defaults.get("model"), MODEL_KEYS, "defaults.model")
+    def run_base(self, defaults: DefaultsSection, model_entry: Any, where: str, experiment: str) -> dict[str, Any]:
+        model_defaults = check_keys(ModelSection, defaults.model, "defaults.model")
         if isinstance(model_entry, str):
             model_entry = {"name": model_entry}
-        model_entry = self.keys(model_entry, MODEL_KEYS, where)
-        model = {**model_defaults, **model_entry}
-        if "kwargs" in model_entry and "name" not in model_entry:
-            model["kwargs"] = {**(model_defaults.get("kwargs") or {}), **model_entry["kwargs"]}
-        name = model.get("name")
-        if not isinstance(name, str):
+        model_entry = check_keys(ModelSection, model_entry, where)
+        merged = {**model_defaults, **model_entry}
+        if "kwargs" in model_entry and "name" not in model_entry and isinstance(model_entry["kwargs"], dict):
+            merged["kwargs"] = {**(model_defaults.get("kwargs") or {}), **model_entry["kwargs"]}
+        model = parse(ModelSection, merged, where)
+        if model.name is None:
             raise self.error(f"{where}.name", "missing: a timm model name (e.g. deit_small_patch16_224)")
-        kwargs = model.get("kwargs") or {}
-        if not isinstance(kwargs, dict):
-            raise self.error(f"{where}.kwargs", "must be a mapping of timm.create_model keyword arguments")
-        weights = model["weights"] if "weights" in model else defaults.get("weights")
-        if weights is not None and not isinstance(weights, str):
-            raise self.error(f"{where}.weights", f"must be null, a path, a URL or timm:<tag>, got {weights!r}")
-        data = self.keys(defaults.get("data"), DATA_KEYS, "defaults.data")
-        data_name = data.get("name")
-        from bench.data import DATASETS
-
-        self.choice(data_name, DATASETS, "defaults.data.name")
-        root = data.get("root")
-        subset = self.integer(data.get("subset"), "defaults.data.subset", 1, optional=True)
+        weights = model.weights if "weights" in merged else defaults.weights
+        data = defaults.data or parse(DataSection, None, "defaults.data")
         base = {
             "experiment": experiment,
-            "model": name,
-            "model_kwargs": dict(kwargs),
-            "model_label": str(model.get("label") or name),
+            "model": model.name,
+            "model_kwargs": dict(model.kwargs or {}),
+            "model_label": model.label or model.name,
             "weights": weights,
             "weights_path": self.resolve(weights) if weights else None,
-            "data": {"name": data_name, "root": self.resolve(root) if root else None, "subset": subset},
-            "batch_size": self.integer(defaults.get("batch_size", 128), "defaults.batch_size", 1),
-            "dtype": self.choice(defaults.get("dtype", "fp32"), DTYPES, "defaults.dtype"),
-            "device": self.choice(defaults.get("device", "auto"), DEVICES, "defaults.device"),
-            "threads": self.integer(defaults.get("threads"), "defaults.threads", 1, optional=True),
-            "seed": self.integer(defaults.get("seed", 0), "defaults.seed", 0),
-            "workers": self.integer(defaults.get("workers", 0), "defaults.workers", 0),
+            "data": {"name": data.name, "root": self.resolve(data.root) if data.root else None, "subset": data.subset},
+            "batch_size": defaults.batch_size,
+            "dtype": defaults.dtype,
+            "device": defaults.device,
+            "threads": defaults.threads,
+            "seed": defaults.seed,
+            "workers": defaults.workers,
             "config_file": str(self.path),
         }
         self.model_context(base, where)
@@ -330,13 +325,13 @@ class Parser:
         """Depth and token count of the model, from a weightless (meta) instance; checks weights files."""
         import timm
 
-        signature = json.dumps([base["model"], base["model_kwargs"]], sort_keys=True, default=str)
+        signature = canonical([base["model"], base["model_kwargs"]])
         if signature not in self._contexts:
             if not timm.is_model(base["model"]):
                 close = timm.list_models(f"*{base['model'][:6]}*")[:5]
                 hint = f"; similar: {', '.join(close)}" if close else ""
                 raise self.error(f"{where}.name", f"unknown timm model {base['model']!r}{hint}")
-            from bench.models import create_model
+            from bench.pipeline.models import create_model
 
             try:
                 vit = create_model(base["model"], base["model_kwargs"], meta=True)
@@ -347,7 +342,7 @@ class Parser:
         if self.check_files and base["weights_path"]:
             marker = (signature, base["weights_path"])
             if marker not in self._checked_weights:
-                from bench.models import WeightsError, check_weights
+                from bench.pipeline.models import WeightsError, check_weights
 
                 try:
                     check_weights(vit, base["weights_path"])
@@ -380,7 +375,8 @@ class Parser:
             expanded.append((name, method.params))
         return expanded
 
-    def make_run(self, base, method, params, where, stages, throughput, macs, evaluation, finetune, references):
+    def make_run(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
+                 references: list[ReferenceSection]) -> RunSpec:
         import bench
 
         vit = self.model_context(base, where)
@@ -391,18 +387,18 @@ class Parser:
             raise self.error(where, f"{error} ({base['model_label']})") from None
         reference = next(
             (
-                {k: v for k, v in ref.items() if k not in ("model", "method", "params")}
+                {k: v for k, v in asdict(ref).items() if k not in ("model", "method", "params") and v is not None}
                 for ref in references
-                if ref["method"] == method
-                and ref.get("model", base["model_label"]) == base["model_label"]
-                and (ref.get("params") or {}).items() <= params.items()
+                if ref.method == method
+                and (ref.model or base["model_label"]) == base["model_label"]
+                and (ref.params or {}).items() <= params.items()
             ),
             None,
         )
         if self.check_files:
-            self.check_data(base["data"], "finetune" in stages, where)
-        run = RunSpec(**base, method=method, params=copy.deepcopy(params), stages=stages, throughput=throughput,
-                      macs=macs, eval=evaluation, finetune=finetune, reference=reference)
+            self.check_data(base["data"], "finetune" in shared["stages"], where)
+        run = RunSpec(**base, method=method, params=copy.deepcopy(params), **copy.deepcopy(shared),
+                      reference=reference)
         return RunSpec.from_dict({**run.to_dict(), "key": run_key(run), "params_label": params_label(method, params)})
 
     def check_data(self, data: dict[str, Any], needs_train: bool, where: str) -> None:
@@ -414,7 +410,7 @@ class Parser:
             self.warnings.append(f"warning: {error} (runs would fail here)")
 
     def _check_data(self, data: dict[str, Any], needs_train: bool) -> None:
-        from bench.data import DEBIAN_FMNIST
+        from bench.pipeline.data import DEBIAN_FMNIST
 
         root = data["root"]
         if data["name"] == "imagenet":
@@ -439,10 +435,6 @@ def expand_env(text: str) -> str:
     return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", substitute, text)
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
 def _non_default(method: str, params: dict[str, Any]) -> dict[str, Any]:
     import methods
 
@@ -463,10 +455,9 @@ def run_key(run: RunSpec) -> str:
     identity["data"] = {**run.data, "root": Path(run.data["root"]).name if run.data["root"] else None}
     if run.finetune:
         identity["finetune"] = {k: v for k, v in run.finetune.items() if k != "export"}
-    digest = hashlib.sha1(_canonical(identity).encode()).hexdigest()[:8]
     compact = "-".join(f"{k}{_short(v)}" for k, v in _non_default(run.method, run.params).items())
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{run.model_label}-{run.method}-{compact}").strip("-")
-    return f"{slug[:80]}-{digest}"
+    return f"{slug[:80]}-{digest(identity)}"
 
 
 def _short(value: Any) -> str:

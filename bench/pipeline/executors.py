@@ -1,7 +1,7 @@
 """Where runs execute: ``inprocess`` (this Python process, one after another), ``local`` (each run in
 its own subprocess through submitit's LocalExecutor, one at a time so timings do not compete) and
-``slurm`` (one submitit job array per invocation on a SLURM cluster, see ``bench.slurm``).
-All three call the same job function, ``bench.runner.run_job``, with a small dict and a folder."""
+``slurm`` (one submitit job array per invocation on a SLURM cluster, see ``bench.pipeline.slurm``).
+All three call the same job function, ``bench.pipeline.runner.run_job``, with a small dict and a folder."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bench.config import RunSpec
-from bench.records import last_error_line
+from bench.pipeline.records import last_error_line
 
-EXECUTORS = ("inprocess", "local", "slurm")
+if TYPE_CHECKING:
+    from bench.pipeline.config import RunSpec
+
+EXECUTORS = ("inprocess", "local", "slurm")  # run_bench --executor
 
 
 @dataclass
@@ -29,7 +32,7 @@ def run_inprocess(runs: list[RunSpec], results_dir: Path, progress: bool = True,
                   announce: Callable[[str], None] = print) -> list[Outcome]:
     import time
 
-    from bench.runner import run_job
+    from bench.pipeline.runner import run_job
 
     outcomes = []
     for index, run in enumerate(runs, start=1):
@@ -50,7 +53,7 @@ def run_inprocess(runs: list[RunSpec], results_dir: Path, progress: bool = True,
 def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], None] = print) -> list[Outcome]:
     import submitit
 
-    from bench.runner import run_job
+    from bench.pipeline.runner import run_job
 
     executor = submitit.LocalExecutor(folder=str(results_dir / "logs" / "local" / "%j"))
     executor.update_parameters(timeout_min=24 * 60)

@@ -1,11 +1,8 @@
-"""SLURM through submitit: cluster profiles, one job array per invocation, job tracking for ``--status``.
+"""SLURM through submitit: one job array per invocation, job tracking for ``--status``.
 
-A profile is a YAML file in ``slurm/`` (``--profile NAME`` or ``slurm: {profile: NAME}`` in the
-experiment) with these keys, all optional: partition, account, qos, gpus_per_node, tasks_per_node,
-cpus_per_task, mem_gb, timeout_min, constraint, array_parallelism, max_requeue, setup (shell lines run
-before the job, e.g. module loads). ``tasks_per_node`` applies to fine-tuning runs (one DDP process per
-GPU); evaluation runs use one task. Each run's throughput and its dense baseline are timed inside the
-same job, so they always share a node and a GPU.
+A cluster profile (``--profile NAME`` or ``slurm: {profile: NAME}`` in the experiment; see
+``bench.pipeline.profiles``) gives the resources. Each run's throughput and its dense baseline are timed
+inside the same job, so they always share a node and a GPU.
 """
 
 from __future__ import annotations
@@ -15,84 +12,43 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import submitit
-import yaml
 
-from bench.records import failure_path, last_error_line
+from bench.pipeline.files import REPO, atomic_write_json
+from bench.pipeline.profiles import Profile, load_profile
+from bench.pipeline.records import failure_path, last_error_line, now
 
-REPO = Path(__file__).resolve().parent.parent
-PROFILE_KEYS = ("partition", "account", "qos", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
-                "timeout_min", "constraint", "array_parallelism", "max_requeue", "setup")
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+# profile key -> submitit parameter (max_requeue and setup are handled apart)
+SUBMITIT_NAMES = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
+                  "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
+                  "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb",
+                  "timeout_min": "timeout_min"}
 
 
-class ProfileError(ValueError):
-    pass
-
-
-def profile_path(name: str) -> Path:
-    candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
-        return candidate
-    return REPO / "slurm" / f"{name}.yaml"
-
-
-def available_profiles() -> list[str]:
-    return sorted(p.stem for p in (REPO / "slurm").glob("*.yaml"))
-
-
-def load_profile(name: str) -> dict[str, Any]:
-    path = profile_path(name)
-    if not path.exists():
-        raise ProfileError(f"{path}: no such cluster profile; available: {', '.join(available_profiles()) or 'none'}")
-    try:
-        profile = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ProfileError(f"{path}: malformed YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(profile, dict):
-        raise ProfileError(f"{path}: a profile is a mapping with keys from: {', '.join(PROFILE_KEYS)}")
-    for key, value in profile.items():
-        if key not in PROFILE_KEYS:
-            raise ProfileError(f"{path}: {key}: unknown key; allowed: {', '.join(PROFILE_KEYS)}")
-        if key == "setup":
-            if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
-                raise ProfileError(f"{path}: setup: must be a list of shell lines")
-        elif key in ("partition", "account", "qos", "constraint"):
-            if not isinstance(value, str):
-                raise ProfileError(f"{path}: {key}: must be a string, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ProfileError(f"{path}: {key}: must be an integer >= 0, got {value!r}")
-    return profile
-
-
-def executor_parameters(profile: dict[str, Any], finetune: bool) -> dict[str, Any]:
+def executor_parameters(profile: Profile, finetune: bool) -> dict[str, Any]:
     """submitit's ``update_parameters`` arguments for a profile (``max_requeue`` is a constructor argument
     of the executor instead: see ``make_executor``)."""
-    mapping = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
-               "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
-               "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb",
-               "timeout_min": "timeout_min"}
-    params = {mapping[k]: v for k, v in profile.items() if k in mapping}
+    params = {name: getattr(profile, key) for key, name in SUBMITIT_NAMES.items() if getattr(profile, key) is not None}
     if not params.get("gpus_per_node"):
         params.pop("gpus_per_node", None)  # --gpus-per-node=0 is refused by clusters without GPU gres
-    params["tasks_per_node"] = profile.get("tasks_per_node", 1) if finetune else 1
+    params["tasks_per_node"] = profile.tasks_per_node if finetune else 1
     params["nodes"] = 1
     # The job imports this repository's packages wherever the user submitted from.
-    params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}", *profile.get("setup", [])]
+    params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}", *profile.setup]
     return params
 
 
-def make_executor(log_folder: Path, profile: dict[str, Any], finetune: bool, name: str) -> submitit.AutoExecutor:
+def make_executor(log_folder: Path, profile: Profile, finetune: bool, name: str) -> submitit.AutoExecutor:
     """A SLURM executor for one job array. ``max_requeue`` is submitit's ``max_num_timeout`` (default 3): how
     often a job may be requeued after its time limit. submitit counts a preemption signal (USR2) as such a
     timeout once the job has run min(80 %, limit - 10 min) of its limit: with ``timeout_min`` <= 10, every
     preemption counts."""
     executor = submitit.AutoExecutor(folder=str(Path(log_folder) / "%j"), cluster="slurm",
-                                     slurm_max_num_timeout=profile.get("max_requeue", 3))
+                                     slurm_max_num_timeout=profile.max_requeue)
     executor.update_parameters(name=name, **executor_parameters(profile, finetune))
     return executor
 
@@ -101,9 +57,15 @@ def ensure_slurm_conf() -> None:
     """Point SLURM's clients at the local cluster of ``slurm/local_cluster.sh`` when nothing else is set."""
     if "SLURM_CONF" in os.environ:
         return
-    state = Path(os.environ.get("TOKENBENCH_SLURM_DIR", REPO / ".slurm"))
-    if (state / "slurm.conf").exists():
-        os.environ["SLURM_CONF"] = str((state / "slurm.conf").resolve())
+    conf = local_cluster_dir() / "slurm.conf"
+    if conf.exists():
+        os.environ["SLURM_CONF"] = str(conf.resolve())
+
+
+def local_cluster_dir() -> Path:
+    """The state folder of ``slurm/local_cluster.sh``: ``$TOKENBENCH_SLURM_DIR``, else ``<repo>/.slurm``
+    (a folder, or a link the script made to one that the daemons' users can reach)."""
+    return Path(os.environ.get("TOKENBENCH_SLURM_DIR") or REPO / ".slurm")
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -112,7 +74,7 @@ class RunJob(submitit.helpers.Checkpointable):
     checkpoint, which the training loop wrote at the step where the signal arrived."""
 
     def __call__(self, spec: dict[str, Any], results_dir: str) -> str:
-        from bench.runner import run_job
+        from bench.pipeline.runner import run_job
 
         os.environ["TOKENBENCH_LOG"] = str(submitit.JobEnvironment().paths.stderr)
         return run_job(spec, results_dir, progress=False)
@@ -130,19 +92,16 @@ def _read_jobs(results_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_jobs(results_dir: Path, jobs: dict[str, dict[str, Any]]) -> None:
-    path = jobs_file(results_dir)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(jobs, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(jobs_file(results_dir), jobs)
 
 
 def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait: bool = False) -> int:
     """Submit ``runs`` as SLURM job arrays (one per resource shape: evaluation, fine-tuning); print the
     job ids and the log folder; with ``wait``, wait and summarise. Exit code as ``run_bench``'s."""
-    from bench.executors import Outcome, summary
+    from bench.pipeline.executors import Outcome, summary
 
     ensure_slurm_conf()
-    settings = load_profile(profile or experiment.slurm.get("profile") or "local")
+    settings = load_profile(profile or experiment.slurm.profile or "local")
     results_dir = Path(results_dir).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     if not runs:
@@ -161,9 +120,9 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
         for run, job in zip(group, submitted, strict=True):
             jobs_by_key[run.key] = job
     known = _read_jobs(results_dir)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    submitted_now = now()
     for key, job in jobs_by_key.items():
-        known[key] = {"job_id": job.job_id, "log": str(job.paths.stderr), "submitted_at": now}
+        known[key] = {"job_id": job.job_id, "log": str(job.paths.stderr), "submitted_at": submitted_now}
         failure_path(results_dir, key).unlink(missing_ok=True)
     _write_jobs(results_dir, known)
     ids = sorted({job.job_id.split("_")[0] for job in jobs_by_key.values()})

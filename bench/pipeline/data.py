@@ -6,6 +6,7 @@ from a given folder, or, on machines with network, fetched once by torchvision's
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -149,3 +150,9 @@ def build_dataset(name: str, split: str, root: str | None = None, subset: int | 
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:subset]
         dataset = Subset(dataset, sorted(order.tolist()))
     return dataset
+
+
+@functools.lru_cache(maxsize=4)
+def cached_dataset(name: str, split: str, root: str | None, subset: int | None, augment: bool = False) -> Dataset:
+    """``build_dataset``, loaded once per process (the in-process executor runs many runs in one)."""
+    return build_dataset(name, split, root=root, subset=subset, augment=augment)

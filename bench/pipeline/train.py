@@ -21,23 +21,28 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from bench.pipeline.files import atomic_torch_save
+from bench.pipeline.schema import option
 from bench.throughput import autocast
 
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    epochs: int = 30
-    batch_size: int = 256  # global, over all processes
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    clip_grad: float | None = None
-    seed: int = 0
-    workers: int = 0
+    """The ``finetune:`` section of an experiment file (keys, types and defaults)."""
+
+    epochs: int = option(30, minimum=1)
+    batch_size: int = option(256, minimum=1)  # global, over all processes
+    lr: float = option(1e-5, minimum=0)
+    min_lr: float = option(1e-6, minimum=0)
+    weight_decay: float = option(0.05, minimum=0)
+    warmup_epochs: float = option(0.0, minimum=0)
+    label_smoothing: float = option(0.1, minimum=0)
+    mixup: float = option(0.0, minimum=0)
+    cutmix: float = option(0.0, minimum=0)
+    clip_grad: float | None = option(None, minimum=0)
+    seed: int = option(0, minimum=0)
+    workers: int = option(0, minimum=0)
+    export: str | None = option(None, expect="a file path")  # a copy of the final weights (rank 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,15 +92,6 @@ class EpochBatches:
 
     def __len__(self) -> int:
         return len(self.batches)
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict | None:

@@ -1,33 +1,35 @@
 """Result records: one JSON file per run, written atomically, never edited.
 
-A record (``schema: 1``)::
+A record (``schema: 1``), as ``build_record`` makes it::
 
     {
       "schema": 1,
-      "key": "tome-r4-1a2b3c4d",            # stable: derived from the run's configuration
+      "key": "fmnist-vit-tome-r4-1a2b3c4d",  # stable: <label>-<method>-<non-default params>-<config hash>
       "experiment": "quickstart",
-      "run": {                               # everything the run needed (frozen RunSpec, as a dict)
-        "model": "vit_tiny_patch16_224", "model_kwargs": {...}, "model_label": "fmnist-vit",
-        "weights": "configs/fmnist_vit.pth" | null | "https://..." | "timm:<tag>",
-        "data": {"name": "fashion_mnist", "root": null, "subset": 2000},
-        "method": "tome", "params": {"r": 4},
-        "batch_size": 128, "dtype": "fp32", "device": "cpu", "threads": 2,
-        "stages": ["eval", "macs", "throughput"], "throughput_batch_sizes": [32],
+      "run": {                               # the frozen RunSpec (bench/pipeline/config.py) as a dict
+        "experiment": "quickstart", "model": "vit_tiny_patch16_224", "model_kwargs": {...},
+        "model_label": "fmnist-vit", "weights": "fmnist_vit.pth" | null | "https://..." | "timm:<tag>",
+        "weights_path": "/abs/configs/fmnist_vit.pth", "data": {"name": "fashion_mnist", "root": null,
+        "subset": 2000}, "method": "tome", "params": {"r": 4, ...}, "batch_size": 128, "dtype": "fp32",
+        "device": "cpu", "threads": 2, "seed": 0, "workers": 0, "stages": ["eval", "macs", "throughput"],
+        "throughput": {"batch_sizes": [32], "warmup": 3, "runs": 10}, "macs": {"images": 16},
+        "eval": {"agreement": true}, "finetune": {...} | null,
         "reference": {"top1": 79.8, "gmacs": 4.6, "source": "DeiT paper"} | null,
-        ...
+        "config_file": "configs/quickstart.yaml", "key": "...", "params_label": "r=4"
       },
-      "metrics": {
+      "metrics": {                           # one entry per stage that ran (bench/pipeline/stages/)
         "eval": {"top1": 89.3, "top5": 99.8, "loss": 0.31, "agreement": 97.2, "images": 10000},
         "macs": {"torchprofile": 12345678, "analytic": 12300000, "data_mean": 12345678.0},
-        "throughput": [{"batch_size": 32, "dtype": "fp32", "device": "cpu", "device_name": "...",
-                        "threads": 2, "images_per_s": 2100.0, "times_s": [...],
+        "throughput": [{"images_per_s": 2100.0, "batch_size": 32, "dtype": "fp32", "device": "cpu",
+                        "device_name": "...", "threads": 2, "warmup": 3, "times_s": [...],
                         "baseline_images_per_s": 1500.0, "baseline_times_s": [...], "speedup": 1.4}],
-        "finetune": {"history": [...], "epochs_done": 10}
+        "finetune": {"history": [...], "epochs_done": 10, "world_size": 1}
       },
       "tokens_per_layer": {"in": [50, 50, ...], "out": [50, 42, ...]},
       "method_stats": {"3": {"pooled_fraction": 0.41}},
-      "env": {"torch": "...", "timm": "...", "python": "...", "device_name": "...", "threads": 2,
-              "git_commit": "...", "hostname": "...", "slurm_job_id": null},
+      "env": {"torch": "...", "timm": "...", "python": "...", "platform": "...", "device": "cpu",
+              "device_name": "...", "threads": 2, "git_commit": "...", "hostname": "...",
+              "slurm_job_id": null, "slurm_array_task_id": null},
       "started_at": "2026-11-25T15:00:00+00:00", "finished_at": "...", "wall_s": 12.3
     }
 
@@ -38,10 +40,11 @@ the runner redoes that run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from bench.pipeline.files import atomic_write_json
 
 SCHEMA = 1
 REQUIRED_FIELDS = ("schema", "key", "run", "metrics", "env")
@@ -51,31 +54,32 @@ class RecordError(ValueError):
     """A record file is unreadable or incomplete (the message names the file)."""
 
 
+def build_record(run: dict[str, Any], metrics: dict[str, Any], tokens_per_layer: dict[str, list[int]] | None,
+                 method_stats: dict[str, dict[str, float]], env: dict[str, Any], started_at: str,
+                 wall_s: float) -> dict[str, Any]:
+    """The record of a finished run (``run``: ``RunSpec.to_dict()``); ``finished_at`` is now."""
+    return {
+        "schema": SCHEMA,
+        "key": run["key"],
+        "experiment": run["experiment"],
+        "run": run,
+        "metrics": metrics,
+        "tokens_per_layer": tokens_per_layer,
+        "method_stats": method_stats,
+        "env": env,
+        "started_at": started_at,
+        "finished_at": now(),
+        "wall_s": round(wall_s, 3),
+    }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle, indent=1, sort_keys=False, default=_jsonable)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    """Write ``record`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    atomic_write_json(path, record)
 
 
 def read_record(path: Path) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""What a stage gets: the run, its model (the method attached), where results go, the device, and the
+run's datasets and loaders. Stages also leave the per-layer token counts and method statistics here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bench.pipeline.config import RunSpec
+from bench.pipeline.data import cached_dataset
+
+
+@dataclass
+class StageContext:
+    run: RunSpec
+    model: Any  # a bench.apply result (ReducedViT)
+    results_dir: Path
+    device: torch.device
+    progress: bool = True
+    rank: int = 0  # this process's rank in a multi-task (DDP) job: only rank 0 measures and records
+    tokens_per_layer: dict[str, list[int]] | None = None  # {"in": [...], "out": [...]} of a real forward
+    method_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def dataset(self, split: str, augment: bool = False) -> Dataset:
+        data = self.run.data
+        return cached_dataset(data["name"], split, data["root"], data["subset"], augment)
+
+    def val_set(self) -> Dataset:
+        return self.dataset("val")
+
+    def loader(self, data: Dataset) -> DataLoader:
+        return DataLoader(data, batch_size=self.run.batch_size, shuffle=False, num_workers=self.run.workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def note_tokens(self, info: Any) -> None:
+        """Keep the token counts of the first stage that ran a forward pass (``info``: a ForwardInfo)."""
+        if self.tokens_per_layer is None and info is not None:
+            self.tokens_per_layer = {"in": info.tokens_in, "out": info.tokens_out}

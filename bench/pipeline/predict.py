@@ -1,0 +1,48 @@
+"""Predictions of a model over a loader: top-5 classes, targets, loss and the method's per-layer stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from bench.throughput import autocast
+
+
+@dataclass
+class Predictions:
+    top_k: torch.Tensor  # (N, k) class indices, best first (k = min(5, classes))
+    targets: torch.Tensor  # (N,)
+    loss: float  # mean cross-entropy
+    info: Any  # the model's last ForwardInfo (None for a plain module)
+    stats: dict[str, dict[str, float]]  # method statistics per layer, averaged over images
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dtype: str, description: str,
+            progress: bool) -> Predictions:
+    from tqdm import tqdm
+
+    model.eval()
+    loss_sum, top_k, targets = 0.0, [], []
+    stats_sum: dict[int, dict[str, float]] = {}
+    seen, info = 0, None
+    for images, labels in tqdm(loader, desc=description, disable=not progress, leave=False, mininterval=2.0):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top_k.append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu())
+        targets.append(labels.cpu())
+        seen += images.shape[0]
+        info = getattr(model, "last_forward", None)
+        if info is not None:
+            for layer, values in info.stats.items():
+                slot = stats_sum.setdefault(layer, {})
+                for name, value in values.items():
+                    slot[name] = slot.get(name, 0.0) + value * images.shape[0]
+    stats = {str(layer): {name: total / seen for name, total in values.items()} for layer, values in stats_sum.items()}
+    return Predictions(torch.cat(top_k), torch.cat(targets), loss_sum / max(seen, 1), info, stats)

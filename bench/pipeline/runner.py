@@ -1,0 +1,113 @@
+"""One run, start to end: build the timm model, load weights, attach the method, run the stages of
+``bench.pipeline.stages`` in order and write the run's record. ``run_job`` is the picklable function every
+executor calls (in-process, local subprocess, SLURM), with a small dict and a folder."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import bench
+from bench.pipeline.config import RunSpec
+from bench.pipeline.context import StageContext
+from bench.pipeline.files import REPO, atomic_write_json
+from bench.pipeline.models import load_model
+from bench.pipeline.records import build_record, failure_path, now, record_path, write_record
+from bench.pipeline.stages import stage
+from bench.throughput import device_name
+
+
+def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True) -> str:
+    """Execute one run and return its record's path. On failure, a failure note (error, traceback, log)
+    is written next to the records and the exception propagates (the executor reports it).
+
+    ``SystemExit`` is not a failure: it is how submitit ends a job it has checkpointed and requeued after
+    a preemption signal. Test hook: a run whose key matches the glob in ``$TOKENBENCH_FAIL_KEYS`` raises
+    ``RuntimeError`` at job time (after validation, so failures inside a real SLURM job can be tested)."""
+    run = RunSpec.from_dict(spec)
+    try:
+        fail_keys = os.environ.get("TOKENBENCH_FAIL_KEYS")
+        if fail_keys and fnmatch.fnmatch(run.key, fail_keys):
+            raise RuntimeError(f"injected failure: run {run.key} matches TOKENBENCH_FAIL_KEYS={fail_keys!r}")
+        execute(run, Path(results_dir), progress=progress)
+    except SystemExit:
+        raise
+    except BaseException as error:
+        _write_failure(Path(results_dir), run, error)
+        raise
+    return str(record_path(Path(results_dir), run.key))
+
+
+def _write_failure(results_dir: Path, run: RunSpec, error: BaseException) -> None:
+    atomic_write_json(failure_path(results_dir, run.key), {
+        "key": run.key,
+        "error": f"{type(error).__name__}: {error}".strip().splitlines()[0][:500],
+        "traceback": traceback.format_exc(),
+        "log": os.environ.get("TOKENBENCH_LOG"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "time": now(),
+    })
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "git_commit": commit,
+        "hostname": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+    }
+
+
+def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str, Any] | None:
+    """All stages of ``run``; writes and returns its record (None on the non-zero ranks of a DDP job,
+    which only train)."""
+    started, clock = now(), time.time()
+    device = resolve_device(run.device)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    torch.manual_seed(run.seed)
+    vit = load_model(run.model, run.model_kwargs, run.weights_path)
+    model = bench.apply(vit, run.method, **run.params).to(device)
+    ctx = StageContext(run, model, Path(results_dir), device, progress)
+    metrics: dict[str, Any] = {}
+    for name in run.stages:
+        metrics[name] = stage(name).run(ctx)
+        if ctx.rank != 0:
+            return None
+    record = build_record(run.to_dict(), metrics, ctx.tokens_per_layer, ctx.method_stats, environment(device),
+                          started_at=started, wall_s=time.time() - clock)
+    write_record(record_path(results_dir, run.key), record)
+    failure_path(results_dir, run.key).unlink(missing_ok=True)
+    return record

@@ -1,0 +1,24 @@
+"""``macs``: MACs of one image (torchprofile), the analytic count for the same token schedule, and the
+mean over ``macs.images`` real images for methods whose work depends on the input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.macs import analytic_macs, count_macs, data_macs
+from bench.pipeline.context import StageContext
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    model = ctx.model
+    single = count_macs(model)
+    info = model.last_forward
+    analytic = analytic_macs(model, info.tokens_in, info.tokens_out)
+    ctx.note_tokens(info)
+    if model.method.data_dependent:
+        val = ctx.val_set()
+        count = min(ctx.run.macs["images"], len(val))
+        averaged = data_macs(model, (val[i][0] for i in range(count)))
+    else:
+        averaged = float(single)
+    return {"torchprofile": single, "analytic": analytic, "data_mean": averaged}
