@@ -22,7 +22,8 @@ class StageContext:
     device: torch.device
     progress: bool = True
     rank: int = 0  # this process's rank in a multi-task (DDP) job: only rank 0 measures and records
-    tokens_per_layer: dict[str, list[int]] | None = None  # {"in": [...], "out": [...]} of a real forward
+    # {"in", "attn", "mlp", "out": [...]} of a real forward (bench.vit.ForwardInfo's counts)
+    tokens_per_layer: dict[str, list[int]] | None = None
     method_stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def dataset(self, split: str, augment: bool = False) -> Dataset:
@@ -39,4 +40,5 @@ class StageContext:
     def note_tokens(self, info: Any) -> None:
         """Keep the token counts of the first stage that ran a forward pass (``info``: a ForwardInfo)."""
         if self.tokens_per_layer is None and info is not None:
-            self.tokens_per_layer = {"in": info.tokens_in, "out": info.tokens_out}
+            self.tokens_per_layer = {"in": info.tokens_in, "attn": info.tokens_attn, "mlp": info.tokens_mlp,
+                                     "out": info.tokens_out}

@@ -43,6 +43,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dt
             for layer, values in info.stats.items():
                 slot = stats_sum.setdefault(layer, {})
                 for name, value in values.items():
-                    slot[name] = slot.get(name, 0.0) + value * images.shape[0]
+                    # statistics may be 0-d tensors (no host sync inside the forward): read them here
+                    slot[name] = slot.get(name, 0.0) + float(value) * images.shape[0]
     stats = {str(layer): {name: total / seen for name, total in values.items()} for layer, values in stats_sum.items()}
     return Predictions(torch.cat(top_k), torch.cat(targets), loss_sum / max(seen, 1), info, stats)

@@ -25,7 +25,7 @@ A record (``schema: 1``), as ``build_record`` makes it::
                         "baseline_images_per_s": 1500.0, "baseline_times_s": [...], "speedup": 1.4}],
         "finetune": {"history": [...], "epochs_done": 10, "world_size": 1}
       },
-      "tokens_per_layer": {"in": [50, 50, ...], "out": [50, 42, ...]},
+      "tokens_per_layer": {"in": [50, ...], "attn": [50, ...], "mlp": [50, 42, ...], "out": [50, 42, ...]},
       "method_stats": {"3": {"pooled_fraction": 0.41}},
       "env": {"torch": "...", "timm": "...", "python": "...", "platform": "...", "device": "cpu",
               "device_name": "...", "threads": 2, "git_commit": "...", "hostname": "...",

@@ -13,7 +13,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     model = ctx.model
     single = count_macs(model)
     info = model.last_forward
-    analytic = analytic_macs(model, info.tokens_in, info.tokens_out)
+    analytic = analytic_macs(model, info.tokens_attn, info.tokens_mlp)
     ctx.note_tokens(info)
     if model.method.data_dependent:
         val = ctx.val_set()
