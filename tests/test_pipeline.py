@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+import methods
 import run_bench
 from bench.pipeline.files import REPO
 from bench.pipeline.records import read_all, read_record, record_path
@@ -213,7 +214,7 @@ def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, monkeypatch, ca
 BAD_INPUTS = [
     ({"bogus": 1}, "exp.yaml: bogus: unknown key; allowed: name, description, defaults"),
     ({"defaults": {"model": MODEL, "colour": 1}}, "defaults.colour: unknown key; allowed: model, weights"),
-    ({"grid": {"methods": ["tomee"]}}, "grid.methods[0].method: unknown method 'tomee'; allowed: baseline, evit"),
+    ({"grid": {"methods": ["tomee"]}}, "grid.methods[0].method: unknown method 'tomee'; allowed: " + ", ".join(methods.names())),
     ({"grid": {"methods": [{"method": "tome", "rr": 1}]}}, "grid.methods[0]: method 'tome': unknown parameter 'rr'"),
     ({"grid": {"methods": [{"method": "tome", "r": 49}]}}, "r=49 would remove all 49 patch tokens"),
     ({"grid": {"methods": [{"method": "ppt", "r": 4, "layers": [3, 6, 9]}]}}, "include block 6, but the model has 4 blocks"),
