@@ -24,14 +24,16 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
+from bench.pipeline import budgets, measurements  # matched budgets, throughput sweeps, token maps (light too)
 from bench.pipeline.files import atomic_file, atomic_write
 from bench.pipeline.records import read_all  # light: the model stack is not imported
 
 GROUP = ["model", "data", "weights"]
 CSV_COLUMNS = [
     "model", "method", "params", "top1", "top5", "delta_top1", "agreement", "gmacs", "mac_reduction",
-    "images_per_s", "speedup",
+    "images_per_s", "speedup", "budget", "mac_fraction",
     "data", "weights", "key", "gmacs_analytic", "gmacs_data", "batch_size", "dtype", "device",
+    "speedup_low", "speedup_high", "ece", "nll", "feature_cos",
 ]
 EXTRA_COLUMNS = [
     "experiment", "throughput_batch_size", "throughput_dtype", "device_name", "threads",
@@ -39,7 +41,7 @@ EXTRA_COLUMNS = [
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
-    "threads", "images_per_s", "baseline_images_per_s", "speedup",
+    "threads", "images_per_s", "baseline_images_per_s", "speedup", *measurements.ENTRY_COLUMNS,
 ]
 NAN = float("nan")
 
@@ -84,7 +86,27 @@ def _data_label(data: Any) -> str:
         return data
     name = str(_get(data, "name") or "")
     subset = _get(data, "subset")
-    return f"{name} (subset {subset})" if subset else name
+    label = f"{name} (subset {subset})" if subset else name
+    transform = _get(data, "transform")
+    return f"{label} [{transform_label(transform)}]" if isinstance(transform, dict) else label
+
+
+def transform_label(transform: dict) -> str:
+    """``3x224x224 bicubic, crop_pct 0.9 center, mean 0.485/0.456/0.406, std 0.229/0.224/0.225``: a run's
+    eval transform (``run.data.transform``, keys as timm names them)."""
+    def numbers(values: Any) -> str:
+        return "/".join(f"{v:.4g}" for v in values) if isinstance(values, (list, tuple)) else str(values)
+
+    size = "x".join(str(v) for v in transform.get("input_size") or [])
+    return (f"{size} {transform.get('interpolation')}, crop_pct {transform.get('crop_pct')} "
+            f"{transform.get('crop_mode')}, mean {numbers(transform.get('mean'))}, std {numbers(transform.get('std'))}")
+
+
+def _weights_label(weights: Any, sha256: Any) -> str:
+    """``fmnist_vit.pth (sha256 1a2b3c4d)``: a checkpoint changed at the same path is another group."""
+    if not weights:
+        return "random init"
+    return f"{weights} (sha256 {sha256[:8]})" if isinstance(sha256, str) and sha256 else str(weights)
 
 
 def _throughput_entries(record: dict) -> list[dict]:
@@ -124,8 +146,13 @@ def _row(record: dict) -> dict[str, Any]:
         "mac_reduction": NAN,
         "images_per_s": _num(first.get("images_per_s")),
         "speedup": _speedup(first) if first else NAN,
+        "speedup_low": _num(first.get("speedup_low")),
+        "speedup_high": _num(first.get("speedup_high")),
+        "ece": _num(_get(metrics, "eval", "ece")),
+        "nll": _num(_get(metrics, "eval", "nll")),
+        "feature_cos": _num(_get(metrics, "eval", "feature_cos")),
         "data": _data_label(run.get("data")),
-        "weights": str(weights) if weights else "random init",
+        "weights": _weights_label(weights, run.get("weights_sha256")),
         "key": str(record.get("key") or ""),
         "gmacs_analytic": _num(_get(metrics, "macs", "analytic"), 1e9),
         "gmacs_data": _num(_get(metrics, "macs", "data_mean"), 1e9),
@@ -141,6 +168,8 @@ def _row(record: dict) -> dict[str, Any]:
         "ref_top5": _num(reference.get("top5")),
         "ref_gmacs": _num(reference.get("gmacs")),
         "ref_source": reference.get("source") if reference else None,
+        "budget": _num(_get(run, "budget", "target")),  # the MAC budget the run was calibrated to, if any
+        "mac_fraction": NAN,
         # not CSV columns: kept for the markdown sections, dropped by write_csv
         "_reference": bool(reference),
         "_tokens_out": _get(record, "tokens_per_layer", "out"),
@@ -173,6 +202,7 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
         df.loc[index, "delta_top1"] = df.loc[index, "top1"] - base_top1
         if base_gmacs > 0:
             df.loc[index, "mac_reduction"] = 100.0 * (1.0 - df.loc[index, "gmacs"] / base_gmacs)
+            df.loc[index, "mac_fraction"] = df.loc[index, "gmacs"] / base_gmacs
     return df
 
 
@@ -189,6 +219,7 @@ def build_throughput_frame(recs: Sequence[dict]) -> pd.DataFrame:
                 "device": entry.get("device"), "device_name": entry.get("device_name"),
                 "threads": entry.get("threads"), "images_per_s": _num(entry.get("images_per_s")),
                 "baseline_images_per_s": _num(entry.get("baseline_images_per_s")), "speedup": _speedup(entry),
+                **measurements.entry_fields(entry),
             })
     return pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS)
 
@@ -270,14 +301,16 @@ def _conditions(group: pd.DataFrame) -> str:
 
 def _leaderboard_section(df: pd.DataFrame) -> list[str]:
     headers = ["Method", "Params", "Top-1", "Top-5", "Δ Top-1", "Agreement", "GMACs", "MAC red.",
-               "Images/s", "Speed-up"]
+               "Images/s", "Speed-up", "ECE", "NLL", "Feature cos"]
     lines: list[str] = []
     for (model, data, weights), group in df.groupby(GROUP, sort=True):
         gmacs_digits = 3 if group["gmacs"].max() >= 1 else 4  # small models: 0.0482, not 0.048
         rows = [[
             _cell(row["method"]), _cell(row["params"]), _fmt(row["top1"], 2), _fmt(row["top5"], 2),
             _fmt(row["delta_top1"], 2, signed=True), _fmt(row["agreement"], 2), _fmt(row["gmacs"], gmacs_digits),
-            _fmt(row["mac_reduction"], 1, "%"), _fmt(row["images_per_s"], 0), _fmt(row["speedup"], 2, "x"),
+            _fmt(row["mac_reduction"], 1, "%"), _fmt(row["images_per_s"], 0),
+            measurements.format_speedup(row["speedup"], row["speedup_low"], row["speedup_high"]),
+            _fmt(row["ece"], 3), _fmt(row["nll"], 3), _fmt(row["feature_cos"], 4),
         ] for _, row in sort_group(group).iterrows()]
         lines += [f"## {_group_title(model, data, weights)}", "", _table(rows, headers), "", _conditions(group)]
         if not (group["method"] == "baseline").any():
@@ -308,7 +341,8 @@ def _throughput_section(df: pd.DataFrame, tp: pd.DataFrame) -> list[str]:
                 match = entries[(entries["batch_size"] == batch) & (entries["_dtype"] == dtype)]
                 first = match.iloc[0] if len(match) else None
                 row += [_fmt(first["images_per_s"], 0) if first is not None else "",
-                        _fmt(first["speedup"], 2, "x") if first is not None else ""]
+                        measurements.format_speedup(first["speedup"], first["speedup_low"], first["speedup_high"])
+                        if first is not None else ""]
             rows.append(row)
         lines += [f"### {_group_title(model, data, weights)}", "", _table(rows, headers), ""]
     return lines
@@ -372,8 +406,10 @@ def _tokens_section(df: pd.DataFrame) -> list[str]:
 
 
 def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_df: pd.DataFrame | None = None,
-                    generated: datetime | None = None) -> str:
-    """The leaderboard as markdown (see the module docstring); ``generated`` defaults to now (UTC)."""
+                    generated: datetime | None = None, figures: Sequence[tuple[str, str, Path]] = (),
+                    calibrations: Sequence[dict] = ()) -> str:
+    """The leaderboard as markdown (see the module docstring); ``generated`` defaults to now (UTC);
+    ``figures``: ``measurements.write_figures``'s list, linked in a last section."""
     throughput_df = throughput_df if throughput_df is not None else pd.DataFrame(columns=THROUGHPUT_COLUMNS)
     generated = generated or datetime.now(timezone.utc)
     experiments = sorted({name for name in df["experiment"] if name}) if not df.empty else []
@@ -384,16 +420,30 @@ def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_d
              f"{len(df)} run{'s' if len(df) != 1 else ''} in {n_groups} group{'s' if n_groups != 1 else ''}, "
              f"generated {stamp} by `report.py` from the run records (nothing re-run).", ""]
     if not df.empty:
+        lines += budgets.budget_section(df, calibrations, GROUP, _group_title, _table)
         lines += _leaderboard_section(df)
         lines += _throughput_section(df, throughput_df)
+        lines += measurements.speed_section(df, throughput_df, GROUP, sort_group, _group_title)
         lines += _reference_section(df)
         lines += _tokens_section(df)
+    lines += measurements.figures_section(figures)
     if problems:
         lines += ["## Skipped records", ""] + [f"- {_cell(problem)}" for problem in problems] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 # ------------------------------------------------------------------------------------------ csv & plot
+
+
+def read_calibrations(folder: Path) -> list[dict]:
+    """``calibration.json`` of an experiment with MAC budgets (written by run_bench), or none."""
+    import json
+
+    try:
+        value = json.loads((Path(folder) / "calibration.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [entry for entry in value if isinstance(entry, dict)] if isinstance(value, list) else []
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
@@ -422,12 +472,20 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
             label = method if number == 0 else None  # one legend entry per method (colour)
             ax.scatter(points["gmacs"], points["top1"], color=method_colour[method], marker=marker, s=40,
                        zorder=3, label=label)
-        ax.scatter([], [], color="grey", marker=marker, label=_group_title(model, data, weights))
+        short = f"{model} on {data.split(' [')[0]}"  # the full title (transform, weights) is in the markdown
+        ax.scatter([], [], color="grey", marker=marker, label=short if len(short) <= 60 else short[:57] + "...")
         for rank, (_, row) in enumerate(group.sort_values("gmacs", kind="stable").iterrows()):
             text = row["params"] if row["params"] else row["method"]
             # alternate above / below so neighbouring labels do not print over each other
             ax.annotate(text, (row["gmacs"], row["top1"]), xytext=(4, 5 if rank % 2 == 0 else -11),
                         textcoords="offset points", fontsize=6.5, color=method_colour[row["method"]])
+        budgeted = group[group["budget"].notna()]
+        for method, points in budgeted.groupby("method", sort=True):  # each method's matched-budget line
+            points = points.sort_values("gmacs")
+            ax.plot(points["gmacs"], points["top1"], color=method_colour[method], alpha=0.7, linewidth=1.0, zorder=2)
+        base = group[group["method"] == "baseline"]["gmacs"].dropna()
+        for target in sorted(set(budgeted["budget"])) if len(base) else []:  # the budgets, as MACs
+            ax.axvline(target * base.iloc[0], color="grey", linestyle=":", linewidth=0.8, zorder=1)
         front = pareto_front(group)
         xs, ys = list(front["gmacs"]), list(front["top1"])
         if group["gmacs"].max() > xs[-1]:  # the best top-1 stays reachable up to the largest budget
@@ -483,14 +541,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or folder / "leaderboard.md"
     csv = args.csv or folder / "leaderboard.csv"
     plot = args.plot or folder / "pareto.png"
-    atomic_write(out, render_markdown(df, problems, tp))
-    print(out)
-    write_csv(df, csv)
-    print(csv)
-    if plot_pareto(df, plot):
+    try:  # every file atomic: a failed write leaves the previous file (or none) and no temporary file
+        figures = measurements.write_figures(df, tp, folder, Path(out).parent, GROUP, sort_group, _group_title)
+        calibrations = read_calibrations(folder)
+        atomic_write(out, render_markdown(df, problems, tp, figures=figures, calibrations=calibrations))
+        print(out)
+        write_csv(df, csv)
+        print(csv)
+        plotted = plot_pareto(df, plot)
+    except OSError as error:
+        print(f"report.py: error: cannot write in {folder} ({error.strerror or error})", file=sys.stderr)
+        return 2
+    if plotted:
         print(plot)
     else:
         print("report.py: no record has both top-1 and GMACs; plot skipped", file=sys.stderr)
+    for _, _, path in figures:  # throughput.png, tokens*.png
+        print(path)
     return 0
 
 

@@ -11,7 +11,8 @@ write one JSON record per run, then the leaderboard.
 ``tokenbench-run`` (installed with the project) is the same command.
 
 Exit codes: 0 every run succeeded; 1 some runs failed (their errors are listed, the others' records
-kept); 2 bad input (the message names the file, the key and what is allowed).
+kept); 2 bad input (the message names the file, the key and what is allowed), an unusable or busy results
+folder, or SLURM refusing the submission; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from bench.pipeline.files import REPO
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """run_bench's command line (tests parse the README's commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML file")
     parser.add_argument("--executor", choices=EXECUTORS, default="inprocess")
@@ -38,7 +44,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--status", action="store_true", help="list every run's state and exit")
     parser.add_argument("--no-report", action="store_true", help="do not write the leaderboard afterwards")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    parser.add_argument("--wait-lock", action="store_true",
+                        help="wait while another invocation uses the results folder (default: refuse, exit 2)")
+    return parser
+
+
+def calibration_line(calibration: dict) -> str:
+    from bench.pipeline.calibrate import Calibration
+
+    return Calibration(**{k: v for k, v in calibration.items() if k != "model"}).describe()
 
 
 def fail(message: str) -> int:
@@ -47,9 +61,18 @@ def fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # the run in progress has marked itself interrupted; finished records stay
+        print("interrupted (Ctrl-C): finished runs keep their records, the run in progress is marked "
+              "interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from bench.pipeline.config import ConfigError, load_experiment, select
-    from bench.pipeline.status import collect_status, print_status, todo_runs
+    from bench.pipeline.status import collect_status, print_status
 
     try:
         experiment = load_experiment(args.config, check_files=not args.status, data_required=not args.dry_run)
@@ -66,8 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = collect_status(runs, results_dir)
         print_status(rows)
         return 0 if all(row.state == "done" for row in rows) else 1
+    if args.dry_run:  # reads only
+        return run(args, experiment, runs, results_dir)
+    from bench.pipeline.lock import FolderError, results_lock
 
-    todo, notes = todo_runs(runs, results_dir, force=args.force)
+    try:  # the folder is checked usable and held for the whole invocation (nothing computed twice)
+        with results_lock(results_dir, wait=args.wait_lock, announce=lambda line: print(line, file=sys.stderr)):
+            return run(args, experiment, runs, results_dir)
+    except FolderError as error:
+        return fail(str(error))
+
+
+def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> int:
+    from bench.pipeline.status import todo_runs
+
+    todo, notes = todo_runs(runs, results_dir, force=args.force, set_aside=not args.dry_run)
     for note in notes:
         print(note, file=sys.stderr)
     print(f"{experiment.name}: {len(runs)} run(s), {len(runs) - len(todo)} already done, {len(todo)} to run "
@@ -75,14 +111,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for run in runs:
             print(f"  {'todo' if run in todo else 'done'}  {run.key}")
+        for calibration in experiment.calibrations:  # every MAC budget: the knob found, or why none
+            print(f"  budget  {calibration['model']}: {calibration_line(calibration)}")
+        from report import transform_label
+
+        for line in dict.fromkeys(f"  transform  {run.model_label} on {run.data['name']}: "
+                                  f"{transform_label(run.data['transform'])}" for run in runs):
+            print(line)  # the eval transform timm resolved for each model (run.data.transform)
+        from bench.pipeline.profiles import ProfileError
+        from bench.pipeline.resources import describe
+
+        try:  # the SLURM resources per job shape (profile: --profile, the config's, else local)
+            print("\n".join(describe(todo, args.profile or experiment.slurm.profile or "local")))
+        except ProfileError as error:
+            return fail(str(error))
         return 0
+    if experiment.calibrations:  # the report's matched-budget table shows unreachable budgets as "-"
+        from bench.pipeline.files import atomic_write_json
+
+        atomic_write_json(results_dir / "calibration.json", experiment.calibrations)
+    from bench.pipeline.fetch import prefetch_weights
+    from bench.pipeline.models import WeightsError
+
+    try:  # URL and timm weights: fetched once here, the jobs get local files
+        todo = prefetch_weights(todo, results_dir, warn=lambda message: print(message, file=sys.stderr))
+    except WeightsError as error:
+        return fail(str(error))
     if args.executor == "slurm":
         from bench.pipeline.profiles import ProfileError
-        from bench.pipeline.slurm import submit
+        from bench.pipeline.slurm import SubmitError, submit
 
         try:
-            code = submit(experiment, todo, results_dir, profile=args.profile, wait=args.wait)
-        except ProfileError as error:
+            code = submit(experiment, todo, results_dir, profile=args.profile, wait=args.wait, redo=args.force)
+        except (ProfileError, SubmitError) as error:
             return fail(str(error))
         if args.wait and not args.no_report:
             write_report(results_dir)
@@ -92,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     if args.executor == "local":
-        outcomes = run_local(todo, results_dir)
+        outcomes = run_local(todo, results_dir, redo=args.force)
     else:
-        outcomes = run_inprocess(todo, results_dir, progress=not args.quiet and sys.stderr.isatty())
+        outcomes = run_inprocess(todo, results_dir, progress=not args.quiet and sys.stderr.isatty(), redo=args.force)
     code = summary(outcomes)
     print(f"wall time {time.time() - started:.1f} s")
     if not args.no_report:

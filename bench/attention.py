@@ -67,18 +67,23 @@ def probabilities(
     ``p = (exp(l - max) + eps/n) / (sum exp(l - max) + eps)`` over the image's real keys (``n`` of them,
     max and sum over those only), exactly 0 for padded keys."""
     if mode == "policy":
-        logits = (q.float() @ k.float().transpose(-2, -1)) * scale
+        # the official ATS numerics: logits in (at least) float32, exp and normalisation in float32
+        work = torch.promote_types(q.dtype, torch.float32)
+        logits = (q.to(work) @ k.to(work).transpose(-2, -1)) * scale
         if bias is not None:
-            logits = logits + bias.float()
+            logits = logits + bias.to(work)
         real = None if mask is None else mask[:, None, None, :]
         if real is not None:
             logits = logits.masked_fill(~real, float("-inf"))
-        shifted = (logits - logits.amax(dim=-1, keepdim=True)).exp()
-        count = q.shape[2] if mask is None else mask.sum(dim=-1).to(torch.float32)[:, None, None, None]
-        probs = (shifted + POLICY_EPS / count) / (shifted.sum(dim=-1, keepdim=True) + POLICY_EPS)
+        shifted = (logits - logits.amax(dim=-1, keepdim=True)).float().exp()
+        if mask is None:
+            leak = torch.tensor(POLICY_EPS / q.shape[2], dtype=torch.float32, device=q.device)
+        else:
+            leak = (POLICY_EPS / mask.sum(dim=-1).double()).float()[:, None, None, None]
+        probs = (shifted + leak) / (shifted.sum(dim=-1, keepdim=True) + POLICY_EPS)
         if real is not None:
             probs = probs.masked_fill(~real, 0.0)
-        return probs.to(q.dtype)
+        return probs.to(work)  # kept in float32 (or float64) for the signals, also under autocast
     logits = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
@@ -114,7 +119,7 @@ def attention(
     probs = None
     if mode != "fused" or ATTN in needs:
         probs = probabilities(q, k, bias, attn.scale, "explicit" if mode == "fused" else mode, mask)
-        heads_out = attn.attn_drop(probs) @ v
+        heads_out = attn.attn_drop(probs).to(v.dtype) @ v
     else:
         dropout = attn.attn_drop.p if attn.training else 0.0
         heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)

@@ -52,6 +52,8 @@ class ForwardInfo:
     leaving it (after an END reduction). ``stats[i]``: the method's statistics at block i (e.g. PPT's pooled
     fraction; values may be 0-d tensors: no host synchronisation inside the forward). ``source``: (B, N, N0)
     map from output tokens to input tokens, when tracking was on. ``size``: (B, N, 1). ``mask``: (B, N).
+    ``layer_sources[i]``: ``(source, mask)`` as they left block i, for every block with a reduction step
+    (only when tracking was on): the token maps after each reducing layer.
     """
 
     tokens_in: list[int]
@@ -62,6 +64,7 @@ class ForwardInfo:
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    layer_sources: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
 class ReducedViT(nn.Module):
@@ -80,6 +83,7 @@ class ReducedViT(nn.Module):
             num_tokens=vit.patch_embed.num_patches + vit.num_prefix_tokens,
             img_size=tuple(vit.patch_embed.img_size),
             patch_size=tuple(vit.patch_embed.patch_size),
+            embed_dim=vit.embed_dim,
         )
         method.check(self.context)
         steps = self._steps(self.context)
@@ -119,7 +123,8 @@ class ReducedViT(nn.Module):
             images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
         x = vit.norm_pre(vit.patch_drop(embed(vit, images)))
         ctx = ReductionContext(depth=self.context.depth, num_prefix=self.context.num_prefix, num_tokens=x.shape[1],
-                               img_size=self.context.img_size, patch_size=self.context.patch_size)
+                               img_size=self.context.img_size, patch_size=self.context.patch_size,
+                               embed_dim=self.context.embed_dim)
         steps = self._steps(ctx)
         source = None
         if self.track_source:
@@ -127,6 +132,7 @@ class ReducedViT(nn.Module):
         tokens = TokenState(x=x, size=None, source=source)
         counts: dict[str, list[int]] = {"in": [], "attn": [], "mlp": [], "out": []}
         stats: dict[int, dict] = {}
+        layer_sources: dict[int, tuple] = {}
         previous_attn = None  # block l-1's attention, kept only when block l asks for it
         for layer, block in enumerate(vit.blocks):
             step = steps[layer]
@@ -165,6 +171,8 @@ class ReducedViT(nn.Module):
             if point == END:
                 tokens = self._reduce(layer, tokens, signals, ctx, stats)
             counts["out"].append(int(tokens.x.shape[1]))
+            if step is not None and tokens.source is not None:
+                layer_sources[layer] = (tokens.source, tokens.mask)
         self.last_forward = ForwardInfo(
             tokens_in=counts["in"],
             tokens_out=counts["out"],
@@ -174,6 +182,7 @@ class ReducedViT(nn.Module):
             size=tokens.size,
             source=tokens.source,
             mask=tokens.mask,
+            layer_sources=layer_sources,
         )
         return vit.norm(tokens.x), tokens
 
@@ -210,6 +219,11 @@ class ReducedViT(nn.Module):
     def forward(self, images: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x, tokens = self._run(images)
         return self.forward_head(x, pre_logits=pre_logits, tokens=tokens)
+
+    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(images), forward(images, pre_logits=True))`` from one pass through the blocks."""
+        x, tokens = self._run(images)
+        return self.forward_head(x, tokens=tokens), self.forward_head(x, pre_logits=True, tokens=tokens)
 
 
 def embed(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ class ReductionContext:
     num_tokens: int  # tokens entering the first block (prefix + patches)
     img_size: tuple[int, int] = (224, 224)  # the input (H, W) the model was built for
     patch_size: tuple[int, int] = (16, 16)
+    embed_dim: int = 0  # the token width C
     scratch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
@@ -71,6 +72,8 @@ class BudgetKnob:
     kind: str = "float"
     cheaper: str = "lower"
     tolerance: float = 1e-3
+    low: float = 0.0  # float knobs: the open lower end of the range (values > low)
+    high: float = 1.0  # float knobs: the upper end (inclusive)
 
 
 @dataclass

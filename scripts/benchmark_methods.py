@@ -3,25 +3,35 @@
 
     python scripts/benchmark_methods.py                     # DeiT-S, batch 32, CPU, fp32
     python scripts/benchmark_methods.py --device cuda --dtype fp16 --batch-size 256
+    python scripts/benchmark_methods.py --model quickstart  # the embedded model: batch 64, CPU, fp32, 2 threads
 
 For each method: images/s (median of the timed forwards), the speed-up over the dense baseline timed in
-the same process (alternating forwards, see bench.compare_throughput), and the MAC-ideal speed-up
-(dense MACs / method MACs, torchprofile). Random weights (MACs and timings do not depend on them; no
+the same process (alternating forwards, see bench.compare_throughput: the median of the paired per-round
+ratios, with its bootstrap 95% interval), the MAC-ideal speed-up (dense MACs / method MACs, torchprofile)
+and the share of it that was reached. DeiT-S: random weights (MACs and timings do not depend on them; no
 download); inputs are random too, so PPT's per-image branch choice is arbitrary here: its two branches
 remove the same number of tokens, and the pooled fraction is printed next to it.
+
+``--model quickstart``: every run of configs/quickstart.yaml, on its model (50 tokens, 96 wide, 8 blocks)
+with its weights (configs/fmnist_vit.pth), timed on the first Fashion-MNIST test images (1x28x28).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import timm
 import torch
 
 import bench
+from bench import stats
 from bench.macs import model_input_size
 from bench.throughput import DTYPES, device_name
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = {"batch_size": 64, "device": "cpu", "threads": 2}  # the quickstart's measuring conditions
 
 SETTINGS = [
     ("baseline", {}),
@@ -36,40 +46,68 @@ SETTINGS = [
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default="deit_small_patch16_224",
+                        help="a timm model name, or 'quickstart' (configs/quickstart.yaml's model and runs)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (quickstart: 64)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None, help="default cuda if available (quickstart: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="default torch's (quickstart: 2)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args(argv)
+    defaults = QUICKSTART if args.model == "quickstart" else {
+        "batch_size": 32, "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": None}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    vit = timm.create_model(args.model, pretrained=False).eval().to(device)
+    if args.model == "quickstart":
+        vit, settings, batch = quickstart(args.batch_size, device)
+    else:
+        vit = timm.create_model(args.model, pretrained=False).eval().to(device)
+        settings = [(name, params, ", ".join(f"{k}={v}" for k, v in params.items())) for name, params in SETTINGS]
+        size = model_input_size(bench.apply(vit, "baseline"))
+        batch = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(1)).to(device)
     dense = bench.apply(vit, "baseline")
     dense_macs = bench.count_macs(dense)
-    size = model_input_size(dense)
-    batch = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(1)).to(device)
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {device_name(device)} "
           f"({device}), {torch.get_num_threads()} threads, {args.runs} timed runs after {args.warmup} warm-up")
-    header = f"{'method':10s} {'params':38s} {'GMACs':>6s} {'images/s':>9s} {'base img/s':>10s} {'speed-up':>8s} {'MAC-ideal':>9s}"
+    header = (f"{'method':10s} {'params':38s} {'GMACs':>6s} {'images/s':>9s} {'base img/s':>10s} "
+              f"{'speed-up (95% interval)':>23s} {'MAC-ideal':>9s} {'of ideal':>8s}")
     print(header)
     print("-" * len(header))
-    for name, params in SETTINGS:
+    for name, params, text in settings:
         model = bench.apply(vit, name, **params)
         macs = bench.count_macs(model)
         measured, baseline = bench.compare_throughput(model, dense, batch, args.dtype, args.warmup, args.runs)
+        speedup = stats.speedup(measured.times_s, baseline.times_s)
+        ideal = dense_macs / macs
         extra = ""
         if model.last_forward.stats:
-            fractions = [round(s["pooled_fraction"], 2) for s in model.last_forward.stats.values()]
+            fractions = [round(float(s["pooled_fraction"]), 2) for s in model.last_forward.stats.values()]
             extra = f"  pooled fraction per layer {fractions}"
-        text = ", ".join(f"{k}={v}" for k, v in params.items())
+        interval = f"{speedup['speedup']:.2f}x ({speedup['speedup_low']:.2f}-{speedup['speedup_high']:.2f})"
         print(f"{name:10s} {text:38s} {macs / 1e9:6.3f} {measured.images_per_s:9.1f} {baseline.images_per_s:10.1f} "
-              f"{measured.images_per_s / baseline.images_per_s:7.2f}x {dense_macs / macs:8.2f}x{extra}")
+              f"{interval:>23s} {ideal:8.2f}x {speedup['speedup'] / ideal:8.2f}{extra}")
     return 0
+
+
+def quickstart(batch_size: int, device: torch.device) -> tuple[torch.nn.Module, list, torch.Tensor]:
+    """The quickstart's model with its weights, its runs as (method, params, label), and the first
+    ``batch_size`` Fashion-MNIST test images."""
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.context import StageContext
+    from bench.pipeline.models import load_model
+    from bench.pipeline.stages.throughput import real_batch
+
+    experiment = load_experiment(REPO / "configs" / "quickstart.yaml")
+    first = experiment.runs[0]
+    vit = load_model(first.model, first.model_kwargs, first.weights_path).eval().to(device)
+    settings = [(run.method, run.params, run.params_label) for run in experiment.runs]
+    return vit, settings, real_batch(StageContext(first, None, REPO / "results", device, progress=False), batch_size)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from tests.reference_impl import reference_tokens
 # One setting per registered method, reducing on the 64-patch test model.
 SETTINGS = {
     "baseline": {},
+    "ats": {},
     "tome": {"r": 6},
     "ppt": {"r": 12, "threshold": 2e-4},
     "pruning": {"r": 12},
@@ -19,6 +20,11 @@ SETTINGS = {
     "evit": {"keep_rate": 0.7},
     "topk": {"keep_rate": 0.7},
     "resize": {"img_size": 48},
+    "pitome": {"ratio": 0.9},
+    "tofu": {"ratio": 0.9},
+    "mctf": {"r": 4},
+    "dpcknn": {"keep_rate": 0.7}, "kmedoids": {"keep_rate": 0.7}, "static": {"not_contiguous": True}, "random": {"keep_rate": 0.7},
+    "diffrate": {"prune_kept_num": [65, 60, 52, 52, 40, 38, 30, 30, 22, 20, 12, 6], "merge_kept_num": [63, 56, 52, 44, 40, 33, 30, 25, 22, 15, 12, 3]},
 }
 
 
@@ -157,7 +163,8 @@ def test_evit_fused_token_covers_the_dropped_patches():
     assert torch.equal(info.size[:, -1, 0], torch.full((2,), 32.0))
 
 
-@pytest.mark.parametrize("method", sorted(SETTINGS))
+# random's pattern depends on the position in the batch by definition (tests/test_clustering.py checks it)
+@pytest.mark.parametrize("method", sorted(set(SETTINGS) - {"random"}))
 def test_results_do_not_depend_on_batch_composition(method):
     vit = small_vit()
     model = bench.apply(vit, method, **SETTINGS[method])

@@ -134,7 +134,8 @@ def test_record_holds_the_run_spec_and_accuracy_agreement_from_plain_timm(tmp_pa
 def test_report_is_written_from_the_records(finished):
     _, results = finished
     board = (results / "leaderboard.md").read_text()
-    assert "## tiny-fmnist on fashion_mnist (subset 200) (random init)" in board
+    assert ("## tiny-fmnist on fashion_mnist (subset 200) [1x28x28 bicubic, crop_pct 1.0 center, mean 0.286, "
+            "std 0.353] (random init)") in board
     csv = (results / "leaderboard.csv").read_text().splitlines()
     assert csv[0].startswith("model,method,params,top1,top5,delta_top1,agreement,gmacs,mac_reduction,images_per_s,speedup")
     assert len(csv) == 1 + 4
@@ -163,7 +164,7 @@ def test_torn_record_is_redone_and_others_kept(finished, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "record cut off" in captured.err and "1 to run" in captured.out
     assert read_record(torn)["key"] == torn.stem
-    assert torn.with_suffix(".json.torn").exists()
+    assert torn.with_name(torn.name + ".torn.1").exists()  # set aside, numbered: never overwritten
     assert {p.name: p.stat().st_mtime_ns for p in records[1:]} == untouched
 
 

@@ -6,7 +6,7 @@ import bench
 import methods
 from tests.helpers import small_vit
 
-EXPECTED = sorted(["baseline", "evit", "pooling", "ppt", "pruning", "tome", "topk", "resize"])
+EXPECTED = sorted(["ats", "baseline", "evit", "pooling", "ppt", "pruning", "tome", "topk", "resize", "pitome", "tofu", "diffrate", "mctf", "dpcknn", "kmedoids", "static", "random"])
 
 
 def test_names_lists_every_method():

@@ -23,8 +23,9 @@ LEADING = ["model", "method", "params", "top1", "top5", "delta_top1", "agreement
            "images_per_s", "speedup", "data", "weights", "key", "gmacs_analytic", "gmacs_data", "batch_size",
            "dtype", "device"]
 WEIGHTS = "tiny.pth"
-HEADING_A = "## deit-s on fashion_mnist (subset 100) (tiny.pth)"
-HEADING_B = "## deit-s on fashion_mnist (subset 100) (random init)"
+FMNIST = "fashion_mnist (subset 100) [1x28x28 bicubic, crop_pct 1.0 center, mean 0.286, std 0.353]"  # + transform
+HEADING_A = f"## deit-s on {FMNIST} (tiny.pth)"
+HEADING_B = f"## deit-s on {FMNIST} (random init)"
 REFERENCE = {"model": "deit-s", "method": "baseline", "top1": 79.8, "gmacs": 4.6, "source": "DeiT paper, table 1"}
 
 # name -> (model entry, method entry); group A: weights file, B: random init (same label), C: another model
@@ -147,7 +148,7 @@ def test_frame_values_against_group_baseline(frame):
     tome = frame.loc["tome-a"]
     assert tome["model"] == "deit-s"
     assert tome["params"] == "r=4"
-    assert tome["data"] == "fashion_mnist (subset 100)"
+    assert tome["data"] == FMNIST
     assert tome["weights"] == WEIGHTS
     assert tome["delta_top1"] == pytest.approx(-1.5)
     assert tome["mac_reduction"] == pytest.approx(100 * (1 - 2.7 / 4.6))
@@ -241,7 +242,7 @@ def test_markdown_tables(results, real_records):
     assert tome == ["tome", "r=4", "78.50", "94.00", "-1.50", "96.00", "2.700", "41.3%", "1500", "1.45x"]
     entry = real_records["tome-a"]["metrics"]["throughput"][0]
     assert f"{entry['device_name']}, batch size 32, fp32, 1 threads" in section
-    assert HEADING_B in md and "## vit-t on fashion_mnist (subset 100) (random init)" in md
+    assert HEADING_B in md and f"## vit-t on {FMNIST} (random init)" in md
     assert "+1.00" in _section(md, HEADING_B)
     throughput = _section(md, "## Throughput by batch size")
     assert "Images/s (bs 64)" in throughput and "1.60x" in throughput and "1760" in throughput

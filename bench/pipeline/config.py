@@ -11,8 +11,11 @@
       threads: null                        # CPU threads (null: torch's default)
       seed: 0
       workers: 0                           # data-loading processes
-    stages: [eval, macs, throughput]       # any of: finetune, eval, macs, throughput
-    throughput: {batch_sizes: [32], warmup: 3, runs: 10}
+      sdpa_backend: auto                   # auto | math | efficient | flash | cudnn: pin the attention kernel
+    stages: [eval, macs, throughput]       # any of: finetune, eval, macs, throughput, tokens
+    throughput: {batch_sizes: [32], warmup: 3, runs: 10}   # auto: true (CUDA): double until out of memory
+    compile: false                         # torch.compile both models of the throughput stage
+    tokens: {images: 4}                    # token maps of 4 eval images (tokens stage)
     macs: {images: 16}                     # real images for data-averaged MACs
     finetune: {epochs: 30, lr: 1.0e-5, ...}
     grid:                                  # models x methods; a list of such blocks is allowed too
@@ -41,13 +44,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bench.pipeline.data import DATASETS
+from bench.pipeline.data import CROP_MODES, DATASETS, INTERPOLATIONS, TIMM_PREFIXES, dataset_problem
 from bench.pipeline.files import canonical, digest
+from bench.pipeline.fingerprint import weights_sha256
 from bench.pipeline.schema import FileError, SchemaError, check_keys, option, parse
 from bench.pipeline.stages import STAGES
 from bench.pipeline.train import FinetuneOptions
+from bench.pipeline.yamlload import load_yaml
+from bench.sdpa import CPU_BACKENDS, SDPA_BACKENDS
 from bench.throughput import DTYPES
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -60,6 +64,18 @@ class ConfigError(FileError):
 
 # ------------------------------------------------------------------------------------------ the schema
 @dataclass(frozen=True)
+class TransformSection:
+    """Overrides of the eval transform timm resolves from the model's pretrained config (keys as timm's)."""
+
+    input_size: list[int] | None = option(None, minimum=1, expect="[channels, height, width]")
+    interpolation: str | None = option(None, choices=INTERPOLATIONS)
+    mean: list[float] | None = option(None, nonempty=True, expect="a list of numbers, one per channel")
+    std: list[float] | None = option(None, nonempty=True, expect="a list of numbers, one per channel")
+    crop_pct: float | None = option(None, minimum=0.01, expect="a number in (0, 1] (1: the whole image)")
+    crop_mode: str | None = option(None, choices=CROP_MODES)
+
+
+@dataclass(frozen=True)
 class ModelSection:
     """``defaults.model`` and each ``grid.models`` entry (an entry overrides the defaults' keys)."""
 
@@ -67,13 +83,19 @@ class ModelSection:
     kwargs: dict[str, Any] | None = option(None, expect="a mapping of timm.create_model keyword arguments")
     label: str | None = None
     weights: str | None = option(None, expect=WEIGHTS)
+    transform: TransformSection | None = None  # overrides data.transform for this model
 
 
 @dataclass(frozen=True)
 class DataSection:
-    name: str = option(choices=tuple(DATASETS))
+    name: str = option(expect=f"one of {', '.join(DATASETS)} or timm's {'<name>, '.join(TIMM_PREFIXES)}<name>")
     root: str | None = option(None, expect="a folder path")
     subset: int | None = option(None, minimum=1)
+    split: str | None = None  # eval split: imagenet val/, folder: root itself, timm: validation
+    train_split: str = "train"  # for the finetune stage
+    class_map: str | None = option(None, expect="a file mapping folder names to class indices (.txt or .json)")
+    download: bool = False  # timm datasets: fetch what is missing
+    transform: TransformSection | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,7 @@ class DefaultsSection:
     threads: int | None = option(None, minimum=1)
     seed: int = option(0, minimum=0)
     workers: int = option(0, minimum=0)
+    sdpa_backend: str = option("auto", choices=SDPA_BACKENDS)  # pin the attention kernel (bench/sdpa.py)
 
 
 @dataclass(frozen=True)
@@ -94,6 +117,21 @@ class ThroughputSection:
     batch_sizes: list[int] = option([32], minimum=1, nonempty=True)
     warmup: int = option(3, minimum=0)
     runs: int = option(10, minimum=1)
+    auto: bool = False  # CUDA: after the listed sizes, double the batch size until out of memory
+
+
+@dataclass(frozen=True)
+class TokensSection:
+    images: int = option(4, minimum=1)  # eval images (a seeded draw) whose token maps are drawn
+
+
+@dataclass(frozen=True)
+class BudgetsSection:
+    """Matched-cost comparisons: each method entry that leaves its budget knob unset runs once per budget,
+    with the knob calibrated (bench/pipeline/calibrate.py)."""
+
+    macs: list[float] | None = option(None, nonempty=True, expect="a non-empty list of fractions of the dense "
+                                                                  "model's MACs, each in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -132,7 +170,7 @@ class SlurmSection:
 
 @dataclass(frozen=True)
 class ExperimentSection:
-    name: str = option(expect="a name of letters, digits, '_', '.', '-'")
+    name: str = option(expect="a plain file name of letters, digits, '_', '.', '-' (not starting with '.')")
     description: str | None = None
     defaults: DefaultsSection = DefaultsSection()
     stages: tuple[str, ...] = option(("eval", "macs"), choices=STAGES, nonempty=True,
@@ -140,6 +178,9 @@ class ExperimentSection:
     throughput: ThroughputSection = ThroughputSection()
     macs: MacsSection = MacsSection()
     eval: EvalSection = EvalSection()
+    tokens: TokensSection = TokensSection()
+    budgets: BudgetsSection = BudgetsSection()
+    compile: bool = False  # torch.compile the method's model and the dense baseline for the throughput stage
     finetune: FinetuneOptions = FinetuneOptions()
     grid: Any = None  # one GridSection mapping or a list of them
     reference: list[ReferenceSection] | None = option(
@@ -176,6 +217,11 @@ class RunSpec:
     config_file: str
     key: str = ""
     params_label: str = ""  # the parameters that differ from the method's defaults, for tables
+    sdpa_backend: str = "auto"  # auto | math | efficient | flash | cudnn (bench/sdpa.py)
+    weights_sha256: str | None = None  # content of a local weights file (bench/pipeline/fingerprint.py)
+    tokens: dict[str, Any] = field(default_factory=lambda: asdict(TokensSection()))  # TokensSection
+    compile: bool = False  # torch.compile for the throughput stage
+    budget: dict[str, Any] | None = None  # {target, achieved, knob, value} for a run calibrated to a MAC budget
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +241,8 @@ class Experiment:
     runs: list[RunSpec]
     slurm: SlurmSection = field(default_factory=SlurmSection)
     warnings: list[str] = field(default_factory=list)
+    # every budget calibration, reachable or not: [{"model": label, **Calibration fields}]
+    calibrations: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,15 +253,7 @@ def load_experiment(path: str | Path, check_files: bool = True, data_required: b
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "", "experiment file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(path, "", f"malformed YAML ({where}{problem})") from None
-    except OSError as error:
-        raise ConfigError(path, "", f"cannot read ({error.strerror})") from None
+    raw = load_yaml(path, ConfigError)  # one loader: UTF-8 only, duplicate keys and alias bombs refused
     if not isinstance(raw, dict):
         raise ConfigError(path, "", "an experiment file must be a YAML mapping (name, defaults, grid, ...)")
     parser = Parser(path, check_files, data_required)
@@ -230,6 +270,8 @@ class Parser:
         self.base = path.resolve().parent
         self._contexts: dict[str, Any] = {}
         self._checked_weights: set[tuple[str, str]] = set()
+        self._calibrators: dict[str, Any] = {}
+        self.calibrations: list[dict[str, Any]] = []
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.path, key, message)
@@ -246,21 +288,31 @@ class Parser:
     def experiment(self, raw: dict[str, Any]) -> Experiment:
         section = parse(ExperimentSection, raw)
         name = section.name
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise self.error("name", f"must be a name of letters, digits, '_', '.', '-', got {name!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):  # a plain file name: no '.', '..', '/'
+            raise self.error("name", f"must be a plain file name of letters, digits, '_', '.', '-' "
+                             f"(not starting with '.'), got {name!r}")
         stages = tuple(stage for stage in STAGES if stage in section.stages)  # run order is fixed
         finetune = None
         if "finetune" in stages:
             finetune = section.finetune.to_dict()
             finetune["export"] = self.resolve(finetune["export"]) if finetune["export"] else None
         self.check_profile(section.slurm.profile)
+        self.check_sdpa(section.defaults)
+        if section.throughput.auto and section.defaults.device == "cpu":
+            raise self.error("throughput.auto", "doubling the batch size until out of memory needs CUDA (device: "
+                             "cpu); allowed on CPU: false")
         references = section.reference or []
+        budgets = section.budgets.macs or []
+        for index, target in enumerate(budgets):
+            if not 0 < target <= 1:
+                raise self.error(f"budgets.macs[{index}]", f"must be a fraction of the dense MACs in (0, 1], got {target!r}")
         blocks = section.grid
         if blocks is None:
             raise self.error("grid", "missing; give models x methods to run (grid: {methods: [baseline, ...]})")
         blocks = blocks if isinstance(blocks, list) else [blocks]
         shared = {"stages": stages, "throughput": asdict(section.throughput), "macs": asdict(section.macs),
-                  "eval": asdict(section.eval), "finetune": finetune}
+                  "eval": asdict(section.eval), "finetune": finetune, "tokens": asdict(section.tokens),
+                  "compile": section.compile}
         runs: list[RunSpec] = []
         for block_index, block in enumerate(blocks):
             where = f"grid[{block_index}]" if len(blocks) > 1 else "grid"
@@ -273,14 +325,19 @@ class Parser:
                 base = self.run_base(section.defaults, model_entry, f"{where}.models[{model_index}]", name)
                 for method_index, entry in enumerate(method_entries):
                     method_where = f"{where}.methods[{method_index}]"
-                    for method, params in self.expand_method(entry, method_where):
-                        runs.append(self.make_run(base, method, params, method_where, shared, references))
+                    for method, params, target in self.expand_method(entry, method_where, budgets):
+                        budget = None
+                        if target is not None:
+                            params, budget = self.calibrate(base, method, params, target, shared, method_where)
+                            if budget is None:
+                                continue  # unreachable: said in the warnings, shown as "-" in the report
+                        runs.append(self.make_run(base, method, params, method_where, shared, references, budget))
         keys = [run.key for run in runs]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:
             raise self.error("grid", f"the same run appears twice: {duplicates[0]}")
         return Experiment(name=name, file=self.path, runs=runs, slurm=section.slurm,
-                          warnings=list(dict.fromkeys(self.warnings)))
+                          warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations)
 
     def check_profile(self, profile: str | None) -> None:
         from bench.pipeline.profiles import available_profiles, profile_path
@@ -288,6 +345,11 @@ class Parser:
         if profile is not None and not profile_path(profile).is_file():
             raise self.error("slurm.profile", f"no such cluster profile {profile!r}; allowed: "
                              f"{', '.join(available_profiles()) or 'none'} (or a path to a .yaml file)")
+
+    def check_sdpa(self, defaults: DefaultsSection) -> None:
+        if defaults.device == "cpu" and defaults.sdpa_backend not in CPU_BACKENDS:
+            raise self.error("defaults.sdpa_backend", f"{defaults.sdpa_backend!r} needs CUDA (device: cpu); "
+                             f"allowed on CPU: {', '.join(CPU_BACKENDS)}")
 
     def run_base(self, defaults: DefaultsSection, model_entry: Any, where: str, experiment: str) -> dict[str, Any]:
         model_defaults = check_keys(ModelSection, defaults.model, "defaults.model")
@@ -309,23 +371,46 @@ class Parser:
             "model_label": model.label or model.name,
             "weights": weights,
             "weights_path": self.resolve(weights) if weights else None,
-            "data": {"name": data.name, "root": self.resolve(data.root) if data.root else None, "subset": data.subset},
+            "weights_sha256": weights_sha256(self.resolve(weights)) if weights else None,
+            "data": self.data_spec(data),
             "batch_size": defaults.batch_size,
             "dtype": defaults.dtype,
             "device": defaults.device,
             "threads": defaults.threads,
             "seed": defaults.seed,
             "workers": defaults.workers,
+            "sdpa_backend": defaults.sdpa_backend,
             "config_file": str(self.path),
         }
-        self.model_context(base, where)
+        vit = self.model_context(base, where)
+        base["data"]["transform"] = self.transform(vit, data, model, where)
         return base
+
+    def data_spec(self, data: DataSection) -> dict[str, Any]:
+        problem = dataset_problem(data.name)
+        if problem:
+            raise self.error("defaults.data.name", problem)
+        spec = {"name": data.name, "root": self.resolve(data.root) if data.root else None, "subset": data.subset}
+        extra = {"split": data.split, "train_split": data.train_split if data.train_split != "train" else None,
+                 "class_map": self.resolve(data.class_map) if data.class_map else None,
+                 "download": data.download or None}
+        return {**spec, **{k: v for k, v in extra.items() if v is not None}}  # unset keys: no change of run keys
+
+    def transform(self, vit: Any, data: DataSection, model: ModelSection, where: str) -> dict[str, Any]:
+        """The eval transform, resolved by timm from the (meta) model's pretrained config (``run.data.transform``)."""
+        from bench.pipeline.data import DataError, resolve_transform
+
+        overrides = [asdict(t) if t else None for t in (data.transform, model.transform)]
+        try:
+            return resolve_transform(vit, data.name, *overrides)
+        except DataError as error:
+            raise self.error(f"{where}.transform" if model.transform else "defaults.data.transform", str(error)) from None
 
     def model_context(self, base: dict[str, Any], where: str):
         """Depth and token count of the model, from a weightless (meta) instance; checks weights files."""
         import timm
 
-        signature = canonical([base["model"], base["model_kwargs"]])
+        signature = canonical([timm_name(base), base["model_kwargs"]])
         if signature not in self._contexts:
             if not timm.is_model(base["model"]):
                 close = timm.list_models(f"*{base['model'][:6]}*")[:5]
@@ -334,7 +419,7 @@ class Parser:
             from bench.pipeline.models import create_model
 
             try:
-                vit = create_model(base["model"], base["model_kwargs"], meta=True)
+                vit = create_model(timm_name(base), base["model_kwargs"], meta=True)
             except Exception as error:  # noqa: BLE001 - timm raises many kinds for bad kwargs
                 raise self.error(f"{where}.kwargs", f"timm.create_model({base['model']!r}) failed: {error}") from None
             self._contexts[signature] = vit
@@ -351,7 +436,10 @@ class Parser:
                 self._checked_weights.add(marker)
         return vit
 
-    def expand_method(self, entry: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
+    def expand_method(self, entry: Any, where: str, budgets: list[float] = ()) -> list[tuple[str, dict, float | None]]:
+        """``(method, params, budget)`` per run of a grid entry: one per sweep value, and, for an entry that
+        leaves its method's budget knob unset, one per MAC budget (params then still lack the knob: it is
+        calibrated by ``calibrate``)."""
         import methods
 
         if isinstance(entry, str):
@@ -365,18 +453,81 @@ class Parser:
         sweep = entry.pop("sweep", None) or {}
         if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
             raise self.error(f"{where}.sweep", "must map parameter names to non-empty lists of values")
+        knob = methods.registered()[name].budget_knob
+        budgeted = bool(budgets) and knob is not None and knob.name not in entry and knob.name not in sweep
         expanded = []
         for values in itertools.product(*sweep.values()):
             params = {**entry, **dict(zip(sweep, values, strict=True))}
+            if budgeted:
+                expanded += [(name, params, target) for target in budgets]
+                continue
             try:
                 method = methods.build(name, **params)
             except ValueError as error:
                 raise self.error(where, str(error)) from None
-            expanded.append((name, method.params))
+            expanded.append((name, method.params, None))
         return expanded
 
+    def calibrate(self, base: dict[str, Any], method: str, params: dict[str, Any], target: float,
+                  shared: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The method's parameters with its budget knob calibrated to ``target`` and the run's budget record;
+        ``(params, None)`` when the budget is out of reach (a warning says why)."""
+        import methods
+        from bench.pipeline.calibrate import Calibrator
+
+        cls = methods.registered()[method]
+        signature = canonical([base["model"], base["model_kwargs"], base["weights_path"]])
+        if signature not in self._calibrators:
+            self._calibrators[signature] = Calibrator(*self._calibration_model(base, shared))
+        calibrator = self._calibrators[signature]
+        try:
+            result = calibrator.calibrate(method, params, target)
+        except (ValueError, OSError) as error:
+            if cls.data_dependent and not self.data_required:
+                self.warnings.append(f"warning: {self.path}: {where}: {method} @{target:.2f}: not calibrated here "
+                                     f"({error}); calibrated when the run's data is present")
+                return params, None
+            raise self.error(where, f"{method} @{target:.2f}: calibration failed: {error}") from None
+        self.calibrations.append({"model": base["model_label"], **result.__dict__})
+        if not result.reachable:
+            self.warnings.append(f"warning: {self.path}: {where}: {base['model_label']}: {result.describe()}")
+            return params, None
+        try:
+            built = methods.build(method, **{**params, result.knob: result.value})
+        except ValueError as error:
+            raise self.error(where, str(error)) from None
+        return built.params, result.budget()
+
+    def _calibration_model(self, base: dict[str, Any], shared: dict[str, Any]):
+        """(random-weight model, identity, loader of (weighted model, real images) for data-dependent methods,
+        weights identity)."""
+        import torch
+
+        from bench.pipeline.models import create_model, load_model
+
+        torch.manual_seed(0)
+        vit = create_model(base["model"], base["model_kwargs"])
+        identity = [base["model"], base["model_kwargs"]]
+
+        def real() -> tuple[Any, torch.Tensor]:
+            from bench.pipeline.data import cached_dataset
+
+            val = cached_dataset(base["data"], "val")
+            count = min(shared["macs"]["images"], len(val))
+            order = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:count].tolist()
+            torch.manual_seed(base["seed"])
+            model = load_model(base["model"], base["model_kwargs"], base["weights_path"])
+            return model, torch.stack([val[i][0] for i in order])
+
+        weights = base["weights_path"]
+        weights_id = None
+        if weights and Path(weights).is_file():
+            stat = Path(weights).stat()
+            weights_id = f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
+        return vit, identity, real, weights_id or weights
+
     def make_run(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
-                 references: list[ReferenceSection]) -> RunSpec:
+                 references: list[ReferenceSection], budget: dict[str, Any] | None = None) -> RunSpec:
         import bench
 
         vit = self.model_context(base, where)
@@ -398,7 +549,7 @@ class Parser:
         if self.check_files:
             self.check_data(base["data"], "finetune" in shared["stages"], where)
         run = RunSpec(**base, method=method, params=copy.deepcopy(params), **copy.deepcopy(shared),
-                      reference=reference)
+                      reference=reference, budget=budget)
         return RunSpec.from_dict({**run.to_dict(), "key": run_key(run), "params_label": params_label(method, params)})
 
     def check_data(self, data: dict[str, Any], needs_train: bool, where: str) -> None:
@@ -416,13 +567,38 @@ class Parser:
         if data["name"] == "imagenet":
             if root is None:
                 raise self.error("defaults.data.root", "imagenet needs a folder with train/ and val/ (ImageFolder layout)")
-            for split in ("val", "train") if needs_train else ("val",):
+            splits = (data.get("split") or "val", data.get("train_split") or "train")
+            for split in splits if needs_train else splits[:1]:
                 if not (Path(root) / split).is_dir():
                     raise self.error("defaults.data.root", f"{Path(root) / split} does not exist (ImageFolder layout)")
-        elif root is not None and not Path(root).is_dir():
+        elif data["name"] == "folder":
+            splits = [data.get("split"), data.get("train_split") or "train"] if needs_train else [data.get("split")]
+            for split in splits:
+                folder = Path(root) / split if split else Path(root or "")
+                if root is None or not folder.is_dir():
+                    raise self.error("defaults.data.root", f"{folder if root else 'missing'}: folder needs an "
+                                     "existing ImageFolder tree (root, and split for a sub-folder)")
+        elif data["name"].startswith("torch/") and root is None:
+            raise self.error("defaults.data.root", f"{data['name']} needs a folder to read (or, with download: "
+                             "true, to download) it")
+        elif root is not None and not data.get("download") and not Path(root).is_dir():
             raise self.error("defaults.data.root", f"{root} does not exist")
+        if data.get("class_map"):
+            from bench.pipeline.data import DataError, load_class_map
+
+            try:
+                load_class_map(data["class_map"])
+            except DataError as error:
+                raise self.error("defaults.data.class_map", str(error)) from None
         elif root is None and not DEBIAN_FMNIST.is_dir():
             pass  # torchvision's downloader fetches it at run time where there is network
+
+
+def timm_name(base: dict[str, Any]) -> str:
+    """The model name timm builds: with ``weights: timm:<tag>``, ``<name>.<tag>`` (that tag's pretrained config)."""
+    weights = base.get("weights_path") or ""
+    tag = weights[len("timm:"):] if weights.startswith("timm:") else ""
+    return f"{base['model']}.{tag}" if tag and "." not in base["model"] else base["model"]
 
 
 def expand_env(text: str) -> str:
@@ -453,6 +629,18 @@ def run_key(run: RunSpec) -> str:
     identity = {k: v for k, v in run.to_dict().items()
                 if k not in ("key", "params_label", "weights_path", "config_file", "reference")}
     identity["data"] = {**run.data, "root": Path(run.data["root"]).name if run.data["root"] else None}
+    if run.data.get("class_map"):
+        identity["data"]["class_map"] = Path(run.data["class_map"]).name
+    if identity["sdpa_backend"] == "auto":
+        del identity["sdpa_backend"]  # PyTorch's own choice: the keys of runs from before the option stay
+    if identity["weights_sha256"] is None:
+        del identity["weights_sha256"]  # no local file (none, URL, timm tag: the string identifies them)
+    if not identity["compile"]:
+        del identity["compile"]  # eager, as before the option: earlier keys stay
+    if "tokens" not in run.stages:
+        del identity["tokens"]  # only the tokens stage reads it
+    if not identity["throughput"].get("auto"):
+        identity["throughput"].pop("auto", None)
     if run.finetune:
         identity["finetune"] = {k: v for k, v in run.finetune.items() if k != "export"}
     compact = "-".join(f"{k}{_short(v)}" for k, v in _non_default(run.method, run.params).items())

@@ -27,8 +27,7 @@ class StageContext:
     method_stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def dataset(self, split: str, augment: bool = False) -> Dataset:
-        data = self.run.data
-        return cached_dataset(data["name"], split, data["root"], data["subset"], augment)
+        return cached_dataset(self.run.data, split, augment)
 
     def val_set(self) -> Dataset:
         return self.dataset("val")

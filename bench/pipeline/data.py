@@ -1,4 +1,18 @@
-"""Datasets: ImageNet in torchvision's ImageFolder layout, and Fashion-MNIST from its IDX files.
+"""Datasets and their transforms.
+
+Datasets (``data.name``): ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``folder`` (any
+ImageFolder tree: ``root`` and an optional ``split`` sub-folder; ``class_map`` maps folder names to class
+indices), ``fashion_mnist`` (IDX files, adapted to the model's input) and timm's ``create_dataset`` names
+(``torch/cifar10``, ``hfds/...``, ``hfids/...``, ``tfds/...``, ``wds/...``; downloads only with
+``download: true``).
+
+Transforms: the eval transform is timm's (``timm.data.create_transform``) from the model's pretrained
+config (``timm.data.resolve_model_data_config``), with the model's own input size and the config's
+overrides; it is resolved when the experiment is loaded (``resolve_transform``), stored in the run and in
+its record as ``run.data.transform``. Training keeps DeiT's augmentation recipe (RandAugment m9, random
+erasing 0.25, bicubic) with the resolved mean, std and size. Fashion-MNIST keeps its own statistics
+(mean 0.2860, std 0.3530) and whole image (crop_pct 1.0); for a model whose input is not 1x28x28 the image
+is resized to its size and the grey channel repeated to its channels.
 
 Fashion-MNIST is read from Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``),
 from a given folder, or, on machines with network, fetched once by torchvision's downloader.
@@ -8,23 +22,114 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-DATASETS = ("fashion_mnist", "imagenet")
+DATASETS = ("fashion_mnist", "imagenet", "folder")
+TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")  # timm.data.create_dataset's
+STREAMED_PREFIXES = ("hfids/", "tfds/", "wds/")  # iterable datasets: read in order, no random access
+TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
+# DeiT's eval transform (resize 256, center crop 224): used when no transform is given
+DEIT_TRANSFORM = {"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
+                  "std": list(IMAGENET_STD), "crop_pct": 0.875, "crop_mode": "center"}
+STREAM_HEAD = 1024  # images of a streamed dataset that stages may index (MACs, throughput batches)
 
 
 class DataError(ValueError):
     """A data folder or file is missing or unreadable (message names it)."""
 
 
+def dataset_problem(name: str) -> str | None:
+    """Why ``name`` is not a dataset name, or None."""
+    if name in DATASETS or (name.lower().startswith(TIMM_PREFIXES) and name.partition("/")[2]):
+        return None
+    return (f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}, or timm's "
+            f"{', '.join(p + '<name>' for p in TIMM_PREFIXES)}")
+
+
+# ------------------------------------------------------------------------------------------ transforms
+def resolve_transform(model: torch.nn.Module, dataset: str, *overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The eval transform of ``model`` on ``dataset`` (a meta model is fine: nothing is computed), keys as
+    timm names them. timm's ``resolve_model_data_config`` with the model's own input (channels, image size,
+    which differ from the pretrained config when the model was built with other ``img_size``/``in_chans``);
+    Fashion-MNIST: its own statistics and whole image. ``overrides`` (experiment, then model) win."""
+    from timm.data import resolve_model_data_config
+
+    config = dict(resolve_model_data_config(model))
+    embed = getattr(model, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if embed is not None and proj is not None and getattr(embed, "img_size", None) is not None:
+        config["input_size"] = (proj.in_channels, *embed.img_size)
+    channels = config["input_size"][0]
+    if dataset == "fashion_mnist":
+        config.update(mean=[FMNIST_MEAN] * channels, std=[FMNIST_STD] * channels, crop_pct=1.0, crop_mode="center")
+    elif channels == 1:  # a grey model under an RGB pretrained config: the channels' average
+        config.update({key: [sum(config[key]) / len(config[key])] for key in ("mean", "std")})
+    for override in overrides:
+        config.update({k: v for k, v in (override or {}).items() if v is not None})
+    channels = config["input_size"][0]
+    for key in ("mean", "std"):  # one value stands for every channel (timm's rule)
+        if len(config[key]) == 1:
+            config[key] = list(config[key]) * channels
+    transform = {
+        "input_size": [int(v) for v in config["input_size"]],
+        "interpolation": str(config["interpolation"]),
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "crop_pct": float(config["crop_pct"]),
+        "crop_mode": str(config.get("crop_mode") or "center"),
+    }
+    if len(transform["input_size"]) != 3:
+        raise DataError(f"transform.input_size must be [channels, height, width], got {transform['input_size']}")
+    for key in ("mean", "std"):
+        if len(transform[key]) != channels:
+            raise DataError(f"transform.{key} has {len(transform[key])} values, the input has {channels} channels")
+    return transform
+
+
+def eval_transform(transform: dict[str, Any] | None):
+    """timm's eval transform (resize to input / crop_pct, crop, to tensor, normalise)."""
+    from timm.data import create_transform
+
+    t = transform or DEIT_TRANSFORM
+    return _grey(t, create_transform(tuple(t["input_size"]), is_training=False, interpolation=t["interpolation"],
+                                     mean=tuple(t["mean"]), std=tuple(t["std"]), crop_pct=t["crop_pct"],
+                                     crop_mode=t["crop_mode"]))
+
+
+def train_transform(transform: dict[str, Any] | None):
+    """DeiT's training augmentation through timm (random resized crop, flip, RandAugment m9, random erasing
+    0.25, bicubic) at the resolved input size, mean and std."""
+    from timm.data import create_transform
+
+    t = transform or DEIT_TRANSFORM
+    return _grey(t, create_transform(tuple(t["input_size"]), is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                     interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
+                                     mean=tuple(t["mean"]), std=tuple(t["std"])))
+
+
+def _grey(t: dict[str, Any], transform):
+    """For a one-channel model, images are converted to grey first (PIL's "L")."""
+    if t["input_size"][0] != 1:
+        return transform
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Grayscale(1), transform])
+
+
+# --------------------------------------------------------------------------------------- Fashion-MNIST
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped): the MNIST family's format (magic, dims, big-endian uint8 data)."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -75,9 +180,14 @@ def fashion_mnist_root(root: str | os.PathLike | None) -> Path:
 
 class FashionMNIST(Dataset):
     """Fashion-MNIST in memory as normalised (1, 28, 28) tensors. ``train`` adds the light augmentation
-    used to train the embedded model: random crop with 2-pixel padding and horizontal flip."""
+    used to train the embedded model: random crop with 2-pixel padding and horizontal flip.
 
-    def __init__(self, root: str | os.PathLike | None, split: str, augment: bool = False) -> None:
+    ``transform`` (a resolved transform): for a model whose input is not (1, 28, 28), or other statistics,
+    each image is renormalised, resized to ``input_size`` (scaled to ``size / crop_pct`` and center-cropped)
+    and its grey channel repeated to the model's channels. The native input is left exactly as it is."""
+
+    def __init__(self, root: str | os.PathLike | None, split: str, augment: bool = False,
+                 transform: dict[str, Any] | None = None) -> None:
         base = fashion_mnist_root(root)
         prefix = {"train": "train", "val": "t10k", "test": "t10k"}.get(split)
         if prefix is None:
@@ -89,6 +199,12 @@ class FashionMNIST(Dataset):
         self.targets = torch.from_numpy(labels.astype(np.int64))
         self.augment = augment
         self.epoch = 0
+        self.adapt = transform if transform and not _native_fmnist(transform) else None
+        if self.adapt and self.adapt["interpolation"] not in ("bicubic", "bilinear", "nearest"):
+            raise DataError(f"fashion_mnist: transform.interpolation {self.adapt['interpolation']!r} is not "
+                            "available for tensors; allowed: bicubic, bilinear, nearest")
+        if self.adapt and self.adapt["crop_mode"] == "border":
+            raise DataError("fashion_mnist: transform.crop_mode 'border' not supported; allowed: center, squash")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -106,53 +222,189 @@ class FashionMNIST(Dataset):
             image = padded[:, top : top + 28, left : left + 28]
             if flip % 2:
                 image = image.flip(-1)
+        if self.adapt:
+            image = _adapt_fmnist(image, self.adapt)
         return image, int(self.targets[index])
 
 
-def imagenet(root: str | os.PathLike, split: str, augment: bool = False, input_size: int = 224) -> Dataset:
-    """ImageNet ``train/`` or ``val/`` as torchvision ImageFolder. Eval: DeiT's transform (resize 256,
-    center crop 224, bicubic, ImageNet mean/std); training: DeiT's (RandAugment, random erasing) via timm."""
-    from timm.data import create_transform
-    from torchvision import transforms
+def _native_fmnist(transform: dict[str, Any]) -> bool:
+    return (transform["input_size"] == [1, 28, 28] and transform["mean"] == [FMNIST_MEAN]
+            and transform["std"] == [FMNIST_STD] and transform["crop_pct"] == 1.0)
+
+
+def _adapt_fmnist(image: torch.Tensor, t: dict[str, Any]) -> torch.Tensor:
+    """A normalised (1, 28, 28) Fashion-MNIST image as the transform ``t`` wants it (see FashionMNIST)."""
+    channels, height, width = t["input_size"]
+    scale = (math.floor(height / t["crop_pct"]), math.floor(width / t["crop_pct"]))
+    mode = t["interpolation"]
+    x = image[None] * FMNIST_STD + FMNIST_MEAN  # back to [0, 1]
+    if tuple(x.shape[-2:]) != scale:
+        x = torch.nn.functional.interpolate(x, size=scale, mode=mode, antialias=mode != "nearest",
+                                            **({} if mode == "nearest" else {"align_corners": False}))
+        x = x.clamp_(0, 1)
+    top, left = (scale[0] - height) // 2, (scale[1] - width) // 2
+    x = x[0, :, top : top + height, left : left + width].expand(channels, -1, -1)
+    mean = torch.tensor(t["mean"], dtype=x.dtype)[:, None, None]
+    std = torch.tensor(t["std"], dtype=x.dtype)[:, None, None]
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------- image folders
+def load_class_map(path: str | os.PathLike) -> dict[str, int]:
+    """Folder name -> class index: a ``.json`` mapping, or a text file with one folder name per line
+    (index = line number, timm's format) or ``name index`` per line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise DataError(f"class_map {path}: cannot read ({error.strerror or error})") from None
+    if path.suffix == ".json":
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"class_map {path}: malformed JSON (line {error.lineno})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
+            raise DataError(f"class_map {path}: must map folder names to integer class indices")
+        return {str(k): int(v) for k, v in mapping.items()}
+    mapping: dict[str, int] = {}
+    for number, line in enumerate(line for line in text.splitlines() if line.strip()):
+        fields = line.split()
+        if len(fields) == 1:
+            mapping[fields[0]] = number
+        elif len(fields) == 2 and fields[1].lstrip("-").isdigit():
+            mapping[fields[0]] = int(fields[1])
+        else:
+            raise DataError(f"class_map {path}: line {number + 1} must be 'folder' or 'folder index', got {line!r}")
+    if not mapping:
+        raise DataError(f"class_map {path}: empty")
+    return mapping
+
+
+def image_folder(folder: Path, transform, class_map: str | None = None) -> Dataset:
+    """torchvision's ImageFolder; with ``class_map``, each class folder's index comes from that file."""
     from torchvision.datasets import ImageFolder
 
-    folder = Path(root).expanduser() / ("train" if split == "train" else "val")
     if not folder.is_dir():
-        raise DataError(f"ImageNet folder {folder} does not exist (ImageFolder layout: {root}/train, {root}/val)")
-    if augment:
-        transform = create_transform(
-            input_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
-            re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        )
-    else:
-        transform = transforms.Compose([
-            transforms.Resize(int(input_size / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(input_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
-    return ImageFolder(str(folder), transform=transform)
+        raise DataError(f"data folder {folder} does not exist (ImageFolder layout: <class>/<image> files)")
+    mapping = load_class_map(class_map) if class_map else None
+
+    class MappedFolder(ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes, indices = super().find_classes(directory)
+            if mapping is None:
+                return classes, indices
+            missing = [name for name in classes if name not in mapping]
+            if missing:
+                raise DataError(f"class_map {class_map} has no entry for folder {missing[0]!r} of {directory} "
+                                f"({len(missing)} of {len(classes)} folders missing)")
+            return classes, {name: mapping[name] for name in classes}
+
+    try:
+        return MappedFolder(str(folder), transform=transform)
+    except (FileNotFoundError, OSError) as error:
+        raise DataError(f"data folder {folder}: {error}") from None
 
 
+# ------------------------------------------------------------------------------------ timm datasets
+class StreamedDataset(IterableDataset):
+    """A timm iterable dataset (``hfids/``, ``tfds/``, ``wds/``) read in order, ``limit`` samples at most.
+    Stages that look at single images (MACs, throughput) index its first ``STREAM_HEAD`` images, read once."""
+
+    def __init__(self, dataset: Any, limit: int | None = None) -> None:
+        self.dataset, self.limit = dataset, limit
+        self._head: list[tuple[torch.Tensor, int]] = []
+
+    def __iter__(self):
+        for index, sample in enumerate(self.dataset):
+            if self.limit is not None and index >= self.limit:
+                return
+            yield sample
+
+    def __len__(self) -> int:
+        total = len(self.dataset)
+        return min(total, self.limit) if self.limit is not None else total
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index >= STREAM_HEAD:
+            raise IndexError(f"a streamed dataset gives random access to its first {STREAM_HEAD} images only")
+        if not self._head:
+            for sample in self:
+                self._head.append(sample)
+                if len(self._head) >= STREAM_HEAD:
+                    break
+        return self._head[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+def timm_dataset(name: str, root: str | None, split: str, training: bool, transform, download: bool,
+                 class_map: str | None) -> Dataset:
+    """``timm.data.create_dataset`` with the run's transform; any failure is one ``DataError`` line."""
+    from timm.data import create_dataset
+
+    if name.lower().startswith(("hfds/", "hfids/")) and not download:
+        # Hugging Face datasets fetch what is not cached: only from the local cache unless download: true
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        dataset = create_dataset(name, root=root, split=split, is_training=training, download=download,
+                                 class_map=class_map or None)
+    except Exception as error:  # noqa: BLE001 - missing files, missing packages, offline: one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = "" if download else " (set data.download: true to fetch it)"
+        raise DataError(f"dataset {name!r} (root {root}, split {split!r}) unavailable: {reason[:300]}{hint}") from None
+    dataset.transform = transform
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------- entry
 def build_dataset(name: str, split: str, root: str | None = None, subset: int | None = None,
-                  augment: bool = False, input_size: int = 224) -> Dataset:
-    """A dataset by name; ``subset`` keeps a fixed random selection of that many images (seed 0), so every
-    run of an experiment sees the same images."""
+                  augment: bool = False, transform: dict[str, Any] | None = None, eval_split: str | None = None,
+                  train_split: str = "train", class_map: str | None = None, download: bool = False) -> Dataset:
+    """A dataset by name; ``split`` is ``train`` or ``val`` (the folder / split names are ``train_split``
+    and ``eval_split``); ``subset`` keeps a fixed random selection of that many images (seed 0), so every run
+    of an experiment sees the same images (streamed datasets: the first ``subset``)."""
+    problem = dataset_problem(name)
+    if problem:
+        raise DataError(problem)
+    training = split == "train"
     if name == "fashion_mnist":
-        dataset: Dataset = FashionMNIST(root, split, augment=augment)
-    elif name == "imagenet":
-        if root is None:
-            raise DataError("data 'imagenet' needs data.root (a folder with train/ and val/)")
-        dataset = imagenet(root, split, augment=augment, input_size=input_size)
+        dataset: Dataset = FashionMNIST(root, split, augment=augment, transform=transform)
     else:
-        raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        images = train_transform(transform) if augment else eval_transform(transform)
+        if name in ("imagenet", "folder"):
+            if root is None:
+                raise DataError(f"data {name!r} needs data.root (an ImageFolder tree)")
+            default = "val" if name == "imagenet" else None
+            sub = train_split if training else (eval_split or default)
+            dataset = image_folder(Path(root).expanduser() / sub if sub else Path(root).expanduser(), images,
+                                   class_map)
+        else:
+            sub = train_split if training else (eval_split or "validation")
+            dataset = timm_dataset(name, root, sub, training, images, download, class_map)
+            if isinstance(dataset, IterableDataset):
+                return StreamedDataset(dataset, subset)
     if subset is not None and subset < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:subset]
         dataset = Subset(dataset, sorted(order.tolist()))
     return dataset
 
 
+def run_dataset(data: dict[str, Any], split: str, augment: bool = False) -> Dataset:
+    """The dataset of a run's ``data`` section (``RunSpec.data``)."""
+    return build_dataset(data["name"], split, root=data.get("root"), subset=data.get("subset"), augment=augment,
+                         transform=data.get("transform"), eval_split=data.get("split"),
+                         train_split=data.get("train_split") or "train", class_map=data.get("class_map"),
+                         download=bool(data.get("download")))
+
+
 @functools.lru_cache(maxsize=4)
-def cached_dataset(name: str, split: str, root: str | None, subset: int | None, augment: bool = False) -> Dataset:
-    """``build_dataset``, loaded once per process (the in-process executor runs many runs in one)."""
-    return build_dataset(name, split, root=root, subset=subset, augment=augment)
+def _cached(data_json: str, split: str, augment: bool) -> Dataset:
+    return run_dataset(json.loads(data_json), split, augment)
+
+
+def cached_dataset(data: dict[str, Any], split: str, augment: bool = False) -> Dataset:
+    """``run_dataset``, loaded once per process (the in-process executor runs many runs in one)."""
+    return _cached(json.dumps(data, sort_keys=True), split, augment)

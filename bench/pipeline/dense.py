@@ -1,5 +1,7 @@
-"""The dense model's top-1 predictions on a run's eval images, for the agreement metric: computed once
-per (model, weights, data, dtype) and shared by all runs of a results folder (``<results>/cache/``)."""
+"""The dense model's top-1 predictions and pre-logits features on a run's eval images, for the agreement
+and feature-similarity metrics: computed once per (model, weights and their content hash, data, dtype)
+and shared by all runs of a results folder
+(``<results>/cache/``, ``{"top1": (N,), "features": (N, D) float16}``)."""
 
 from __future__ import annotations
 
@@ -17,29 +19,33 @@ from bench.pipeline.predict import predict
 
 def cache_path(run: RunSpec, results_dir: Path) -> Path:
     identity = [run.model, run.model_kwargs, run.weights, run.data, run.dtype]
+    if run.weights_sha256:  # a checkpoint changed at the same path gets its own cache
+        identity.append(run.weights_sha256)
     return Path(results_dir) / "cache" / f"dense-{digest(identity, 12)}.pt"
 
 
-def store(ctx: StageContext, predictions: torch.Tensor) -> None:
-    """Keep the dense model's own predictions (a baseline run with the original weights made them)."""
+def store(ctx: StageContext, predictions: torch.Tensor, features: torch.Tensor) -> None:
+    """Keep the dense model's own predictions and features (a baseline run with the original weights made them)."""
     path = cache_path(ctx.run, ctx.results_dir)
     if not path.exists():
-        atomic_torch_save(predictions.clone(), path)
+        atomic_torch_save({"top1": predictions.clone(), "features": features.half()}, path)
 
 
-def dense_predictions(ctx: StageContext) -> torch.Tensor:
-    """From the cache, or computed with the run's original weights (not fine-tuned ones) and cached."""
+def dense_reference(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top1, features)`` from the cache, or computed with the run's original weights (not fine-tuned
+    ones) and cached."""
     run = ctx.run
     path = cache_path(run, ctx.results_dir)
     if path.exists():
         try:
-            return torch.load(path, weights_only=True)
-        except Exception:  # noqa: BLE001 - a torn cache file is recomputed
+            cached = torch.load(path, weights_only=True)
+            return cached["top1"], cached["features"].float()
+        except Exception:  # noqa: BLE001 - a torn (or earlier-format) cache file is recomputed
             path.unlink(missing_ok=True)
     torch.manual_seed(run.seed)  # with random-init weights: the same init as the run's own model
     vit = load_model(run.model, run.model_kwargs, run.weights_path).to(ctx.device)
     result = predict(bench.apply(vit, "baseline"), ctx.loader(ctx.val_set()), ctx.device, run.dtype,
-                     "dense predictions", ctx.progress)
-    predictions = result.top_k[:, 0].clone()
-    atomic_torch_save(predictions, path)
-    return predictions
+                     "dense predictions", ctx.progress, features=True)
+    predictions, features = result.top_k[:, 0].clone(), result.features.half()
+    atomic_torch_save({"top1": predictions, "features": features}, path)
+    return predictions, features.float()  # as every later run reads them from the cache

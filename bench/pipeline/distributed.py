@@ -33,6 +33,20 @@ def job_world() -> tuple[int, int, int]:
     return env.global_rank, env.num_tasks, env.local_rank
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """This process's device, made current before anything touches CUDA: ``cuda:<local rank>`` in a
+    multi-task job (each rank its own GPU, none first initialises GPU 0), ``device`` unchanged elsewhere.
+    The runner calls it before moving the model; ``distributed_context`` then finds the same device."""
+    if device.type != "cuda":
+        return device
+    _, world_size, local_rank = job_world()
+    if world_size == 1:
+        return device
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
 @contextlib.contextmanager
 def distributed_context(device: torch.device) -> Iterator[DistributedContext]:
     rank, world_size, local_rank = job_world()
@@ -42,9 +56,7 @@ def distributed_context(device: torch.device) -> Iterator[DistributedContext]:
     import submitit
 
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    device = rank_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     try:

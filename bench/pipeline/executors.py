@@ -29,9 +29,10 @@ class Outcome:
 
 
 def run_inprocess(runs: list[RunSpec], results_dir: Path, progress: bool = True,
-                  announce: Callable[[str], None] = print) -> list[Outcome]:
+                  announce: Callable[[str], None] = print, redo: bool = False) -> list[Outcome]:
     import time
 
+    from bench.pipeline.lock import RunClaimed
     from bench.pipeline.runner import run_job
 
     outcomes = []
@@ -39,10 +40,13 @@ def run_inprocess(runs: list[RunSpec], results_dir: Path, progress: bool = True,
         announce(f"[{index}/{len(runs)}] {run.key}")
         started = time.time()
         try:
-            run_job(run.to_dict(), str(results_dir), progress=progress)
+            run_job(run.to_dict(), str(results_dir), progress=progress, redo=redo)
             outcomes.append(Outcome(run.key, True, seconds=time.time() - started))
         except KeyboardInterrupt:
             raise
+        except RunClaimed as error:  # another process computes it: not a failure of the run
+            announce(f"    skipped: {error}")
+            outcomes.append(Outcome(run.key, False, error=f"skipped: {error}"))
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
             message = f"{type(error).__name__}: {error}".splitlines()[0]
             announce(f"    failed: {message}")
@@ -50,20 +54,32 @@ def run_inprocess(runs: list[RunSpec], results_dir: Path, progress: bool = True,
     return outcomes
 
 
-def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], None] = print) -> list[Outcome]:
+def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], None] = print,
+              redo: bool = False) -> list[Outcome]:
+    """Each job watches this process (``$TOKENBENCH_PARENT``) and stops when it dies (``kill -9``)."""
+    import os
+
     import submitit
 
+    from bench.pipeline.lock import PARENT_ENV, parent_marker
     from bench.pipeline.runner import run_job
 
     executor = submitit.LocalExecutor(folder=str(results_dir / "logs" / "local" / "%j"))
     executor.update_parameters(timeout_min=24 * 60)
     outcomes = []
     for index, run in enumerate(runs, start=1):
-        job = executor.submit(run_job, run.to_dict(), str(results_dir), False)
+        previous, os.environ[PARENT_ENV] = os.environ.get(PARENT_ENV), parent_marker()
+        try:  # submitit's controller and the job inherit this environment
+            job = executor.submit(run_job, run.to_dict(), str(results_dir), False, redo)
+        finally:
+            os.environ.pop(PARENT_ENV) if previous is None else os.environ.update({PARENT_ENV: previous})
         announce(f"[{index}/{len(runs)}] {run.key} (local job {job.job_id}, log {job.paths.stderr})")
         try:
             job.result()
             outcomes.append(Outcome(run.key, True, log=str(job.paths.stderr)))
+        except KeyboardInterrupt:
+            job.cancel(check=False)  # SIGINT to the job: it marks its run interrupted
+            raise
         except Exception as error:  # noqa: BLE001
             message = last_error_line(str(error), "unknown error")
             announce(f"    failed: {message}")

@@ -52,9 +52,24 @@ def read_weights(path_or_url: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torn, foreign or pickled-code files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"{path}: unreadable checkpoint ({reason[:200]})") from None
+        raise WeightsError(f"{path}: {_load_failure(error)}") from None
     return extract_state_dict(obj, str(path))
+
+
+def _load_failure(error: Exception) -> str:
+    """One line for a checkpoint ``torch.load(weights_only=True)`` could not read. A refused pickle says
+    why first (it could run code), then what it held; torch's own text puts that after its remedies."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", text)
+        what = f" ({found.group(1).strip().rstrip('.')})" if found else ""
+        return ("refused: the checkpoint holds pickled Python objects besides tensors, and unpickling those can "
+                f"run arbitrary code, so weights are loaded with torch.load(weights_only=True){what}; if you trust "
+                "its source, re-save its state dict alone")
+    reason = text.splitlines()[0] if text else type(error).__name__
+    return f"unreadable checkpoint ({reason[:200]})"
 
 
 def _mismatch(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> str | None:

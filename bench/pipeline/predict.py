@@ -1,4 +1,5 @@
-"""Predictions of a model over a loader: top-5 classes, targets, loss and the method's per-layer stats."""
+"""Predictions of a model over a loader: top-5 classes, targets, loss, top-1 confidence, optionally the
+pre-logits features, and the method's per-layer stats."""
 
 from __future__ import annotations
 
@@ -18,22 +19,31 @@ class Predictions:
     loss: float  # mean cross-entropy
     info: Any  # the model's last ForwardInfo (None for a plain module)
     stats: dict[str, dict[str, float]]  # method statistics per layer, averaged over images
+    confidence: torch.Tensor | None = None  # (N,) softmax probability of the top-1 class
+    features: torch.Tensor | None = None  # (N, D) float32 pre-logits features (``features=True``)
 
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dtype: str, description: str,
-            progress: bool) -> Predictions:
+            progress: bool, features: bool = False) -> Predictions:
+    """``features``: also keep the pre-logits feature of every image (``model.forward_with_features``, a
+    ``bench.apply`` model: one pass through the blocks gives both)."""
     from tqdm import tqdm
 
     model.eval()
-    loss_sum, top_k, targets = 0.0, [], []
+    loss_sum, top_k, targets, confidence, kept_features = 0.0, [], [], [], []
     stats_sum: dict[int, dict[str, float]] = {}
     seen, info = 0, None
     for images, labels in tqdm(loader, desc=description, disable=not progress, leave=False, mininterval=2.0):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits = model(images)
+            if features:
+                logits, pre_logits = model.forward_with_features(images)
+                kept_features.append(pre_logits.float().cpu())
+            else:
+                logits = model(images)
         logits = logits.float()
+        confidence.append(logits.softmax(dim=-1).amax(dim=-1).cpu())
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         top_k.append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu())
         targets.append(labels.cpu())
@@ -46,4 +56,5 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dt
                     # statistics may be 0-d tensors (no host sync inside the forward): read them here
                     slot[name] = slot.get(name, 0.0) + float(value) * images.shape[0]
     stats = {str(layer): {name: total / seen for name, total in values.items()} for layer, values in stats_sum.items()}
-    return Predictions(torch.cat(top_k), torch.cat(targets), loss_sum / max(seen, 1), info, stats)
+    return Predictions(torch.cat(top_k), torch.cat(targets), loss_sum / max(seen, 1), info, stats,
+                       torch.cat(confidence), torch.cat(kept_features) if features else None)

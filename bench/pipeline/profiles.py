@@ -1,7 +1,10 @@
 """Cluster profiles: ``slurm/<name>.yaml`` (or a path to a .yaml file), validated against ``Profile``.
 
-Every key is optional; ``tasks_per_node`` applies to fine-tuning runs (one DDP process per GPU),
-evaluation runs use one task. ``max_requeue`` is how often a job may be requeued after its time limit,
+Every key is optional. A profile describes the fine-tuning job's node: ``tasks_per_node`` DDP processes
+(one per GPU, so at most ``gpus_per_node``), each with ``cpus_per_task`` CPUs, ``mem_gb`` per node. An
+evaluation run uses one GPU, so its job asks for one task, one GPU and one GPU's share of the node: the
+node's CPUs (``tasks_per_node * cpus_per_task``) and memory divided by ``gpus_per_node`` (by
+``tasks_per_node`` on a CPU-only profile), rounded down, at least 1 (``eval_resources``). ``max_requeue`` is how often a job may be requeued after its time limit,
 ``setup`` shell lines run before the job (e.g. module loads).
 """
 
@@ -10,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from bench.pipeline.files import REPO
 from bench.pipeline.schema import FileError, SchemaError, option, parse
+from bench.pipeline.yamlload import load_yaml
 
 
 class ProfileError(FileError):
@@ -26,7 +28,7 @@ class Profile:
     account: str | None = None
     qos: str | None = None
     gpus_per_node: int | None = option(None, minimum=0)
-    tasks_per_node: int = option(1, minimum=0)
+    tasks_per_node: int = option(1, minimum=1)
     cpus_per_task: int | None = option(None, minimum=0)
     mem_gb: int | None = option(None, minimum=0)
     timeout_min: int | None = option(None, minimum=0)
@@ -51,11 +53,24 @@ def load_profile(name: str) -> Profile:
     path = profile_path(name)
     if not path.exists():
         raise ProfileError(path, "", f"no such cluster profile; available: {', '.join(available_profiles()) or 'none'}")
+    raw = load_yaml(path, ProfileError) or {}  # one loader: UTF-8 only, duplicate keys and alias bombs refused
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ProfileError(path, "", f"malformed YAML ({str(error).splitlines()[0]})") from None
-    try:
-        return parse(Profile, raw)
+        profile = parse(Profile, raw)
     except SchemaError as error:
         raise ProfileError.of(path, error) from None
+    if profile.gpus_per_node and profile.tasks_per_node > profile.gpus_per_node:
+        raise ProfileError(path, "tasks_per_node", f"{profile.tasks_per_node} exceeds gpus_per_node "
+                           f"{profile.gpus_per_node}; allowed: 1 to {profile.gpus_per_node} (one DDP process per GPU)")
+    return profile
+
+
+def eval_resources(profile: Profile) -> dict[str, int | None]:
+    """An evaluation job's gpus / cpus_per_task / mem_gb: one GPU and that GPU's share of the node the
+    profile describes (None where the profile leaves the value to the cluster's defaults)."""
+    shares = profile.gpus_per_node or profile.tasks_per_node
+    node_cpus = None if profile.cpus_per_task is None else profile.cpus_per_task * profile.tasks_per_node
+    return {
+        "gpus_per_node": min(1, profile.gpus_per_node) if profile.gpus_per_node is not None else None,
+        "cpus_per_task": None if node_cpus is None else max(1, node_cpus // shares),
+        "mem_gb": None if profile.mem_gb is None else max(1, profile.mem_gb // shares),
+    }

@@ -10,7 +10,10 @@ A record (``schema: 1``), as ``build_record`` makes it::
         "experiment": "quickstart", "model": "vit_tiny_patch16_224", "model_kwargs": {...},
         "model_label": "fmnist-vit", "weights": "fmnist_vit.pth" | null | "https://..." | "timm:<tag>",
         "weights_path": "/abs/configs/fmnist_vit.pth", "data": {"name": "fashion_mnist", "root": null,
-        "subset": 2000}, "method": "tome", "params": {"r": 4, ...}, "batch_size": 128, "dtype": "fp32",
+        "subset": 2000, "transform": {"input_size": [1, 28, 28], "interpolation": "bicubic", "mean": [0.286],
+        "std": [0.353], "crop_pct": 1.0, "crop_mode": "center"}},  # + split, train_split, class_map, download
+                                             # where set; transform: the eval transform timm resolved
+        "method": "tome", "params": {"r": 4, ...}, "batch_size": 128, "dtype": "fp32",
         "device": "cpu", "threads": 2, "seed": 0, "workers": 0, "stages": ["eval", "macs", "throughput"],
         "throughput": {"batch_sizes": [32], "warmup": 3, "runs": 10}, "macs": {"images": 16},
         "eval": {"agreement": true}, "finetune": {...} | null,
@@ -33,18 +36,19 @@ A record (``schema: 1``), as ``build_record`` makes it::
       "started_at": "2026-11-25T15:00:00+00:00", "finished_at": "...", "wall_s": 12.3
     }
 
-A file that does not parse, or lacks the fields above, is a torn write: ``read_record`` reports it and
-the runner redoes that run.
+A file that is not UTF-8, does not parse, lacks the fields above or whose ``run`` / ``metrics`` is not a
+mapping is a torn write: ``read_record`` reports it, ``run_bench`` sets it aside (``<key>.json.torn.<n>``)
+and redoes that run. A failure note may say ``"state": "interrupted"`` (Ctrl-C) instead of ``"failed"``.
 """
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from bench.pipeline.files import atomic_write_json
+from bench.pipeline.textio import TextError, read_json
 
 SCHEMA = 1
 REQUIRED_FIELDS = ("schema", "key", "run", "metrics", "env")
@@ -86,13 +90,9 @@ def read_record(path: Path) -> dict[str, Any]:
     """A record, or ``RecordError`` naming the file when it is cut off, malformed or incomplete."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise RecordError(f"{path}: cannot read record ({error.strerror})") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RecordError(f"{path}: record cut off or malformed JSON (line {error.lineno}, column {error.colno})") from None
+        record = read_json(path)  # the one decoding path: undecodable bytes are a torn record too
+    except TextError as error:
+        raise RecordError(f"{path}: record {error.problem}") from None
     if not isinstance(record, dict):
         raise RecordError(f"{path}: record is not a JSON object")
     missing = [name for name in REQUIRED_FIELDS if name not in record]
@@ -100,6 +100,9 @@ def read_record(path: Path) -> dict[str, Any]:
         raise RecordError(f"{path}: record lacks field {missing[0]!r}")
     if record["schema"] != SCHEMA:
         raise RecordError(f"{path}: record schema {record['schema']!r}, this version reads {SCHEMA}")
+    for name in ("run", "metrics"):
+        if not isinstance(record[name], dict):
+            raise RecordError(f"{path}: record field {name!r} is not a mapping")
     return record
 
 
@@ -125,9 +128,10 @@ def failure_path(results_dir: Path, key: str) -> Path:
 
 def read_failure(results_dir: Path, key: str) -> dict[str, Any] | None:
     try:
-        return json.loads(failure_path(results_dir, key).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        note = read_json(failure_path(results_dir, key))
+    except TextError as error:
+        return None if error.missing else {"error": f"unreadable failure note: {error}"}
+    return note if isinstance(note, dict) else {"error": f"unreadable failure note: {failure_path(results_dir, key)}"}
 
 
 def last_error_line(text: str, default: str | None = None) -> str | None:

@@ -18,33 +18,44 @@ from typing import Any
 import torch
 
 import bench
+from bench.pipeline.accelerator import cuda_environment
 from bench.pipeline.config import RunSpec
 from bench.pipeline.context import StageContext
+from bench.pipeline.distributed import rank_device
 from bench.pipeline.files import REPO, atomic_write_json
+from bench.pipeline.fingerprint import check_unchanged
+from bench.pipeline.lock import run_guard
 from bench.pipeline.models import load_model
 from bench.pipeline.records import build_record, failure_path, now, record_path, write_record
 from bench.pipeline.stages import stage
+from bench.sdpa import check_backend, sdpa_backend
 from bench.throughput import device_name
 
 
-def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True) -> str:
+def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True, redo: bool = False) -> str:
     """Execute one run and return its record's path. On failure, a failure note (error, traceback, log)
-    is written next to the records and the exception propagates (the executor reports it).
+    is written next to the records and the exception propagates (the executor reports it); Ctrl-C marks
+    the note ``interrupted``. ``bench.pipeline.lock.run_guard`` makes sure no two processes compute one run
+    (``RunClaimed``) and skips a run whose record appeared since it was planned (unless ``redo``).
 
     ``SystemExit`` is not a failure: it is how submitit ends a job it has checkpointed and requeued after
     a preemption signal. Test hook: a run whose key matches the glob in ``$TOKENBENCH_FAIL_KEYS`` raises
     ``RuntimeError`` at job time (after validation, so failures inside a real SLURM job can be tested)."""
     run = RunSpec.from_dict(spec)
-    try:
-        fail_keys = os.environ.get("TOKENBENCH_FAIL_KEYS")
-        if fail_keys and fnmatch.fnmatch(run.key, fail_keys):
-            raise RuntimeError(f"injected failure: run {run.key} matches TOKENBENCH_FAIL_KEYS={fail_keys!r}")
-        execute(run, Path(results_dir), progress=progress)
-    except SystemExit:
-        raise
-    except BaseException as error:
-        _write_failure(Path(results_dir), run, error)
-        raise
+    with run_guard(Path(results_dir), run.key, redo) as already_done:
+        if already_done:
+            return str(record_path(Path(results_dir), run.key))
+        try:
+            fail_keys = os.environ.get("TOKENBENCH_FAIL_KEYS")
+            if fail_keys and fnmatch.fnmatch(run.key, fail_keys):
+                raise RuntimeError(f"injected failure: run {run.key} matches TOKENBENCH_FAIL_KEYS={fail_keys!r}")
+            check_unchanged(run.weights_path, run.weights_sha256)
+            execute(run, Path(results_dir), progress=progress)
+        except SystemExit:
+            raise
+        except BaseException as error:
+            _write_failure(Path(results_dir), run, error)
+            raise
     return str(record_path(Path(results_dir), run.key))
 
 
@@ -52,6 +63,7 @@ def _write_failure(results_dir: Path, run: RunSpec, error: BaseException) -> Non
     atomic_write_json(failure_path(results_dir, run.key), {
         "key": run.key,
         "error": f"{type(error).__name__}: {error}".strip().splitlines()[0][:500],
+        "state": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
         "traceback": traceback.format_exc(),
         "log": os.environ.get("TOKENBENCH_LOG"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -67,7 +79,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device, sdpa_backend: str = "auto") -> dict[str, Any]:
     import timm
 
     try:
@@ -87,6 +99,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        **cuda_environment(device, sdpa_backend),
     }
 
 
@@ -94,7 +107,8 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
     """All stages of ``run``; writes and returns its record (None on the non-zero ranks of a DDP job,
     which only train)."""
     started, clock = now(), time.time()
-    device = resolve_device(run.device)
+    device = rank_device(resolve_device(run.device))  # each DDP rank's GPU is current before any CUDA call
+    check_backend(run.sdpa_backend, device)
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
@@ -102,11 +116,13 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
     model = bench.apply(vit, run.method, **run.params).to(device)
     ctx = StageContext(run, model, Path(results_dir), device, progress)
     metrics: dict[str, Any] = {}
-    for name in run.stages:
-        metrics[name] = stage(name).run(ctx)
-        if ctx.rank != 0:
-            return None
-    record = build_record(run.to_dict(), metrics, ctx.tokens_per_layer, ctx.method_stats, environment(device),
+    with sdpa_backend(run.sdpa_backend):
+        for name in run.stages:
+            metrics[name] = stage(name).run(ctx)
+            if ctx.rank != 0:
+                return None
+    record = build_record(run.to_dict(), metrics, ctx.tokens_per_layer, ctx.method_stats,
+                          environment(device, run.sdpa_backend),
                           started_at=started, wall_s=time.time() - clock)
     write_record(record_path(results_dir, run.key), record)
     failure_path(results_dir, run.key).unlink(missing_ok=True)

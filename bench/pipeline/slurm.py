@@ -7,7 +7,6 @@ inside the same job, so they always share a node and a GPU.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 import submitit
 
 from bench.pipeline.files import REPO, atomic_write_json
-from bench.pipeline.profiles import Profile, load_profile
+from bench.pipeline.profiles import Profile, eval_resources, load_profile
 from bench.pipeline.records import failure_path, last_error_line, now
 
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
@@ -32,7 +31,10 @@ SUBMITIT_NAMES = {"partition": "slurm_partition", "account": "slurm_account", "q
 def executor_parameters(profile: Profile, finetune: bool) -> dict[str, Any]:
     """submitit's ``update_parameters`` arguments for a profile (``max_requeue`` is a constructor argument
     of the executor instead: see ``make_executor``)."""
-    params = {name: getattr(profile, key) for key, name in SUBMITIT_NAMES.items() if getattr(profile, key) is not None}
+    values = {key: getattr(profile, key) for key in SUBMITIT_NAMES}
+    if not finetune:
+        values.update(eval_resources(profile))  # one GPU and its share of the node's CPUs and memory
+    params = {name: values[key] for key, name in SUBMITIT_NAMES.items() if values[key] is not None}
     if not params.get("gpus_per_node"):
         params.pop("gpus_per_node", None)  # --gpus-per-node=0 is refused by clusters without GPU gres
     params["tasks_per_node"] = profile.tasks_per_node if finetune else 1
@@ -73,21 +75,38 @@ class RunJob(submitit.helpers.Checkpointable):
     ``checkpoint()`` (inherited: requeue with the same arguments); fine-tuning then resumes from its last
     checkpoint, which the training loop wrote at the step where the signal arrived."""
 
-    def __call__(self, spec: dict[str, Any], results_dir: str) -> str:
+    def __call__(self, spec: dict[str, Any], results_dir: str, redo: bool = False) -> str:
         from bench.pipeline.runner import run_job
 
         os.environ["TOKENBENCH_LOG"] = str(submitit.JobEnvironment().paths.stderr)
-        return run_job(spec, results_dir, progress=False)
+        return run_job(spec, results_dir, progress=False, redo=redo)
 
 
 def jobs_file(results_dir: Path) -> Path:
     return Path(results_dir) / "jobs.json"
 
 
-def _read_jobs(results_dir: Path) -> dict[str, dict[str, Any]]:
+class SubmitError(RuntimeError):
+    """sbatch refused the submission (controller down, bad partition, ...): one line, exit 2."""
+
+
+def _read_jobs(results_dir: Path, set_aside: bool = False) -> dict[str, dict[str, Any]]:
+    """``jobs.json`` ({key: {job_id, log, submitted_at, previous_job_ids}}); an unreadable one is reported,
+    and set aside as ``jobs.json.torn.<n>`` when ``set_aside`` (the submitter, under the folder's lock)."""
+    from bench.pipeline.textio import TextError, read_json
+    from bench.pipeline.textio import set_aside as set_aside_file
+
+    path = jobs_file(results_dir)
     try:
-        return json.loads(jobs_file(results_dir).read_text())
-    except (OSError, json.JSONDecodeError):
+        jobs = read_json(path)
+        if not isinstance(jobs, dict) or not all(isinstance(job, dict) and "job_id" in job for job in jobs.values()):
+            raise TextError(path, "not a mapping of run keys to jobs")
+        return jobs
+    except TextError as error:
+        if error.missing:
+            return {}
+        moved = f"; moved to {set_aside_file(path).name}" if set_aside else ""
+        print(f"warning: {error}; the job ids it held are not known{moved}", file=sys.stderr)
         return {}
 
 
@@ -95,9 +114,14 @@ def _write_jobs(results_dir: Path, jobs: dict[str, dict[str, Any]]) -> None:
     atomic_write_json(jobs_file(results_dir), jobs)
 
 
-def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait: bool = False) -> int:
+def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait: bool = False,
+           redo: bool = False) -> int:
     """Submit ``runs`` as SLURM job arrays (one per resource shape: evaluation, fine-tuning); print the
-    job ids and the log folder; with ``wait``, wait and summarise. Exit code as ``run_bench``'s."""
+    job ids and the log folder; with ``wait``, wait and summarise. Exit code as ``run_bench``'s.
+    Runs whose job from an earlier submission is still pending or running are not submitted again
+    (``jobs.json`` keeps their ids; a resubmitted run keeps its earlier ids in ``previous_job_ids``).
+    ``redo`` (``--force``): a job recomputes its run even if a record appeared since submission.
+    ``SubmitError`` when sbatch refuses (e.g. the controller is down)."""
     from bench.pipeline.executors import Outcome, summary
 
     ensure_slurm_conf()
@@ -107,6 +131,14 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     if not runs:
         print("nothing to submit: every run has a record")
         return 0
+    _read_jobs(results_dir, set_aside=True)  # an unreadable jobs.json: reported and set aside once, here
+    flying = in_flight(results_dir, [run.key for run in runs])
+    for key, job in flying.items():
+        print(f"not resubmitted: {key} (job {job['job_id']} {job['state']}, submitted {job.get('submitted_at')})")
+    runs = [run for run in runs if run.key not in flying]
+    if not runs and not wait:
+        print(f"nothing to submit: {len(flying)} run(s) still queued or running from an earlier submission")
+        return 0
     log_folder = results_dir / "logs" / "slurm"
     submitted_at = time.time()
     jobs_by_key: dict[str, Any] = {}
@@ -115,18 +147,21 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
         if not group:
             continue
         executor = make_executor(log_folder, settings, finetune, name=f"tokenbench-{experiment.name}")
-        with executor.batch():
-            submitted = [executor.submit(RunJob(), run.to_dict(), str(results_dir)) for run in group]
+        submitted = _submit_group(executor, group, results_dir, redo)
         for run, job in zip(group, submitted, strict=True):
             jobs_by_key[run.key] = job
-    known = _read_jobs(results_dir)
+    known = _read_jobs(results_dir, set_aside=True)
     submitted_now = now()
     for key, job in jobs_by_key.items():
-        known[key] = {"job_id": job.job_id, "log": str(job.paths.stderr), "submitted_at": submitted_now}
+        earlier = known.get(key) or {}
+        previous = [*earlier.get("previous_job_ids", []), *([earlier["job_id"]] if "job_id" in earlier else [])]
+        known[key] = {"job_id": job.job_id, "log": str(job.paths.stderr), "submitted_at": submitted_now,
+                      **({"previous_job_ids": previous} if previous else {})}
         failure_path(results_dir, key).unlink(missing_ok=True)
     _write_jobs(results_dir, known)
     ids = sorted({job.job_id.split("_")[0] for job in jobs_by_key.values()})
-    print(f"submitted {len(jobs_by_key)} run(s) as job array(s) {', '.join(ids)}; logs in {log_folder}")
+    if jobs_by_key:
+        print(f"submitted {len(jobs_by_key)} run(s) as job array(s) {', '.join(ids)}; logs in {log_folder}")
     if not wait:
         print(f"follow with: python run_bench.py --config {experiment.file} --status")
         return 0
@@ -137,9 +172,68 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
             job.results()
             outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
-            outcomes.append(Outcome(key, False, error=last_error_line(str(error), "unknown error"), log=str(job.paths.stderr)))
-    print(f"all {len(jobs_by_key)} job(s) ended {time.time() - submitted_at:.1f} s after submission")
+            state = _final_state(job)
+            message = f"job {job.job_id} {state}" if state.startswith("CANCELLED") else \
+                last_error_line(str(error), "unknown error")
+            outcomes.append(Outcome(key, False, error=message, log=str(job.paths.stderr)))
+    outcomes += _wait_in_flight(results_dir, flying)
+    print(f"all {len(jobs_by_key) + len(flying)} job(s) ended {time.time() - submitted_at:.1f} s after submission")
     return summary(outcomes)
+
+
+def _submit_group(executor: submitit.AutoExecutor, group: list, results_dir: Path, redo: bool) -> list:
+    """One job array; sbatch's refusal becomes ``SubmitError`` with its last line (submitit would print
+    sbatch's stderr and raise with a traceback)."""
+    import contextlib
+    import io
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), executor.batch():
+            return [executor.submit(RunJob(), run.to_dict(), str(results_dir), redo) for run in group]
+    except (submitit.core.utils.FailedJobError, OSError, subprocess.SubprocessError) as error:
+        reason = last_error_line(f"{captured.getvalue()}\n{error}", "no reason given")
+        raise SubmitError(f"SLURM refused the submission ({reason}); nothing was submitted") from None
+
+
+def _final_state(job: submitit.Job) -> str:
+    """The job's state from sacct (``CANCELLED by 0`` -> ``CANCELLED``); ``UNKNOWN`` if SLURM cannot say."""
+    try:
+        out = subprocess.run(["sacct", "-j", job.job_id, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+    return _parse_states(out).get(job.job_id, "UNKNOWN")
+
+
+def in_flight(results_dir: Path, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """The jobs (with ``state``) of ``keys`` that an earlier submission left pending or running."""
+    wanted = set(keys)
+    return {key: job for key, job in job_states(results_dir).items()
+            if key in wanted and job["state"] in ACTIVE_STATES}
+
+
+def _wait_in_flight(results_dir: Path, flying: dict[str, dict[str, Any]], interval: float = 2.0) -> list:
+    """``--wait`` for runs not resubmitted because an earlier job is still on them: poll until those jobs
+    end; each one's outcome from its record (or failure note / final state)."""
+    from bench.pipeline.executors import Outcome
+    from bench.pipeline.records import RecordError, read_failure, read_record, record_path
+
+    pending = dict(flying)
+    while pending:
+        time.sleep(interval)
+        states = job_states(results_dir)
+        pending = {key: job for key, job in pending.items() if states.get(key, {}).get("state") in ACTIVE_STATES}
+    outcomes = []
+    for key, job in flying.items():
+        try:
+            read_record(record_path(results_dir, key))
+            outcomes.append(Outcome(key, True, log=job.get("log")))
+        except RecordError:
+            state = job_states(results_dir).get(key, {}).get("state", "UNKNOWN")
+            error = (read_failure(results_dir, key) or {}).get("error") or f"job {job['job_id']} {state}"
+            outcomes.append(Outcome(key, False, error=error, log=job.get("log")))
+    return outcomes
 
 
 def job_states(results_dir: Path) -> dict[str, dict[str, Any]]:

@@ -7,19 +7,22 @@ from pathlib import Path
 
 from bench.pipeline.config import RunSpec
 from bench.pipeline.records import RecordError, last_error_line, read_failure, read_record, record_path
+from bench.pipeline.textio import set_aside as set_aside_file
 
 
 @dataclass
 class RunStatus:
     key: str
-    state: str  # done | failed | pending | running | todo
+    state: str  # done | failed | interrupted | pending | running | todo
     detail: str = ""
     log: str | None = None
 
 
-def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False) -> tuple[list[RunSpec], list[str]]:
-    """Runs without a finished record (all with ``force``). A record that does not parse (cut off
-    mid-write) is renamed ``*.json.torn`` and its run redone; readable records are never touched."""
+def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
+              set_aside: bool = True) -> tuple[list[RunSpec], list[str]]:
+    """Runs without a finished record (all with ``force``). A record that does not read (cut off
+    mid-write, not UTF-8, incomplete) is renamed ``*.json.torn.<n>`` (``set_aside``; never over an earlier
+    one) and its run redone; readable records are never touched."""
     todo, notes = [], []
     for run in runs:
         path = record_path(results_dir, run.key)
@@ -29,9 +32,8 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False) -> tu
         try:
             read_record(path)
         except RecordError as error:
-            torn = path.with_suffix(".json.torn")
-            path.replace(torn)
-            notes.append(f"warning: {error}; moved to {torn.name}, the run is redone")
+            moved = f"moved to {set_aside_file(path).name}" if set_aside else "it would be set aside"
+            notes.append(f"warning: {error}; {moved}, the run is redone")
             todo.append(run)
     return todo, notes
 
@@ -53,7 +55,11 @@ def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
                 continue
         job = queued.get(run.key)
         failure = read_failure(results_dir, run.key)
-        if job and job["state"] in ACTIVE_STATES:  # a requeued (preempted) job is pending again, not failed
+        if failure and failure.get("state") == "interrupted" and not (job and job["state"] in ACTIVE_STATES):
+            rows.append(RunStatus(run.key, "interrupted", failure.get("error") or "", failure.get("log")))
+        elif job and job["state"] == "CANCELLED":  # scancel: no error of the run's own to show
+            rows.append(RunStatus(run.key, "failed", f"job {job['job_id']} CANCELLED", job.get("log")))
+        elif job and job["state"] in ACTIVE_STATES:  # a requeued (preempted) job is pending again, not failed
             state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
             rows.append(RunStatus(run.key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
         elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):

@@ -1,7 +1,11 @@
 """Fine-tuning with the method active, DeiT-style: AdamW, cosine schedule with linear warm-up (per step),
 label smoothing, optional mixup / cutmix (timm), AMP on GPU. A checkpoint after every epoch; a run
 resumes from it. Multi-process (DDP) runs see the same global batches as a single process: each global
-batch is split across ranks, and augmentation randomness is seeded per (epoch, image), not per process.
+batch is split across ranks. Datasets with ``set_epoch`` (Fashion-MNIST) seed their augmentation per
+(epoch, image), not per process, and resume exactly; for the others (timm's ImageNet transforms in loader
+workers) the workers are seeded per (seed, epoch, rank, first step): ranks differ, and a resumed epoch
+draws fresh augmentations rather than replaying the interrupted ones. The checkpoint keeps the CPU
+generators and, on GPU, the training device's CUDA generator.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from bench.pipeline.files import atomic_torch_save
+from bench.pipeline.files import atomic_torch_save, digest
 from bench.pipeline.schema import option
 from bench.throughput import autocast
 
@@ -55,14 +59,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+def rng_state(device: torch.device | None = None) -> dict:
+    """CPU generators, and on a CUDA ``device`` that device's generator (drop path and dropout draw from it).
+
+    Only the training device's CUDA state is kept, not every GPU's: reading another GPU's state would
+    create a context there (every DDP rank sees all GPUs of its node). All ranks consume their CUDA
+    generator alike (same seeds, same shapes), so rank 0's state restores every rank."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["random"])
+    if device is not None and device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def loader_seed(seed: int, epoch: int, rank: int, first_step: int) -> int:
+    """The DataLoader's base seed (its workers seed torch, numpy and random from it): distinct per rank, so
+    ranks draw different augmentations, and per first step, so a resumed epoch does not replay the
+    streams of its start on other images. Augmentations seeded per image (``set_epoch`` datasets such as
+    Fashion-MNIST's) do not depend on it and resume exactly."""
+    return int(digest([seed, epoch, rank, first_step], 15), 16)
+
+
+def reduce_totals(totals: list[float], device: torch.device, world_size: int) -> list[float]:
+    """Sum the epoch's (loss sum, correct, seen) over the ranks. The tensor lives on the training device:
+    NCCL reduces CUDA tensors only."""
+    reduced = torch.tensor(totals, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(reduced)
+    return reduced.cpu().tolist()
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, opts: FinetuneOptions) -> float:
@@ -162,7 +193,7 @@ def finetune(
     def save(epoch_done: int, step: int = 0, partial_totals: list[float] | None = None) -> None:
         if rank == 0:
             atomic_torch_save({"epoch": epoch_done, "step": step, "partial": partial_totals,
-                               "rng": rng_state(), "model": vit.state_dict(),
+                               "rng": rng_state(device), "model": vit.state_dict(),
                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                "history": history, "options": opts.to_dict()}, checkpoint_dir / "last.pth")
 
@@ -174,12 +205,13 @@ def finetune(
             first_step, totals = 0, [0.0, 0.0, 0.0]  # loss sum, correct, seen
             if epoch == start_epoch and start_step:
                 first_step, totals = start_step, list(partial)
-                set_rng_state(state["rng"])
+                set_rng_state(state["rng"], device)
             if hasattr(base_set, "set_epoch"):
                 base_set.set_epoch(epoch)
             batches = EpochBatches(len(train_set), opts, epoch, rank, world_size)
             loader = DataLoader(train_set, batch_sampler=batches.batches[first_step:], num_workers=opts.workers,
-                                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(epoch))
+                                pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(loader_seed(opts.seed, epoch, rank, first_step)))
             model.train()
             started = time.time()
             bar = _progress(loader, f"finetune epoch {epoch + 1}/{opts.epochs}", progress and rank == 0)
@@ -207,13 +239,11 @@ def finetune(
                 # A preemption signal is acted on here, between two steps: the checkpoint is consistent
                 # and the requeued job continues with the next step, not from the epoch's start.
                 guard.at_step_boundary(lambda step=step, totals=totals, epoch=epoch: save(epoch, step + 1, list(totals)))
-            reduced = torch.tensor(totals, dtype=torch.float64)
-            if world_size > 1:
-                dist.all_reduce(reduced)
+            loss_sum, correct, seen = reduce_totals(totals, device, world_size)
             record = {
                 "epoch": epoch + 1,
-                "train_loss": reduced[0].item() / reduced[2].item(),
-                "train_top1": 100.0 * reduced[1].item() / reduced[2].item(),
+                "train_loss": loss_sum / seen,
+                "train_top1": 100.0 * correct / seen,
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.time() - started,
             }

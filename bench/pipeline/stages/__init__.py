@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-STAGES = ("finetune", "eval", "macs", "throughput")  # run order
+STAGES = ("finetune", "eval", "macs", "throughput", "tokens")  # run order
 
 
 def stage(name: str) -> ModuleType:

@@ -1,10 +1,14 @@
-"""``eval``: top-1 / top-5 / loss on the eval images and, with ``eval.agreement``, the share of images
-whose top-1 class equals the dense model's (original weights)."""
+"""``eval``: top-1 / top-5 / loss on the eval images, the calibration of the top-1 confidence (``ece``:
+expected calibration error over 15 equal-width bins, a fraction; ``nll``: mean negative log-likelihood of
+the true class, nats) and, with ``eval.agreement``, the comparison with the dense model (original weights)
+on the same images: ``agreement``, the share whose top-1 class equals the dense model's, and
+``feature_cos``, the mean cosine similarity of the pre-logits features to the dense model's."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from bench import stats
 from bench.pipeline import dense
 from bench.pipeline.context import StageContext
 from bench.pipeline.predict import predict
@@ -12,22 +16,27 @@ from bench.pipeline.predict import predict
 
 def run(ctx: StageContext) -> dict[str, Any]:
     run = ctx.run
-    result = predict(ctx.model, ctx.loader(ctx.val_set()), ctx.device, run.dtype, f"eval {run.key}", ctx.progress)
+    compare = run.eval["agreement"]
+    result = predict(ctx.model, ctx.loader(ctx.val_set()), ctx.device, run.dtype, f"eval {run.key}", ctx.progress,
+                     features=compare)
     correct = result.top_k == result.targets[:, None]
     metrics = {
         "top1": 100.0 * correct[:, 0].float().mean().item(),
         "top5": 100.0 * correct.any(dim=1).float().mean().item(),
         "loss": result.loss,
+        "nll": result.loss,  # the mean cross-entropy of the true class is its negative log-likelihood
+        "ece": stats.expected_calibration_error(result.confidence.numpy(), correct[:, 0].numpy()),
         "images": int(result.targets.numel()),
     }
-    if run.eval["agreement"]:
+    if compare:
         top1 = result.top_k[:, 0]
         if run.method == "baseline" and "finetune" not in run.stages:
-            dense.store(ctx, top1)
-            reference = top1
+            dense.store(ctx, top1, result.features)
+            reference, features = top1, result.features
         else:
-            reference = dense.dense_predictions(ctx)
+            reference, features = dense.dense_reference(ctx)
         metrics["agreement"] = 100.0 * (top1 == reference).float().mean().item()
+        metrics["feature_cos"] = stats.mean_cosine(result.features.numpy(), features.numpy())
     ctx.note_tokens(result.info)
     ctx.method_stats = result.stats
     return metrics

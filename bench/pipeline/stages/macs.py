@@ -1,5 +1,6 @@
 """``macs``: MACs of one image (torchprofile), the analytic count for the same token schedule, and the
-mean over ``macs.images`` real images for methods whose work depends on the input."""
+mean over ``macs.images`` real images (a seeded draw across classes, ``bench.pipeline.samples``) for
+methods whose work depends on the input."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from bench.macs import analytic_macs, count_macs, data_macs
 from bench.pipeline.context import StageContext
+from bench.pipeline.samples import sample_indices
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -18,7 +20,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if model.method.data_dependent:
         val = ctx.val_set()
         count = min(ctx.run.macs["images"], len(val))
-        averaged = data_macs(model, (val[i][0] for i in range(count)))
+        averaged = data_macs(model, (val[i][0] for i in sample_indices(val, count, ctx.run.seed)))
     else:
         averaged = float(single)
     return {"torchprofile": single, "analytic": analytic, "data_mean": averaged}

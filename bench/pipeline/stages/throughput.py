@@ -1,32 +1,130 @@
-"""``throughput``: images/s of the method and of the dense model, timed alternately in this process on
-the first eval images (data-dependent methods are timed on the inputs they are evaluated on)."""
+"""``throughput``: per batch size, the method and its dense baseline timed alternately in this process on
+eval images drawn across classes (``bench.pipeline.samples``; data-dependent methods are timed on the
+inputs they are evaluated on).
+
+Each entry: images/s, latency of one forward (p50 / p90 over the timed rounds, ms), peak memory of one
+forward (``bench.memory``; ``peak_mem_kind`` says which), the dense baseline's own numbers beside them
+(``baseline_...``) and the speed-up: the median of the paired per-round ratios (dense time / method time)
+with a seeded bootstrap 95% interval (``bench.stats``). With ``compile: true`` both models run under
+``torch.compile`` (compiled afresh per batch size, before the warm-up: ``compile_s``), and the method's
+graph breaks are counted once (``torch._dynamo.explain``). ``throughput.auto`` (CUDA): after the listed
+sizes, the batch size doubles until the GPU runs out of memory; those entries carry ``auto: true`` and the
+size that did not fit an entry ``out_of_memory: true`` without numbers.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import bench
+from bench import stats
+from bench.memory import peak_memory_mb
 from bench.pipeline.context import StageContext
-from bench.throughput import compare_throughput
+from bench.pipeline.samples import sample_indices
+from bench.throughput import autocast, compare_throughput
+
+AUTO_LIMIT = 1 << 16  # the doubling stops here even if memory never runs out
 
 
 def real_batch(ctx: StageContext, batch_size: int) -> torch.Tensor:
-    """The first ``batch_size`` eval images (cycled if the set is smaller)."""
+    """``batch_size`` eval images drawn across classes with the run's seed (cycled if the set is smaller)."""
     val = ctx.val_set()
-    return torch.stack([val[i % len(val)][0] for i in range(batch_size)]).to(ctx.device)
+    return torch.stack([val[i][0] for i in sample_indices(val, batch_size, ctx.run.seed)]).to(ctx.device)
+
+
+def forward(model: torch.nn.Module, batch: torch.Tensor, dtype: str) -> torch.Tensor:
+    """One forward in the timing conditions (inference mode, the run's autocast)."""
+    with torch.inference_mode(), autocast(batch.device, dtype):
+        return model(batch)
+
+
+def graph_breaks(model: torch.nn.Module, batch: torch.Tensor, dtype: str) -> dict[str, Any]:
+    """How ``torch.compile`` splits ``model``'s forward: graphs, graph breaks and the first reasons."""
+    torch._dynamo.reset()
+    with torch.inference_mode(), autocast(batch.device, dtype):
+        explained = torch._dynamo.explain(model)(batch)
+    torch._dynamo.reset()
+    reasons = [str(getattr(reason, "reason", reason)).strip().splitlines()[0][:200]
+               for reason in explained.break_reasons[:3]]
+    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count, "break_reasons": reasons}
+
+
+def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor, dtype: str, warmup: int, runs: int,
+            compile_: bool) -> dict[str, Any]:
+    """One throughput entry: ``model`` against ``dense`` on ``batch`` (see the module docstring)."""
+    compile_s = None
+    if compile_:
+        torch._dynamo.reset()  # a fresh compilation per batch size, specialised to it
+        model, dense = torch.compile(model, dynamic=False), torch.compile(dense, dynamic=False)
+        start = time.perf_counter()
+        forward(model, batch, dtype)
+        forward(dense, batch, dtype)
+        compile_s = time.perf_counter() - start
+    measured, baseline = compare_throughput(model, dense, batch, dtype, warmup, runs)
+    memory, kind = peak_memory_mb(lambda: forward(model, batch, dtype), batch.device)
+    baseline_memory, _ = peak_memory_mb(lambda: forward(dense, batch, dtype), batch.device)
+    entry = measured.to_dict()
+    entry.update(
+        runs=runs,
+        latency_p50_ms=1e3 * stats.percentile(measured.times_s, 50),
+        latency_p90_ms=1e3 * stats.percentile(measured.times_s, 90),
+        peak_mem_mb=memory,
+        peak_mem_kind=kind,
+        baseline_images_per_s=baseline.images_per_s,
+        baseline_latency_p50_ms=1e3 * stats.percentile(baseline.times_s, 50),
+        baseline_latency_p90_ms=1e3 * stats.percentile(baseline.times_s, 90),
+        baseline_peak_mem_mb=baseline_memory,
+        baseline_times_s=baseline.times_s,
+        **stats.speedup(measured.times_s, baseline.times_s),
+        compile=compile_,
+        compile_s=compile_s,
+    )
+    return entry
+
+
+def sweep(sizes: list[int], measure_size: Callable[[int], dict[str, Any]], auto: bool) -> list[dict[str, Any]]:
+    """The entries of the listed ``sizes`` and, with ``auto``, of doubled sizes (after the largest listed
+    one) until one runs out of GPU memory (recorded as ``{"batch_size", "auto", "out_of_memory"}``). A
+    listed size that runs out of memory is recorded the same way and the sweep goes on."""
+    entries: list[dict[str, Any]] = []
+
+    def attempt(batch_size: int, doubled: bool) -> bool:
+        try:
+            entry = measure_size(batch_size)
+        except torch.cuda.OutOfMemoryError:
+            entry = {"batch_size": batch_size, "out_of_memory": True}
+        if doubled:
+            entry["auto"] = True
+        entries.append(entry)
+        torch.cuda.empty_cache()  # a no-op unless CUDA is in use
+        return not entry.get("out_of_memory", False)
+
+    for batch_size in sizes:
+        attempt(batch_size, doubled=False)
+    batch_size = 2 * max(sizes)
+    while auto and batch_size <= AUTO_LIMIT and attempt(batch_size, doubled=True):
+        batch_size *= 2
+    return entries
 
 
 def run(ctx: StageContext) -> list[dict[str, Any]]:
-    settings = ctx.run.throughput
+    run, settings = ctx.run, ctx.run.throughput
     dense = bench.apply(ctx.model.vit, "baseline")
-    entries = []
-    for batch_size in settings["batch_sizes"]:
-        measured, baseline = compare_throughput(ctx.model, dense, real_batch(ctx, batch_size), ctx.run.dtype,
-                                                settings["warmup"], settings["runs"])
-        entry = measured.to_dict()
-        entry.update(baseline_images_per_s=baseline.images_per_s, baseline_times_s=baseline.times_s,
-                     speedup=measured.images_per_s / baseline.images_per_s)
-        entries.append(entry)
-    return entries
+    auto = bool(settings.get("auto")) and ctx.device.type == "cuda"
+    if settings.get("auto") and not auto:
+        print(f"throughput: {run.key}: auto batch sizes need CUDA; measured only {settings['batch_sizes']}",
+              file=sys.stderr)
+    compile_ = bool(run.compile)
+    breaks = graph_breaks(ctx.model, real_batch(ctx, settings["batch_sizes"][0]), run.dtype) if compile_ else {}
+
+    def measure_size(batch_size: int) -> dict[str, Any]:
+        entry = measure(ctx.model, dense, real_batch(ctx, batch_size), run.dtype, settings["warmup"],
+                        settings["runs"], compile_)
+        return {**entry, **breaks}
+
+    return sweep(list(settings["batch_sizes"]), measure_size, auto)

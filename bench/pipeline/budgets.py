@@ -1,0 +1,72 @@
+"""The leaderboard's answer to "which method is most accurate at my compute budget": the ``## Matched
+budgets`` section (one row per method, one column per MAC budget, each cell top-1 (Δ vs dense) at the
+achieved MAC fraction, the best cell per column in bold) and the Pareto AUC that ranks the methods.
+
+Pareto AUC: the area under a method's top-1 over its achieved MAC fractions (trapezoid rule, points sorted by
+fraction) divided by the range of fractions it covered, i.e. its mean top-1 over that range. The covered
+range is printed next to it, so a method that covers the budgets badly (unreachable budgets, achieved
+fractions far below their targets) is visible. A method with a single point has no area: its AUC is empty.
+Light: pandas only (``report.py`` imports it without the model stack).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+
+
+def pareto_auc(fractions: Sequence[float], top1: Sequence[float]) -> float:
+    """Trapezoid area of top-1 over the achieved MAC fractions divided by the range they cover (the mean
+    top-1 over that range); NaN with fewer than two distinct fractions."""
+    points = sorted((f, t) for f, t in zip(fractions, top1, strict=True) if not (math.isnan(f) or math.isnan(t)))
+    span = points[-1][0] - points[0][0] if points else 0.0
+    if len(points) < 2 or span <= 0:
+        return math.nan
+    area = sum((f1 - f0) * (t0 + t1) / 2 for (f0, t0), (f1, t1) in zip(points, points[1:], strict=False))
+    return area / span
+
+
+def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], group: list[str],
+                   title: Callable[..., str], table: Callable[[list[list[str]], list[str]], str]) -> list[str]:
+    """Markdown lines of the matched-budget tables, one per model group that has budget runs; empty when no
+    run was calibrated to a budget. ``calibrations``: the experiment's ``calibration.json`` (unreachable
+    budgets appear there only)."""
+    runs = df[df["budget"].notna()]
+    if runs.empty:
+        return []
+    lines = ["## Matched budgets", "",
+             "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile); every "
+             "method's knob was calibrated to the least reduction within the budget. `–`: the budget is out "
+             "of the method's reach. Pareto AUC: the method's mean top-1 over the MAC fractions it covered "
+             "(trapezoid over the achieved fractions, divided by the covered range, printed beside it).", ""]
+    for keys, part in runs.groupby(group, sort=True):
+        model = keys[0]
+        targets = sorted(set(part["budget"]))
+        unreachable = {(c["method"], round(c["target"], 6)) for c in calibrations
+                       if c.get("model") == model and c.get("value") is None}
+        methods = sorted(set(part["method"]) | {m for m, t in unreachable if t in {round(x, 6) for x in targets}})
+        best = {target: part[part["budget"] == target]["top1"].max() for target in targets}
+        rows = []
+        for method in methods:
+            mine = part[part["method"] == method]
+            cells = []
+            for target in targets:
+                hit = mine[mine["budget"] == target]
+                if hit.empty:
+                    cells.append("–" if (method, round(target, 6)) in unreachable else "")
+                    continue
+                row = hit.iloc[0]
+                text = f"{row['top1']:.2f} ({row['delta_top1']:+.2f}) @{row['mac_fraction']:.3f}"
+                cells.append(f"**{text}**" if row["top1"] == best[target] else text)
+            auc = pareto_auc(list(mine["mac_fraction"]), list(mine["top1"]))
+            covered = f"{mine['mac_fraction'].min():.2f}–{mine['mac_fraction'].max():.2f}" if len(mine) else ""
+            rows.append((auc, method, [*cells, covered]))
+        rows.sort(key=lambda item: (math.isnan(item[0]), -item[0] if not math.isnan(item[0]) else 0, item[1]))
+        headers = ["Rank", "Method", *[f"≤ {target:.2f} MACs" for target in targets], "Covered", "Pareto AUC"]
+        body = [[str(rank), method, *cells, "" if math.isnan(auc) else f"{auc:.2f}"]
+                for rank, (auc, method, cells) in enumerate(rows, start=1)]
+        lines += [f"### {title(*keys)}", "", table(body, headers), ""]
+    return lines

@@ -1,0 +1,237 @@
+"""MAC budgets: find, per (model, method, budget), the least reduction whose MACs do not exceed the target.
+
+A method declares its budget knob (``Method.budget_knob``: ``r`` for ToMe/PPT, ``keep_rate`` for EViT, a
+discrete list for DiffRate / ATS / resize, ...). The budget is a fraction of the dense model's MACs
+(torchprofile, one image). The search runs on the token counts of a forward pass (the analytic count of
+``bench.analytic_macs``: one forward of one image, milliseconds), then the chosen value is checked with
+torchprofile; if torchprofile's count exceeds the target (work the analytic count leaves out: similarity
+matrices, MCTF's one-step-ahead projections), the search is repeated with the target scaled by that ratio.
+Integer knobs are exact, continuous ones on a grid of ``BudgetKnob.tolerance`` (1e-3), discrete ones pick
+the choice with the largest MACs within the budget. Methods whose MACs depend on the image
+(``data_dependent``) are measured on the run's own weights and ``macs.images`` real images, averaged.
+
+Results are cached (``$TOKENBENCH_CACHE`` or ``~/.cache/tokenbench``, ``calibration.json``), keyed by a
+hash of everything that determines them, so a rerun or ``--dry-run`` answers at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.pipeline.files import atomic_write_json, canonical, digest
+
+MAX_CORRECTIONS = 4
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The outcome for one (model, method, budget): ``value`` of ``knob`` reaching ``achieved`` (MACs as a
+    fraction of the dense model's, torchprofile) for ``target``; ``value`` None when unreachable."""
+
+    method: str
+    knob: str
+    target: float
+    value: Any
+    achieved: float | None
+    macs: int | None
+    dense_macs: int
+    reason: str = ""
+
+    @property
+    def reachable(self) -> bool:
+        return self.value is not None
+
+    def budget(self) -> dict[str, Any]:
+        """What a run's record keeps: ``run.budget``."""
+        return {"target": self.target, "achieved": self.achieved, "knob": self.knob, "value": self.value}
+
+    def describe(self) -> str:
+        """``tome @0.70 -> r=9 (0.694)``, or why not."""
+        if not self.reachable:
+            return f"{self.method} @{self.target:.2f} -> unreachable: {self.reason}"
+        return f"{self.method} @{self.target:.2f} -> {self.knob}={_show(self.value)} ({self.achieved:.3f})"
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def read_json_or_none(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def cache_path() -> Path:
+    root = os.environ.get("TOKENBENCH_CACHE") or Path("~/.cache/tokenbench").expanduser()
+    return Path(root) / "calibration.json"
+
+
+class Calibrator:
+    """Calibrates the methods of one model: ``vit`` with random weights (token counts of fixed-schedule
+    methods do not depend on weights); ``data`` loads, for data-dependent methods, the run's own model and
+    real images ((N, C, H, W)), identified in the cache key by ``weights_id``."""
+
+    def __init__(self, vit: torch.nn.Module, identity: Any,
+                 data: Callable[[], tuple[torch.nn.Module, torch.Tensor]] | None = None,
+                 weights_id: str | None = None) -> None:
+        import bench
+
+        self.vit = vit.eval()
+        self.identity = identity
+        self.data = data
+        self._data: tuple[torch.nn.Module, torch.Tensor] | None = None
+        self.weights_id = weights_id
+        dense = bench.apply(vit, "baseline")
+        self.dense_macs = bench.count_macs(dense)
+        self._image = torch.randn(_input_size(dense), generator=torch.Generator().manual_seed(0))[None]
+        self._memo: dict[str, float] = {}  # MAC counts already measured, shared by a method's budgets
+
+    # -- public --------------------------------------------------------------------------------------
+    def calibrate(self, method: str, params: dict[str, Any], target: float) -> Calibration:
+        import methods
+
+        cls = methods.registered()[method]
+        knob = cls.budget_knob
+        if knob is None:
+            raise ValueError(f"method {method!r} has no budget knob")
+        key = digest(canonical([self.identity, self.weights_id if cls.data_dependent else None, method,
+                                {k: v for k, v in params.items() if k != knob.name}, round(target, 6)]))
+        cache = read_json_or_none(cache_path()) or {}
+        if key in cache:
+            return Calibration(**cache[key])
+        result = self._search(method, params, target, knob, cls.data_dependent)
+        cache = read_json_or_none(cache_path()) or {}
+        cache[key] = asdict(result)
+        try:
+            atomic_write_json(cache_path(), cache)
+        except OSError:
+            pass  # an unwritable cache only costs time
+        return result
+
+    # -- search --------------------------------------------------------------------------------------
+    def _search(self, method: str, params: dict[str, Any], target: float, knob, data_dependent: bool) -> Calibration:
+        import bench
+
+        goal = target * self.dense_macs
+        candidates = self._candidates(method, params, knob)
+        if not candidates:
+            return self._unreachable(method, knob, target, "no value of the knob fits this model")
+        vit, images = self.vit, self._image
+        if data_dependent:
+            if self.data is None:
+                raise ValueError(f"{method}'s MACs depend on the image: calibrating needs the run's weights and data")
+            if self._data is None:
+                model, real = self.data()
+                self._data = (model.eval(), real)
+            vit, images = self._data
+
+        def analytic(value: Any) -> float:
+            return self._remember("analytic", method, {**params, knob.name: value}, lambda: _analytic(value))
+
+        def measured(value: Any) -> int:
+            return self._remember("measured", method, {**params, knob.name: value}, lambda: _measured(value))
+
+        def _analytic(value: Any) -> float:
+            model = bench.apply(vit, method, **{**params, knob.name: value})
+            counts = []
+            with torch.no_grad():
+                for image in images:
+                    model(image[None])
+                    info = model.last_forward
+                    counts.append(bench.analytic_macs(model, info.tokens_attn, info.tokens_mlp))
+            return sum(counts) / len(counts)
+
+        def _measured(value: Any) -> int:
+            model = bench.apply(vit, method, **{**params, knob.name: value})
+            if data_dependent:
+                return round(bench.data_macs(model, list(images)))
+            return bench.count_macs(model)
+
+        if knob.kind == "choice":  # from the most to the least expensive, as measured here
+            candidates = sorted(candidates, key=lambda value: -analytic(value))
+        costs: dict[int, float] = {}
+
+        def cost(index: int) -> float:
+            if index not in costs:
+                costs[index] = analytic(candidates[index])
+            return costs[index]
+
+        scale = 1.0
+        for _ in range(MAX_CORRECTIONS):
+            index = _least_reduction(cost, len(candidates), goal * scale)
+            if index is None:
+                cheapest = min(range(len(candidates)), key=cost)
+                fraction = measured(candidates[cheapest]) / self.dense_macs
+                return self._unreachable(method, knob, target, f"the cheapest {knob.name}={_show(candidates[cheapest])} "
+                                                               f"costs {fraction:.3f} of the dense MACs")
+            macs = measured(candidates[index])
+            if macs <= goal:
+                return Calibration(method, knob.name, target, candidates[index], macs / self.dense_macs, macs,
+                                   self.dense_macs)
+            scale *= cost(index) / macs  # the analytic count left something out: aim lower by that ratio
+        return self._unreachable(method, knob, target, "the MAC count did not converge below the target")
+
+    def _candidates(self, method: str, params: dict[str, Any], knob) -> list[Any]:
+        """The knob's values ordered from the least to the most reduction."""
+        import bench
+
+        context = bench.apply(self.vit, "baseline").context
+        if knob.kind == "choice":
+            # the choices depend on the model only (a method's budget_choices reads ctx, not its parameters)
+            cls = methods_class(method)
+            return list(cls.budget_choices(cls.__new__(cls), context))  # ordered by their cost in _search
+        if knob.kind == "int":
+            top = context.num_tokens - context.num_prefix - 1
+            values = list(range(0, top + 1))
+            return values if knob.cheaper == "higher" else values[::-1]
+        step = knob.tolerance
+        first, last = math.floor(knob.low / step + 1e-9) + 1, math.floor(knob.high / step + 1e-9)
+        values = [round(i * step, 10) for i in range(first, last + 1)]
+        return values[::-1] if knob.cheaper == "lower" else values
+
+    def _remember(self, kind: str, method: str, params: dict[str, Any], compute: Callable[[], float]) -> float:
+        key = canonical([kind, method, params])
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def _unreachable(self, method: str, knob, target: float, reason: str) -> Calibration:
+        return Calibration(method, knob.name, target, None, None, None, self.dense_macs, reason)
+
+
+def _least_reduction(cost: Callable[[int], float], count: int, goal: float) -> int | None:
+    """The first index (candidates run from the least to the most reduction, so costs fall) whose cost is
+    within ``goal``; binary search, None when even the last is above it."""
+    if cost(count - 1) > goal:
+        return None
+    low, high = 0, count - 1  # invariant: cost(high) <= goal
+    while low < high:
+        middle = (low + high) // 2
+        if cost(middle) <= goal:
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def methods_class(name: str):
+    import methods
+
+    return methods.registered()[name]
+
+
+def _input_size(model) -> Sequence[int]:
+    from bench.macs import model_input_size
+
+    return model_input_size(model)

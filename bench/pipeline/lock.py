@@ -1,0 +1,266 @@
+"""Nothing computed twice: one invocation per results folder, one process per run.
+
+- ``results_lock``: checks that the results folder is usable (a folder, writable, not full) and holds
+  ``fcntl.flock`` on ``<results>/.lock`` for the whole invocation. A second invocation on the same folder
+  refuses with one line naming the holder (pid, host, command; from ``.lock.holder``), or waits for it
+  (``--wait-lock``). The kernel drops the lock when its process dies, even by ``kill -9``.
+- ``claim_run``: before computing a run, its job creates ``<results>/claims/<key>.json`` with
+  ``O_CREAT | O_EXCL`` (pid, host, process start time, SLURM job id) and removes it when done. A claim
+  held by a live process makes another job refuse that run (``RunClaimed``); a claim whose process is
+  gone (same host, pid dead or reused), whose SLURM job is ours (a requeued job) or no longer queued is
+  stale and taken over. Stale checks and creation happen under a short flock of ``claims/.lock``.
+- ``exit_with_parent``: a job of the ``local`` executor runs in a grandchild of run_bench (submitit's
+  controller in between); it watches run_bench's pid and stops (KeyboardInterrupt, then exit) when
+  run_bench dies, so a ``kill -9``'d invocation leaves nothing computing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.pipeline.files import atomic_write, atomic_write_json
+from bench.pipeline.textio import TextError, read_json
+
+PROBE_BYTES = 256 * 1024  # the results folder must take this much (a record is ~10 KB)
+PARENT_ENV = "TOKENBENCH_PARENT"  # "<pid>:<start time>" of the run_bench process a local job belongs to
+
+
+class FolderError(RuntimeError):
+    """The results folder cannot be used (one line naming it)."""
+
+
+class LockBusy(FolderError):
+    """Another invocation holds the results folder's lock."""
+
+
+class RunClaimed(RuntimeError):
+    """Another live process is computing this run."""
+
+
+# ---------------------------------------------------------------------------------------- processes
+def process_start(pid: int) -> str | None:
+    """The start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22); ``None`` when
+    unknown. Together with the pid it names one process: a reused pid has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    if start is None:
+        return True
+    now = process_start(pid)
+    return now is None or now == start
+
+
+def holder_info() -> dict[str, Any]:
+    return {"pid": os.getpid(), "start": process_start(os.getpid()), "host": socket.gethostname(),
+            "command": " ".join(sys.argv)[:300], "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+def describe(holder: Any) -> str:
+    if not isinstance(holder, dict):
+        return "another process (holder unknown)"
+    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    command = f" ({holder['command']})" if holder.get("command") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{job} since {holder.get('since')}{command}"
+
+
+# ------------------------------------------------------------------------------------- results lock
+def check_usable(results_dir: Path) -> None:
+    """``FolderError`` unless ``results_dir`` is (or can be made) a folder that takes a small file."""
+    if results_dir.exists() and not results_dir.is_dir():
+        raise FolderError(f"results folder {results_dir} is a file, not a folder")
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FolderError(f"cannot create results folder {results_dir} ({error.strerror})") from None
+    probe = results_dir / ".write-probe"
+    try:
+        atomic_write(probe, b"\0" * PROBE_BYTES)
+        probe.unlink()
+    except OSError as error:
+        raise FolderError(f"results folder {results_dir} is not writable ({error.strerror or error})") from None
+
+
+@contextlib.contextmanager
+def results_lock(results_dir: Path, wait: bool = False, announce=print) -> Iterator[None]:
+    """Check the folder, then hold its lock until the block ends (see the module docstring)."""
+    results_dir = Path(results_dir)
+    check_usable(results_dir)
+    lock_path, holder_path = results_dir / ".lock", results_dir / ".lock.holder"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise FolderError(f"cannot open {lock_path} ({error.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(holder_path)
+            if not wait:
+                raise LockBusy(f"results folder {results_dir} is in use by {describe(holder)}; wait for it to "
+                               "finish (or pass --wait-lock)") from None
+            announce(f"waiting for results folder {results_dir}, in use by {describe(holder)}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        atomic_write_json(holder_path, holder_info())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                holder_path.unlink()
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _read_holder(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except TextError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- claims
+def claim_path(results_dir: Path, key: str) -> Path:
+    return Path(results_dir) / "claims" / f"{key}.json"
+
+
+@contextlib.contextmanager
+def _claims_guard(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _stale(holder: Any) -> bool:
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return True  # unreadable claim (a crash between create and write): nobody can prove it live
+    own_job = os.environ.get("SLURM_JOB_ID")
+    if own_job and holder.get("slurm_job_id") == own_job:
+        return True  # this job's earlier incarnation (preempted, requeued)
+    if holder.get("host") == socket.gethostname():
+        return not process_alive(holder["pid"], holder.get("start"))
+    if holder.get("slurm_job_id"):
+        return not _slurm_job_active(holder["slurm_job_id"])
+    return False
+
+
+def _slurm_job_active(job_id: str) -> bool:
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True  # cannot tell: assume it still runs
+    return bool(out.strip())
+
+
+@contextlib.contextmanager
+def claim_run(results_dir: Path, key: str) -> Iterator[Path]:
+    """Hold the claim on run ``key`` for the block; ``RunClaimed`` (naming the holder) when a live process
+    holds it."""
+    path = claim_path(results_dir, key)
+    info = holder_info()
+    with _claims_guard(path.parent):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            holder = _read_holder(path)
+            if not _stale(holder):
+                raise RunClaimed(f"run {key} is being computed by {describe(holder)}; not run twice") from None
+            path.unlink()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(info, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError), _claims_guard(path.parent):
+            if _read_holder(path) == info:
+                path.unlink()
+
+
+# --------------------------------------------------------------------------------- parent watchdog
+def parent_marker() -> str:
+    """The value of ``$TOKENBENCH_PARENT`` naming this process for the jobs it starts."""
+    return f"{os.getpid()}:{process_start(os.getpid()) or ''}"
+
+
+def exit_with_parent(interval: float = 0.5, grace: float = 10.0) -> None:
+    """In a job started by the ``local`` executor: stop when the run_bench process named by
+    ``$TOKENBENCH_PARENT`` is gone: KeyboardInterrupt in the main thread (the run is marked interrupted,
+    its claim released), and a hard exit ``grace`` seconds later if the computation does not yield."""
+    marker = os.environ.get(PARENT_ENV)
+    if not marker:
+        return
+    pid_text, _, start = marker.partition(":")
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return
+
+    def watch() -> None:
+        while process_alive(pid, start or None):
+            time.sleep(interval)
+        print(f"run_bench (pid {pid}) is gone: stopping this job", file=sys.stderr, flush=True)
+        import _thread
+
+        _thread.interrupt_main()
+        time.sleep(grace)
+        os._exit(130)
+
+    threading.Thread(target=watch, name="tokenbench-parent-watchdog", daemon=True).start()
+
+
+# ---------------------------------------------------------------------------------------- job guard
+@contextlib.contextmanager
+def _no_foreign_claim(results_dir: Path, key: str) -> Iterator[None]:
+    """For the ranks > 0 of a multi-task job (rank 0 holds the claim): refuse as rank 0 would."""
+    holder = _read_holder(claim_path(results_dir, key))
+    if isinstance(holder, dict) and holder.get("slurm_job_id") != os.environ.get("SLURM_JOB_ID") and not _stale(holder):
+        raise RunClaimed(f"run {key} is being computed by {describe(holder)}; not run twice")
+    yield
+
+
+@contextlib.contextmanager
+def run_guard(results_dir: Path, key: str, redo: bool = False) -> Iterator[bool]:
+    """What every executor's job does around one run: stop with a dead ``local`` parent, hold the run's
+    claim (rank 0; other ranks check it), and yield ``True`` when a finished record appeared since the run
+    was planned (another process computed it: nothing to do) unless ``redo`` (``--force``)."""
+    from bench.pipeline.distributed import job_world
+    from bench.pipeline.records import RecordError, read_record, record_path
+
+    results_dir = Path(results_dir)
+    exit_with_parent()
+    guard = claim_run(results_dir, key) if job_world()[0] == 0 else _no_foreign_claim(results_dir, key)
+    with guard:
+        done = False
+        if not redo and record_path(results_dir, key).exists():
+            with contextlib.suppress(RecordError):
+                read_record(record_path(results_dir, key))
+                done = True
+        yield done

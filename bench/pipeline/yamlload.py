@@ -1,0 +1,114 @@
+"""The one YAML loader for experiment files and cluster profiles.
+
+A ``yaml.SafeLoader`` that also refuses
+- a key given twice in one mapping (PyYAML keeps the last one silently): the message names the key and
+  both lines;
+- a document whose aliases expand to more than ``MAX_VALUES`` values, or refer to themselves (a
+  "billion laughs" alias bomb loads instantly as shared objects, then exhausts memory in whatever walks
+  it): refused after composing, before anything is constructed.
+Text is read through ``bench.pipeline.textio`` (undecodable bytes: one line naming the file).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+
+from bench.pipeline.schema import FileError
+from bench.pipeline.textio import TextError, read_text
+
+MAX_VALUES = 100_000  # nodes after alias expansion; real experiment files have a few hundred
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        self.key, self.first, self.second = key, first, second
+        super().__init__(f"duplicate key {key!r} (line {first} and line {second})")
+
+
+class TooLarge(yaml.YAMLError):
+    pass
+
+
+class Loader(yaml.SafeLoader):
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        expanded_size(node)
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == MERGE_TAG:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = lines.get(key)
+                except TypeError:  # unhashable: SafeLoader's own error follows
+                    continue
+                if first is not None:
+                    raise DuplicateKey(key, first, key_node.start_mark.line + 1)
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def expanded_size(root: yaml.Node, limit: int = MAX_VALUES) -> int:
+    """The number of values ``root`` stands for with every alias expanded (shared nodes counted once per
+    use, computed once each); ``TooLarge`` above ``limit`` or for an alias inside its own anchor."""
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        ident = id(node)
+        if finished:
+            entered.discard(ident)
+            sizes[ident] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[ident] > limit:
+                raise TooLarge(f"aliases expand to more than {limit} values (line {node.start_mark.line + 1}); "
+                               "refused (an alias bomb?)")
+            continue
+        if ident in sizes:
+            continue
+        if ident in entered:
+            raise TooLarge(f"an alias refers to its own anchor (line {node.start_mark.line + 1}); refused")
+        entered.add(ident)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in entered:
+                raise TooLarge(f"an alias refers to its own anchor (line {child.start_mark.line + 1}); refused")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def load_yaml(path: str | os.PathLike, error: type[FileError] = FileError) -> Any:
+    """The YAML document in ``path``; any problem raises ``error(path, key, problem)`` (one line)."""
+    try:
+        text = read_text(path)
+    except TextError as problem:
+        raise error(path, "", "file not found" if problem.missing else problem.problem) from None
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
+    except DuplicateKey as problem:
+        raise error(path, str(problem.key), f"duplicate key (line {problem.first} and line {problem.second}); "
+                    "each key may appear once") from None
+    except TooLarge as problem:
+        raise error(path, "", f"YAML {problem}") from None
+    except yaml.YAMLError as problem:
+        mark = getattr(problem, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = getattr(problem, "problem", None) or str(problem).splitlines()[0]
+        raise error(path, "", f"malformed YAML ({where}{what})") from None

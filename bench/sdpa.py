@@ -1,0 +1,82 @@
+"""Which ``scaled_dot_product_attention`` kernel runs, and pinning it.
+
+On GPU, PyTorch picks a kernel per call: flash refuses an additive mask, so the dense model and the pruning
+methods run flash in fp16/bf16 while the methods with proportional attention (ToMe, PPT: a ``log(size)``
+mask after their first reduction) switch to the memory-efficient kernel. A comparison that must hold the
+kernel fixed pins one: ``sdpa_backend: math|efficient|flash|cudnn`` in an experiment (``auto``: PyTorch's
+choice). The pin applies to every forward of a run (method and dense baseline alike), through
+``torch.nn.attention.sdpa_kernel``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+SDPA_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn")
+_ENUM_NAMES = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+               "cudnn": "CUDNN_ATTENTION"}
+CPU_BACKENDS = ("auto", "math", "flash")  # PyTorch has no memory-efficient or cuDNN kernel on CPU
+# aten op that each kernel dispatches to (CPU and CUDA), for ``kernels_used``
+_OPS = {"_scaled_dot_product_attention_math": "math", "_scaled_dot_product_flash_attention": "flash",
+        "_scaled_dot_product_flash_attention_for_cpu": "flash", "_scaled_dot_product_efficient_attention": "efficient",
+        "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_fused_attention_overrideable": "other"}
+
+
+def check_backend(name: str, device: torch.device) -> None:
+    """Raise ``ValueError`` (one line) for a backend this device or this PyTorch cannot run."""
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa_backend {name!r} unknown; allowed: {', '.join(SDPA_BACKENDS)}")
+    if device.type == "cpu" and name not in CPU_BACKENDS:
+        raise ValueError(f"sdpa_backend {name!r} needs CUDA; allowed on CPU: {', '.join(CPU_BACKENDS)}")
+    if name != "auto":
+        from torch.nn.attention import SDPBackend
+
+        if not hasattr(SDPBackend, _ENUM_NAMES[name]):
+            raise ValueError(f"sdpa_backend {name!r} needs a newer PyTorch than {torch.__version__}")
+
+
+@contextlib.contextmanager
+def sdpa_backend(name: str) -> Iterator[None]:
+    """Every ``scaled_dot_product_attention`` inside uses only backend ``name`` (``auto``: no pin)."""
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, _ENUM_NAMES[name])]):
+        yield
+
+
+def enabled_backends() -> list[str]:
+    """The backends PyTorch may choose from right now (a pin narrows them to one)."""
+    flags = {"flash": "flash_sdp_enabled", "efficient": "mem_efficient_sdp_enabled", "math": "math_sdp_enabled",
+             "cudnn": "cudnn_sdp_enabled"}
+    return [name for name, flag in flags.items() if getattr(torch.backends.cuda, flag, lambda: False)()]
+
+
+def describe_backend(name: str, device: torch.device) -> str | None:
+    """What a record keeps as ``env.sdpa_backend``: the pinned backend, ``auto:<enabled, ...>`` on GPU
+    (PyTorch's choice among them), None for ``auto`` on CPU (PyTorch's CPU choice is not configurable
+    beyond a pin)."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return None
+    return "auto:" + ",".join(enabled_backends())
+
+
+def kernels_used(model: torch.nn.Module, batch: torch.Tensor, dtype: str = "fp32") -> list[str]:
+    """The SDPA kernels one forward of ``model`` on ``batch`` dispatches to (profiled, CPU-side ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.throughput import autocast
+
+    model.eval()
+    with torch.inference_mode(), autocast(batch.device, dtype), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(batch)
+    seen = {_OPS[event.key.removeprefix("aten::")] for event in prof.key_averages()
+            if event.key.removeprefix("aten::") in _OPS}
+    return sorted(seen)

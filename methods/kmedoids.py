@@ -1,0 +1,120 @@
+"""K-Medoids token clustering, as benchmarked by Haurum et al., "Which Tokens to Use? Investigating Token
+Reduction in Vision Transformers" (ICCVW 2023, arXiv 2308.04657; TokenReduction ``models/kmedoids.py``).
+Semantics: ``docs/methods.md#kmedoids``.
+
+At the start of each block of ``layers`` (each >= 1), the patch tokens are clustered around ``K_i`` medoids
+(``K_i = int(P0 * keep_rate ** (i + 1))``) by ``cluster_iters`` rounds of assignment and medoid update, the
+medoids initialised from the attention each token received in the previous block (or, with ``equal_weight``,
+from a random first medoid and far-away tokens). The medoid tokens themselves are kept, in slot order: the
+final assignment is never used, so this prunes to the medoids (prefix tokens kept first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from methods.base import PREV_ATTN, START, BudgetKnob, Method, ReductionContext, Step, register
+from methods.dpcknn import check_targets, keep_rate_value, layer_target, schedule
+
+MASK_VALUE = 1_000_000.0  # every distance of a token outside the slot, in the medoid update (reference value)
+
+
+def attention_received(prev_attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """(B, Np): post-softmax attention each patch token received in the previous block, summed over heads,
+    then over every query (prefix queries included)."""
+    return prev_attn.sum(dim=1).sum(dim=1)[:, num_prefix:]
+
+
+def spread_medoids(patches: torch.Tensor, clusters: int, first: int) -> torch.Tensor:
+    """``equal_weight`` initialisation (B, K): medoid 0 is ``first``; medoid k is the token whose largest
+    distance to the medoids chosen so far is the largest (those medoids' own rows set to 0; first on ties)."""
+    batch, count, dim = patches.shape
+    medoids = torch.full((batch, 1), first, dtype=torch.long, device=patches.device)
+    for chosen in range(1, clusters):
+        centres = patches.gather(1, medoids[..., None].expand(-1, -1, dim))
+        dist = torch.cdist(patches, centres)  # (B, Np, chosen)
+        dist = dist.scatter(1, medoids[..., None].expand(-1, -1, chosen), 0.0)
+        medoids = torch.cat([medoids, dist.amax(dim=-1).argmax(dim=-1)[:, None]], dim=1)
+    return medoids
+
+
+def fit_medoids(patches: torch.Tensor, medoids: torch.Tensor, weights: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``iterations`` rounds on (B, Np, C) patches from the initial ``medoids`` (B, K): assign every token to
+    the slot of its nearest medoid (first slot on ties), then give every slot the member with the smallest
+    ``sum_j w_i * D[i, j]`` over ALL tokens j (an empty slot gets token 0). The slots of one round share
+    that round's assignment, so they are updated together."""
+    batch, count, _ = patches.shape
+    clusters = medoids.shape[1]
+    dist = torch.cdist(patches, patches)  # fp32 default compute mode, as the reference
+    row_cost = (dist * weights[..., None]).sum(dim=-1)  # (B, Np): w_i * sum_j D[i, j], summed as products
+    # a non-member's cost in the reference: a row of MASK_VALUE entries, summed the same way
+    outside = torch.full((count,), MASK_VALUE, dtype=dist.dtype, device=dist.device).sum()
+    slots = torch.arange(clusters, device=patches.device)[None, :, None]
+    for _ in range(iterations):
+        assignment = dist.gather(2, medoids[:, None, :].expand(-1, count, -1)).argmin(dim=-1)  # (B, Np)
+        cost = torch.where(assignment[:, None, :] == slots, row_cost[:, None, :], outside)  # (B, K, Np)
+        medoids = cost.argmin(dim=-1)
+    return medoids
+
+
+@register("kmedoids")
+class KMedoids(Method):
+    """docs/methods.md#kmedoids"""
+
+    defaults = {"keep_rate": 0.7, "layers": [3, 6, 9], "cluster_iters": 3, "equal_weight": False}
+    budget_knob = BudgetKnob("keep_rate", kind="float", cheaper="lower")
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        layers = self._layers(params["layers"])
+        if layers[0] < 1:
+            raise self._error(f"parameter 'layers' must hold blocks >= 1 (the attention of the block before is "
+                              f"read), got {params['layers']!r}")
+        iters = params["cluster_iters"]
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+            raise self._error(f"parameter 'cluster_iters' must be an integer >= 0, got {iters!r}")
+        return {"keep_rate": keep_rate_value(self, params["keep_rate"]), "layers": layers, "cluster_iters": iters,
+                "equal_weight": self._bool("equal_weight", params["equal_weight"])}
+
+    def check(self, ctx: ReductionContext) -> None:
+        self._check_layers(ctx)
+        check_targets(self, ctx)
+
+    def step(self, layer: int, ctx: ReductionContext) -> Step | None:
+        if layer not in self.params["layers"]:
+            return None
+        return Step(START) if self.params["equal_weight"] else Step(START, frozenset({PREV_ATTN}))
+
+    def reduce(self, layer, tokens, signals, ctx):
+        clusters = layer_target(self, layer, ctx)
+        patches = tokens.x[:, ctx.num_prefix:]
+        if self.params["equal_weight"]:
+            # numpy's global generator, one draw per layer shared by the batch (the reference's draw)
+            first = int(np.random.choice(patches.shape[1], 1)[0])
+            medoids = spread_medoids(patches, clusters, first)
+            weights = patches.new_ones(patches.shape[:2])
+        else:
+            weights = attention_received(signals[PREV_ATTN], ctx.num_prefix).to(patches.dtype)
+            medoids = weights.topk(clusters, dim=1).indices
+        medoids = fit_medoids(patches, medoids, weights, self.params["cluster_iters"])
+        prefix = torch.arange(ctx.num_prefix, device=medoids.device).expand(medoids.shape[0], -1)
+        return tokens.gather(torch.cat([prefix, medoids + ctx.num_prefix], dim=1)), None
+
+    def extra_macs(self, tokens_in: list[int], ctx: ReductionContext, dim: int) -> int:
+        """Work outside what torchprofile traces: ``cdist`` (Np^2 * C per layer, Np = patch tokens entering it;
+        with ``equal_weight`` also the initialisation's distances to 1..K-1 medoids, Np * C * K(K-1)/2)."""
+        return overhead_macs(tokens_in, self.params, ctx.num_prefix, ctx.num_tokens - ctx.num_prefix, dim)
+
+
+def overhead_macs(tokens_in: list[int], params: dict[str, Any], num_prefix: int, patches: int, dim: int) -> int:
+    """``cdist`` MACs of K-Medoids at its layers (``tokens_in``: tokens entering each block)."""
+    targets = schedule(params["keep_rate"], patches, len(params["layers"]))
+    total = 0
+    for layer, clusters in zip(params["layers"], targets, strict=True):
+        count = tokens_in[layer] - num_prefix
+        total += count * count * dim
+        if params["equal_weight"]:
+            total += count * dim * clusters * (clusters - 1) // 2
+    return total

@@ -1,0 +1,390 @@
+"""Any timm ViT, evaluated the way timm evaluates it: the transform timm resolves for each model (recorded as
+``run.data.transform``), the datasets (ImageFolder trees with class maps, timm's ``create_dataset`` names,
+Fashion-MNIST adapted to any model), ``configs/backbones.yaml``, and every method on every backbone family
+(small random-weight variants: 64 px, patch 8)."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+import bench
+import methods
+import report
+import run_bench
+from bench.pipeline.config import load_experiment
+from bench.pipeline.data import DEBIAN_FMNIST, DataError, FashionMNIST, build_dataset, run_dataset
+from bench.pipeline.files import REPO
+from bench.pipeline.records import read_all
+from tests.helpers import images, small_vit
+from tests.test_harness import SETTINGS
+
+needs_fmnist = pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist not installed")
+
+
+def timm_config(name: str, **kwargs) -> dict:
+    """What ``timm.data.resolve_model_data_config`` gives for ``name`` (tag included), as JSON would keep it."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    config = timm.data.resolve_model_data_config(model)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def jpeg_folder(root: Path, classes: tuple[str, ...] = ("n01", "n02"), per_class: int = 2,
+                splits: tuple[str, ...] = ("val",)) -> None:
+    """Real JPEG files of different, non-square sizes: resize and crop change them."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in splits:
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                height, width = 240 + 30 * c, 300 + 17 * i
+                ramp = torch.linspace(0, 255, width).expand(height, width)
+                noise = torch.randint(0, 60, (height, width, 3), generator=generator)
+                pixels = (ramp[..., None] * torch.tensor([1.0, 0.6, 0.3]) + noise).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"img_{i}.JPEG", format="JPEG")
+
+
+def experiment(tmp_path: Path, model: dict, data: dict, methods_: list | None = None, batch_size: int = 4,
+               **changes) -> Path:
+    cfg = {
+        "name": "backbones-test",
+        "defaults": {"model": model, "weights": None, "data": data, "batch_size": batch_size, "device": "cpu",
+                     "threads": 1},
+        "stages": ["eval"],
+        "grid": {"methods": methods_ or ["baseline"]},
+        **changes,
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def bench_main(path: Path, results: Path, *extra: str) -> int:
+    return run_bench.main(["--config", str(path), "--results", str(results), "--quiet", *extra])
+
+
+# ------------------------------------------------------------------------ the transform timm resolves
+DONE_WHEN_MODELS = [
+    "deit_small_patch16_224.fb_in1k",
+    "deit3_small_patch16_224.fb_in1k",
+    "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_base_patch16_clip_224.openai_ft_in1k",
+]
+
+
+@pytest.mark.parametrize("name", DONE_WHEN_MODELS)
+def test_eval_run_records_the_transform_timm_resolves(name, tmp_path):
+    """weights: null (nothing downloads); the tag in the name selects the pretrained config. The record holds
+    timm's resolved transform, and the images the run evaluated are exactly what timm's transform makes."""
+    from PIL import Image
+
+    jpeg_folder(tmp_path / "imgs")
+    path = experiment(tmp_path, {"name": name, "label": name.split(".")[0]},
+                      {"name": "folder", "root": "imgs", "split": "val"})
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    (record,), problems = read_all(results)
+    assert not problems
+    expected = timm_config(name)
+    assert record["run"]["data"]["transform"] == expected
+    assert record["metrics"]["eval"]["images"] == 4
+    val = run_dataset(record["run"]["data"], "val")
+    transform = timm.data.create_transform(**expected)
+    for index in (0, 3):
+        file, label = val.samples[index]
+        assert torch.equal(val[index][0], transform(Image.open(file).convert("RGB")))
+        assert val[index][1] == label == index // 2
+
+
+def test_timm_tag_in_weights_selects_that_tags_config_and_overrides_win(tmp_path):
+    """``weights: timm:<tag>`` resolves the tag's config (CLIP laion2b: 0.5 vs OpenAI's mean) without
+    downloading at load time; data.transform then model.transform override it, and the run key, the dense
+    cache and the leaderboard's group header follow the transform."""
+    from bench.pipeline import dense
+
+    jpeg_folder(tmp_path / "imgs")
+    models = [{"name": "vit_base_patch16_clip_224", "label": "clip-openai", "weights": "timm:openai_ft_in1k"},
+              {"name": "vit_base_patch16_clip_224", "label": "clip-bilinear", "weights": "timm:openai_ft_in1k",
+               "transform": {"interpolation": "bilinear", "crop_pct": 0.95}}]
+    path = experiment(tmp_path, models[0], {"name": "folder", "root": "imgs", "split": "val"})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["grid"]["models"] = models
+    path.write_text(yaml.safe_dump(cfg))
+    openai, bilinear = load_experiment(path, check_files=False).runs
+    assert openai.data["transform"] == timm_config("vit_base_patch16_clip_224.openai_ft_in1k")
+    assert openai.data["transform"]["mean"] == [0.48145466, 0.4578275, 0.40821073]
+    assert bilinear.data["transform"] == {**openai.data["transform"], "interpolation": "bilinear", "crop_pct": 0.95}
+    cfg["defaults"]["data"]["transform"] = {"crop_pct": 1.0, "mean": [0.5, 0.5, 0.5]}
+    path.write_text(yaml.safe_dump(cfg))
+    openai_full, bilinear_full = load_experiment(path, check_files=False).runs
+    assert openai_full.data["transform"] == {**openai.data["transform"], "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5]}
+    assert bilinear_full.data["transform"]["crop_pct"] == 0.95  # the model's override wins
+    assert openai_full.key != openai.key
+    assert dense.cache_path(openai_full, tmp_path) != dense.cache_path(openai, tmp_path)
+    other = yaml.safe_load(path.read_text())
+    other["defaults"]["model"]["weights"] = "timm:laion2b_ft_in1k"
+    other["grid"]["models"] = [{**models[0], "weights": "timm:laion2b_ft_in1k"}]
+    del other["defaults"]["data"]["transform"]
+    path.write_text(yaml.safe_dump(other))
+    (laion,) = load_experiment(path, check_files=False).runs
+    assert laion.data["transform"] == timm_config("vit_base_patch16_clip_224.laion2b_ft_in1k")
+    assert laion.data["transform"]["crop_pct"] == 1.0  # the openai tag's is 0.9
+
+
+def test_leaderboard_group_header_shows_the_transform(tmp_path):
+    jpeg_folder(tmp_path / "imgs")
+    path = experiment(tmp_path, {"name": "vit_small_patch16_224.augreg_in21k_ft_in1k", "label": "augreg-s",
+                                 "kwargs": {"depth": 2}},
+                      {"name": "folder", "root": "imgs", "split": "val", "subset": 2})
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    assert report.main([str(results)]) == 0
+    headers = [line for line in (results / "leaderboard.md").read_text().splitlines() if line.startswith("## augreg")]
+    assert headers == ["## augreg-s on folder (subset 2) [3x224x224 bicubic, crop_pct 0.9 center, mean 0.5/0.5/0.5, "
+                       "std 0.5/0.5/0.5] (random init)"]
+
+
+def test_dry_run_shows_the_transform_and_downloads_nothing(tmp_path, capsys, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("a dry run must not download weights")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", no_download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    jpeg_folder(tmp_path / "imgs")
+    path = experiment(tmp_path, {"name": "deit3_small_patch16_224", "label": "deit3-s", "weights": "timm:fb_in1k"},
+                      {"name": "folder", "root": "imgs", "split": "val", "transform": {"crop_pct": 1.0}})
+    assert bench_main(path, tmp_path / "results", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert ("  transform  deit3-s on folder: 3x224x224 bicubic, crop_pct 1.0 center, mean 0.485/0.456/0.406, "
+            "std 0.229/0.224/0.225") in out
+
+
+BAD_TRANSFORMS = [
+    ({"interpolation": "cubic"}, "defaults.data.transform.interpolation: 'cubic' not allowed; allowed: bicubic"),
+    ({"crop_mode": "middle"}, "defaults.data.transform.crop_mode: 'middle' not allowed; allowed: center, squash, border"),
+    ({"mean": [0.5, 0.5]}, "defaults.data.transform: transform.mean has 2 values, the input has 3 channels"),
+    ({"input_size": [224, 224]}, "transform.input_size must be [channels, height, width], got [224, 224]"),
+    ({"crop_pct": 0}, "defaults.data.transform.crop_pct: must be a number in (0, 1]"),
+    ({"size": 224}, "defaults.data.transform.size: unknown key; allowed: input_size, interpolation, mean, std"),
+]
+
+
+@pytest.mark.parametrize(("transform", "message"), BAD_TRANSFORMS)
+def test_bad_transform_is_one_line(transform, message, tmp_path, capsys):
+    jpeg_folder(tmp_path / "imgs")
+    path = experiment(tmp_path, {"name": "deit_tiny_patch16_224"},
+                      {"name": "folder", "root": "imgs", "split": "val", "transform": transform})
+    assert bench_main(path, tmp_path / "results") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_training_keeps_deits_recipe_with_the_resolved_mean_std_and_size(tmp_path):
+    from torchvision import transforms as T
+
+    jpeg_folder(tmp_path / "imgs", splits=("train",))
+    resolved = {**timm_config("vit_small_patch16_224.augreg_in21k_ft_in1k"), "input_size": [3, 160, 160]}
+    train = build_dataset("folder", "train", root=str(tmp_path / "imgs"), augment=True, transform=resolved)
+    steps = train.transform.transforms
+    crop = next(t for t in steps if type(t).__name__ == "RandomResizedCropAndInterpolation")
+    normalize = next(t for t in steps if isinstance(t, T.Normalize))
+    assert crop.size == (160, 160)
+    assert normalize.mean.tolist() == [0.5, 0.5, 0.5] and normalize.std.tolist() == [0.5, 0.5, 0.5]
+    assert any(type(t).__name__ == "RandAugment" for t in steps)
+    assert any(type(t).__name__ == "RandomErasing" for t in steps)
+    assert train[0][0].shape == (3, 160, 160)
+
+
+# ------------------------------------------------------------------------------------------ datasets
+@needs_fmnist
+def test_fashion_mnist_on_a_224px_rgb_model(tmp_path):
+    """vit_tiny_patch16_224 with random weights: the grey image resized to 224 and repeated to 3 channels."""
+    path = experiment(tmp_path, {"name": "vit_tiny_patch16_224", "kwargs": {"num_classes": 10}},
+                      {"name": "fashion_mnist", "subset": 64}, batch_size=32)
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    (record,), _ = read_all(results)
+    assert record["metrics"]["eval"]["images"] == 64
+    transform = record["run"]["data"]["transform"]
+    assert transform == {"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.286] * 3,
+                         "std": [0.353] * 3, "crop_pct": 1.0, "crop_mode": "center"}
+    image, label = run_dataset(record["run"]["data"], "val")[0]
+    native, native_label = FashionMNIST(None, "val")[int(run_dataset(record["run"]["data"], "val").indices[0])]
+    assert image.shape == (3, 224, 224) and label == native_label
+    assert torch.equal(image[0], image[2])
+    # the same picture: averaged back down to 28 x 28 it is the native image
+    difference = (torch.nn.functional.adaptive_avg_pool2d(image[:1], 28) - native).abs()
+    assert difference.mean() < 0.1 and native.std() > 1, (difference.mean(), native.std())  # bicubic overshoot
+
+
+@needs_fmnist
+def test_the_embedded_model_keeps_its_input_exactly():
+    (run, *_) = load_experiment(REPO / "configs" / "quickstart.yaml").runs
+    assert run.data["transform"]["input_size"] == [1, 28, 28]
+    adapted, native = run_dataset(run.data, "val"), FashionMNIST(None, "val")
+    for index in (0, 1, 9999):
+        assert torch.equal(adapted[index][0], native[index][0])
+
+
+@needs_fmnist
+def test_torch_dataset_through_timm_create_dataset(tmp_path):
+    """``torch/fashion_mnist`` (torchvision's reader through timm) with timm's transform for a 1-channel model
+    gives the same images as the project's own Fashion-MNIST reader."""
+    raw = tmp_path / "fm" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        with gzip.open(DEBIAN_FMNIST / f"{stem}.gz") as source, open(raw / stem, "wb") as target:
+            shutil.copyfileobj(source, target)
+    model = {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10}}
+    path = experiment(tmp_path, model, {"name": "torch/fashion_mnist", "root": "fm", "subset": 8,
+                                        "transform": {"mean": [0.286], "std": [0.353], "crop_pct": 1.0}})
+    (run,) = load_experiment(path).runs
+    val = run_dataset(run.data, "val")
+    native = FashionMNIST(None, "val")
+    assert len(val) == 8
+    for index in range(3):
+        image, label = val[index]
+        expected, expected_label = native[val.indices[index]]
+        assert label == expected_label and image.shape == (1, 28, 28)
+        assert torch.allclose(image, expected, atol=1e-5)
+
+
+def test_folder_class_map_maps_folders_onto_a_larger_head(tmp_path):
+    """ImageNet-R style: 2 of 10 classes present, their indices on the 10-class head come from the map."""
+    jpeg_folder(tmp_path / "r", classes=("n03", "n07"), per_class=1, splits=(".",))
+    (tmp_path / "classes.txt").write_text("".join(f"n0{i}\n" for i in range(10)))
+    (tmp_path / "classes.json").write_text(json.dumps({"n03": 5, "n07": 1}))
+    (tmp_path / "short.txt").write_text("n03 4\n")
+    txt = build_dataset("folder", "val", root=str(tmp_path / "r"), class_map=str(tmp_path / "classes.txt"))
+    assert [label for _, label in txt.samples] == [3, 7]
+    mapped = build_dataset("folder", "val", root=str(tmp_path / "r"), class_map=str(tmp_path / "classes.json"))
+    assert [mapped[i][1] for i in range(2)] == [5, 1]
+    with pytest.raises(DataError, match=r"short.txt has no entry for folder 'n07' .* \(1 of 2 folders missing\)"):
+        build_dataset("folder", "val", root=str(tmp_path / "r"), class_map=str(tmp_path / "short.txt"))
+    path = experiment(tmp_path, {"name": "deit_tiny_patch16_224", "kwargs": {"depth": 1, "num_classes": 10}},
+                      {"name": "folder", "root": "r", "class_map": "classes.json"}, batch_size=2)
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    (record,), _ = read_all(results)
+    assert record["metrics"]["eval"]["images"] == 2
+
+
+MISSING = [
+    ({"name": "folder", "root": "nowhere"}, "nowhere: folder needs an existing ImageFolder tree"),
+    ({"name": "folder", "root": "imgs", "split": "test"}, "imgs/test: folder needs an existing ImageFolder tree"),
+    ({"name": "imagenet", "root": "nowhere"}, "nowhere/val does not exist"),
+    ({"name": "folder", "root": "imgs", "split": "val", "class_map": "none.txt"}, "class_map: class_map "),
+    ({"name": "torch/cifar10"}, "defaults.data.root: torch/cifar10 needs a folder to read"),
+    ({"name": "cifar10"}, "defaults.data.name: unknown dataset 'cifar10'; allowed: fashion_mnist, imagenet, folder, "
+                          "or timm's torch/<name>"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), MISSING)
+def test_missing_data_is_one_line(data, message, tmp_path, capsys):
+    jpeg_folder(tmp_path / "imgs", per_class=1)
+    path = experiment(tmp_path, {"name": "deit_tiny_patch16_224"}, data)
+    assert bench_main(path, tmp_path / "results") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_timm_dataset_missing_names_the_download_switch(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"dataset 'torch/cifar10' .* unavailable: .*set data.download: true"):
+        build_dataset("torch/cifar10", "val", root=str(tmp_path / "empty"))
+
+
+# -------------------------------------------------------------------------------- configs/backbones.yaml
+CLASS_TOKEN_METHODS = {"ats", "diffrate", "evit", "ppt", "pruning", "topk"}  # score by the class token's attention
+GAP_LABELS = {"vit-m-gap", "vit-m-reg4-gap"}
+
+
+def test_backbones_config_is_valid_and_covers_every_method(tmp_path, capsys, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("a dry run must not download weights")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", no_download)
+    path = REPO / "configs" / "backbones.yaml"
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path), "--dry-run"]) == 0
+    assert "  transform  clip-vit-b on imagenet: 3x224x224 bicubic, crop_pct 0.9" in capsys.readouterr().out
+    runs = load_experiment(path, data_required=False).runs
+    by_label: dict[str, set[str]] = {}
+    for run in runs:
+        by_label.setdefault(run.model_label, set()).add(run.method)
+    assert set(by_label) == {"deit-s", "deit3-s", "augreg-vit-s", "clip-vit-b", "deit-s-distilled", "dinov2-s-reg4",
+                             *GAP_LABELS}
+    for label, found in by_label.items():
+        expected = set(methods.names()) - (CLASS_TOKEN_METHODS if label in GAP_LABELS else set())
+        assert found == expected, (label, sorted(expected ^ found))
+    transforms = {run.model_label: run.data["transform"] for run in runs}
+    assert transforms["dinov2-s-reg4"]["input_size"] == [3, 518, 518]
+    assert transforms["vit-m-gap"]["crop_pct"] == 0.95
+
+
+# ------------------------------------------------------------- every method on every backbone family
+FAMILIES = {  # small random-weight variants: 64 px, patch 8, 10 classes (tests.helpers.small_vit)
+    "deit": ("deit_tiny_patch16_224", {}),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "deit3": ("deit3_small_patch16_224", {"embed_dim": 96, "num_heads": 3}),
+    "augreg": ("vit_small_patch16_224", {"embed_dim": 96, "num_heads": 3}),
+    "clip": ("vit_base_patch16_clip_224", {"embed_dim": 96, "num_heads": 3}),
+    "dinov2-reg4": ("vit_small_patch14_reg4_dinov2", {"embed_dim": 96, "num_heads": 3}),
+    "gap": ("vit_medium_patch16_gap_256", {"embed_dim": 96, "num_heads": 3}),
+    "reg4-gap": ("vit_medium_patch16_reg4_gap_256", {"embed_dim": 96, "num_heads": 3}),
+}
+PREFIX = {"deit": 1, "deit-distilled": 2, "deit3": 1, "augreg": 1, "clip": 1, "dinov2-reg4": 5, "gap": 0, "reg4-gap": 4}
+
+
+@functools.cache
+def family_model(family: str) -> torch.nn.Module:
+    name, kwargs = FAMILIES[family]
+    return small_vit(name, **kwargs)
+
+
+def family_params(method: str, vit: torch.nn.Module) -> dict:
+    """The harness tests' setting (made for 65 tokens), with DiffRate's token schedule shifted to this model's."""
+    params = dict(SETTINGS.get(method, {}))
+    shift = vit.patch_embed.num_patches + vit.num_prefix_tokens - 65
+    for key in ("prune_kept_num", "merge_kept_num"):
+        if key in params:
+            params[key] = [count + shift for count in params[key]]
+    return params
+
+
+@pytest.mark.parametrize("method", methods.names())
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_method_on_every_family(family, method):
+    vit = family_model(family)
+    assert vit.num_prefix_tokens == PREFIX[family]
+    x = images(2)
+    if vit.cls_token is None and method in CLASS_TOKEN_METHODS:
+        with pytest.raises(ValueError, match=f"method '{method}' scores tokens by the class token's attention; "
+                                             "this model has none"):
+            bench.apply(vit, method, **family_params(method, vit))
+        return
+    model = bench.apply(vit, method, track_source=True, **family_params(method, vit))
+    with torch.no_grad():
+        logits = model(x)
+        if method == "baseline":
+            assert torch.equal(logits, vit(x))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    info = bench.forward_stats(model)
+    prefix = PREFIX[family]
+    # prefix tokens come out first, in order, each standing for itself only
+    eye = torch.eye(prefix, info.source.shape[-1])
+    assert torch.equal(info.source[:, :prefix].float(), eye.expand(2, -1, -1)), (family, method)
+    if method not in ("baseline", "resize") and SETTINGS.get(method) is not None:
+        assert info.tokens_out[-1] <= info.tokens_in[0]

@@ -1,0 +1,170 @@
+"""Matched MAC budgets: the calibrator's search (integer, continuous and discrete knobs, unreachable
+budgets), the experiment-file expansion, the records and the leaderboard's matched-budget section."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+import bench
+import run_bench
+from bench.pipeline.budgets import pareto_auc
+from bench.pipeline.calibrate import Calibrator, _least_reduction
+from bench.pipeline.files import REPO
+from bench.pipeline.records import read_all
+from tests.helpers import small_vit
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENBENCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def calibrator():
+    return Calibrator(small_vit(), identity=["small_vit", 0])
+
+
+def macs(vit, method, **params) -> int:
+    return bench.count_macs(bench.apply(vit, method, **params))
+
+
+def test_least_reduction_is_a_binary_search_for_the_first_affordable_value():
+    costs = [100, 90, 90, 70, 55, 40, 40, 10]
+    calls = []
+
+    def cost(index):
+        calls.append(index)
+        return costs[index]
+
+    assert _least_reduction(cost, len(costs), 70) == 3
+    assert _least_reduction(cost, len(costs), 89.9) == 3
+    assert _least_reduction(cost, len(costs), 90) == 1
+    assert _least_reduction(cost, len(costs), 1000) == 0
+    assert _least_reduction(cost, len(costs), 5) is None
+    assert len(calls) < 5 * len(costs)  # logarithmic, not a scan per call
+
+
+def test_integer_knob_is_the_least_r_within_the_budget(calibrator):
+    vit, dense = calibrator.vit, calibrator.dense_macs
+    result = calibrator.calibrate("tome", {}, 0.6)
+    assert result.knob == "r" and isinstance(result.value, int)
+    measured = macs(vit, "tome", r=result.value)
+    assert measured == result.macs and measured <= 0.6 * dense
+    assert macs(vit, "tome", r=result.value - 1) > 0.6 * dense  # one less reduction would exceed it
+    assert result.achieved == pytest.approx(measured / dense)
+
+
+def test_continuous_knob_to_a_thousandth(calibrator):
+    vit, dense = calibrator.vit, calibrator.dense_macs
+    result = calibrator.calibrate("evit", {"layers": [2, 5, 8]}, 0.7)
+    assert result.knob == "keep_rate" and result.value == round(result.value, 3)
+    assert macs(vit, "evit", keep_rate=result.value, layers=[2, 5, 8]) <= 0.7 * dense
+    assert macs(vit, "evit", keep_rate=round(result.value + 0.001, 3), layers=[2, 5, 8]) > 0.7 * dense
+    assert 0.67 <= result.achieved <= 0.7
+
+
+def test_discrete_knob_picks_the_most_expensive_choice_within_the_budget(calibrator):
+    vit, dense = calibrator.vit, calibrator.dense_macs
+    result = calibrator.calibrate("resize", {}, 0.6)
+    assert result.value == 48  # 56 px costs more than 60 % of 64 px, 48 px less (multiples of the 8 px patch)
+    assert macs(vit, "resize", img_size=48) <= 0.6 * dense < macs(vit, "resize", img_size=56)
+
+
+def test_an_unreachable_budget_says_why(calibrator):
+    result = calibrator.calibrate("ppt", {"layers": [9], "threshold": 0.0}, 0.5)
+    assert not result.reachable and result.value is None
+    assert "cheapest r=" in result.reason and "of the dense MACs" in result.reason
+    assert "unreachable" in result.describe()
+
+
+def test_results_are_cached_across_calibrators(calibrator, tmp_path):
+    first = calibrator.calibrate("tome", {}, 0.75)
+    again = Calibrator(small_vit(), identity=["small_vit", 0])
+    again._search = None  # a cache miss would call it and fail
+    assert again.calibrate("tome", {}, 0.75) == first
+
+
+def test_pareto_auc_is_the_mean_top1_over_the_covered_range():
+    assert pareto_auc([0.6, 0.8], [70.0, 80.0]) == pytest.approx(75.0)
+    assert pareto_auc([0.8, 0.5, 0.6], [80.0, 60.0, 70.0]) == pytest.approx((0.1 * 65 + 0.2 * 75) / 0.3)
+    assert math.isnan(pareto_auc([0.7], [75.0]))
+
+
+MODEL = {"name": "vit_tiny_patch16_224", "label": "fmnist-vit",  # the embedded, trained model
+         "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "depth": 8,
+                    "num_heads": 3}}
+
+
+def experiment(tmp_path: Path) -> Path:
+    cfg = {
+        "name": "budgets",
+        "defaults": {"model": MODEL, "weights": str(REPO / "configs" / "fmnist_vit.pth"),
+                     "data": {"name": "fashion_mnist", "subset": 64},
+                     "batch_size": 64, "device": "cpu", "threads": 1},
+        "stages": ["eval", "macs"],
+        "budgets": {"macs": [0.55, 0.8]},
+        "grid": {"methods": ["baseline", "tome", {"method": "evit", "layers": [1]},
+                             {"method": "ppt", "layers": [1], "threshold": 1.0e-3}, "resize",
+                             {"method": "tome", "r": 1}]},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("budgets")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TOKENBENCH_CACHE", str(tmp / "cache"))
+        path = experiment(tmp)
+        assert run_bench.main(["--config", str(path), "--results", str(tmp / "results"), "--quiet"]) == 0
+    return path, tmp / "results"
+
+
+def test_dry_run_prints_every_calibrated_knob_and_unreachable_budgets(budget_run, capsys):
+    path, results = budget_run
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--dry-run"]) == 0
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.strip().startswith("budget ")]
+    assert len(lines) == 8  # tome, evit, ppt, resize x 2 budgets
+    assert any("tome @0.55 -> r=" in line for line in lines)
+    assert any("ppt @0.55 -> unreachable" in line for line in lines)
+    assert "ppt @0.55 -> unreachable" in out.err  # also a warning line
+
+
+def test_budget_runs_record_their_budget_and_stay_within_it(budget_run):
+    _, results = budget_run
+    records, problems = read_all(results)
+    assert not problems
+    by_budget = [r for r in records if r["run"].get("budget")]
+    assert len(by_budget) == 7  # 8 budget cells, ppt @0.55 unreachable
+    dense = next(r for r in records if r["run"]["method"] == "baseline")["metrics"]["macs"]["torchprofile"]
+    for record in by_budget:
+        budget = record["run"]["budget"]
+        assert budget["knob"] in record["run"]["params"] and record["run"]["params"][budget["knob"]] == budget["value"]
+        assert record["metrics"]["macs"]["torchprofile"] <= budget["target"] * dense
+        assert budget["achieved"] == pytest.approx(record["metrics"]["macs"]["torchprofile"] / dense)
+    explicit = [r for r in records if r["run"]["method"] == "tome" and not r["run"].get("budget")]
+    assert [r["run"]["params"]["r"] for r in explicit] == [1]  # an entry that sets its knob runs as written
+
+
+def test_leaderboard_has_the_matched_budget_table(budget_run):
+    _, results = budget_run
+    text = (results / "leaderboard.md").read_text()
+    section = text.split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[2].strip(): line for line in section.splitlines() if line.startswith("| ") and "Rank" not in line}
+    assert set(rows) == {"tome", "evit", "ppt", "resize"}
+    assert "–" in rows["ppt"]  # unreachable at 0.55
+    for column in (3, 4):  # the best top-1 of each budget column, and only it, in bold
+        cells = {method: line.split("|")[column].strip() for method, line in rows.items()}
+        values = {method: float(cell.strip("*").split()[0]) for method, cell in cells.items() if cell != "–"}
+        best = max(values.values())
+        assert {m for m, c in cells.items() if c.startswith("**")} == {m for m, v in values.items() if v == best}
+    csv = (results / "leaderboard.csv").read_text().splitlines()
+    header = csv[0].split(",")
+    assert "budget" in header and "mac_fraction" in header

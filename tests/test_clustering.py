@@ -1,0 +1,318 @@
+"""dpcknn, kmedoids, static (against the naive reference in ``tests/reference_clustering.py``) and random.
+
+float64 small random-weight ViTs (64 patches, sharpened attention as in ``tests/test_reference.py``), so that
+near-ties cannot flip between two correct implementations; a few cases on real DeiT-T/S geometry assert the
+spec's token schedules and block MACs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import bench
+import methods
+from tests.reference_clustering import reference_batch
+from tests.test_reference import _perturb
+
+ATOL64 = 1e-6
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def model(name: str = "p8") -> torch.nn.Module:
+    """float64 perturbed ViT-Ti shapes at 64x64: ``p8`` 64 patches + class, ``dist8`` + distillation token,
+    ``ls`` LayerScale."""
+    if name not in _MODELS:
+        arch, extra = {"p8": ("vit_tiny_patch16_224", {}), "dist8": ("deit_tiny_distilled_patch16_224", {}),
+                       "ls": ("vit_tiny_patch16_224", {"init_values": 0.1})}[name]
+        torch.manual_seed(4321)
+        vit = timm.create_model(arch, pretrained=False, img_size=64, patch_size=8, num_classes=10, **extra)
+        _MODELS[name] = _perturb(vit, seed=5).eval().double()
+    return _MODELS[name]
+
+
+def images(batch: int = 3, seed: int = 7) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run(vit, x, method: str, global_seed: int = 0, **params):
+    reduced = bench.apply(vit, method, track_source=True, **params)
+    torch.manual_seed(global_seed)
+    np.random.seed(global_seed)
+    with torch.no_grad():
+        logits = reduced(x)
+    return logits, bench.forward_stats(reduced)
+
+
+def assert_matches_reference(vit, x, method: str, seed: int = 0, **params):
+    logits, info = run(vit, x, method, seed, **params)
+    traces = reference_batch(vit, x, method, seed=seed, **params)
+    expected = torch.stack([t["logits"] for t in traces])
+    assert (logits - expected).abs().max().item() <= ATOL64, (method, params)
+    for b, trace in enumerate(traces):
+        assert info.tokens_attn == trace["tokens_attn"], (method, params)
+        assert info.tokens_mlp == trace["tokens_mlp"], (method, params)
+        assert torch.equal(info.source[b] > 0, trace["source"]), (method, params, b)  # token order and members
+    return logits, info
+
+
+# ------------------------------------------------------------------------------------------------ DPC-KNN
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"keep_rate": 0.7},
+        {"keep_rate": 0.25, "k_neighbors": 4},  # the last layer sees int(64 * 0.25 ** 2) = 4 patches
+        {"keep_rate": 0.5, "k_neighbors": 1},
+        {"keep_rate": 0.9, "k_neighbors": 3, "layers": [0, 5, 11]},
+        {"keep_rate": 1.0, "layers": [2]},
+    ],
+    ids=["0.7", "0.25", "k1", "0.9-layers", "1.0"],
+)
+def test_dpcknn_matches_reference(params):
+    assert_matches_reference(model(), images(), "dpcknn", seed=3, **params)
+
+
+def test_dpcknn_distilled_and_layerscale():
+    for name in ("dist8", "ls"):
+        logits, info = assert_matches_reference(model(name), images(2), "dpcknn", seed=1, keep_rate=0.5)
+        p = model(name).num_prefix_tokens
+        assert torch.equal(info.source[:, :p, :p], torch.eye(p, dtype=info.source.dtype).expand(2, -1, -1))
+
+
+def test_dpcknn_merges_into_means_and_tracks_sizes():
+    vit = model()
+    logits, info = run(vit, images(2), "dpcknn", keep_rate=0.5, layers=[4])
+    assert info.tokens_attn[4] == 1 + 32  # int(64 * 0.5)
+    # sizes = members per cluster, every patch in exactly one cluster
+    assert torch.equal(info.size[:, 1:, 0], info.source[:, 1:].sum(dim=-1))
+    cover = info.source[:, 1:].sum(dim=1)
+    assert cover[:, 0].eq(0).all() and cover[:, 1:].eq(1).all()
+
+
+def test_dpcknn_noise_is_the_global_generator_and_nearly_irrelevant():
+    vit, x = model(), images(2)
+    a, _ = run(vit, x, "dpcknn", global_seed=0)
+    b, _ = run(vit, x, "dpcknn", global_seed=0)
+    c, _ = run(vit, x, "dpcknn", global_seed=1)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max().item() < 1e-4
+    # one draw of torch.rand(B, Np) per clustering layer, nothing else
+    torch.manual_seed(5)
+    bench.apply(vit, "dpcknn")(x)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    for count in (64, 44, 31):  # patches entering: 64, int(64 * 0.7), int(64 * 0.7 ** 2)
+        torch.rand(2, count, dtype=torch.float64)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_dpcknn_image_alone_equals_batch_up_to_noise():
+    vit, x = model(), images(3)
+    batch, _ = run(vit, x, "dpcknn")
+    for b in range(3):
+        alone, _ = run(vit, x[b : b + 1], "dpcknn")
+        assert (alone[0] - batch[b]).abs().max().item() < 1e-5
+
+
+def test_dpcknn_refuses_learned_weights_and_lists():
+    with pytest.raises(ValueError, match="equal_weight"):
+        methods.build("dpcknn", equal_weight=False)
+    with pytest.raises(ValueError, match="keep_rate"):
+        methods.build("dpcknn", keep_rate=[0.7, 0.7, 0.7])
+    with pytest.raises(ValueError, match="at least 1"):
+        bench.apply(model(), "dpcknn", keep_rate=0.1)  # int(64 * 0.1 ** 3) = 0
+    with pytest.raises(ValueError, match="k_neighbors"):
+        bench.apply(model(), "dpcknn", keep_rate=0.25, k_neighbors=20)  # the last layer sees 16 patches
+
+
+# ------------------------------------------------------------------------------------------------ K-Medoids
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"keep_rate": 0.25},
+        {"keep_rate": 0.9, "cluster_iters": 5, "layers": [1, 2, 10]},
+        {"keep_rate": 0.5, "cluster_iters": 0},
+        {"equal_weight": True},
+        {"equal_weight": True, "keep_rate": 0.5, "cluster_iters": 1, "layers": [1, 6]},
+    ],
+    ids=["default", "0.25", "0.9-iters5", "iters0", "equal", "equal-0.5"],
+)
+def test_kmedoids_matches_reference(params):
+    assert_matches_reference(model(), images(), "kmedoids", seed=11, **params)
+
+
+def test_kmedoids_distilled():
+    for equal_weight in (False, True):
+        logits, info = assert_matches_reference(model("dist8"), images(2), "kmedoids", seed=2,
+                                                equal_weight=equal_weight)
+        assert torch.equal(info.source[:, :2, :2], torch.eye(2, dtype=info.source.dtype).expand(2, -1, -1))
+
+
+def test_kmedoids_prunes_to_medoids_and_is_batch_independent():
+    vit, x = model(), images(3)
+    batch, info = run(vit, x, "kmedoids")
+    assert torch.equal(info.size, torch.ones_like(info.size))  # medoids are kept tokens, not averages
+    assert torch.equal(info.source.sum(dim=-1), torch.ones_like(info.source.sum(dim=-1)))
+    for b in range(3):
+        alone, _ = run(vit, x[b : b + 1], "kmedoids")
+        assert (alone[0] - batch[b]).abs().max().item() < 1e-10
+
+
+def test_kmedoids_equal_weight_draws_numpy_once_per_layer():
+    vit, x = model(), images(2)
+    a, _ = run(vit, x, "kmedoids", global_seed=0, equal_weight=True)
+    b, _ = run(vit, x, "kmedoids", global_seed=0, equal_weight=True)
+    assert torch.equal(a, b)
+    np.random.seed(9)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bench.apply(vit, "kmedoids", equal_weight=True)(x)
+    after = np.random.rand()
+    np.random.seed(9)
+    for count in (64, 44, 31):
+        np.random.choice(count, 1)
+    assert after == np.random.rand()
+
+
+def test_kmedoids_validation():
+    with pytest.raises(ValueError, match=">= 1"):
+        methods.build("kmedoids", layers=[0, 3])
+    with pytest.raises(ValueError, match="cluster_iters"):
+        methods.build("kmedoids", cluster_iters=-1)
+
+
+# ------------------------------------------------------------------------------------------------ static
+
+@pytest.mark.parametrize("pattern", ["l1", "l2", "linf"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"not_contiguous": True, "keep_rate": 0.7},
+        {"not_contiguous": True, "keep_rate": 0.25, "layers": [0, 4, 11]},
+        {},
+        {"layers": [0, 5], "min_radius": 0},
+        {"layers": [2, 9], "min_radius": None},
+        {"layers": [1, 3], "min_radius": 3.0},
+    ],
+    ids=["nc-0.7", "nc-0.25", "contiguous", "contig-from0", "contig-null", "contig-r3"],
+)
+def test_static_matches_reference(pattern, params):
+    assert_matches_reference(model(), images(2), "static", heuristic_pattern=pattern, **params)
+
+
+def test_static_distilled_and_batch_independent():
+    assert_matches_reference(model("dist8"), images(2), "static", not_contiguous=True)
+    vit, x = model(), images(3)
+    batch, _ = run(vit, x, "static", not_contiguous=True)
+    alone, _ = run(vit, x[1:2], "static", not_contiguous=True)
+    assert (alone[0] - batch[1]).abs().max().item() < 1e-10
+
+
+def test_static_budget_knob_only_in_its_mode():
+    vit = model()
+    ctx = bench.apply(vit, "static").context
+    methods.build("static", not_contiguous=True, keep_rate=0.5).check_budget(ctx)
+    with pytest.raises(ValueError, match="not_contiguous: true"):
+        methods.build("static", keep_rate=0.5).check_budget(ctx)
+    with pytest.raises(ValueError, match="heuristic_pattern"):
+        methods.build("static", heuristic_pattern="l3")
+
+
+# ------------------------------------------------------------------------------------------------ random
+
+def test_random_is_reproducible_per_seed_and_independent_of_images_and_global_rng():
+    vit = model()
+    x, y = images(3, seed=1), images(3, seed=2)
+    a, info_a = run(vit, x, "random", global_seed=0)
+    torch.rand(100)  # whatever ran before
+    b, info_b = run(vit, x, "random", global_seed=123)  # the global seed does not matter
+    assert torch.equal(a, b) and torch.equal(info_a.source, info_b.source)
+    _, info_y = run(vit, y, "random")
+    assert torch.equal(info_a.source, info_y.source)  # the pattern never depends on the image
+    _, info_seed = run(vit, x, "random", seed=1)
+    assert not torch.equal(info_a.source, info_seed.source)
+
+
+def test_random_counts_order_and_draws():
+    vit, x = model(), images(2)
+    _, info = run(vit, x, "random", keep_rate=0.5, layers=[2, 7])
+    assert info.tokens_attn == [65] * 3 + [33] * 5 + [17] * 4  # attention of block l sees the previous count
+    assert info.tokens_mlp == [65] * 2 + [33] * 5 + [17] * 5
+    kept = info.source[:, 1:].argmax(dim=-1) - 1  # original patch index of each kept token
+    assert torch.equal(kept, kept.sort(dim=1).values)  # ascending original order
+    assert not torch.equal(kept[0], kept[1])  # independent per image
+    g = torch.Generator().manual_seed(0)  # the spec's draws: K_i largest of torch.rand(B, Np)
+    first = torch.rand(2, 64, generator=g).topk(32, dim=1).indices.sort(dim=1).values
+    second = torch.rand(2, 32, generator=g).topk(16, dim=1).indices.sort(dim=1).values
+    assert torch.equal(kept, first.gather(1, second))
+
+
+# ------------------------------------------------------------------------------------------------ DeiT geometry
+
+def _deit(name: str):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def _block_gmacs(vit, method, **params) -> tuple[float, object]:
+    reduced = bench.apply(vit, method, **params)
+    with torch.no_grad():
+        reduced(torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    info = bench.forward_stats(reduced)
+    return bench.analytic_macs(reduced, info.tokens_attn, info.tokens_mlp) / 1e9, info
+
+
+SPEC_GMACS = {  # methods-adaptive.md, keep 0.25 / 0.5 / 0.7 / 0.9
+    ("deit_small_patch16_224", "dpcknn", ()): [1.555, 2.147, 2.878, 3.914],
+    ("deit_small_patch16_224", "kmedoids", ()): [1.555, 2.147, 2.878, 3.914],
+    ("deit_small_patch16_224", "random", ()): [1.699, 2.278, 2.980, 3.960],
+    ("deit_small_patch16_224", "static", (("heuristic_pattern", "l1"),)): [1.511, 2.063, 2.855, 3.841],
+    ("deit_small_patch16_224", "static", (("heuristic_pattern", "l2"),)): [1.577, 2.152, 2.901, 3.890],
+    ("deit_small_patch16_224", "static", (("heuristic_pattern", "linf"),)): [1.510, 2.043, 2.926, 3.965],
+    ("deit_tiny_patch16_224", "dpcknn", ()): [0.427, 0.581, 0.775, 1.060],
+    ("deit_tiny_patch16_224", "random", ()): [0.471, 0.621, 0.808, 1.075],
+}
+
+
+@pytest.mark.parametrize("case", list(SPEC_GMACS), ids=lambda c: f"{c[0][:10]}-{c[1]}-{dict(c[2])}")
+def test_block_gmacs_match_the_spec(case):
+    name, method, extra = case
+    vit = _deit(name)
+    params = dict(extra, not_contiguous=True) if method == "static" else dict(extra)
+    for keep_rate, expected in zip((0.25, 0.5, 0.7, 0.9), SPEC_GMACS[case], strict=True):
+        got, _ = _block_gmacs(vit, method, keep_rate=keep_rate, **params)
+        assert abs(got - expected) <= 0.01 * expected, (case, keep_rate, got, expected)
+
+
+def test_deit_small_token_schedules():
+    vit = _deit("deit_small_patch16_224")
+    for pattern, expected in (("l1", [137, 93, 69]), ("l2", [141, 97, 69]), ("linf", [145, 101, 65])):
+        _, info = _block_gmacs(vit, "static", heuristic_pattern=pattern, not_contiguous=True)
+        assert [info.tokens_attn[b] for b in (3, 6, 9)] == expected, pattern
+    _, info = _block_gmacs(vit, "static")
+    assert info.tokens_attn == [197] * 3 + [185, 157, 137, 85, 61, 25, 13] + [13] * 2
+    _, info = _block_gmacs(vit, "dpcknn")
+    assert info.tokens_attn == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3  # 1 + 137 / 96 / 67
+    _, info = _block_gmacs(vit, "random", keep_rate=0.5)
+    assert info.tokens_mlp == [197] * 3 + [99] * 3 + [50] * 3 + [25] * 3  # 1 + 98 / 49 / 24
+
+
+def test_clustering_overhead_is_reported_separately():
+    vit = _deit("deit_small_patch16_224")
+    reduced = bench.apply(vit, "dpcknn", keep_rate=0.7)
+    with torch.no_grad():
+        reduced(torch.randn(1, 3, 224, 224))
+    info = bench.forward_stats(reduced)
+    assert reduced.method.extra_macs(info.tokens_in, reduced.context, 384) == (196**2 + 137**2 + 96**2) * 384
+    kmedoids = methods.build("kmedoids", equal_weight=True)
+    init = 196 * 384 * 137 * 136 // 2 + 137 * 384 * 96 * 95 // 2 + 96 * 384 * 67 * 66 // 2
+    assert kmedoids.extra_macs(info.tokens_in, reduced.context, 384) == (196**2 + 137**2 + 96**2) * 384 + init
+    # torchprofile does not see cdist: its count stays within 1% of the analytic block count
+    analytic = bench.analytic_macs(reduced, info.tokens_attn, info.tokens_mlp)
+    assert abs(bench.count_macs(reduced) - analytic) <= 0.01 * analytic

@@ -1,0 +1,400 @@
+"""Measurements researchers trust (issue 14): the statistics on known inputs, the throughput entry and its
+batch-size sweep, peak memory, torch.compile against eager, token maps against source tracking, the eval
+metrics (ECE, NLL, feature cosine) and the report's sections and figures."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import bench
+import report
+from bench import stats
+from bench.memory import CPU_KIND, peak_memory_mb
+from bench.pipeline import measurements
+from bench.pipeline.config import ConfigError, load_experiment
+from bench.pipeline.records import read_all
+from bench.pipeline.stages import throughput as throughput_stage
+from bench.pipeline.stages.tokens import draw_indices, patch_grid, token_maps
+from bench.tokenmap import GREY, PRUNED, group_labels, patch_colours
+from tests.helpers import images
+from tests.test_pipeline import MODEL, bench_main, config, write
+
+TINY = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 3, "num_heads": 2}
+
+
+def tiny_vit(seed: int = 0) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(4.0)  # attention far from uniform: methods' choices matter
+    return model
+
+
+# ----------------------------------------------------------------------------------------- statistics
+
+
+def test_speedup_is_the_median_of_paired_ratios_not_the_ratio_of_medians():
+    method = [1.0, 2.0, 4.0, 1.0, 3.0]
+    baseline = [2.0, 3.0, 4.0, 3.0, 3.0]
+    ratios = stats.paired_ratios(method, baseline)
+    assert list(ratios) == [2.0, 1.5, 1.0, 3.0, 1.0]
+    result = stats.speedup(method, baseline)
+    assert result["speedup"] == 1.5
+    assert statistics.median(baseline) / statistics.median(method) == 1.5  # same here by chance ...
+    skewed = stats.speedup([1.0, 1.0, 10.0], [1.0, 2.0, 10.0])  # ... not here: ratios 1, 2, 1 -> 1.0
+    assert skewed["speedup"] == 1.0 and statistics.median([1.0, 2.0, 10.0]) / statistics.median([1.0, 1.0, 10.0]) == 2.0
+    with pytest.raises(ValueError, match="one length"):
+        stats.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_bootstrap_interval_contains_the_estimate_is_seeded_and_collapses_without_spread():
+    rng = np.random.default_rng(3)
+    ratios = 1.4 + 0.05 * rng.standard_normal(30)
+    low, high = stats.bootstrap_interval(ratios, seed=0)
+    point = stats.median(ratios)
+    assert low < point < high
+    assert 1.3 < low and high < 1.5 and high - low < 0.1
+    assert stats.bootstrap_interval(ratios, seed=0) == (low, high)  # seeded: reproducible
+    assert stats.bootstrap_interval(ratios, seed=1) != (low, high)
+    assert stats.bootstrap_interval([1.25] * 7) == (1.25, 1.25)
+    wider = stats.bootstrap_interval(1.4 + 0.2 * rng.standard_normal(30))
+    assert wider[1] - wider[0] > high - low
+
+
+def test_latency_percentiles():
+    times = [t / 1000 for t in range(1, 11)]  # 1..10 ms
+    assert stats.percentile(times, 50) == pytest.approx(0.0055)
+    assert stats.percentile(times, 90) == pytest.approx(0.0091)
+
+
+def test_ece_of_a_perfectly_calibrated_toy_is_zero():
+    # in each bin the accuracy equals the confidence: 7 of 10 right at 0.7, 9 of 10 at 0.9, 1 of 4 at 0.25
+    confidence = [0.7] * 10 + [0.9] * 10 + [0.25] * 4
+    correct = [1] * 7 + [0] * 3 + [1] * 9 + [0] + [1] + [0] * 3
+    assert stats.expected_calibration_error(confidence, correct) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_of_an_overconfident_toy_equals_the_hand_computed_value():
+    # 10 at 0.9 with 5 right: gap 0.4; 4 at 0.6 with 3 right: gap 0.15 -> (10 * 0.4 + 4 * 0.15) / 14
+    confidence = [0.9] * 10 + [0.6] * 4
+    correct = [1] * 5 + [0] * 5 + [1, 1, 1, 0]
+    assert stats.expected_calibration_error(confidence, correct) == pytest.approx((10 * 0.4 + 4 * 0.15) / 14)
+    # different confidences within one bin (0.94, 0.96 share (14/15, 1]) average before the gap is taken
+    assert stats.expected_calibration_error([0.94, 0.96], [1, 0]) == pytest.approx(abs(0.5 - 0.95))
+    # in two bins the gaps do not cancel: 0.55 right (gap 0.45) and 0.45 wrong (gap 0.45)
+    assert stats.expected_calibration_error([0.55, 0.45], [1, 0]) == pytest.approx(0.45)
+
+
+def test_mean_cosine():
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    assert stats.mean_cosine(a, a) == pytest.approx(1.0)
+    assert stats.mean_cosine(a, 5 * a) == pytest.approx(1.0)
+    b = np.array([[0.0, 1.0], [0.0, -1.0], [3.0, 3.0]])
+    assert stats.mean_cosine(a, b) == pytest.approx((0.0 - 1.0 + 1.0) / 3)
+
+
+# ----------------------------------------------------------------------------------- throughput entry
+
+
+def test_throughput_entry_fields_come_from_its_own_timed_rounds():
+    vit = tiny_vit()
+    model, dense = bench.apply(vit, "tome", r=4), bench.apply(vit, "baseline")
+    batch = images(8, size=28, channels=1)
+    entry = throughput_stage.measure(model, dense, batch, "fp32", warmup=1, runs=5, compile_=False)
+    times, base = entry["times_s"], entry["baseline_times_s"]
+    assert len(times) == len(base) == 5 and entry["runs"] == 5
+    assert entry["images_per_s"] == pytest.approx(8 / statistics.median(times))
+    assert entry["baseline_images_per_s"] == pytest.approx(8 / statistics.median(base))
+    assert entry["latency_p50_ms"] == pytest.approx(1e3 * statistics.median(times))
+    assert entry["latency_p90_ms"] == pytest.approx(1e3 * float(np.percentile(times, 90)))
+    assert entry["baseline_latency_p50_ms"] == pytest.approx(1e3 * statistics.median(base))
+    assert entry["speedup"] == pytest.approx(statistics.median([b / t for t, b in zip(times, base, strict=True)]))
+    assert entry["speedup_low"] <= entry["speedup"] <= entry["speedup_high"]
+    assert entry["peak_mem_kind"] == CPU_KIND and entry["peak_mem_mb"] >= 0 and entry["baseline_peak_mem_mb"] >= 0
+    assert entry["compile"] is False and entry["compile_s"] is None
+
+
+def test_peak_memory_on_cpu_sees_what_the_call_touches():
+    def allocate():
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, written
+        return float(block[-1])
+
+    touched, kind = peak_memory_mb(allocate, torch.device("cpu"))
+    idle, _ = peak_memory_mb(lambda: None, torch.device("cpu"))
+    assert kind == CPU_KIND
+    assert 56 < touched < 200
+    assert idle < 8
+
+
+def test_sweep_doubles_until_out_of_memory_and_records_it():
+    calls = []
+
+    def measure(batch_size):
+        calls.append(batch_size)
+        if batch_size >= 512:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return {"batch_size": batch_size, "images_per_s": float(batch_size)}
+
+    entries = throughput_stage.sweep([1, 64, 8], measure, auto=True)
+    assert calls == [1, 64, 8, 128, 256, 512]
+    assert [e["batch_size"] for e in entries] == [1, 64, 8, 128, 256, 512]
+    assert [e.get("auto", False) for e in entries] == [False, False, False, True, True, True]
+    assert entries[-1] == {"batch_size": 512, "out_of_memory": True, "auto": True}
+    assert "out_of_memory" not in entries[-2]
+    calls.clear()
+    listed = throughput_stage.sweep([600, 2], measure, auto=False)  # a listed size may not fit either
+    assert calls == [600, 2] and listed[0] == {"batch_size": 600, "out_of_memory": True} and "auto" not in listed[1]
+
+
+# ------------------------------------------------------------------------------------------- compile
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_models_give_the_same_logits():
+    """torch.compile (inductor) on the tiny model for two methods: the logits of eager within 1e-5. Slow on
+    CPU (about 20-40 s: two compilations)."""
+    vit = tiny_vit()
+    batch = images(4, size=28, channels=1)
+    for name, params in (("tome", {"r": 4}), ("evit", {"keep_rate": 0.6, "layers": [1]})):
+        model = bench.apply(vit, name, **params)
+        eager = throughput_stage.forward(model, batch, "fp32")
+        torch._dynamo.reset()
+        compiled = throughput_stage.forward(torch.compile(model, dynamic=False), batch, "fp32")
+        assert compiled.shape == eager.shape == (4, 10)
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_graph_breaks_are_counted():
+    vit = tiny_vit()
+    batch = images(2, size=28, channels=1)
+    explained = throughput_stage.graph_breaks(bench.apply(vit, "tome", r=4), batch, "fp32")
+    assert explained["graphs"] >= 1 and explained["graph_breaks"] == explained["graphs"] - 1
+    assert len(explained["break_reasons"]) == min(explained["graph_breaks"], 3)
+
+
+# ----------------------------------------------------------------------------------------- token maps
+
+
+@pytest.mark.parametrize("name, params", [("tome", {"r": 5}), ("topk", {"keep_rate": 0.5, "layers": [0, 2]}),
+                                          ("evit", {"keep_rate": 0.5, "layers": [1]})])
+def test_token_groups_follow_source_tracking(name, params):
+    vit = tiny_vit()
+    batch = images(3, size=28, channels=1)
+    model = bench.apply(vit, name, **params)
+    layers, labels = token_maps(model, batch, "fp32")
+    tracked = bench.apply(vit, name, track_source=True, **params)
+    tracked(batch)
+    info = tracked.last_forward
+    assert layers == sorted(info.layer_sources) and len(layers) == labels.shape[1]
+    assert torch.equal(info.layer_sources[layers[-1]][0], info.source)  # the last reducing layer's map is final
+    for column, layer in enumerate(layers):
+        source = info.layer_sources[layer][0][:, :, 1:]  # patches only (one class token)
+        assert source.shape[1] == info.tokens_out[layer]
+        for image in range(batch.shape[0]):
+            flat = labels[image, column].reshape(-1)
+            covered = source[image].sum(dim=0) > 0
+            assert np.array_equal(flat == PRUNED, ~covered.numpy())  # grey: exactly the patches no token covers
+            colours = patch_colours(labels[image, column]).reshape(-1, 4)
+            assert np.all(colours[flat == PRUNED] == GREY)
+            seen = set()
+            for token in range(1, source.shape[1]):
+                patches = torch.nonzero(source[image, token]).flatten().numpy()
+                if len(patches) == 0:
+                    continue
+                assert set(flat[patches].tolist()) == {token}  # the group is exactly the token's sources
+                assert np.count_nonzero(flat == token) == len(patches)
+                colour = tuple(colours[patches[0]])
+                assert all(tuple(c) == colour for c in colours[patches])
+                if len(patches) > 1:  # merged: its own colour, not grey, not transparent
+                    assert colour[3] > 0 and colour != GREY and colour not in seen
+                    seen.add(colour)
+                else:
+                    assert colour[3] == 0
+    if name == "topk":  # pruned: 24 of 49 patches grey after block 0
+        assert (labels[:, 0] == PRUNED).sum(axis=(1, 2)).tolist() == [24] * 3
+    else:  # merged (ToMe) or fused into one extra token (EViT: the last, covering the 24 dropped patches)
+        assert not (labels == PRUNED).any()
+    if name == "evit":
+        assert [(labels[i, 0] == info.tokens_out[1] - 1).sum() for i in range(3)] == [24] * 3
+
+
+def test_padded_tokens_cover_nothing_and_the_grid_follows_a_resize():
+    source = np.zeros((1, 3, 5))  # class token + 2 outputs over a 2x2 grid
+    source[0, 0, 0] = source[0, 1, [1, 2]] = source[0, 2, [3, 4]] = 1
+    mask = np.array([[True, True, False]])  # the second output is padding
+    labels = group_labels(source, mask, num_prefix=1, grid=(2, 2))
+    assert labels.tolist() == [[[1, 1], [PRUNED, PRUNED]]]
+    with pytest.raises(ValueError, match="prefix"):
+        group_labels(source, None, num_prefix=1, grid=(3, 3))
+    assert patch_grid(bench.apply(tiny_vit(), "resize", img_size=16)) == (4, 4)
+    assert patch_grid(bench.apply(tiny_vit(), "baseline")) == (7, 7)
+
+
+def test_image_draw_is_seeded_and_distinct():
+    assert draw_indices(100, 4, seed=0) == draw_indices(100, 4, seed=0)
+    assert draw_indices(100, 4, seed=0) != draw_indices(100, 4, seed=1)
+    assert len(set(draw_indices(100, 4, seed=0))) == 4 and draw_indices(3, 4, seed=0) != []
+    assert sorted(draw_indices(3, 4, seed=0)) == [0, 1, 2]
+
+
+# -------------------------------------------------------------------------------------- report helpers
+
+
+def test_crossover_and_speedup_format():
+    assert measurements.crossover([1, 8, 32, 128], [0.8, 0.95, 1.1, 1.4]) == 32
+    assert measurements.crossover([128, 1, 32, 8], [1.4, 0.8, 1.1, 0.95]) == 32  # order does not matter
+    assert measurements.crossover([1, 8, 32], [1.2, 0.9, 1.3]) == 32  # beats dense *from* 32 on
+    assert measurements.crossover([1, 8], [1.2, 1.1]) == 1
+    assert measurements.crossover([1, 8], [1.2, 0.99]) is None
+    assert measurements.crossover([1, 8], [1.2, float("nan")]) == 1  # unmeasured sizes do not count
+    assert measurements.format_speedup(1.4234, 1.391, 1.4549) == "1.42x (1.39-1.45)"
+    assert measurements.format_speedup(1.4234) == "1.42x"
+    assert measurements.format_speedup(float("nan"), 1.0, 2.0) == ""
+
+
+# -------------------------------------------------------------------------------------------- config
+
+
+def test_config_keys_compile_tokens_and_auto(tmp_path):
+    plain = load_experiment(write(tmp_path, config(tmp_path), "a.yaml")).runs[0]
+    assert plain.compile is False and plain.tokens == {"images": 4} and plain.throughput["auto"] is False
+    compiled = load_experiment(write(tmp_path, config(tmp_path, compile=True), "b.yaml")).runs[0]
+    assert compiled.compile is True and compiled.key != plain.key
+    # tokens.images changes the key only where the tokens stage runs
+    fewer = load_experiment(write(tmp_path, config(tmp_path, tokens={"images": 2}), "c.yaml")).runs[0]
+    assert fewer.key == plain.key
+    staged = config(tmp_path, stages=["eval", "tokens"])
+    with_stage = load_experiment(write(tmp_path, staged, "d.yaml")).runs[0]
+    fewer_staged = load_experiment(write(tmp_path, {**staged, "tokens": {"images": 2}}, "e.yaml")).runs[0]
+    assert with_stage.key != fewer_staged.key and fewer_staged.tokens == {"images": 2}
+    auto = config(tmp_path, throughput={"batch_sizes": [8], "auto": True})
+    with pytest.raises(ConfigError, match="throughput.auto"):
+        load_experiment(write(tmp_path, auto, "f.yaml"))
+    auto["defaults"] = {**auto["defaults"], "device": "cuda"}
+    assert load_experiment(write(tmp_path, auto, "g.yaml")).runs[0].throughput["auto"] is True
+
+
+# -------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def sweep_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("measurements")
+    cfg = config(tmp, stages=["eval", "throughput", "tokens"], tokens={"images": 3},
+                 throughput={"batch_sizes": [8, 1, 4], "warmup": 1, "runs": 3})
+    cfg["defaults"]["data"]["subset"] = 60
+    cfg["defaults"]["model"] = {**MODEL, "kwargs": {**MODEL["kwargs"], "depth": 3}}
+    cfg["grid"] = {"methods": ["baseline", {"method": "tome", "r": 4},
+                               {"method": "topk", "keep_rate": 0.5, "layers": [1]}]}
+    start = time.perf_counter()
+    assert bench_main(write(tmp, cfg), tmp / "results") == 0
+    return tmp / "results", time.perf_counter() - start
+
+
+def test_records_carry_the_sweep_and_the_eval_metrics(sweep_results):
+    results, _ = sweep_results
+    records, problems = read_all(results)
+    assert problems == [] and len(records) == 3
+    by_method = {record["run"]["method"]: record for record in records}
+    for record in records:
+        entries = record["metrics"]["throughput"]
+        assert [entry["batch_size"] for entry in entries] == [8, 1, 4]
+        for entry in entries:
+            for name in ("images_per_s", "latency_p50_ms", "latency_p90_ms", "peak_mem_mb", "speedup",
+                         "speedup_low", "speedup_high", "baseline_images_per_s", "baseline_latency_p50_ms",
+                         "baseline_latency_p90_ms", "baseline_peak_mem_mb"):
+                assert isinstance(entry[name], float) and math.isfinite(entry[name]), name
+            assert entry["latency_p50_ms"] <= entry["latency_p90_ms"]
+            assert entry["peak_mem_kind"] == CPU_KIND
+        metrics = record["metrics"]["eval"]
+        assert metrics["nll"] == metrics["loss"] and 0 <= metrics["ece"] <= 1
+        tokens = record["metrics"]["tokens"]
+        assert tokens["images"] == 3 and (results / tokens["png"]).is_file() and (results / tokens["maps"]).is_file()
+    assert by_method["baseline"]["metrics"]["eval"]["feature_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < by_method["topk"]["metrics"]["eval"]["feature_cos"] < 0.9999
+    assert by_method["tome"]["metrics"]["tokens"]["layers"] == [0, 1, 2]
+    assert by_method["topk"]["metrics"]["tokens"]["layers"] == [1]
+    assert by_method["baseline"]["metrics"]["tokens"]["patch_tokens"] == [[49]] * 3
+    assert by_method["topk"]["metrics"]["tokens"]["patch_tokens"] == [[25]] * 3  # ceil(0.5 * 49)
+    indices = {tuple(record["metrics"]["tokens"]["indices"]) for record in records}
+    assert len(indices) == 1  # every run drew the same images
+
+
+def test_report_links_figures_and_carries_the_new_columns(sweep_results, tmp_path):
+    results, _ = sweep_results
+    out = tmp_path / "md" / "board.md"
+    assert report.main([str(results), "--out", str(out), "--csv", str(tmp_path / "lb.csv"),
+                        "--plot", str(tmp_path / "p.png")]) == 0
+    markdown = out.read_text()
+    for figure in ("throughput.png", "tokens.png"):
+        png = (results / figure).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+        relative = Path(os.path.relpath(results / figure, out.parent)).as_posix()
+        assert f"[{'Token maps' if figure == 'tokens.png' else 'Throughput'}" in markdown
+        assert f"]({relative})" in markdown and "![" in markdown
+    csv = pd.read_csv(tmp_path / "lb.csv")
+    for name in ("speedup_low", "speedup_high", "ece", "nll", "feature_cos"):
+        assert csv[name].notna().all(), name
+    records = {r["run"]["method"]: r for r in read_all(results)[0]}
+    first = records["tome"]["metrics"]["throughput"][0]  # batch 8: the main table's entry
+    row = csv[csv["method"] == "tome"].iloc[0]
+    assert row["speedup_low"] == pytest.approx(first["speedup_low"])
+    assert row["ece"] == pytest.approx(records["tome"]["metrics"]["eval"]["ece"])
+    cell = measurements.format_speedup(first["speedup"], first["speedup_low"], first["speedup_high"])
+    assert f"| {cell} " in markdown
+    section = markdown[markdown.index("## Latency, memory and crossover"):]
+    assert "p50 ms (bs 1)" in section and "p50 ms (bs 8)" in section and "bs 4)" not in section.split("\n\n")[2]
+    tome = [line for line in section.splitlines() if line.startswith("| tome")][0]
+    cells = [cell.strip() for cell in tome.split("|")[1:-1]]
+    entries = {entry["batch_size"]: entry for entry in records["tome"]["metrics"]["throughput"]}
+    assert cells[3] == f"{entries[1]['latency_p50_ms']:.2f}" and cells[8] == f"{entries[8]['latency_p50_ms']:.2f}"
+    found = measurements.crossover(list(entries), [entry["speedup"] for entry in entries.values()])
+    assert cells[2] == (f"bs {found}" if found else "not up to bs 8")
+
+
+def test_long_throughput_frame_has_the_entry_fields(sweep_results):
+    results, _ = sweep_results
+    _, tp, _ = report.load_all(results)
+    assert len(tp) == 9
+    assert set(measurements.ENTRY_COLUMNS) <= set(tp.columns)
+    assert tp["latency_p50_ms"].notna().all() and (tp["peak_mem_kind"] == CPU_KIND).all()
+    assert not tp["out_of_memory"].any()
+
+
+def test_token_grid_composition_uses_each_runs_final_map(sweep_results, tmp_path):
+    results, _ = sweep_results
+    df, tp, _ = report.load_all(results)
+    calls = []
+    import bench.tokenmap as tokenmap
+
+    original = tokenmap.compose
+
+    def spy(path, images_, columns, title):
+        calls.append((Path(path).name, images_.shape, [(name, labels.copy()) for name, labels in columns]))
+        original(path, images_, columns, title)
+
+    tokenmap.compose = spy
+    try:
+        written = measurements.token_grids(df, results, report.GROUP, report.sort_group, report._group_title)
+    finally:
+        tokenmap.compose = original
+    assert [path.name for _, path in written] == ["tokens.png"]
+    ((name, shape, columns),) = calls
+    assert shape[0] == 3 and [column[0].split("\n")[0] for column in columns] == ["baseline", "tome", "topk"]
+    keys = {r["run"]["method"]: r["key"] for r in read_all(results)[0]}
+    for method, labels in ((column[0].split("\n")[0], column[1]) for column in columns):
+        maps = np.load(results / "tokens" / f"{keys[method]}.npz")
+        assert np.array_equal(labels, maps["labels"][:, -1])

@@ -1,0 +1,551 @@
+"""Reliability probes of issue 8, kept as tests: nothing computed twice, nothing silently stale, every
+refusal one line (exit 2), nothing already computed lost. The SLURM probes (marked ``slurm``) run on the
+real local cluster (slurm/local_cluster.sh); the folder probes mount small tmpfs in a private mount
+namespace (``unshare -m``), as root does here.
+
+Run: .venv/bin/python -m pytest -q tests/test_reliability.py   (+ TOKENBENCH_REQUIRE_SLURM=1 for CI)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import report
+import run_bench
+from bench.pipeline.files import REPO
+from bench.pipeline.records import read_all, read_record, record_path
+
+MODEL = {
+    "name": "vit_tiny_patch16_224",
+    "label": "tiny",
+    "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2,
+               "num_heads": 2},
+}
+TWO = ["baseline", {"method": "tome", "r": 4}]
+
+
+@pytest.fixture(autouse=True)
+def _own_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path / "hash-cache"))
+
+
+def config(folder: Path, name: str = "rel", weights: str | None = None, **changes) -> Path:
+    cfg = {
+        "name": name,
+        "defaults": {"model": MODEL, "weights": weights, "data": {"name": "fashion_mnist", "subset": 100},
+                     "batch_size": 100, "device": "cpu", "threads": 1},
+        "stages": ["macs"],
+        "macs": {"images": 1},
+        "grid": {"methods": TWO},
+    }
+    cfg.update(changes)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def save_weights(path: Path, seed: int) -> None:
+    from bench.pipeline.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(MODEL["name"], MODEL["kwargs"])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(3.0)  # predictions that vary between images
+    torch.save(model.state_dict(), path)
+
+
+def bench(path: Path, results: Path, *extra: str) -> int:
+    return run_bench.main(["--config", str(path), "--results", str(results), "--quiet", "--no-report", *extra])
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def keys(results: Path) -> set[str]:
+    return {record["key"] for record in read_all(results)[0]}
+
+
+def spawn(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, **kwargs)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+# ----------------------------------------------------------------------------- 1. weights by content
+def test_changed_checkpoint_at_same_path_means_new_runs_and_new_dense_cache(tmp_path, capsys):
+    save_weights(tmp_path / "w.pth", seed=0)
+    path = config(tmp_path, weights="w.pth", stages=["eval"])
+    results = tmp_path / "results"
+    assert bench(path, results) == 0
+    first = keys(results)
+    assert bench(path, results) == 0
+    assert "2 already done, 0 to run" in capsys.readouterr().out  # unchanged file: same keys
+    os.utime(tmp_path / "w.pth")  # touched, same bytes: still the same keys (content, not mtime)
+    assert bench(path, results) == 0
+    assert "2 already done, 0 to run" in capsys.readouterr().out
+
+    save_weights(tmp_path / "w.pth", seed=1)  # retrained in place: same path, other weights
+    assert bench(path, results) == 0
+    assert "0 already done, 2 to run" in capsys.readouterr().out
+    second = keys(results) - first
+    assert len(second) == 2 and len(keys(results)) == 4  # the earlier records are kept, not overwritten
+    assert len(list((results / "cache").glob("dense-*.pt"))) == 2
+    # the new records' agreement is against the new dense model: equal to a fresh folder's
+    assert bench(path, tmp_path / "fresh") == 0
+    fresh = {r["run"]["method"]: r for r in read_all(tmp_path / "fresh")[0]}
+    new = {r["run"]["method"]: r for r in read_all(results)[0] if r["key"] in second}
+    assert new["tome"]["metrics"]["eval"]["agreement"] == fresh["tome"]["metrics"]["eval"]["agreement"]
+    assert new["baseline"]["metrics"]["eval"]["agreement"] == 100.0
+    assert new["tome"]["run"]["weights_sha256"] != read_record(record_path(results, min(first)))["run"]["weights_sha256"]
+    # the leaderboard keeps the two checkpoints apart
+    frame = report.build_frame(read_all(results)[0])
+    assert frame["weights"].nunique() == 2 and all("(sha256 " in label for label in frame["weights"])
+
+
+def test_weights_hash_is_computed_once_per_file_version(tmp_path):
+    from bench.pipeline.fingerprint import cache_file, weights_sha256
+
+    save_weights(tmp_path / "w.pth", seed=0)
+    real = weights_sha256(str(tmp_path / "w.pth"))
+    import hashlib
+
+    assert real == hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()
+    cache = json.loads(cache_file().read_text())
+    entry = cache[str((tmp_path / "w.pth").resolve())]
+    assert entry["size"] == (tmp_path / "w.pth").stat().st_size
+    entry["sha256"] = "f" * 64  # same size and mtime: the cached value is used, the file is not read again
+    cache_file().write_text(json.dumps(cache))
+    assert weights_sha256(str(tmp_path / "w.pth")) == "f" * 64
+    os.utime(tmp_path / "w.pth", ns=(1, 1))  # another mtime: hashed again
+    assert weights_sha256(str(tmp_path / "w.pth")) == real
+    # URLs and timm tags are identified by their string, and runs without weights keep their keys
+    assert weights_sha256("timm:augreg_in21k") is None and weights_sha256("https://x/y.pth") is None
+    cache_file().write_bytes(b"\xff\xfe garbage")  # an unreadable cache is recomputed, not fatal
+    assert weights_sha256(str(tmp_path / "w.pth")) == real
+
+
+def test_a_job_refuses_weights_changed_after_planning(tmp_path):
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.runner import run_job
+
+    save_weights(tmp_path / "w.pth", seed=0)
+    (run, _) = load_experiment(config(tmp_path, weights="w.pth")).runs
+    save_weights(tmp_path / "w.pth", seed=1)  # e.g. between a SLURM submission and the job's start
+    with pytest.raises(ValueError, match="weights file changed since the run was planned"):
+        run_job(run.to_dict(), str(tmp_path / "results"), progress=False)
+    assert not record_path(tmp_path / "results", run.key).exists()
+
+
+# ------------------------------------------------------------------------------ 3. lock and claims
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from bench.pipeline.lock import results_lock
+with results_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_second_invocation_refuses_naming_the_holder_or_waits(tmp_path, capsys):
+    path, results = config(tmp_path), tmp_path / "results"
+    holder = spawn("-c", HOLD_LOCK, str(results))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert bench(path, results) == 2
+        line = one_line(capsys.readouterr().err)
+        assert f"is in use by pid {holder.pid} on {socket.gethostname()}" in line and "--wait-lock" in line
+        assert not (results / "runs").exists()  # refused before any run
+
+        import threading
+
+        codes: list[int] = []
+        waiter = threading.Thread(target=lambda: codes.append(bench(path, results, "--wait-lock")))
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive() and not (results / "runs").exists()  # waiting, not running
+    finally:
+        holder.kill()
+        holder.wait()
+    waiter.join(timeout=120)
+    assert codes == [0] and len(keys(results)) == 2
+    assert "waiting for results folder" in capsys.readouterr().err
+
+
+SLEEPER = "import time; time.sleep(120)"
+
+
+def test_a_run_claimed_by_a_live_process_is_not_computed_twice(tmp_path, capsys):
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.lock import claim_path, process_start
+
+    path, results = config(tmp_path), tmp_path / "results"
+    base, tome = load_experiment(path).runs
+    other = spawn("-c", SLEEPER)  # e.g. a SLURM job of an earlier submission computing tome
+    try:
+        claim = claim_path(results, tome.key)
+        claim.parent.mkdir(parents=True)
+        claim.write_text(json.dumps({"pid": other.pid, "start": process_start(other.pid),
+                                     "host": socket.gethostname(), "since": "now", "command": "job"}))
+        assert bench(path, results) == 1
+        out = capsys.readouterr().out
+        assert f"skipped: run {tome.key} is being computed by pid {other.pid}" in out
+        assert keys(results) == {base.key}
+        assert not (results / "failed").exists() or not list((results / "failed").iterdir())  # not "failed"
+    finally:
+        other.kill()
+        other.wait()
+    assert bench(path, results) == 0  # its process is gone: the stale claim is taken over
+    assert keys(results) == {base.key, tome.key} and not claim.exists()
+
+
+SLOW = {"stages": ["throughput"], "throughput": {"batch_sizes": [64], "warmup": 1, "runs": 1000000}}
+
+
+def test_kill_9_of_a_local_parent_leaves_no_child_computing(tmp_path):
+    from bench.pipeline.config import load_experiment
+
+    path = config(tmp_path, grid={"methods": ["baseline"]}, **SLOW)
+    results = tmp_path / "results"
+    (run,) = load_experiment(path).runs
+    parent = spawn("run_bench.py", "--config", str(path), "--results", str(results), "--executor", "local",
+                   "--quiet", "--no-report")
+    claim = results / "claims" / f"{run.key}.json"
+    try:
+        child = wait_for(lambda: claim.exists() and claim.read_text() and json.loads(claim.read_text())["pid"],
+                         120, "the local job to claim its run")
+        assert child != parent.pid and alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        try:
+            wait_for(lambda: not alive(child), 30, f"the orphaned local job {child} to stop")
+        finally:
+            if alive(child):  # the bug this test catches: do not leave it computing
+                os.kill(child, signal.SIGKILL)
+    finally:
+        parent.kill()
+        parent.wait()
+    note = json.loads(next((results / "failed").glob("*.json")).read_text())
+    assert note["state"] == "interrupted"
+
+
+# ---------------------------------------------------------------------------------- 4. decoding
+def test_undecodable_records_are_set_aside_numbered_and_redone(tmp_path, capsys):
+    path, results = config(tmp_path), tmp_path / "results"
+    assert bench(path, results) == 0
+    victim = sorted((results / "runs").glob("*.json"))[0]
+    for n, damage in enumerate((b"\xff", b'{"schema": 1, "key": "caf\xe9"}'), start=1):
+        victim.write_bytes(damage)
+        assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
+        rows = capsys.readouterr().out
+        assert f"todo     {victim.stem}  torn record: {victim}: record not UTF-8 text" in rows
+        assert report.main([str(results)]) == 0  # the leaderboard skips it, naming it
+        assert f"skipped {victim}: record not UTF-8 text" in capsys.readouterr().err
+        assert bench(path, results) == 0
+        err = capsys.readouterr().err
+        assert f"{victim}: record not UTF-8 text" in err and f"moved to {victim.name}.torn.{n}" in err
+        assert read_record(victim)["key"] == victim.stem  # redone
+    assert (results / "runs" / f"{victim.name}.torn.1").read_bytes() == b"\xff"  # not overwritten by the 2nd
+
+
+def test_record_whose_metrics_is_not_a_mapping_is_torn_and_redone(tmp_path, capsys):
+    path, results = config(tmp_path), tmp_path / "results"
+    assert bench(path, results) == 0
+    victim = sorted((results / "runs").glob("*.json"))[0]
+    record = json.loads(victim.read_text())
+    victim.write_text(json.dumps({**record, "metrics": [1, 2]}))
+    assert bench(path, results) == 0
+    captured = capsys.readouterr()
+    assert "record field 'metrics' is not a mapping" in captured.err and "1 already done, 1 to run" in captured.out
+    assert isinstance(read_record(victim)["metrics"], dict)
+
+
+def test_undecodable_config_profile_failure_note_and_jobs_file(tmp_path, capsys):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert bench(latin, tmp_path / "r") == 2
+    assert one_line(capsys.readouterr().err) == f"error: {latin}: not UTF-8 text (byte 0xe9 at offset 9)"
+
+    from bench.pipeline.profiles import ProfileError, load_profile
+
+    profile = tmp_path / "cluster.yaml"
+    profile.write_bytes(b"partition: \xff\n")
+    with pytest.raises(ProfileError, match=r"cluster.yaml: not UTF-8 text \(byte 0xff at offset 11\)"):
+        load_profile(str(profile))
+
+    path, results = config(tmp_path), tmp_path / "results"
+    assert bench(path, results, "--only", "baseline") == 0
+    from bench.pipeline.config import load_experiment
+
+    tome = load_experiment(path).runs[1]
+    (results / "failed").mkdir()
+    (results / "failed" / f"{tome.key}.json").write_bytes(b"\x80\x81")
+    (results / "jobs.json").write_bytes(b"\xff{}")
+    capsys.readouterr()
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
+    captured = capsys.readouterr()
+    assert "failed   " in captured.out and "unreadable failure note" in captured.out
+    assert "jobs.json: not UTF-8 text" in captured.err and "Traceback" not in captured.err
+
+
+# ------------------------------------------------------------------------- 5. unusable results folder
+def test_results_folder_that_is_a_file_is_refused_before_any_run(tmp_path, capsys):
+    path = config(tmp_path)
+    (tmp_path / "taken").write_text("not a folder")
+    assert bench(path, tmp_path / "taken") == 2
+    assert one_line(capsys.readouterr().err) == f"error: results folder {tmp_path / 'taken'} is a file, not a folder"
+
+
+FOLDER_PROBES = """
+set -e
+mount -t tmpfs -o size=2m tmpfs {tmp}/full
+mkdir {tmp}/full/results
+cp -r {tmp}/done/runs {tmp}/full/results/runs
+echo old > {tmp}/full/results/leaderboard.md
+dd if=/dev/zero of={tmp}/full/filler bs=4k 2>/dev/null || true
+mount -t tmpfs -o ro tmpfs {tmp}/ro
+set +e
+{python} -c '
+import sys, report, run_bench
+for args in (["--config", "{config}", "--results", "{tmp}/full/results", "--quiet"],
+             ["--config", "{config}", "--results", "{tmp}/ro/results", "--quiet"]):
+    print("exit", run_bench.main(args), flush=True)
+print("exit", report.main(["{tmp}/full/results"]), flush=True)
+'
+cat {tmp}/full/results/leaderboard.md
+ls -a {tmp}/full/results
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root for tmpfs mounts")
+def test_full_disk_and_read_only_folder_are_one_line_exit_2_and_leave_no_temp(tmp_path):
+    path = config(tmp_path)
+    assert bench(path, tmp_path / "done") == 0
+    (tmp_path / "full").mkdir()
+    (tmp_path / "ro").mkdir()
+    script = FOLDER_PROBES.format(tmp=tmp_path, python=sys.executable, config=path)
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    out, err = probe.stdout, probe.stderr
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert errors[0] == f"error: results folder {tmp_path}/full/results is not writable (No space left on device)"
+    assert errors[1] == f"error: cannot create results folder {tmp_path}/ro/results (Read-only file system)"
+    assert errors[2] == f"report.py: error: cannot write in {tmp_path}/full/results (No space left on device)"
+    assert out.count("exit 2") == 3, out
+    listing = out.split("exit 2")[-1].split()
+    assert "old" in listing  # the previous leaderboard kept whole
+    assert not [name for name in listing if name.endswith(".tmp") or "probe" in name], listing
+
+
+# --------------------------------------------------------------------------------- 6, 7. bad input
+@pytest.mark.parametrize("name", [".", "..", "a/b", ".hidden"])
+def test_experiment_names_are_plain_file_names(tmp_path, capsys, name):
+    path = config(tmp_path, name="x")
+    path.write_text(path.read_text().replace("name: x", f"name: '{name}'"))
+    assert bench(path, tmp_path / "results") == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{path}: name: must be a plain file name" in line and repr(name) in line
+    assert not (tmp_path / "results").exists()
+
+
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path, capsys):
+    path = config(tmp_path)
+    path.write_text(path.read_text() + "name: other\n")
+    lines = path.read_text().splitlines()
+    first, second = [i + 1 for i, line in enumerate(lines) if line.startswith("name:")]
+    assert bench(path, tmp_path / "r") == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: {path}: name: duplicate key (line {first} and line {second}); each key may appear once")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("name: n\ngrid:\n  methods:\n    - {method: tome, r: 4, r: 8}\n")
+    assert bench(nested, tmp_path / "r") == 2
+    assert "nested.yaml: r: duplicate key (line 4 and line 4)" in capsys.readouterr().err
+
+    from bench.pipeline.profiles import ProfileError, load_profile
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("partition: a\nmem_gb: 4\npartition: b\n")
+    with pytest.raises(ProfileError, match=r"p.yaml: partition: duplicate key \(line 1 and line 3\)"):
+        load_profile(str(profile))
+
+
+BOMB = "\n".join(  # "billion laughs": 9 levels of 9 aliases, 9**10 strings once expanded
+    [f"      a0: &a0 [{', '.join(['lol'] * 9)}]"]
+    + [f"      a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)])
+
+
+def test_yaml_alias_bomb_in_kwargs_is_refused_quickly(tmp_path, capsys):
+    path = config(tmp_path)
+    text = path.read_text().replace("    kwargs:\n", "    kwargs:\n" + BOMB + "\n", 1)
+    assert text != path.read_text()
+    path.write_text(text)
+    started = time.monotonic()
+    assert bench(path, tmp_path / "r") == 2
+    assert time.monotonic() - started < 5
+    line = one_line(capsys.readouterr().err)
+    assert "aliases expand to more than 100000 values" in line and "refused" in line
+
+
+# ------------------------------------------------------------------------------------------ 9. misc
+def test_ctrl_c_is_interrupted_not_failed_exit_130_without_traceback(tmp_path, capsys):
+    from bench.pipeline.config import load_experiment
+
+    path = config(tmp_path, grid={"methods": ["baseline"]}, **SLOW)
+    results = tmp_path / "results"
+    (run,) = load_experiment(path).runs
+    process = spawn("run_bench.py", "--config", str(path), "--results", str(results), "--quiet", "--no-report")
+    wait_for(lambda: (results / "claims" / f"{run.key}.json").exists(), 120, "the run to start")
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out, err)
+    assert one_line(err).startswith("interrupted (Ctrl-C)")
+    note = json.loads((results / "failed" / f"{run.key}.json").read_text())
+    assert note["state"] == "interrupted"
+    assert not (results / "claims" / f"{run.key}.json").exists()
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
+    status = capsys.readouterr().out
+    assert status.startswith("interrupted ") and "1 interrupted" in status
+
+
+def test_records_and_failure_notes_have_normal_permissions(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENBENCH_FAIL_KEYS", "*-tome-*")
+    old = os.umask(0o022)
+    try:
+        path, results = config(tmp_path), tmp_path / "results"
+        assert bench(path, results) == 1
+    finally:
+        os.umask(old)
+    (record,) = (results / "runs").glob("*.json")
+    (note,) = (results / "failed").glob("*.json")
+    assert oct(record.stat().st_mode & 0o777) == oct(0o644) and oct(note.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_refused_pickle_keeps_its_security_reason(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pth")
+    assert bench(config(tmp_path, weights="evil.pth"), tmp_path / "r") == 2
+    line = one_line(capsys.readouterr().err)
+    assert "evil.pth: refused" in line and "can run arbitrary code" in line and "weights_only=True" in line
+    assert "Unsupported global" in line
+
+
+# ------------------------------------------------------------------------------------ SLURM probes
+def sacct_state(env: dict, job_id: str) -> str:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"], env=env,
+                         capture_output=True, text=True, timeout=30).stdout
+    states = {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
+    return states.get(job_id, "")
+
+
+def slurm(path: Path, results: Path, *extra: str) -> int:
+    return bench(path, results, "--executor", "slurm", "--profile", "local", *extra)
+
+
+@pytest.mark.slurm
+def test_resubmission_skips_jobs_in_flight_and_keeps_their_ids(slurm_env, tmp_path, capsys, monkeypatch):
+    path, results = config(tmp_path, name="resubmit"), tmp_path / "results"
+    monkeypatch.setenv("SBATCH_HOLD", "1")  # sbatch --hold: the tasks stay pending until released
+    assert slurm(path, results) == 0
+    monkeypatch.delenv("SBATCH_HOLD")
+    first = json.loads((results / "jobs.json").read_text())
+    assert len(first) == 2
+    capsys.readouterr()
+
+    assert slurm(path, results) == 0  # again while they are pending: nothing sent twice
+    out = capsys.readouterr().out
+    for key, job in first.items():
+        assert f"not resubmitted: {key} (job {job['job_id']} PENDING" in out
+    assert "nothing to submit: 2 run(s) still queued" in out and "as job array(s)" not in out
+    assert json.loads((results / "jobs.json").read_text()) == first
+
+    base_key = next(key for key in first if "-baseline-" in key)
+    tome_key = next(key for key in first if "-tome-" in key)
+    subprocess.run(["scancel", first[tome_key]["job_id"]], env=slurm_env, check=True, timeout=30)
+    subprocess.run(["scontrol", "release", first[base_key]["job_id"]], env=slurm_env, check=True, timeout=30)
+    wait_for(lambda: sacct_state(slurm_env, first[tome_key]["job_id"]) == "CANCELLED", 60, "the cancel", 0.5)
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
+    status = capsys.readouterr().out
+    row = next(line for line in status.splitlines() if tome_key in line)
+    assert row.startswith("failed ") and f"job {first[tome_key]['job_id']} CANCELLED" in row
+    assert "Error stream" not in status
+
+    assert slurm(path, results, "--wait") == 0  # the cancelled run is resubmitted, the released one not
+    out = capsys.readouterr().out
+    assert "2 run(s) succeeded, 0 failed" in out
+    final = json.loads((results / "jobs.json").read_text())
+    assert final[tome_key]["previous_job_ids"] == [first[tome_key]["job_id"]]
+    assert final[base_key] == first[base_key]  # computed by its original job, id kept
+    assert len(read_all(results)[0]) == 2
+
+
+@pytest.mark.slurm
+def test_cancelled_task_under_wait_says_cancelled(slurm_env, tmp_path, capsys, monkeypatch):
+    import threading
+
+    path, results = config(tmp_path, name="cancel", grid={"methods": ["baseline"]}), tmp_path / "results"
+    monkeypatch.setenv("SBATCH_HOLD", "1")
+    codes: list[int] = []
+    waiter = threading.Thread(target=lambda: codes.append(slurm(path, results, "--wait")), daemon=True)
+    waiter.start()
+    jobs = wait_for(lambda: (results / "jobs.json").exists() and json.loads((results / "jobs.json").read_text()),
+                    60, "the submission")
+    (job,) = jobs.values()
+    subprocess.run(["scancel", job["job_id"]], env=slurm_env, check=True, timeout=30)
+    waiter.join(timeout=120)
+    assert codes == [1]
+    out = capsys.readouterr().out
+    failed = next(line for line in out.splitlines() if line.startswith("FAILED "))
+    assert f"job {job['job_id']} CANCELLED" in failed and "Error stream" not in out
+
+
+@pytest.mark.slurm
+def test_submitting_with_the_controller_down_is_one_line_exit_2(slurm_env, tmp_path, capsys, monkeypatch):
+    conf = Path(slurm_env["SLURM_CONF"]).read_text()
+    down = tmp_path / "slurm.conf"
+    down.write_text("\n".join("SlurmctldPort=6899" if line.startswith("SlurmctldPort=") else line
+                              for line in conf.splitlines()) + "\n")  # nothing listens there
+    monkeypatch.setenv("SLURM_CONF", str(down))
+    path, results = config(tmp_path, name="down"), tmp_path / "results"
+    assert slurm(path, results) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("error: SLURM refused the submission (") and "Unable to contact slurm controller" in line
+    assert not (results / "jobs.json").exists()
