@@ -102,11 +102,18 @@ def transform_label(transform: dict) -> str:
             f"{transform.get('crop_mode')}, mean {numbers(transform.get('mean'))}, std {numbers(transform.get('std'))}")
 
 
-def _weights_label(weights: Any, sha256: Any) -> str:
-    """``fmnist_vit.pth (sha256 1a2b3c4d)``: a checkpoint changed at the same path is another group."""
-    if not weights:
-        return "random init"
-    return f"{weights} (sha256 {sha256[:8]})" if isinstance(sha256, str) and sha256 else str(weights)
+def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
+    """``_row`` of each record; where one weights path had different contents (a checkpoint changed in
+    place), its label becomes ``fmnist_vit.pth (sha256 1a2b3c4d)``: each version is its own group."""
+    rows = [_row(record) for record in recs]
+    versions: dict[str, set] = {}
+    for record, row in zip(recs, rows, strict=True):
+        versions.setdefault(row["weights"], set()).add(_get(record, "run", "weights_sha256"))
+    for record, row in zip(recs, rows, strict=True):
+        sha = _get(record, "run", "weights_sha256")
+        if len(versions[row["weights"]]) > 1 and isinstance(sha, str):
+            row["weights"] = f"{row['weights']} (sha256 {sha[:8]})"
+    return rows
 
 
 def _throughput_entries(record: dict) -> list[dict]:
@@ -152,7 +159,7 @@ def _row(record: dict) -> dict[str, Any]:
         "nll": _num(_get(metrics, "eval", "nll")),
         "feature_cos": _num(_get(metrics, "eval", "feature_cos")),
         "data": _data_label(run.get("data")),
-        "weights": _weights_label(weights, run.get("weights_sha256")),
+        "weights": str(weights) if weights else "random init",
         "key": str(record.get("key") or ""),
         "gmacs_analytic": _num(_get(metrics, "macs", "analytic"), 1e9),
         "gmacs_data": _num(_get(metrics, "macs", "data_mean"), 1e9),
@@ -186,7 +193,7 @@ def _first_valid(values: pd.Series) -> float:
 def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     """One row per record (columns ``CSV_COLUMNS + EXTRA_COLUMNS`` and private ``_...`` columns), with
     ``delta_top1`` / ``mac_reduction`` against the baseline of the record's (model, data, weights) group."""
-    rows = [_row(record) for record in recs]
+    rows = _rows(recs)
     columns = CSV_COLUMNS + EXTRA_COLUMNS + ["_reference", "_tokens_out", "_method_stats", "_n_throughput"]
     df = pd.DataFrame(rows, columns=columns)
     if df.empty:
@@ -209,8 +216,7 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
 def build_throughput_frame(recs: Sequence[dict]) -> pd.DataFrame:
     """Long format: one row per throughput entry of every record."""
     rows = []
-    for record in recs:
-        row = _row(record)
+    for record, row in zip(recs, _rows(recs), strict=True):
         for entry in _throughput_entries(record):
             rows.append({
                 "key": row["key"], "model": row["model"], "data": row["data"], "weights": row["weights"],

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the jobs")
     parser.add_argument("--status", action="store_true", help="list every run's state and exit")
     parser.add_argument("--no-report", action="store_true", help="do not write the leaderboard afterwards")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="validate without calibrating MAC budgets (budget runs are left out)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--wait-lock", action="store_true",
                         help="wait while another invocation uses the results folder (default: refuse, exit 2)")
@@ -75,7 +77,8 @@ def _main(argv: list[str] | None) -> int:
     from bench.pipeline.status import collect_status, print_status
 
     try:
-        experiment = load_experiment(args.config, check_files=not args.status, data_required=not args.dry_run)
+        experiment = load_experiment(args.config, check_files=not args.status, data_required=not args.dry_run,
+                                     calibrate=not args.no_calibrate)
     except ConfigError as error:
         return fail(str(error))
     for warning in experiment.warnings:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchprofile import profile_macs
 
-from bench.vit import ReducedViT
+from bench.vit import ForwardInfo, ReducedViT
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -51,35 +51,54 @@ def data_macs(model: nn.Module, images: Iterable[torch.Tensor]) -> float:
 
 
 def analytic_macs(
-    model: nn.Module, tokens_attn: Sequence[int] | None = None, tokens_mlp: Sequence[int] | None = None
+    model: nn.Module,
+    tokens_attn: Sequence[int] | ForwardInfo | None = None,
+    tokens_mlp: Sequence[int] | None = None,
+    *,
+    info: ForwardInfo | None = None,
 ) -> int:
     """MACs from token counts, nanoGPT-style, as a cross-check of the counter: per block
     ``4*N*C^2 + 2*N^2*C`` for attention over N tokens (``ForwardInfo.tokens_attn``) and ``2*N'*C*hidden``
-    (= 8*N'*C^2) for the MLP over N' tokens (``tokens_mlp``), plus patch embedding and head. Without counts,
-    those of a forward on one image are used. Work a method adds outside the blocks' linear layers and
-    attention (similarities, clustering) is not included."""
+    (= 8*N'*C^2) for the MLP over N' tokens (``tokens_mlp``), plus patch embedding and head. A block whose
+    START reduction first computed q and k over the unreduced tokens (``tokens_probe``) adds
+    ``2*N*C^2 + N^2*C`` for them; a block that reused given attention probabilities (``probs_given``, MCTF's
+    one-step-ahead) spends only ``2*N'*C^2 + N'^2*C`` (values, probabilities times values, projection).
+    Pass a ``ForwardInfo`` (positionally or as ``info``) or the two count lists; without either, those of a
+    forward on one image are used. Similarities and clustering a method computes are not included."""
     vit = model.vit if isinstance(model, ReducedViT) else model
-    tokens_in, tokens_out = tokens_attn, tokens_mlp
-    if tokens_in is None:
-        if isinstance(model, ReducedViT):
-            count_input = torch.randn(model_input_size(model), generator=torch.Generator().manual_seed(0))
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                model(count_input[None].to(_device(model)))
-            model.train(was_training)
-            tokens_in, tokens_out = model.last_forward.tokens_attn, model.last_forward.tokens_mlp
-        else:
-            dense = vit.patch_embed.num_patches + vit.num_prefix_tokens
-            tokens_in = tokens_out = [dense] * len(vit.blocks)
-    if tokens_out is None:
-        tokens_out = tokens_in
+    if isinstance(tokens_attn, ForwardInfo):
+        info, tokens_attn = tokens_attn, None
+    if info is None and tokens_attn is None and isinstance(model, ReducedViT):
+        count_input = torch.randn(model_input_size(model), generator=torch.Generator().manual_seed(0))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(count_input[None].to(_device(model)))
+        model.train(was_training)
+        info = model.last_forward
+    depth = len(vit.blocks)
+    dense = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    probe, given = [0] * depth, [False] * depth
+    if info is not None:
+        tokens_attn, tokens_mlp = info.tokens_attn, info.tokens_mlp
+        probe = info.tokens_probe or probe
+        given = info.probs_given or given
+        patches = info.tokens_in[0] - vit.num_prefix_tokens
+    else:
+        tokens_attn = tokens_attn if tokens_attn is not None else [dense] * depth
+        patches = vit.patch_embed.num_patches
+    tokens_mlp = tokens_mlp if tokens_mlp is not None else tokens_attn
     dim = vit.embed_dim
     proj = vit.patch_embed.proj
-    macs = vit.patch_embed.num_patches * dim * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
-    for block, n_attn, n_mlp in zip(vit.blocks, tokens_in, tokens_out, strict=True):
+    macs = patches * dim * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    for block, n_attn, n_mlp, n_probe, reused in zip(vit.blocks, tokens_attn, tokens_mlp, probe, given, strict=True):
         hidden = block.mlp.fc1.out_features
-        macs += 4 * n_attn * dim * dim + 2 * n_attn * n_attn * dim + 2 * n_mlp * dim * hidden
+        macs += 2 * n_probe * dim * dim + n_probe * n_probe * dim
+        if reused:
+            macs += 2 * n_attn * dim * dim + n_attn * n_attn * dim
+        else:
+            macs += 4 * n_attn * dim * dim + 2 * n_attn * n_attn * dim
+        macs += 2 * n_mlp * dim * hidden
     for head in (vit.head, getattr(vit, "head_dist", None)):
         if isinstance(head, nn.Linear):
             macs += head.in_features * head.out_features

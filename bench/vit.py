@@ -52,6 +52,8 @@ class ForwardInfo:
     leaving it (after an END reduction). ``stats[i]``: the method's statistics at block i (e.g. PPT's pooled
     fraction; values may be 0-d tensors: no host synchronisation inside the forward). ``source``: (B, N, N0)
     map from output tokens to input tokens, when tracking was on. ``size``: (B, N, 1). ``mask``: (B, N).
+    ``tokens_probe[i]``: tokens whose q and k a START reduction computed before reducing (0: none);
+    ``probs_given[i]``: block i reused attention probabilities handed over by its START reduction.
     ``layer_sources[i]``: ``(source, mask)`` as they left block i, for every block with a reduction step
     (only when tracking was on): the token maps after each reducing layer.
     """
@@ -65,6 +67,8 @@ class ForwardInfo:
     source: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     layer_sources: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    tokens_probe: list[int] = field(default_factory=list)
+    probs_given: list[bool] = field(default_factory=list)
 
 
 class ReducedViT(nn.Module):
@@ -130,7 +134,7 @@ class ReducedViT(nn.Module):
         if self.track_source:
             source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
         tokens = TokenState(x=x, size=None, source=source)
-        counts: dict[str, list[int]] = {"in": [], "attn": [], "mlp": [], "out": []}
+        counts: dict[str, list] = {"in": [], "attn": [], "mlp": [], "out": [], "probe": [], "given": []}
         stats: dict[int, dict] = {}
         layer_sources: dict[int, tuple] = {}
         previous_attn = None  # block l-1's attention, kept only when block l asks for it
@@ -141,6 +145,7 @@ class ReducedViT(nn.Module):
             keep_attn = layer + 1 < ctx.depth and steps[layer + 1] is not None and PREV_ATTN in steps[layer + 1].signals
             counts["in"].append(int(tokens.x.shape[1]))
 
+            counts["probe"].append(int(tokens.x.shape[1]) if point == START and needs - {PREV_ATTN} else 0)
             if point == START:
                 signals = {}
                 if needs - {PREV_ATTN}:
@@ -153,6 +158,7 @@ class ReducedViT(nn.Module):
 
             counts["attn"].append(int(tokens.x.shape[1]))
             normed = block.norm1(tokens.x)
+            counts["given"].append(tokens.attn_probs is not None)
             if tokens.attn_probs is not None:
                 out, signals = attention_from_probs(block.attn, normed, tokens.attn_probs), {}
                 tokens.attn_probs = None
@@ -183,6 +189,8 @@ class ReducedViT(nn.Module):
             source=tokens.source,
             mask=tokens.mask,
             layer_sources=layer_sources,
+            tokens_probe=counts["probe"],
+            probs_given=counts["given"],
         )
         return vit.norm(tokens.x), tokens
 

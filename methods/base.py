@@ -145,6 +145,9 @@ class Method:
     attention: ClassVar[str] = "fused"
     # The parameter a MAC budget turns (None: the method has no cost knob, e.g. baseline).
     budget_knob: ClassVar[BudgetKnob | None] = None
+    # The method's reference setting on DeiT-S at 224 (beyond its defaults), used by the MAC tests and the
+    # benchmark script: one place for "a typical setting of this method".
+    paper_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))

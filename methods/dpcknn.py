@@ -45,18 +45,10 @@ def layer_target(method: Method, layer: int, ctx: ReductionContext) -> int:
     return schedule(method.params["keep_rate"], ctx.num_tokens - ctx.num_prefix, len(layers))[layers.index(layer)]
 
 
-def check_targets(method: Method, ctx: ReductionContext) -> list[int]:
-    """The schedule for this model; every layer must keep at least one patch token (a cluster count of 0 is
-    undefined)."""
-    patches = ctx.num_tokens - ctx.num_prefix
-    targets = schedule(method.params["keep_rate"], patches, len(method.params["layers"]))
-    if min(targets) < 1:
-        raise method._error(
-            f"keep_rate={method.params['keep_rate']} keeps int({patches} * keep_rate ** i) = {targets} patch tokens "
-            f"at layers {method.params['layers']}: every layer needs at least 1 (allowed: keep_rate >= "
-            f"{(1 / patches) ** (1 / len(targets)):.4f} for this model)"
-        )
-    return targets
+def cluster_count(method: Method, layer: int, ctx: ReductionContext) -> int:
+    """``K_i`` of a clustering layer, at least 1: where the schedule truncates to 0 the reference code crashes;
+    one cluster keeps every keep rate valid (a budget search may probe any of them)."""
+    return max(layer_target(method, layer, ctx), 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,19 +124,16 @@ class DPCKNN(Method):
 
     def check(self, ctx: ReductionContext) -> None:
         self._check_layers(ctx)
-        targets = check_targets(self, ctx)
-        # the fewest patch tokens a clustering layer sees: the previous layer's clusters
-        fewest = min([ctx.num_tokens - ctx.num_prefix, *targets[:-1]])
-        if self.params["k_neighbors"] > fewest:
-            raise self._error(f"k_neighbors={self.params['k_neighbors']} exceeds the {fewest} patch tokens a "
-                              f"clustering layer sees (allowed: 1..{fewest})")
 
     def step(self, layer: int, ctx: ReductionContext) -> Step | None:
         return Step(START) if layer in self.params["layers"] else None
 
     def reduce(self, layer, tokens, signals, ctx):
-        clusters = layer_target(self, layer, ctx)
-        _, assignment = dpc_knn_centres(tokens.x[:, ctx.num_prefix:], clusters, self.params["k_neighbors"])
+        clusters = cluster_count(self, layer, ctx)
+        patches = tokens.x[:, ctx.num_prefix:]
+        # more neighbours than tokens (the reference crashes): every token is a neighbour
+        neighbours = min(self.params["k_neighbors"], patches.shape[1])
+        _, assignment = dpc_knn_centres(patches, clusters, neighbours)
         return merge_clusters(tokens, assignment, clusters, ctx.num_prefix), None
 
     def extra_macs(self, tokens_in: list[int], ctx: ReductionContext, dim: int) -> int:

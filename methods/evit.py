@@ -21,6 +21,7 @@ class EViT(Method):
 
     defaults = {"keep_rate": 0.7, "layers": [3, 6, 9]}
     budget_knob = BudgetKnob("keep_rate", kind="float", cheaper="lower")
+    paper_params = {"keep_rate": 0.7}  # EViT, DeiT-S: 3.0 GMACs
     fuse: ClassVar[bool] = True
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:

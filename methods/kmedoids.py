@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from methods.base import PREV_ATTN, START, BudgetKnob, Method, ReductionContext, Step, register
-from methods.dpcknn import check_targets, keep_rate_value, layer_target, schedule
+from methods.dpcknn import cluster_count, keep_rate_value, schedule
 
 MASK_VALUE = 1_000_000.0  # every distance of a token outside the slot, in the medoid update (reference value)
 
@@ -80,7 +80,6 @@ class KMedoids(Method):
 
     def check(self, ctx: ReductionContext) -> None:
         self._check_layers(ctx)
-        check_targets(self, ctx)
 
     def step(self, layer: int, ctx: ReductionContext) -> Step | None:
         if layer not in self.params["layers"]:
@@ -88,7 +87,7 @@ class KMedoids(Method):
         return Step(START) if self.params["equal_weight"] else Step(START, frozenset({PREV_ATTN}))
 
     def reduce(self, layer, tokens, signals, ctx):
-        clusters = layer_target(self, layer, ctx)
+        clusters = cluster_count(self, layer, ctx)
         patches = tokens.x[:, ctx.num_prefix:]
         if self.params["equal_weight"]:
             # numpy's global generator, one draw per layer shared by the batch (the reference's draw)
@@ -112,8 +111,8 @@ def overhead_macs(tokens_in: list[int], params: dict[str, Any], num_prefix: int,
     """``cdist`` MACs of K-Medoids at its layers (``tokens_in``: tokens entering each block)."""
     targets = schedule(params["keep_rate"], patches, len(params["layers"]))
     total = 0
-    for layer, clusters in zip(params["layers"], targets, strict=True):
-        count = tokens_in[layer] - num_prefix
+    for layer, target in zip(params["layers"], targets, strict=True):
+        count, clusters = tokens_in[layer] - num_prefix, max(target, 1)
         total += count * count * dim
         if params["equal_weight"]:
             total += count * dim * clusters * (clusters - 1) // 2

@@ -13,6 +13,7 @@ from methods.base import REQUIRED, BudgetKnob, Method, ReductionContext, registe
 class Resize(Method):
     defaults = {"img_size": REQUIRED}
     budget_knob = BudgetKnob("img_size", kind="choice", cheaper="lower")
+    paper_params = {"img_size": 160}
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         size = params["img_size"]

@@ -29,6 +29,7 @@ class ToMe(Method):
 
     defaults = {"r": REQUIRED, "inflection": 0, "prop_attn": True}
     budget_knob = BudgetKnob("r", kind="int", cheaper="higher")
+    paper_params = {"r": 13}  # ToMe, DeiT-S: 2.70 GMACs
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         r = params["r"]

@@ -26,6 +26,7 @@ import timm
 import torch
 
 import bench
+import methods
 from bench import stats
 from bench.macs import model_input_size
 from bench.throughput import DTYPES, device_name
@@ -33,15 +34,8 @@ from bench.throughput import DTYPES, device_name
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = {"batch_size": 64, "device": "cpu", "threads": 2}  # the quickstart's measuring conditions
 
-SETTINGS = [
-    ("baseline", {}),
-    ("tome", {"r": 13}),
-    ("ppt", {"r": 50, "layers": [3, 6, 9], "threshold": 7e-5}),
-    ("pruning", {"r": 50, "layers": [3, 6, 9]}),
-    ("pooling", {"r": 50, "layers": [3, 6, 9]}),
-    ("evit", {"keep_rate": 0.7}),
-    ("topk", {"keep_rate": 0.7}),
-]
+# Every registered method at its reference setting on DeiT-S (Method.paper_params: one place for it).
+SETTINGS = [(name, dict(cls.paper_params)) for name, cls in sorted(methods.registered().items())]
 
 
 def main(argv: list[str] | None = None) -> int:

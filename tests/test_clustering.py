@@ -123,10 +123,16 @@ def test_dpcknn_refuses_learned_weights_and_lists():
         methods.build("dpcknn", equal_weight=False)
     with pytest.raises(ValueError, match="keep_rate"):
         methods.build("dpcknn", keep_rate=[0.7, 0.7, 0.7])
-    with pytest.raises(ValueError, match="at least 1"):
-        bench.apply(model(), "dpcknn", keep_rate=0.1)  # int(64 * 0.1 ** 3) = 0
-    with pytest.raises(ValueError, match="k_neighbors"):
-        bench.apply(model(), "dpcknn", keep_rate=0.25, k_neighbors=20)  # the last layer sees 16 patches
+
+
+@pytest.mark.parametrize("method", ["dpcknn", "kmedoids"])
+def test_clustering_keeps_one_cluster_where_the_schedule_reaches_zero(method):
+    # int(64 * 0.1) = 6, then int(0.64) = 0 and int(0.064) = 0: the reference code crashes; we keep 1 cluster
+    # (and DPC-KNN uses all tokens as neighbours when there are fewer than k_neighbors)
+    logits, info = run(model(), images(2), method, keep_rate=0.1, layers=[2, 4, 6], **(
+        {"k_neighbors": 8} if method == "dpcknn" else {}))
+    assert info.tokens_attn == [65] * 2 + [7] * 2 + [2] * 8
+    assert torch.isfinite(logits).all()
 
 
 # ------------------------------------------------------------------------------------------------ K-Medoids

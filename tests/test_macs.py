@@ -34,12 +34,10 @@ def test_deit_s_macs_match_the_published_counts(deit_s, method, params, gmacs):
 
 @pytest.mark.parametrize("method", methods.names())
 def test_analytic_count_agrees_with_torchprofile(deit_s, method):
-    params = {"baseline": {}, "ats": {}, "tome": {"r": 13}, "evit": {"keep_rate": 0.7}, "topk": {"keep_rate": 0.5},
-              "pitome": {}, "tofu": {}, "diffrate": {}}.get(method, {"r": 50})
-    model = bench.apply(deit_s, method, **params)
+    model = bench.apply(deit_s, method, **methods.registered()[method].paper_params)
     counted = bench.count_macs(model)
     info = bench.forward_stats(model)
-    analytic = bench.analytic_macs(model, info.tokens_in, info.tokens_out)
+    analytic = bench.analytic_macs(model, info)
     assert abs(analytic - counted) / counted < 0.01
     assert analytic == bench.analytic_macs(model)  # without counts: those of a forward on one image
 

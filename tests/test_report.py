@@ -105,6 +105,8 @@ def controlled(record: dict, name: str) -> dict:
     if scores is not None:
         for metric, value in zip(("top1", "top5", "agreement"), scores, strict=True):
             _set(record, f"metrics.eval.{metric}", value)
+        for metric, value in (("ece", 0.05), ("nll", 0.9), ("feature_cos", 0.98)):  # the same for every run
+            _set(record, f"metrics.eval.{metric}", value)
     for metric, factor in (("torchprofile", 1.0), ("analytic", 0.98), ("data_mean", 1.01)):
         _set(record, f"metrics.macs.{metric}", gmacs * factor * 1e9)
     entries = record["metrics"].get("throughput")
@@ -115,7 +117,8 @@ def controlled(record: dict, name: str) -> dict:
         record["metrics"]["throughput"] = entries[: len(throughput)]
         for index, (rate, base, speedup) in enumerate(throughput):
             entry = record["metrics"]["throughput"][index]
-            for key, value in (("images_per_s", rate), ("baseline_images_per_s", base), ("speedup", speedup)):
+            for key, value in (("images_per_s", rate), ("baseline_images_per_s", base), ("speedup", speedup),
+                               ("speedup_low", speedup - 0.05), ("speedup_high", speedup + 0.05)):
                 assert key in entry, f"production throughput entries no longer have {key}"
                 entry[key] = value
     return record
@@ -239,13 +242,14 @@ def test_markdown_tables(results, real_records):
     rows = [line for line in section.splitlines() if line.startswith("| ") and "Method" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["baseline", "evit", "ppt", "tome", "pruning"]
     tome = [cell.strip() for cell in rows[3].split("|")[1:-1]]
-    assert tome == ["tome", "r=4", "78.50", "94.00", "-1.50", "96.00", "2.700", "41.3%", "1500", "1.45x"]
+    assert tome == ["tome", "r=4", "78.50", "94.00", "-1.50", "96.00", "2.700", "41.3%", "1500", "1.45x (1.40-1.50)",
+                    "0.050", "0.900", "0.9800"]
     entry = real_records["tome-a"]["metrics"]["throughput"][0]
     assert f"{entry['device_name']}, batch size 32, fp32, 1 threads" in section
     assert HEADING_B in md and f"## vit-t on {FMNIST} (random init)" in md
     assert "+1.00" in _section(md, HEADING_B)
     throughput = _section(md, "## Throughput by batch size")
-    assert "Images/s (bs 64)" in throughput and "1.60x" in throughput and "1760" in throughput
+    assert "Images/s (bs 64)" in throughput and "1.60x (1.55-1.65)" in throughput and "1760" in throughput
 
 
 def test_markdown_published_vs_measured(results):
@@ -281,7 +285,8 @@ def test_torn_file_is_skipped_not_fatal(results, capsys):
 def test_main_writes_files_and_png(results, capsys):
     assert report.main([str(results)]) == 0
     out = capsys.readouterr().out.split()
-    expected = [results / "leaderboard.md", results / "leaderboard.csv", results / "pareto.png"]
+    expected = [results / "leaderboard.md", results / "leaderboard.csv", results / "pareto.png",
+                results / "throughput.png"]  # no tokens stage ran: no token maps
     assert out == [str(path) for path in expected]
     png = (results / "pareto.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000

@@ -149,7 +149,7 @@ class Calibrator:
                 for image in images:
                     model(image[None])
                     info = model.last_forward
-                    counts.append(bench.analytic_macs(model, info.tokens_attn, info.tokens_mlp))
+                    counts.append(bench.analytic_macs(model, info))
             return sum(counts) / len(counts)
 
         def _measured(value: Any) -> int:

@@ -246,10 +246,13 @@ class Experiment:
 
 
 # --------------------------------------------------------------------------------------------------
-def load_experiment(path: str | Path, check_files: bool = True, data_required: bool = True) -> Experiment:
+def load_experiment(path: str | Path, check_files: bool = True, data_required: bool = True,
+                    calibrate: bool = True) -> Experiment:
     """Parse, validate and expand an experiment file. ``check_files``: also check that local weights
     exist and fit the model, and that data folders exist (an error when ``data_required``, else a
-    warning in ``Experiment.warnings``: ``--dry-run`` validates a cluster config on a laptop)."""
+    warning in ``Experiment.warnings``: ``--dry-run`` validates a cluster config on a laptop).
+    ``calibrate``: find the knob of every MAC-budget run (``bench.pipeline.calibrate``); without it those
+    runs are left out (a warning counts them): a quick validation of a large experiment."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "", "experiment file not found")
@@ -257,6 +260,7 @@ def load_experiment(path: str | Path, check_files: bool = True, data_required: b
     if not isinstance(raw, dict):
         raise ConfigError(path, "", "an experiment file must be a YAML mapping (name, defaults, grid, ...)")
     parser = Parser(path, check_files, data_required)
+    parser.calibrate_budgets = calibrate
     try:
         return parser.experiment(raw)
     except SchemaError as error:
@@ -272,6 +276,8 @@ class Parser:
         self._checked_weights: set[tuple[str, str]] = set()
         self._calibrators: dict[str, Any] = {}
         self.calibrations: list[dict[str, Any]] = []
+        self.calibrate_budgets = True
+        self.uncalibrated = 0
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.path, key, message)
@@ -327,11 +333,17 @@ class Parser:
                     method_where = f"{where}.methods[{method_index}]"
                     for method, params, target in self.expand_method(entry, method_where, budgets):
                         budget = None
+                        if target is not None and not self.calibrate_budgets:
+                            self.uncalibrated += 1
+                            continue
                         if target is not None:
                             params, budget = self.calibrate(base, method, params, target, shared, method_where)
                             if budget is None:
                                 continue  # unreachable: said in the warnings, shown as "-" in the report
                         runs.append(self.make_run(base, method, params, method_where, shared, references, budget))
+        if self.uncalibrated:
+            self.warnings.append(f"warning: {self.path}: {self.uncalibrated} MAC-budget run(s) left out: not "
+                                 "calibrated (--no-calibrate)")
         keys = [run.key for run in runs]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:

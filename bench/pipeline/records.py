@@ -32,7 +32,10 @@ A record (``schema: 1``), as ``build_record`` makes it::
       "method_stats": {"3": {"pooled_fraction": 0.41}},
       "env": {"torch": "...", "timm": "...", "python": "...", "platform": "...", "device": "cpu",
               "device_name": "...", "threads": 2, "git_commit": "...", "hostname": "...",
-              "slurm_job_id": null, "slurm_array_task_id": null},
+              "slurm_job_id": null, "slurm_array_task_id": null,
+              # null on CPU (bench/pipeline/accelerator.py); sdpa_backend: the pin, "auto:flash,..." on GPU
+              "cuda_version": "12.4", "cudnn_version": 90100, "driver_version": "550.54.15",
+              "tf32": {"matmul": false, "cudnn": true}, "sdpa_backend": "auto:flash,efficient,math,cudnn"},
       "started_at": "2026-11-25T15:00:00+00:00", "finished_at": "...", "wall_s": 12.3
     }
 

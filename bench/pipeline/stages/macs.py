@@ -15,7 +15,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     model = ctx.model
     single = count_macs(model)
     info = model.last_forward
-    analytic = analytic_macs(model, info.tokens_attn, info.tokens_mlp)
+    analytic = analytic_macs(model, info)
     ctx.note_tokens(info)
     if model.method.data_dependent:
         val = ctx.val_set()

@@ -43,6 +43,11 @@ def forward(model: torch.nn.Module, batch: torch.Tensor, dtype: str) -> torch.Te
         return model(batch)
 
 
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` under ``torch.compile`` as the stage times it: inductor, specialised to the batch's shape."""
+    return torch.compile(model, dynamic=False)
+
+
 def graph_breaks(model: torch.nn.Module, batch: torch.Tensor, dtype: str) -> dict[str, Any]:
     """How ``torch.compile`` splits ``model``'s forward: graphs, graph breaks and the first reasons."""
     torch._dynamo.reset()
@@ -60,7 +65,7 @@ def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor,
     compile_s = None
     if compile_:
         torch._dynamo.reset()  # a fresh compilation per batch size, specialised to it
-        model, dense = torch.compile(model, dynamic=False), torch.compile(dense, dynamic=False)
+        model, dense = compiled(model), compiled(dense)
         start = time.perf_counter()
         forward(model, batch, dtype)
         forward(dense, batch, dtype)
