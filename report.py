@@ -32,7 +32,7 @@ GROUP = ["model", "data", "weights"]
 CSV_COLUMNS = [
     "model", "method", "params", "top1", "top5", "delta_top1", "agreement", "gmacs", "mac_reduction",
     "images_per_s", "speedup", "budget", "mac_fraction",
-    "data", "weights", "key", "gmacs_analytic", "gmacs_data", "batch_size", "dtype", "device",
+    "data", "weights", "key", "gmacs_analytic", "gmacs_data", "gmacs_extra", "batch_size", "dtype", "device",
     "speedup_low", "speedup_high", "ece", "nll", "feature_cos",
 ]
 EXTRA_COLUMNS = [
@@ -163,6 +163,7 @@ def _row(record: dict) -> dict[str, Any]:
         "key": str(record.get("key") or ""),
         "gmacs_analytic": _num(_get(metrics, "macs", "analytic"), 1e9),
         "gmacs_data": _num(_get(metrics, "macs", "data_mean"), 1e9),
+        "gmacs_extra": _num(_get(metrics, "macs", "extra"), 1e9),  # work torchprofile cannot see (cdist)
         "batch_size": run.get("batch_size"),
         "dtype": run.get("dtype"),
         "device": run.get("device"),

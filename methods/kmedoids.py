@@ -66,6 +66,10 @@ class KMedoids(Method):
 
     defaults = {"keep_rate": 0.7, "layers": [3, 6, 9], "cluster_iters": 3, "equal_weight": False}
     budget_knob = BudgetKnob("keep_rate", kind="float", cheaper="lower")
+    # The reference's blocks write the softmax out. Its medoid choices are discrete in near-equal attention sums
+    # (near-uniform attention of a random-init DeiT-S): the fused kernel's last-bit differences in earlier
+    # blocks flipped them (0.29 logit difference measured), the explicit softmax matches the reference exactly.
+    attention = "explicit"
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         layers = self._layers(params["layers"])

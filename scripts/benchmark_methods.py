@@ -80,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         speedup = stats.speedup(measured.times_s, baseline.times_s)
         ideal = dense_macs / macs
         extra = ""
-        if model.last_forward.stats:
-            fractions = [round(float(s["pooled_fraction"]), 2) for s in model.last_forward.stats.values()]
-            extra = f"  pooled fraction per layer {fractions}"
+        layer_stats = model.last_forward.stats.values()
+        for stat in sorted({name for values in layer_stats for name in values}):  # e.g. PPT's pooled fraction
+            values = [round(float(values[stat]), 2) for values in layer_stats if stat in values]
+            extra += f"  {stat.replace('_', ' ')} per layer {values}"
         interval = f"{speedup['speedup']:.2f}x ({speedup['speedup_low']:.2f}-{speedup['speedup_high']:.2f})"
         print(f"{name:10s} {text:38s} {macs / 1e9:6.3f} {measured.images_per_s:9.1f} {baseline.images_per_s:10.1f} "
               f"{interval:>23s} {ideal:8.2f}x {speedup['speedup'] / ideal:8.2f}{extra}")

@@ -16,6 +16,7 @@ hash of everything that determines them, so a rerun or ``--dry-run`` answers at 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -72,6 +73,22 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
+def code_version() -> str:
+    """A hash of what decides a calibration: the harness, every method, this module, torch and timm
+    versions. A cached result of other code is never used."""
+    return _code_version()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    import timm
+
+    root = Path(__file__).resolve().parents[2]
+    files = sorted([*root.joinpath("methods").glob("*.py"), *root.joinpath("bench").glob("*.py"), Path(__file__)])
+    parts = [torch.__version__, timm.__version__] + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}" for f in files]
+    return digest(canonical(parts))
+
+
 def cache_path() -> Path:
     root = os.environ.get("TOKENBENCH_CACHE") or Path("~/.cache/tokenbench").expanduser()
     return Path(root) / "calibration.json"
@@ -105,7 +122,7 @@ class Calibrator:
         knob = cls.budget_knob
         if knob is None:
             raise ValueError(f"method {method!r} has no budget knob")
-        key = digest(canonical([self.identity, self.weights_id if cls.data_dependent else None, method,
+        key = digest(canonical([code_version(), self.identity, self.weights_id if cls.data_dependent else None, method,
                                 {k: v for k, v in params.items() if k != knob.name}, round(target, 6)]))
         cache = read_json_or_none(cache_path()) or {}
         if key in cache:
@@ -124,7 +141,10 @@ class Calibrator:
         import bench
 
         goal = target * self.dense_macs
-        candidates = self._candidates(method, params, knob)
+        try:
+            candidates = self._candidates(method, params, knob)
+        except ValueError as error:  # e.g. DiffRate: published schedules exist for other models only
+            return self._unreachable(method, knob, target, str(error).split(": ", 1)[-1])
         if not candidates:
             return self._unreachable(method, knob, target, "no value of the knob fits this model")
         vit, images = self.vit, self._image

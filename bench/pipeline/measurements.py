@@ -129,6 +129,12 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
                  "ratio) stays above 1 at every larger measured size"]
         if kinds:
             notes.append("peak memory: " + "; ".join(kinds))
+        compiled = group[group["compile"].fillna(False).astype(bool)]
+        if not compiled.empty:
+            breaks = compiled.drop_duplicates("key").merge(df[["key"]], on="key")
+            notes.append("both models compiled (torch.compile); graph breaks: " + ", ".join(
+                f"{run.method}{f' ({run.params})' if run.params else ''} {_cell(run.graph_breaks, 0) or '?'}"
+                for run in breaks.itertuples()))
         oom = tp[(tp["key"].isin(group["key"])) & tp["out_of_memory"].fillna(False).astype(bool)]
         if not oom.empty:
             notes.append("out of memory at batch size " + ", ".join(sorted({str(int(b)) for b in oom["batch_size"]})))
@@ -223,7 +229,7 @@ def token_grids(df: pd.DataFrame, results_dir: str | Path, group_keys: Sequence[
             slug = _slug(labels[number])
             name = f"tokens_{slug}.png" if labels.count(labels[number]) == 1 else f"tokens_{slug}-{number + 1}.png"
         path = folder / name
-        caption = f"Token maps: {title(*names)}"
+        caption = f"Token maps: {names[0]} ({names[-1]})"  # model label and weights
         compose(path, images, columns, f"Token maps: {names[0]} (grey: pruned; a colour: one merged token)")
         written.append((caption, path))
     return written

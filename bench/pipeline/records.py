@@ -21,11 +21,21 @@ A record (``schema: 1``), as ``build_record`` makes it::
         "config_file": "configs/quickstart.yaml", "key": "...", "params_label": "r=4"
       },
       "metrics": {                           # one entry per stage that ran (bench/pipeline/stages/)
-        "eval": {"top1": 89.3, "top5": 99.8, "loss": 0.31, "agreement": 97.2, "images": 10000},
+        "eval": {"top1": 89.3, "top5": 99.8, "loss": 0.31, "nll": 0.31, "ece": 0.021, "agreement": 97.2,
+                 "feature_cos": 0.993, "images": 10000},
         "macs": {"torchprofile": 12345678, "analytic": 12300000, "data_mean": 12345678.0},
         "throughput": [{"images_per_s": 2100.0, "batch_size": 32, "dtype": "fp32", "device": "cpu",
                         "device_name": "...", "threads": 2, "warmup": 3, "times_s": [...],
-                        "baseline_images_per_s": 1500.0, "baseline_times_s": [...], "speedup": 1.4}],
+                        "runs": 10, "latency_p50_ms": 15.2, "latency_p90_ms": 16.0, "peak_mem_mb": 12.5,
+                        "peak_mem_kind": "cpu_rss_growth" | "cuda_max_allocated",
+                        "baseline_images_per_s": 1500.0, "baseline_times_s": [...], "baseline_latency_p50_ms": 21.3,
+                        "baseline_latency_p90_ms": 22.0, "baseline_peak_mem_mb": 14.1, "speedup": 1.4,
+                        "speedup_low": 1.37, "speedup_high": 1.43, "compile": false, "compile_s": null,
+                        # with compile: "graphs", "graph_breaks", "break_reasons"; with throughput.auto:
+                        # "auto": true, and {"batch_size": 2048, "auto": true, "out_of_memory": true} last
+                        }],
+        "tokens": {"images": 4, "indices": [...], "layers": [1, 3, 5], "patch_tokens": [[42, 35, 28], ...],
+                   "png": "tokens/<key>.png", "maps": "tokens/<key>.npz"},
         "finetune": {"history": [...], "epochs_done": 10, "world_size": 1}
       },
       "tokens_per_layer": {"in": [50, ...], "attn": [50, ...], "mlp": [50, 42, ...], "out": [50, 42, ...]},

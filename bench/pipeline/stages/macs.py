@@ -1,6 +1,7 @@
-"""``macs``: MACs of one image (torchprofile), the analytic count for the same token schedule, and the
-mean over ``macs.images`` real images (a seeded draw across classes, ``bench.pipeline.samples``) for
-methods whose work depends on the input."""
+"""``macs``: MACs of one image (torchprofile), the analytic count for the same token schedule, the mean
+over ``macs.images`` real images (a seeded draw across classes, ``bench.pipeline.samples``) for methods whose
+work depends on the input, and ``extra``: work a method does that torchprofile cannot see (clustering
+methods' pairwise distances, ``Method.extra_macs``), reported beside the count, never hidden in it."""
 
 from __future__ import annotations
 
@@ -23,4 +24,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         averaged = data_macs(model, (val[i][0] for i in sample_indices(val, count, ctx.run.seed)))
     else:
         averaged = float(single)
-    return {"torchprofile": single, "analytic": analytic, "data_mean": averaged}
+    extra = getattr(model.method, "extra_macs", None)
+    result = {"torchprofile": single, "analytic": analytic, "data_mean": averaged}
+    if extra is not None:
+        result["extra"] = int(extra(info.tokens_in, model.context, model.vit.embed_dim))
+    return result
