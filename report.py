@@ -473,7 +473,7 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
     colours = plt.get_cmap("tab10")
     method_colour = {name: colours(i % 10) for i, name in enumerate(sorted(valid["method"].unique()))}
     markers = "os^Dv<>p*h"
-    for number, ((model, data, weights), group) in enumerate(valid.groupby(GROUP, sort=True)):
+    for number, ((model, data, _weights), group) in enumerate(valid.groupby(GROUP, sort=True)):
         marker = markers[number % len(markers)]
         for method, points in group.groupby("method", sort=True):
             label = method if number == 0 else None  # one legend entry per method (colour)
