@@ -1,6 +1,6 @@
 """A naive, spec-literal ATS (Adaptive Token Sampling) on ONE image at a time, for cross-checking ``methods/ats.py``.
 
-Written from ``shared/spec/methods-adaptive.md`` (section ATS), not from the project's code: the block loop, the
+Written from ``docs/methods.md#ats``, not from the project's code: the block loop, the
 attention, the scores and the sampling are written out with the full N x N attention, Python lists and loops.
 
 Precision. The model runs in float64, except where the spec requires float32 to reproduce the reference's

@@ -1,6 +1,6 @@
 """A deliberately naive, spec-literal second implementation of ``dpcknn``, ``kmedoids`` and ``static``.
 
-Written from ``shared/spec/methods-adaptive.md`` only (not from ``methods/``), ONE image at a time, full explicit
+Written from ``docs/methods.md`` (dpcknn, kmedoids, static) only (not from ``methods/``), ONE image at a time, full explicit
 attention (``tests.reference_impl.explicit_attention``), distances and clustering with plain Python loops over
 tokens. The random draws the spec defines for a whole batch are inputs here:
 

@@ -205,6 +205,39 @@ def evit_reduce(tokens: list[torch.Tensor], sizes: list[float], sources: list[se
     return new_tokens, new_sizes, new_sources
 
 
+def head_and_sources(vit, tokens: list[torch.Tensor], sizes: list[float], sources: list[set[int]], n_input: int,
+                     p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one image's final tokens, and the (N, N0) boolean map from output to input tokens.
+
+    Average-pool heads weight each token by its size over the original number of patches (ToMe's rule for
+    MAE); class-token heads read token 0."""
+    x = vit.norm(torch.stack(tokens)[None])
+    if vit.global_pool == "avg":
+        pooled = sum(x[0, t] * sizes[t] for t in range(p, len(tokens))) / (n_input - p)
+        logits = vit.head(vit.fc_norm(pooled[None]))[0]
+    else:
+        logits = vit.forward_head(x)[0]
+    source = torch.zeros(len(sources), n_input, dtype=torch.bool)
+    for t, members in enumerate(sources):
+        source[t, sorted(members)] = True
+    return logits, source
+
+
+def stack_traces(traces: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-image traces (each with logits, tokens_in / tokens_out, size, source) as one batch: the images must
+    agree on the token counts; logits, sizes (B, N, 1) and sources (B, N, N0) are stacked."""
+    for trace in traces:
+        assert trace["tokens_in"] == traces[0]["tokens_in"] and trace["tokens_out"] == traces[0]["tokens_out"], \
+            "images disagree on token counts"
+    return {
+        "logits": torch.stack([t["logits"] for t in traces]),
+        "tokens_in": traces[0]["tokens_in"],
+        "tokens_out": traces[0]["tokens_out"],
+        "size": torch.stack([t["size"] for t in traces])[..., None],
+        "source": torch.stack([t["source"] for t in traces]),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- one image
 
 def _params(vit, method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -274,17 +307,7 @@ def reference_single(vit, image: torch.Tensor, method: str, **params: Any) -> di
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         tokens = [x[t] for t in range(x.shape[0])]
 
-    x = vit.norm(torch.stack(tokens)[None])
-    if vit.global_pool == "avg":
-        # average pooling over merged tokens: each token counts as many times as the patches it stands for,
-        # divided by the original number of patches (ToMe's rule for MAE)
-        pooled = sum(x[0, t] * sizes[t] for t in range(p, len(tokens))) / (tokens_in[0] - p)
-        logits = vit.head(vit.fc_norm(pooled[None]))[0]
-    else:
-        logits = vit.forward_head(x)[0]
-    source = torch.zeros(len(sources), tokens_in[0], dtype=torch.bool)
-    for t, src in enumerate(sources):
-        source[t, sorted(src)] = True
+    logits, source = head_and_sources(vit, tokens, sizes, sources, tokens_in[0], p)
     return {
         "logits": logits,
         "tokens_in": tokens_in,

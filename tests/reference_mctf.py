@@ -1,5 +1,5 @@
-"""A deliberately naive, spec-literal second implementation of MCTF (``/work/shared/spec/methods-merging.md``,
-section MCTF; docs/methods.md#mctf), to cross-check ``methods/mctf.py``.
+"""A deliberately naive, spec-literal second implementation of MCTF (``docs/methods.md#mctf``), to
+cross-check ``methods/mctf.py``.
 
 One image at a time, float64, Python lists and loops: tokens are a list of (C,) vectors, sizes a list of
 floats, sources a list of sets, and the fusion is written as explicit groups (a surviving token and the list of
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tests.reference_impl import explicit_attention
+from tests.reference_impl import explicit_attention, head_and_sources, stack_traces
 
 DEFAULTS: dict[str, Any] = {
     "r": 16, "layers": list(range(1, 12)), "prop_attn": True, "one_step_ahead": 1, "tau_sim": 1, "tau_info": 20,
@@ -169,11 +169,7 @@ def mctf_reference_trace(vit, image: torch.Tensor, **params: Any) -> dict[str, A
             tokens, sizes, sources, _ = fuse(tokens, sizes, sources, probs, r, p, params, fused_before)
             fused_before = True
         tokens_out.append(len(tokens))
-    x = vit.norm(torch.stack(tokens)[None])
-    logits = vit.forward_head(x)[0]
-    source = torch.zeros(len(sources), tokens_in[0], dtype=torch.bool)
-    for t, members in enumerate(sources):
-        source[t, sorted(members)] = True
+    logits, source = head_and_sources(vit, tokens, sizes, sources, tokens_in[0], vit.num_prefix_tokens)
     return {"logits": logits, "tokens_in": tokens_in, "tokens_out": tokens_out,
             "size": torch.tensor(sizes, dtype=logits.dtype), "source": source}
 
@@ -184,15 +180,7 @@ def mctf_reference(vit, images: torch.Tensor, **params: Any) -> dict[str, Any]:
     if vit.training:
         raise ValueError("the reference is defined for eval mode only")
     traces = [mctf_reference_trace(vit, images[b], **params) for b in range(images.shape[0])]
-    for t in traces:
-        assert t["tokens_in"] == traces[0]["tokens_in"], "images disagree on token counts"
-    return {
-        "logits": torch.stack([t["logits"] for t in traces]),
-        "tokens_in": traces[0]["tokens_in"],
-        "tokens_out": traces[0]["tokens_out"],
-        "size": torch.stack([t["size"] for t in traces])[..., None],
-        "source": torch.stack([t["source"] for t in traces]),
-    }
+    return stack_traces(traces)
 
 
 def mctf_reference_forward(vit, images: torch.Tensor, **params: Any) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """A deliberately naive, spec-literal second implementation of PiToMe, ToFu and DiffRate (fixed schedule).
 
-Written from ``shared/spec/methods-merging.md`` only (not from ``methods/``), to cross-check the project's batched
+Written from ``docs/methods.md`` (pitome, tofu, diffrate) only (not from ``methods/``), to cross-check the project's batched
 implementation. ONE image at a time, the full attention written out (``explicit_attention``), token bookkeeping
 with Python lists, loops and Python floats:
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tests.reference_impl import explicit_attention
+from tests.reference_impl import explicit_attention, head_and_sources, stack_traces
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "pitome": {"ratio": 0.9125},
@@ -176,10 +176,7 @@ def reference_single(vit, image: torch.Tensor, method: str, **params: Any) -> di
         x = torch.stack(tokens)
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         tokens = [x[t] for t in range(x.shape[0])]
-    logits = vit.forward_head(vit.norm(torch.stack(tokens)[None]))[0]
-    source = torch.zeros(len(sources), tokens_in[0], dtype=torch.bool)
-    for t, src in enumerate(sources):
-        source[t, sorted(src)] = True
+    logits, source = head_and_sources(vit, tokens, sizes, sources, tokens_in[0], vit.num_prefix_tokens)
     return {"logits": logits, "tokens_in": tokens_in, "tokens_out": tokens_out,
             "size": torch.tensor(sizes, dtype=logits.dtype), "source": source}
 
@@ -191,12 +188,4 @@ def reference_merging(vit, images: torch.Tensor, method: str, **params: Any) -> 
     if vit.training:
         raise ValueError("the reference is defined for eval mode only")
     traces = [reference_single(vit, images[b], method, **params) for b in range(images.shape[0])]
-    for trace in traces:
-        assert trace["tokens_in"] == traces[0]["tokens_in"] and trace["tokens_out"] == traces[0]["tokens_out"]
-    return {
-        "logits": torch.stack([t["logits"] for t in traces]),
-        "tokens_in": traces[0]["tokens_in"],
-        "tokens_out": traces[0]["tokens_out"],
-        "size": torch.stack([t["size"] for t in traces])[..., None],
-        "source": torch.stack([t["source"] for t in traces]),
-    }
+    return stack_traces(traces)

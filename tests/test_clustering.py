@@ -14,8 +14,8 @@ import torch
 
 import bench
 import methods
+from tests.helpers import perturb as _perturb
 from tests.reference_clustering import reference_batch
-from tests.test_reference import _perturb
 
 ATOL64 = 1e-6
 

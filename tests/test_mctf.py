@@ -11,6 +11,7 @@ import bench
 import methods
 from methods.base import END, START, BudgetKnob
 from methods.mctf import fused_count
+from tests.helpers import perturb
 from tests.reference_mctf import fused_count as reference_count
 from tests.reference_mctf import mctf_reference
 
@@ -27,39 +28,13 @@ MODEL_SPECS = {
 _CACHE: dict[str, torch.nn.Module] = {}
 
 
-def _perturb(vit: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Sharpen attention, randomise biases / norms / LayerScale so that no criterion is trivially uniform."""
-    g = torch.Generator().manual_seed(seed)
-
-    def noise(t: torch.Tensor, std: float) -> torch.Tensor:
-        return std * torch.randn(t.shape, generator=g)
-
-    with torch.no_grad():
-        for blk in vit.blocks:
-            blk.attn.qkv.weight.mul_(3).add_(noise(blk.attn.qkv.weight, 0.02))
-            blk.attn.qkv.bias.add_(noise(blk.attn.qkv.bias, 0.1))
-            for lin in (blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
-                lin.bias.add_(noise(lin.bias, 0.05))
-            for mod in (blk.attn.q_norm, blk.attn.k_norm, blk.attn.norm):
-                if isinstance(mod, torch.nn.LayerNorm):
-                    mod.weight.add_(noise(mod.weight, 0.3))
-                    mod.bias.add_(noise(mod.bias, 0.1))
-            for ls in (blk.ls1, blk.ls2):
-                if hasattr(ls, "gamma"):
-                    ls.gamma.copy_(0.1 + noise(ls.gamma, 0.5))
-        vit.cls_token.add_(noise(vit.cls_token, 0.5))
-        if getattr(vit, "dist_token", None) is not None:
-            vit.dist_token.add_(noise(vit.dist_token, 0.5))
-    return vit
-
-
 def get_model(name: str) -> torch.nn.Module:
     """float64, eval mode, built once."""
     if name not in _CACHE:
         arch, kwargs = MODEL_SPECS[name]
         torch.manual_seed(4321)
         vit = timm.create_model(arch, pretrained=False, img_size=64, num_classes=10, **kwargs)
-        _CACHE[name] = _perturb(vit, seed=list(MODEL_SPECS).index(name)).eval().double()
+        _CACHE[name] = perturb(vit, seed=list(MODEL_SPECS).index(name), biases=True).eval().double()
     return _CACHE[name]
 
 

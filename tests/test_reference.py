@@ -16,38 +16,12 @@ import torch
 
 import bench
 import methods
+from tests.helpers import perturb as _perturb
 from tests.reference_impl import reference_forward, reference_tokens, tome_schedule
 
 ATOL = 1e-4  # the spec's fp32 tolerance; float64 runs must agree far more tightly
 ATOL64 = 1e-8
 BATCH = 6
-
-
-def _perturb(vit: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Sharpen attention and randomise norm / LayerScale parameters so nothing is trivially uniform."""
-    g = torch.Generator().manual_seed(seed)
-
-    def noise(t: torch.Tensor, std: float) -> torch.Tensor:
-        return std * torch.randn(t.shape, generator=g)
-
-    with torch.no_grad():
-        for blk in vit.blocks:
-            w = blk.attn.qkv.weight
-            w.mul_(3).add_(noise(w, 0.02))
-            if blk.attn.qkv.bias is not None:
-                blk.attn.qkv.bias.add_(noise(blk.attn.qkv.bias, 0.1))
-            for mod in (blk.attn.q_norm, blk.attn.k_norm, blk.attn.norm):
-                if isinstance(mod, torch.nn.LayerNorm):
-                    mod.weight.add_(noise(mod.weight, 0.3))
-                    mod.bias.add_(noise(mod.bias, 0.1))
-            for ls in (blk.ls1, blk.ls2):
-                if hasattr(ls, "gamma"):
-                    ls.gamma.copy_(0.1 + noise(ls.gamma, 0.5))
-        for name in ("cls_token", "dist_token", "reg_token"):
-            token = getattr(vit, name, None)
-            if token is not None:
-                token.add_(noise(token, 0.5))
-    return vit
 
 
 MODEL_SPECS = {

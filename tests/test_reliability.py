@@ -26,6 +26,7 @@ import report
 import run_bench
 from bench.pipeline.files import REPO
 from bench.pipeline.records import read_all, read_record, record_path
+from tests.helpers import wait_for
 
 MODEL = {
     "name": "vit_tiny_patch16_224",
@@ -84,16 +85,6 @@ def keys(results: Path) -> set[str]:
 def spawn(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, **kwargs)
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def alive(pid: int) -> bool:

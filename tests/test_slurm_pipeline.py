@@ -25,6 +25,7 @@ import yaml
 
 import run_bench
 from bench.pipeline.records import read_all
+from tests.helpers import wait_for
 from tests.test_pipeline import METHODS, MODEL
 
 pytestmark = pytest.mark.slurm
@@ -99,16 +100,6 @@ def sacct_final(env: dict[str, str], job_id: str, *flags: str, timeout: float = 
         return rows if rows and rows[-1]["State"].split()[0] not in ("PENDING", "RUNNING", "COMPLETING") else None
 
     return [{**row, "State": row["State"].split()[0]} for row in wait_for(ended, timeout, f"job {job_id} to end", 0.5)]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def in_background(function, *args, **kwargs) -> tuple[threading.Thread, list]:
