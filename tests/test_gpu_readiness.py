@@ -131,11 +131,12 @@ def test_more_tasks_than_gpus_is_a_one_line_profile_error(tmp_path, capsys):
 
 
 def test_dry_run_prints_the_resources_of_each_job_array(tmp_path, capsys):
-    assert run_bench.main(["--config", str(REPO / "configs" / "deit_imagenet.yaml"), "--dry-run",
+    assert run_bench.main(["--config", str(REPO / "configs" / "deit_imagenet.yaml"), "--dry-run", "--no-calibrate",
                            "--results", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "profile example_gpu" in out
-    assert re.search(r"eval +18 job\(s\) partition=gpu .*nodes=1 tasks=1 gpus=1 cpus_per_task=10 mem=60G "
+    # 48 runs at the papers' settings (the MAC-budget runs are left out without calibration)
+    assert re.search(r"eval +48 job\(s\) partition=gpu .*nodes=1 tasks=1 gpus=1 cpus_per_task=10 mem=60G "
                      r"time=720min .*at most 16 at once", out)
     assert re.search(r"finetune +0 job\(s\) partition=gpu .*tasks=4 gpus=4 cpus_per_task=10 mem=240G", out)
     # --profile overrides the config's; a config without one gets 'local'
@@ -210,7 +211,7 @@ def test_data_averaged_macs_use_the_drawn_images(monkeypatch):
     val.targets = [i % 5 for i in range(40)]
     traced = []
     monkeypatch.setattr(macs, "count_macs", lambda model: 100)
-    monkeypatch.setattr(macs, "analytic_macs", lambda model, a, b: 100)
+    monkeypatch.setattr(macs, "analytic_macs", lambda model, *counts: 100)
     monkeypatch.setattr(macs, "data_macs", lambda model, images: traced.extend(images) or 90.0)
     model = SimpleNamespace(last_forward=SimpleNamespace(tokens_attn=[1], tokens_mlp=[1], tokens_in=[1], tokens_out=[1]),
                             method=SimpleNamespace(data_dependent=True))

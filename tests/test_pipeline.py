@@ -311,24 +311,32 @@ def test_finetune_stage_trains_checkpoints_and_exports(tmp_path):
     assert os.path.exists(results / "checkpoints" / record["key"] / "last.pth")
 
 
-@pytest.mark.parametrize("name", ["quickstart", "fmnist_vit", "deit_imagenet", "deit_s_ppt_finetune"])
+@pytest.mark.parametrize("name", ["quickstart", "fmnist_vit", "deit_imagenet", "deit_s_ppt_finetune", "backbones"])
 def test_shipped_configs_are_valid_under_dry_run(name, tmp_path, capsys):
     path = REPO / "configs" / f"{name}.yaml"
-    assert run_bench.main(["--config", str(path), "--results", str(tmp_path), "--dry-run"]) == 0
+    # calibrating DeiT-T/S/B at every budget takes minutes: the quickstart's calibration is tested here
+    quick = ["--no-calibrate"] if name in ("deit_imagenet", "backbones") else []
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path), "--dry-run", *quick]) == 0
     assert " to run -> " in capsys.readouterr().out
 
 
 def test_paper_config_expands_models_methods_and_references():
     from bench.pipeline.config import load_experiment
 
-    experiment = load_experiment(REPO / "configs" / "deit_imagenet.yaml", data_required=False)
-    assert len(experiment.runs) == 3 * 6
-    by = {(r.model_label, r.method): r for r in experiment.runs}
-    assert by[("deit-s", "ppt")].params == {"r": 50, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}
-    assert by[("deit-s", "ppt")].reference["top1"] == 79.498
-    assert by[("deit-b", "baseline")].reference["gmacs"] == 17.56
-    assert by[("deit-t", "tome")].reference is None
-    assert by[("deit-s", "baseline")].weights.endswith("deit_small_patch16_224-cd65a155.pth")
+    experiment = load_experiment(REPO / "configs" / "deit_imagenet.yaml", data_required=False, calibrate=False)
+    assert len(experiment.runs) == 3 * 15 + 3  # the papers' settings on DeiT-T/S/B, and a DiffRate schedule each
+    assert "144 MAC-budget run(s) left out" in " ".join(experiment.warnings)  # 16 methods x 3 budgets x 3 models
+    by = {(r.model_label, r.method, r.params_label): r for r in experiment.runs}
+    ppt = by[("deit-s", "ppt", "r=50")]
+    assert ppt.params == {"r": 50, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}
+    assert ppt.reference["top1"] == 79.498
+    assert by[("deit-b", "baseline", "")].reference["gmacs"] == 17.56
+    assert by[("deit-s", "tome", "r=13")].reference["gmacs"] == 2.70
+    assert by[("deit-t", "tome", "r=13")].reference is None
+    assert by[("deit-s", "diffrate", "")].reference["top1"] == 79.538
+    assert by[("deit-s", "mctf", "r=0.35, layers=[3, 6, 9]")].reference["gmacs"] == 2.76
+    assert by[("deit-s", "baseline", "")].weights.endswith("deit_small_patch16_224-cd65a155.pth")
+    assert by[("deit-s", "baseline", "")].data["transform"]["crop_pct"] == 0.875  # DeiT's own eval transform
 
 
 KEYS_SCRIPT = """

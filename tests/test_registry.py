@@ -35,7 +35,7 @@ def test_build_fills_defaults(name, params, expected):
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("tomee", {"r": 1}, "unknown method 'tomee'; allowed: baseline, evit, pooling, ppt, pruning, tome, topk"),
+        ("tomee", {"r": 1}, "unknown method 'tomee'; allowed: " + ", ".join(EXPECTED)),
         ("tome", {"r": 1, "rr": 2}, "unknown parameter 'rr'; allowed: r, inflection, prop_attn"),
         ("baseline", {"r": 1}, "unknown parameter 'r'; allowed: none"),
         ("pruning", {"r": 1, "threshold": 1.0}, "unknown parameter 'threshold'; allowed: r, layers, prop_attn"),

@@ -20,8 +20,8 @@ from bench.pipeline.records import read_all, record_path, write_record
 from tests.test_pipeline import MODEL, bench_main, write
 
 LEADING = ["model", "method", "params", "top1", "top5", "delta_top1", "agreement", "gmacs", "mac_reduction",
-           "images_per_s", "speedup", "data", "weights", "key", "gmacs_analytic", "gmacs_data", "batch_size",
-           "dtype", "device"]
+           "images_per_s", "speedup", "budget", "mac_fraction", "data", "weights", "key", "gmacs_analytic",
+           "gmacs_data", "gmacs_extra", "batch_size", "dtype", "device"]
 WEIGHTS = "tiny.pth"
 FMNIST = "fashion_mnist (subset 100) [1x28x28 bicubic, crop_pct 1.0 center, mean 0.286, std 0.353]"  # + transform
 HEADING_A = f"## deit-s on {FMNIST} (tiny.pth)"
@@ -223,6 +223,8 @@ def test_csv_columns_and_numbers(results, tmp_path, names):
     assert row["speedup"] == pytest.approx(1.45)
     assert row["gmacs"] == pytest.approx(2.7)
     assert row["mac_reduction"] == pytest.approx(41.304, abs=1e-3)
+    assert row["mac_fraction"] == pytest.approx(1 - 0.41304, abs=1e-5)
+    assert math.isnan(row["budget"])  # not a matched-budget run
     assert math.isnan(csv[csv["key"] == names["pruning-a"]].iloc[0]["top1"])
     assert len(csv) == len(VALUES)
 
