@@ -20,7 +20,7 @@ from tests.helpers import small_vit
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TOKENBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def experiment(tmp_path: Path) -> Path:
 def budget_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("budgets")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TOKENBENCH_CACHE", str(tmp / "cache"))
+        patch.setenv("TOKENBENCH_CACHE_DIR", str(tmp / "cache"))
         path = experiment(tmp)
         assert run_bench.main(["--config", str(path), "--results", str(tmp / "results"), "--quiet"]) == 0
     return path, tmp / "results"

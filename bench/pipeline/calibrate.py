@@ -10,7 +10,7 @@ Integer knobs are exact, continuous ones on a grid of ``BudgetKnob.tolerance`` (
 the choice with the largest MACs within the budget. Methods whose MACs depend on the image
 (``data_dependent``) are measured on the run's own weights and ``macs.images`` real images, averaged.
 
-Results are cached (``$TOKENBENCH_CACHE`` or ``~/.cache/tokenbench``, ``calibration.json``), keyed by a
+Results are cached (``calibration.json`` in ``bench.pipeline.files.cache_dir()``), keyed by a
 hash of everything that determines them, so a rerun or ``--dry-run`` answers at once.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.pipeline.files import atomic_write_json, canonical, digest
+from bench.pipeline.files import atomic_write_json, cache_dir, canonical, digest
 
 MAX_CORRECTIONS = 4
 
@@ -65,11 +64,12 @@ def _show(value: Any) -> str:
 
 
 def read_json_or_none(path: Path) -> Any:
-    import json
+    """The cache's content; None when it is missing or unreadable (it is then rebuilt)."""
+    from bench.pipeline.textio import TextError, read_json
 
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path)
+    except (OSError, TextError):
         return None
 
 
@@ -90,8 +90,7 @@ def _code_version() -> str:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("TOKENBENCH_CACHE") or Path("~/.cache/tokenbench").expanduser()
-    return Path(root) / "calibration.json"
+    return cache_dir() / "calibration.json"
 
 
 class Calibrator:

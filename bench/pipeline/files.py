@@ -19,6 +19,15 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[2]
 
 
+def cache_dir() -> Path:
+    """The user-level cache of tokenbench (weights hashes, MAC-budget calibrations): ``$TOKENBENCH_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/tokenbench``, else ``~/.cache/tokenbench``."""
+    root = os.environ.get("TOKENBENCH_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenbench"
+    return Path(root)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     """A handle on a temporary file beside ``path`` (same folder, so the rename is atomic); on a clean

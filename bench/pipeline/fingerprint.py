@@ -11,20 +11,16 @@ URLs and ``timm:<tag>`` weights are identified by their string (the run key hold
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
-from bench.pipeline.files import atomic_write_json
+from bench.pipeline.files import atomic_write_json, cache_dir
 from bench.pipeline.textio import TextError, read_json
 
 REMOTE = ("http://", "https://", "timm:")
 
 
 def cache_file() -> Path:
-    root = os.environ.get("TOKENBENCH_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenbench"
-    return Path(root) / "weights-sha256.json"
+    return cache_dir() / "weights-sha256.json"
 
 
 def _read_cache(path: Path) -> dict:
