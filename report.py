@@ -470,8 +470,9 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    colours = plt.get_cmap("tab10")
-    method_colour = {name: colours(i % 10) for i, name in enumerate(sorted(valid["method"].unique()))}
+    names = sorted(valid["method"].unique())
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    method_colour = {name: colours(i % colours.N) for i, name in enumerate(names)}
     markers = "os^Dv<>p*h"
     for number, ((model, data, _weights), group) in enumerate(valid.groupby(GROUP, sort=True)):
         marker = markers[number % len(markers)]
@@ -481,7 +482,8 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
                        zorder=3, label=label)
         short = f"{model} on {data.split(' [')[0]}"  # the full title (transform, weights) is in the markdown
         ax.scatter([], [], color="grey", marker=marker, label=short if len(short) <= 60 else short[:57] + "...")
-        for rank, (_, row) in enumerate(group.sort_values("gmacs", kind="stable").iterrows()):
+        unbudgeted = group[group["budget"].isna()]  # budget runs are told apart by their line and colour
+        for rank, (_, row) in enumerate(unbudgeted.sort_values("gmacs", kind="stable").iterrows()):
             text = row["params"] if row["params"] else row["method"]
             # alternate above / below so neighbouring labels do not print over each other
             ax.annotate(text, (row["gmacs"], row["top1"]), xytext=(4, 5 if rank % 2 == 0 else -11),
