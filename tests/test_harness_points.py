@@ -12,6 +12,7 @@ import bench
 from methods.base import ATTN, END, MID, PREV_ATTN, START, Method, Step, TokenState
 from tests.helpers import images, small_vit
 from tests.reference_impl import explicit_attention
+from tests.test_harness import SETTINGS
 
 
 class KeepFirst(Method):
@@ -204,13 +205,13 @@ def test_signals_not_available_at_a_point_are_refused():
         bench.apply(small_vit(), KeepFirst(point=MID, signals=frozenset({PREV_ATTN})))
 
 
-@pytest.mark.parametrize(("method", "params"), [("ppt", {"r": 12, "threshold": 2e-4}), ("pruning", {"r": 12}),
-                                                ("pooling", {"r": 12}), ("tome", {"r": 4}),
-                                                ("evit", {"keep_rate": 0.7})])
-def test_forward_has_no_host_synchronisation(method, params):
+# Every method but three: ATS synchronises once per ATS block (its padded width), random draws from a CPU
+# torch.Generator and static builds its fixed pattern with torch.unique: graph breaks, documented.
+@pytest.mark.parametrize("method", sorted(set(SETTINGS) - {"ats", "random", "static", "baseline"}))
+def test_forward_has_no_host_synchronisation(method):
     """Dynamo breaks the graph at every host synchronisation (``.item()``, ``bool(tensor)``, ``nonzero``):
     none may happen inside these methods' forward (each costs a GPU stall)."""
-    model = bench.apply(small_vit(), method, **params)
+    model = bench.apply(small_vit(), method, **SETTINGS[method])
     torch._dynamo.reset()
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(images(4))
