@@ -444,11 +444,11 @@ def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_d
 
 def read_calibrations(folder: Path) -> list[dict]:
     """``calibration.json`` of an experiment with MAC budgets (written by run_bench), or none."""
-    import json
+    from bench.pipeline.textio import TextError, read_json
 
     try:
-        value = json.loads((Path(folder) / "calibration.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        value = read_json(Path(folder) / "calibration.json")
+    except TextError:  # missing or unreadable
         return []
     return [entry for entry in value if isinstance(entry, dict)] if isinstance(value, list) else []
 

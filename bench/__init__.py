@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # Imported on first use, so that light modules (bench.pipeline.records for report.py) load without the model stack.
 _LAZY = {
     "analytic_macs": "bench.macs",
+    "count_image": "bench.macs",
     "count_macs": "bench.macs",
     "data_macs": "bench.macs",
     "ThroughputResult": "bench.throughput",
@@ -77,6 +78,7 @@ __all__ = [
     "apply",
     "check_supported",
     "compare_throughput",
+    "count_image",
     "count_macs",
     "data_macs",
     "forward_stats",

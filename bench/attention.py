@@ -30,11 +30,6 @@ def key_bias(size: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tens
     return bias
 
 
-def size_bias(size: torch.Tensor | None) -> torch.Tensor | None:
-    """The additive mask (B, 1, 1, N) of proportional attention, or None before any reduction."""
-    return key_bias(size, None)
-
-
 _PARTS = {"qkv": (0, 3), "qk": (0, 2), "v": (2, 3)}  # which thirds of timm's fused qkv weight
 
 

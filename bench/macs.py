@@ -25,13 +25,19 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def count_image(model: nn.Module, input_size: Sequence[int] | None = None) -> torch.Tensor:
+    """The fixed random image (C, H, W) that one-image counts trace: of ``input_size``, by default the model's
+    own (MACs do not depend on weights; for data-dependent methods see ``data_macs``)."""
+    size = tuple(input_size) if input_size is not None else model_input_size(model)
+    return torch.randn(size, generator=torch.Generator().manual_seed(0))
+
+
 def count_macs(model: nn.Module, input_size: Sequence[int] | None = None, image: torch.Tensor | None = None) -> int:
     """torchprofile's MAC count of one forward on one image (``image``, (C, H, W), or a fixed random one
     of ``input_size``, by default the model's own: (3, 224, 224) for DeiT). MACs do not depend on weights;
     for data-dependent methods they depend on the image: see ``data_macs``."""
     if image is None:
-        size = tuple(input_size) if input_size is not None else model_input_size(model)
-        image = torch.randn(size, generator=torch.Generator().manual_seed(0))
+        image = count_image(model, input_size)
     was_training = model.training
     model.eval()
     try:
@@ -69,7 +75,7 @@ def analytic_macs(
     if isinstance(tokens_attn, ForwardInfo):
         info, tokens_attn = tokens_attn, None
     if info is None and tokens_attn is None and isinstance(model, ReducedViT):
-        count_input = torch.randn(model_input_size(model), generator=torch.Generator().manual_seed(0))
+        count_input = count_image(model)
         was_training = model.training
         model.eval()
         with torch.no_grad():

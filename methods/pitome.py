@@ -95,9 +95,9 @@ def merge_weighted(tokens: TokenState, num_prefix: int, kept, dst, src, target) 
     return TokenState(x=assemble(x, new_x), size=assemble(size, new_size), source=source)
 
 
-@register("pitome")
-class PiToMe(Method):
-    """docs/methods.md#pitome"""
+class RatioMerging(Method):
+    """What PiToMe and ToFu share: one ``ratio`` of tokens kept at every block (their budget knob), keys as the
+    similarity metric. Not registered: a base class."""
 
     defaults = {"ratio": 0.9125}
     budget_knob = BudgetKnob("ratio", kind="float", cheaper="lower", low=0.5, high=1.0)
@@ -107,6 +107,11 @@ class PiToMe(Method):
 
     def signals(self, layer: int, ctx: ReductionContext) -> frozenset[str]:
         return frozenset({METRIC}) if self.params["ratio"] < 1 else frozenset()
+
+
+@register("pitome")
+class PiToMe(RatioMerging):
+    """docs/methods.md#pitome"""
 
     def reduce(self, layer, tokens, signals, ctx):
         p = ctx.num_prefix

@@ -10,13 +10,11 @@ the destination before merging``. No sizes, no proportional attention.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from methods.base import METRIC, BudgetKnob, Method, TokenState, register
+from methods.base import METRIC, TokenState, register
 from methods.ops import _prefix_split, bipartite_soft_matching, max_merge
-from methods.pitome import merged_count, ratio_value
+from methods.pitome import RatioMerging, merged_count
 
 
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -49,17 +47,8 @@ def tofu_reduce(tokens: TokenState, metric: torch.Tensor, r: int, num_prefix: in
 
 
 @register("tofu")
-class ToFu(Method):
+class ToFu(RatioMerging):
     """docs/methods.md#tofu"""
-
-    defaults = {"ratio": 0.9125}
-    budget_knob = BudgetKnob("ratio", kind="float", cheaper="lower", low=0.5, high=1.0)
-
-    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"ratio": ratio_value(self, params["ratio"])}
-
-    def signals(self, layer, ctx):
-        return frozenset({METRIC}) if self.params["ratio"] < 1 else frozenset()
 
     def reduce(self, layer, tokens, signals, ctx):
         num_tokens = tokens.x.shape[1]

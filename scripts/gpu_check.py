@@ -26,18 +26,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench
+import methods
+from bench.macs import model_input_size
+from bench.pipeline.accelerator import cuda_environment
+from bench.sdpa import enabled_backends, kernels_used
+from bench.throughput import autocast, device_name
 
-import bench  # noqa: E402
-import methods  # noqa: E402
-from bench.macs import model_input_size  # noqa: E402
-from bench.pipeline.accelerator import cuda_environment  # noqa: E402
-from bench.sdpa import enabled_backends, kernels_used  # noqa: E402
-from bench.throughput import autocast, device_name  # noqa: E402
-
-# Parameters without a default, for DeiT-S at 224 px (196 patches); scaled to the model's patch count.
-REQUIRED = {"tome": {"r": 13}, "ppt": {"r": 50}, "pooling": {"r": 50}, "pruning": {"r": 50}}
-RESIZE_FRACTION = 10 / 14  # resize: 160 px of 224 (10 of 14 patches per side)
 SMALL = {"img_size": 64, "patch_size": 8, "embed_dim": 48, "num_heads": 3, "depth": 12, "num_classes": 10}
 
 
@@ -50,12 +45,14 @@ def build_vit(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def method_params(name: str, vit: torch.nn.Module) -> dict:
-    """Defaults, plus the required ones (``REQUIRED``, scaled to the model's patch count)."""
-    patches = vit.patch_embed.num_patches
-    params = {key: max(1, round(value * patches / 196)) for key, value in REQUIRED.get(name, {}).items()}
-    if name == "resize":
-        patch, grid = vit.patch_embed.patch_size[0], vit.patch_embed.grid_size[0]
-        params["img_size"] = patch * max(1, round(grid * RESIZE_FRACTION))
+    """The method's reference setting for DeiT-S at 224 px (``Method.paper_params``), scaled to this model:
+    a token count ``r`` by its patch count (196 at 224 px), ``img_size`` by its patch grid (14 at 224 px)."""
+    patch, grid = vit.patch_embed.patch_size[0], vit.patch_embed.grid_size[0]
+    params = dict(methods.registered()[name].paper_params)
+    if "r" in params:
+        params["r"] = max(1, round(params["r"] * vit.patch_embed.num_patches / 196))
+    if "img_size" in params:
+        params["img_size"] = patch * max(1, round(grid * params["img_size"] / 224))
     return params
 
 

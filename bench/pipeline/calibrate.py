@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,18 +69,14 @@ def read_json_or_none(path: Path) -> Any:
 
     try:
         return read_json(path)
-    except (OSError, TextError):
+    except TextError:  # missing or unreadable
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """A hash of what decides a calibration: the harness, every method, this module, torch and timm
     versions. A cached result of other code is never used."""
-    return _code_version()
-
-
-@functools.lru_cache(maxsize=1)
-def _code_version() -> str:
     import timm
 
     root = Path(__file__).resolve().parents[2]
@@ -110,7 +106,7 @@ class Calibrator:
         self.weights_id = weights_id
         dense = bench.apply(vit, "baseline")
         self.dense_macs = bench.count_macs(dense)
-        self._image = torch.randn(_input_size(dense), generator=torch.Generator().manual_seed(0))[None]
+        self._image = bench.count_image(dense)[None]
         self._memo: dict[str, float] = {}  # MAC counts already measured, shared by a method's budgets
 
     # -- public --------------------------------------------------------------------------------------
@@ -208,7 +204,9 @@ class Calibrator:
         context = bench.apply(self.vit, "baseline").context
         if knob.kind == "choice":
             # the choices depend on the model only (a method's budget_choices reads ctx, not its parameters)
-            cls = methods_class(method)
+            import methods
+
+            cls = methods.registered()[method]
             return list(cls.budget_choices(cls.__new__(cls), context))  # ordered by their cost in _search
         if knob.kind == "int":
             top = context.num_tokens - context.num_prefix - 1
@@ -242,15 +240,3 @@ def _least_reduction(cost: Callable[[int], float], count: int, goal: float) -> i
         else:
             low = middle + 1
     return high
-
-
-def methods_class(name: str):
-    import methods
-
-    return methods.registered()[name]
-
-
-def _input_size(model) -> Sequence[int]:
-    from bench.macs import model_input_size
-
-    return model_input_size(model)

@@ -511,7 +511,7 @@ class Parser:
         return built.params, result.budget()
 
     def _calibration_model(self, base: dict[str, Any], shared: dict[str, Any]):
-        """(random-weight model, identity, loader of (weighted model, real images) for data-dependent methods,
+        """(random-weight model, identity, loader of (the run's model, real images) for data-dependent methods,
         weights identity)."""
         import torch
 
@@ -531,12 +531,8 @@ class Parser:
             model = load_model(base["model"], base["model_kwargs"], base["weights_path"])
             return model, torch.stack([val[i][0] for i in order])
 
-        weights = base["weights_path"]
-        weights_id = None
-        if weights and Path(weights).is_file():
-            stat = Path(weights).stat()
-            weights_id = f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
-        return vit, identity, real, weights_id or weights
+        # the weights by content (bench/pipeline/fingerprint.py) where a local file, else as written
+        return vit, identity, real, base["weights_sha256"] or base["weights_path"]
 
     def make_run(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
                  references: list[ReferenceSection], budget: dict[str, Any] | None = None) -> RunSpec:
