@@ -77,8 +77,41 @@ def compare_throughput(
     """Time ``model`` and the dense ``baseline`` in the same process on the same batch, alternating
     one timed forward of each per round, so that drifting machine load hits both alike.
     Returns (method result, baseline result); speed-up = method.images_per_s / baseline.images_per_s."""
-    model_times, baseline_times = _time_rounds([model, baseline], batch, dtype, warmup, runs)
-    return _result(model_times, batch, dtype, warmup), _result(baseline_times, batch, dtype, warmup)
+    return tuple(compare_many([model, baseline], batch, dtype, warmup, runs))
+
+
+def compare_many(
+    models: list[nn.Module], batch: torch.Tensor, dtype: str = "fp32", warmup: int = 3, runs: int = 10
+) -> list[ThroughputResult]:
+    """``compare_throughput`` for any number of models: one timed forward of each per round, in turn."""
+    return [_result(times, batch, dtype, warmup) for times in _time_rounds(models, batch, dtype, warmup, runs)]
+
+
+class ScheduleOnly(nn.Module):
+    """A reduced model's token counts without its reduction work: the ceiling of its speed-up in this harness.
+
+    Replays one forward's ``ForwardInfo`` on the wrapped timm ViT: block i's attention runs on the first
+    ``tokens_attn[i]`` tokens, its MLP on the first ``tokens_mlp[i]``, and ``tokens_out[i]`` leave it; cutting
+    is a view (no copy, no scores, no matching, no bias), timm's blocks and the harness's attention do the rest.
+    The same MACs in the blocks as the method, minus the method's own work (``benchmark_methods.py``)."""
+
+    def __init__(self, vit: nn.Module, info) -> None:
+        super().__init__()
+        self.vit = vit
+        self.counts = list(zip(info.tokens_attn, info.tokens_mlp, info.tokens_out, strict=True))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from bench.attention import attention
+
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for block, (attn, mlp, out) in zip(vit.blocks, self.counts, strict=True):
+            x = x[:, :attn]
+            x = x + block.drop_path1(block.ls1(attention(block.attn, block.norm1(x), None, frozenset(), 0)[0]))
+            x = x[:, :mlp]
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            x = x[:, :out]
+        return vit.forward_head(vit.norm(x))
 
 
 def _time_rounds(models: list[nn.Module], batch: torch.Tensor, dtype: str, warmup: int, runs: int) -> list[list[float]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from methods.base import START, BudgetKnob, Method, ReductionContext, Step, TokenState, register
+from methods.base import START, BudgetKnob, Method, ReductionContext, Step, TokenState, add_at, register
 
 MERGE_EPS = 1e-6  # added to every cluster's total weight (TokenReduction's merge; quirk kept)
 NOISE_SCALE = 1e-6  # tie-break noise on the densities
@@ -71,7 +71,8 @@ def dpc_knn_centres(patches: torch.Tensor, clusters: int, neighbours: int) -> tu
     delta = torch.where(denser, dist, largest).amin(dim=-1)
     centres = (delta * density).topk(clusters, dim=-1).indices  # descending score
     centre_rows = dist.gather(1, centres[..., None].expand(-1, -1, count))  # (B, K, Np): D[centre, i]
-    assignment = centre_rows.argmin(dim=1)  # first centre on ties
+    assignment = centre_rows.transpose(1, 2).contiguous().argmin(dim=-1)  # first centre on ties (along the last,
+    # contiguous dimension: 4x faster on CPU than along dim 1)
     slots = torch.arange(clusters, device=patches.device).expand(batch, -1)
     return centres, assignment.scatter(1, centres, slots)  # every centre in its own cluster
 
@@ -84,11 +85,9 @@ def merge_clusters(tokens: TokenState, assignment: torch.Tensor, clusters: int, 
     members = torch.zeros(batch, clusters, 1, device=patches.device, dtype=patches.dtype)
     members.scatter_add_(1, assignment[..., None], torch.ones_like(patches[..., :1]))
     share = 1.0 / (members + MERGE_EPS).gather(1, assignment[..., None])  # each token's weight in its mean
-    merged = patches.new_zeros(batch, clusters, dim).scatter_add_(1, assignment[..., None].expand(-1, -1, dim),
-                                                                  patches * share)
+    merged = add_at(patches.new_zeros(batch, clusters, dim), assignment, patches * share)
     sizes = tokens.sizes()
-    size = sizes[:, num_prefix:].new_zeros(batch, clusters, 1).scatter_add_(1, assignment[..., None],
-                                                                            sizes[:, num_prefix:])
+    size = add_at(sizes.new_zeros(batch, clusters, 1), assignment, sizes[:, num_prefix:])
     source = None
     if tokens.source is not None:
         patch_source = tokens.source[:, num_prefix:]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from methods.base import PREV_ATTN, START, BudgetKnob, Method, ReductionContext, Step, register
+from methods.base import PREV_ATTN, START, BudgetKnob, Method, ReductionContext, Step, register, take
 from methods.dpcknn import cluster_count, keep_rate_value, schedule
 
 MASK_VALUE = 1_000_000.0  # every distance of a token outside the slot, in the medoid update (reference value)
@@ -31,10 +31,10 @@ def attention_received(prev_attn: torch.Tensor, num_prefix: int) -> torch.Tensor
 def spread_medoids(patches: torch.Tensor, clusters: int, first: int) -> torch.Tensor:
     """``equal_weight`` initialisation (B, K): medoid 0 is ``first``; medoid k is the token whose largest
     distance to the medoids chosen so far is the largest (those medoids' own rows set to 0; first on ties)."""
-    batch, count, dim = patches.shape
+    batch = patches.shape[0]
     medoids = torch.full((batch, 1), first, dtype=torch.long, device=patches.device)
     for chosen in range(1, clusters):
-        centres = patches.gather(1, medoids[..., None].expand(-1, -1, dim))
+        centres = take(patches, medoids)
         dist = torch.cdist(patches, centres)  # (B, Np, chosen)
         dist = dist.scatter(1, medoids[..., None].expand(-1, -1, chosen), 0.0)
         medoids = torch.cat([medoids, dist.amax(dim=-1).argmax(dim=-1)[:, None]], dim=1)

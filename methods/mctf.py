@@ -16,7 +16,18 @@ from typing import Any
 
 import torch
 
-from methods.base import ATTN, END, START, BudgetKnob, Method, ReductionContext, Step, TokenState, register
+from methods.base import (
+    ATTN,
+    END,
+    START,
+    BudgetKnob,
+    Method,
+    ReductionContext,
+    Step,
+    TokenState,
+    add_at,
+    register,
+)
 
 MIN_TOKENS = 10  # the reference never fuses below 10 tokens (its ``N - 10`` term)
 
@@ -110,8 +121,7 @@ def mctf_fuse(
     batch, num_tokens, _ = x.shape
 
     def pool(t: torch.Tensor) -> torch.Tensor:
-        index = slot[..., None].expand(-1, -1, t.shape[-1])
-        return t.new_zeros(batch, num_out, t.shape[-1]).scatter_add(1, index, t)
+        return add_at(t.new_zeros(batch, num_out, t.shape[-1]), slot, t)
 
     norm = pool(weight)
     size = pool(tokens.sizes())

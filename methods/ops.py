@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import TokenState
+from methods.base import TokenState, add_at, take
 
 
 # --------------------------------------------------------------------------------------------------
@@ -19,37 +19,29 @@ from methods.base import TokenState
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MergePlan:
-    """Which A tokens (even positions) merge into which B tokens (odd positions).
+    """Which A tokens (even positions) merge into which B tokens (odd positions), as positions.
 
-    ``unmerged`` (B, Na - r, 1): A positions kept; ``merged`` (B, r, 1): A positions merged away;
-    ``targets`` (B, r, 1): the B position each of them merges into. ``num_prefix`` prefix tokens are
-    protected and come first in the output, in their original order.
+    ``order`` (B, N - r): the positions of the output tokens, in output order: the ``num_prefix`` protected
+    prefix tokens in their original order, the A tokens kept (in matching order, or by position when there
+    is a prefix), then the B tokens. ``merged`` (B, r): the positions of the A tokens merged away, best
+    match first; ``into`` (B, r): the output slot (index into ``order``) each of them merges into.
     """
 
-    unmerged: torch.Tensor
+    order: torch.Tensor
     merged: torch.Tensor
-    targets: torch.Tensor
-    num_prefix: int
+    into: torch.Tensor
 
     @property
     def r(self) -> int:
         return self.merged.shape[1]
 
     def merge(self, t: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        """Apply the plan to any (B, N, D) tensor: A tokens in ``merged`` are reduced into their target
-        with ``mode`` (``sum``, ``mean``, ``amax``, ...)."""
-        a, b = t[:, ::2, :], t[:, 1::2, :]
-        batch, _, dim = a.shape
-        kept = a.gather(1, self.unmerged.expand(batch, self.unmerged.shape[1], dim))
-        sources = a.gather(1, self.merged.expand(batch, self.r, dim))
-        b = b.scatter_reduce(1, self.targets.expand(batch, self.r, dim), sources, reduce=mode)
-        a_prefix, b_prefix = _prefix_split(self.num_prefix)
-        if b_prefix == 0:
-            return torch.cat([kept, b], dim=1)
-        # Prefix tokens sit on both sides (cls at A0, distillation token at B0, ...): put them back first,
-        # interleaved as they were, then the remaining A tokens, then the remaining B tokens.
-        prefix = [kept[:, i // 2 : i // 2 + 1] if i % 2 == 0 else b[:, i // 2 : i // 2 + 1] for i in range(self.num_prefix)]
-        return torch.cat([*prefix, kept[:, a_prefix:], b[:, b_prefix:]], dim=1)
+        """Apply the plan to any (B, N, D) tensor: the merged tokens are reduced into their target with
+        ``mode`` (``sum``: added in ``merged`` order; ``amax``)."""
+        kept, moved = take(t, self.order), take(t, self.merged)
+        if mode == "sum":
+            return add_at(kept, self.into, moved)
+        return kept.scatter_reduce(1, self.into[..., None].expand_as(moved), moved, reduce=mode)
 
 
 def _prefix_split(num_prefix: int) -> tuple[int, int]:
@@ -74,22 +66,38 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Me
     if b_prefix:
         scores[:, :, :b_prefix] = -math.inf
     best_value, best_target = scores.max(dim=-1)
-    order = best_value.argsort(dim=-1, descending=True)[..., None]
-    unmerged, merged = order[:, r:, :], order[:, :r, :]
-    targets = best_target[..., None].gather(1, merged)
+    order = best_value.argsort(dim=-1, descending=True)
+    unmerged, merged = order[:, r:], order[:, :r]
+    targets = best_target.gather(1, merged)
     if num_prefix:
         # Keep the surviving A tokens in their original order, so the class token stays first.
         unmerged = unmerged.sort(dim=1)[0]
-    return MergePlan(unmerged=unmerged, merged=merged, targets=targets, num_prefix=num_prefix)
+    # Positions: A token i sits at 2i, B token j at 2j + 1. Prefix tokens (never merged; the first A ones
+    # survive first after the sort) go first, interleaved as they were.
+    batch, num_tokens = metric.shape[:2]
+    positions = torch.arange(num_tokens, device=metric.device)
+    kept_a = unmerged[:, a_prefix:] * 2
+    kept_b = positions[1 + 2 * b_prefix :: 2].expand(batch, -1)
+    out = torch.cat([positions[:num_prefix].expand(batch, -1), kept_a, kept_b], dim=1)
+    into = targets + (num_prefix + kept_a.shape[1] - b_prefix)  # B token j's slot among the output tokens
+    return MergePlan(order=out, merged=merged * 2, into=into)
 
 
 def merge_tokens(tokens: TokenState, plan: MergePlan) -> TokenState:
-    """Size-weighted average merge of x; sizes add up; sources are united."""
-    size = tokens.sizes()
-    x = plan.merge(tokens.x * size, "sum")
-    size = plan.merge(size, "sum")
+    """Size-weighted average merge of x; sizes add up; sources are united.
+
+    ``plan.merge(x * size) / plan.merge(size)``, with the rows taken before they are weighted (the same
+    products, fewer of them) and the sum added in place into the fresh rows: two passes over the tokens fewer."""
+    kept, moved = take(tokens.x, plan.order), take(tokens.x, plan.merged)
+    if tokens.size is None:  # every size is 1: x * 1 is x
+        size = plan.merge(tokens.sizes(), "sum")
+    else:
+        kept_size, moved_size = take(tokens.size, plan.order), take(tokens.size, plan.merged)
+        kept, moved = kept * kept_size, moved * moved_size
+        size = add_at(kept_size, plan.into, moved_size)
+    x = add_at(kept, plan.into, moved, inplace=True) / size
     source = None if tokens.source is None else plan.merge(tokens.source, "amax")
-    return TokenState(x=x / size, size=size, source=source)
+    return TokenState(x=x, size=size, source=source)
 
 
 def tome_reduce(tokens: TokenState, metric: torch.Tensor, r: int, num_prefix: int) -> TokenState:

@@ -12,38 +12,29 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import METRIC, TokenState, register
-from methods.ops import _prefix_split, bipartite_soft_matching, max_merge
+from methods.base import METRIC, TokenState, add_at, register, take
+from methods.ops import bipartite_soft_matching, max_merge
 from methods.pitome import RatioMerging, merged_count
-
-
-def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
 
 
 def tofu_reduce(tokens: TokenState, metric: torch.Tensor, r: int, num_prefix: int, fuse: bool) -> TokenState:
     """One ToFu step with ``r`` (already capped): prune (``fuse`` False) or MLERP-merge the selected A tokens.
-    Output: prefix tokens, surviving A tokens in position order, B tokens in position order."""
+    Output: ToMe's order (``MergePlan.order``)."""
     plan = bipartite_soft_matching(metric, r, num_prefix)
     x, source = tokens.x, tokens.source
-    batch, num_tokens, _ = x.shape
-    positions = torch.arange(num_tokens, device=x.device)
-    a_pos, b_pos = positions[::2], positions[1::2]
-    kept = a_pos[plan.unmerged[..., 0]]  # (B, Na - r), position order, prefix A tokens first
+    index = plan.order  # prefix, kept A (by position when there is a prefix, else in matching order), B
     if fuse:
-        src = a_pos[plan.merged[..., 0]]  # (B, r) positions of the merged A tokens
-        dst = b_pos[plan.targets[..., 0]]  # (B, r) positions of their B tokens
+        src, dst = plan.merged, plan.order.gather(1, plan.into)  # (B, r) positions: merged A, their B
+        moved = take(x, src)
+        count = add_at(torch.ones_like(x[..., :1]), dst, torch.ones_like(moved[..., :1]))
+        mean = add_at(x, dst, moved) / count  # scatter_reduce "mean" with the destination included
         norm = x.norm(dim=-1)
-        mean = x.scatter_reduce(1, dst[..., None].expand_as(_take(x, src)), _take(x, src), reduce="mean")
         largest = norm.scatter_reduce(1, dst, norm.gather(1, src), reduce="amax")
         x = mean / norm[..., None] * largest[..., None]  # divided by the destination's norm before merging
         if source is not None:
-            source = source.scatter_reduce(1, dst[..., None].expand_as(_take(source, src)), _take(source, src),
+            source = source.scatter_reduce(1, dst[..., None].expand(-1, -1, source.shape[-1]), take(source, src),
                                            reduce="amax")
-    a_prefix, b_prefix = _prefix_split(num_prefix)
-    prefix = positions[:num_prefix].expand(batch, num_prefix)
-    index = torch.cat([prefix, kept[:, a_prefix:], b_pos[b_prefix:].expand(batch, -1)], dim=1)
-    return TokenState(x=_take(x, index), size=None, source=None if source is None else _take(source, index))
+    return TokenState(x=take(x, index), size=None, source=None if source is None else take(source, index))
 
 
 @register("tofu")

@@ -8,7 +8,11 @@
 For each method: images/s (median of the timed forwards), the speed-up over the dense baseline timed in
 the same process (alternating forwards, see bench.compare_throughput: the median of the paired per-round
 ratios, with its bootstrap 95% interval), the MAC-ideal speed-up (dense MACs / method MACs, torchprofile)
-and the share of it that was reached. DeiT-S: random weights (MACs and timings do not depend on them; no
+and the share of it that was reached; then the ceiling: the speed-up of the same token counts with the
+reduction itself free (bench.throughput.ScheduleOnly: every block runs on the first tokens of its count), its
+share of the MAC-ideal one, and the method's own cost per batch (``own ms``: its median forward minus the
+ceiling's: scores, matching, sorting, gathering, proportional attention). The three models are timed in turn
+in every round. DeiT-S: random weights (MACs and timings do not depend on them; no
 download); inputs are random too, so PPT's per-image branch choice is arbitrary here: its two branches
 remove the same number of tokens, and the pooled fraction is printed next to it.
 
@@ -19,6 +23,7 @@ with its weights (configs/fmnist_vit.pth), timed on the first Fashion-MNIST test
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +34,7 @@ import bench
 import methods
 from bench import stats
 from bench.macs import model_input_size
-from bench.throughput import DTYPES, device_name
+from bench.throughput import DTYPES, ScheduleOnly, compare_many, device_name
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = {"batch_size": 64, "device": "cpu", "threads": 2}  # the quickstart's measuring conditions
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="default torch's (quickstart: 2)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--only", nargs="+", metavar="METHOD", help="time only these methods (and the dense model)")
     args = parser.parse_args(argv)
     defaults = QUICKSTART if args.model == "quickstart" else {
         "batch_size": 32, "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": None}
@@ -65,19 +71,31 @@ def main(argv: list[str] | None = None) -> int:
         settings = [(name, params, ", ".join(f"{k}={v}" for k, v in params.items())) for name, params in SETTINGS]
         size = model_input_size(bench.apply(vit, "baseline"))
         batch = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(1)).to(device)
+    if args.only:
+        unknown = sorted(set(args.only) - {name for name, _, _ in settings})
+        if unknown:
+            parser.error(f"--only: {', '.join(unknown)} not among this model's runs "
+                         f"({', '.join(sorted({name for name, _, _ in settings}))})")
+        settings = [setting for setting in settings if setting[0] in args.only]
     dense = bench.apply(vit, "baseline")
     dense_macs = bench.count_macs(dense)
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {device_name(device)} "
           f"({device}), {torch.get_num_threads()} threads, {args.runs} timed runs after {args.warmup} warm-up")
     header = (f"{'method':10s} {'params':38s} {'GMACs':>6s} {'images/s':>9s} {'base img/s':>10s} "
-              f"{'speed-up (95% interval)':>23s} {'MAC-ideal':>9s} {'of ideal':>8s}")
+              f"{'speed-up (95% interval)':>23s} {'MAC-ideal':>9s} {'of ideal':>8s} {'ceiling':>7s} "
+              f"{'of ideal':>8s} {'own ms':>6s}")
     print(header)
     print("-" * len(header))
     for name, params, text in settings:
         model = bench.apply(vit, name, **params)
         macs = bench.count_macs(model)
-        measured, baseline = bench.compare_throughput(model, dense, batch, args.dtype, args.warmup, args.runs)
+        with torch.inference_mode():
+            model(batch)  # the token counts on this batch (padded counts where images differ), for the ceiling
+        schedule = ScheduleOnly(vit, model.last_forward)
+        measured, alone, baseline = compare_many([model, schedule, dense], batch, args.dtype, args.warmup, args.runs)
         speedup = stats.speedup(measured.times_s, baseline.times_s)
+        ceiling = stats.speedup(alone.times_s, baseline.times_s)["speedup"]
+        own_ms = (statistics.median(measured.times_s) - statistics.median(alone.times_s)) * 1e3
         ideal = dense_macs / macs
         extra = ""
         layer_stats = model.last_forward.stats.values()
@@ -86,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             extra += f"  {stat.replace('_', ' ')} per layer {values}"
         interval = f"{speedup['speedup']:.2f}x ({speedup['speedup_low']:.2f}-{speedup['speedup_high']:.2f})"
         print(f"{name:10s} {text:38s} {macs / 1e9:6.3f} {measured.images_per_s:9.1f} {baseline.images_per_s:10.1f} "
-              f"{interval:>23s} {ideal:8.2f}x {speedup['speedup'] / ideal:8.2f}{extra}")
+              f"{interval:>23s} {ideal:8.2f}x {speedup['speedup'] / ideal:8.2f} {ceiling:6.2f}x {ceiling / ideal:8.2f} "
+              f"{own_ms:6.2f}{extra}")
     return 0
 
 

@@ -1,0 +1,147 @@
+"""The fast CPU paths of issue 14 point 6 give the values of the operations they replace.
+
+``take`` / ``add_at`` (row copies and row sums by ``index_select`` / ``index_add`` over the flattened batch)
+against ``gather`` / ``scatter_add`` with expanded indices;
+PiToMe's ELU against the exact ELU; ``ScheduleOnly`` (the speed-up ceiling of ``benchmark_methods.py``)
+against the token counts it replays and against the dense model."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+from bench.pipeline.files import REPO
+from bench.throughput import ScheduleOnly
+from methods.base import add_at, take
+from methods.pitome import elu
+from tests.helpers import images, small_vit
+
+
+def _batch(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _index(seed: int, batch: int, count: int, high: int) -> torch.Tensor:
+    return torch.randint(0, high, (batch, count), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 5), (3, 7, 1), (2, 6, 6, 3)])
+def test_take_equals_gather_per_image(shape):
+    t = _batch(0, *shape)
+    index = _index(1, shape[0], 5, shape[1])
+    expected = t.gather(1, index.view(*index.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *shape[2:]))
+    assert torch.equal(take(t, index), expected)
+    # image 1 takes its own rows, not image 0's (the per-image offset)
+    assert torch.equal(take(t, index)[1, 0], t[1, index[1, 0]])
+
+
+def test_take_of_a_non_contiguous_tensor():
+    t = _batch(2, 4, 10, 6)[:, 1:]  # prefix tokens cut off: a strided view
+    index = _index(3, 4, 4, 9)
+    assert torch.equal(take(t, index), t.gather(1, index[..., None].expand(-1, -1, 6)))
+
+
+def test_add_at_equals_scatter_add_with_repeated_targets():
+    t, src = _batch(4, 3, 8, 5), _batch(5, 3, 12, 5) * 1e3  # magnitudes apart: the order of the sum shows
+    index = _index(6, 3, 12, 3)  # 12 rows into 3 targets: many repeats
+    expected = t.scatter_add(1, index[..., None].expand(-1, -1, 5), src)
+    assert torch.equal(add_at(t, index, src), expected)
+    assert not torch.equal(add_at(t, index, src), t)
+    fresh = t.clone()
+    assert add_at(fresh, index, src, inplace=True) is fresh
+    assert torch.equal(fresh, expected)
+
+
+def test_add_at_in_place_writes_into_the_tensor_or_refuses():
+    index, src = _index(8, 3, 2, 4), _batch(9, 3, 2, 5)
+    base = _batch(7, 3, 8, 5)
+    strided = base[:, ::2]  # rows of one image merge into one dimension: a view aliases them
+    expected = strided.scatter_add(1, index[..., None].expand(-1, -1, 5), src)
+    add_at(strided, index, src, inplace=True)
+    assert torch.equal(base[:, ::2], expected)  # written through to the storage, not into a copy
+    transposed = _batch(10, 3, 5, 4).transpose(1, 2)  # (3, 4, 5) that no view can flatten
+    with pytest.raises(RuntimeError):
+        add_at(transposed, index, src, inplace=True)
+
+
+def test_take_and_add_at_backpropagate_like_gather_and_scatter_add():
+    t, src = _batch(10, 3, 8, 5).requires_grad_(), _batch(11, 3, 6, 5).requires_grad_()
+    index, rows = _index(12, 3, 6, 8), _index(13, 3, 4, 8)
+    weight = _batch(14, 3, 4, 5)
+
+    def loss(fast: bool) -> torch.Tensor:
+        if fast:
+            out = take(add_at(t, index, src), rows)
+        else:
+            out = t.scatter_add(1, index[..., None].expand(-1, -1, 5), src).gather(1, rows[..., None].expand(-1, -1, 5))
+        return (out * weight).sum()
+
+    fast = torch.autograd.grad(loss(True), (t, src))
+    slow = torch.autograd.grad(loss(False), (t, src))
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_elu_is_the_correctly_rounded_elu():
+    x = torch.linspace(-4, 2, 20001, dtype=torch.float32)
+    exact = F.elu(x.double())  # float64: 29 more bits than the float32 result
+    ulp = (x.abs().clamp(min=1e-30).log2().floor() - 23).exp2().double()  # a float32 ulp near each input's scale
+    err = (elu(x).double() - exact).abs()
+    # within half a float32 ulp of the value's own magnitude: correctly rounded (exp(x) - 1 in float32 is not)
+    value_ulp = torch.where(exact.abs() > 0, (exact.abs().log2().floor() - 23).exp2(), ulp)
+    assert bool((err <= 0.5 * value_ulp).all())
+    naive = (x.exp() - 1).where(x <= 0, x).double()
+    assert not bool(((naive - exact).abs() <= 0.5 * value_ulp).all())
+    assert torch.equal(elu(x.double()), exact)
+    assert elu(x).dtype == torch.float32
+
+
+def test_schedule_only_runs_each_block_on_the_counts_it_replays():
+    vit = small_vit()
+    batch = images(3)
+    model = bench.apply(vit, "tome", r=6)
+    with torch.inference_mode():
+        model(batch)
+    info = model.last_forward
+    assert info.tokens_mlp != info.tokens_attn  # something to replay
+    seen = {"attn": [], "mlp": []}
+    hooks = [block.norm1.register_forward_hook(lambda m, i, o: seen["attn"].append(o.shape[1])) for block in vit.blocks]
+    hooks += [block.mlp.register_forward_hook(lambda m, i, o: seen["mlp"].append(o.shape[1])) for block in vit.blocks]
+    with torch.inference_mode():
+        ScheduleOnly(vit, info)(batch)
+    for hook in hooks:
+        hook.remove()
+    assert seen == {"attn": info.tokens_attn, "mlp": info.tokens_mlp}
+
+
+def test_schedule_only_without_reduction_is_the_dense_model():
+    vit = small_vit()
+    batch = images(2)
+    dense = bench.apply(vit, "baseline")
+    with torch.inference_mode():
+        expected = dense(batch)
+        got = ScheduleOnly(vit, dense.last_forward)(batch)
+    assert torch.equal(got, expected)
+
+
+def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark_methods.py"), "--model", "quickstart", "--runs", "2",
+         "--warmup", "0", "--batch-size", "4", "--only", "tome", "static"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    ).stdout
+    header = next(line for line in out.splitlines() if line.startswith("method"))
+    assert " ".join(header.split()[-8:]) == "MAC-ideal of ideal ceiling of ideal own ms"
+    rows = [line.split() for line in out.splitlines() if line.startswith(("tome ", "static "))]
+    assert [row[0] for row in rows] == ["tome", "tome", "static", "static"]  # --only: the quickstart's two budgets
+    for row in rows:
+        ideal, of_ideal, ceiling, of_ceiling, own_ms = row[-5:]
+        assert ideal.endswith("x") and ceiling.endswith("x")
+        ideal, ceiling = float(ideal[:-1]), float(ceiling[:-1])
+        assert ideal > 1.1 and 0.3 < ceiling < 3
+        assert float(of_ceiling) == pytest.approx(ceiling / ideal, abs=0.015)  # of the 2-decimal printed values
+        assert math.isfinite(float(own_ms)) and math.isfinite(float(of_ideal))
