@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from methods.base import END, MID, START, Method, ReductionContext, Step, TokenState
+
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -87,31 +89,36 @@ def compare_many(
     return [_result(times, batch, dtype, warmup) for times in _time_rounds(models, batch, dtype, warmup, runs)]
 
 
-class ScheduleOnly(nn.Module):
+class ScheduleOnly(Method):
     """A reduced model's token counts without its reduction work: the ceiling of its speed-up in this harness.
 
-    Replays one forward's ``ForwardInfo`` on the wrapped timm ViT: block i's attention runs on the first
-    ``tokens_attn[i]`` tokens, its MLP on the first ``tokens_mlp[i]``, and ``tokens_out[i]`` leave it; cutting
-    is a view (no copy, no scores, no matching, no bias), timm's blocks and the harness's attention do the rest.
-    The same MACs in the blocks as the method, minus the method's own work (``benchmark_methods.py``)."""
+    A method (not registered) that replays one forward's ``ForwardInfo`` through the one block loop: where the
+    count dropped in that forward (at the start of a block, between its attention and MLP, or at its end) it
+    keeps the first tokens of the new count, a view (no scores, no matching, no sizes, no bias). The same MACs
+    in the blocks as the method, minus the method's own work: ``bench.apply(vit, ScheduleOnly(info))``
+    (``benchmark_methods.py``)."""
 
-    def __init__(self, vit: nn.Module, info) -> None:
+    name = "schedule-only"
+
+    def __init__(self, info) -> None:
         super().__init__()
-        self.vit = vit
         self.counts = list(zip(info.tokens_attn, info.tokens_mlp, info.tokens_out, strict=True))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from bench.attention import attention
+    def _cut(self, layer: int, ctx: ReductionContext) -> tuple[str, int] | None:
+        """Where block ``layer`` cuts and to how many tokens (one point per block, as every method)."""
+        attn, mlp, out = self.counts[layer]
+        entering = ctx.num_tokens if layer == 0 else self.counts[layer - 1][2]
+        for point, before, after in ((START, entering, attn), (MID, attn, mlp), (END, mlp, out)):
+            if after < before:
+                return point, after
+        return None
 
-        vit = self.vit
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        for block, (attn, mlp, out) in zip(vit.blocks, self.counts, strict=True):
-            x = x[:, :attn]
-            x = x + block.drop_path1(block.ls1(attention(block.attn, block.norm1(x), None, frozenset(), 0)[0]))
-            x = x[:, :mlp]
-            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-            x = x[:, :out]
-        return vit.forward_head(vit.norm(x))
+    def step(self, layer: int, ctx: ReductionContext) -> Step | None:
+        cut = self._cut(layer, ctx)
+        return None if cut is None else Step(cut[0])
+
+    def reduce(self, layer, tokens, signals, ctx):
+        return TokenState(x=tokens.x[:, : self._cut(layer, ctx)[1]]), None
 
 
 def _time_rounds(models: list[nn.Module], batch: torch.Tensor, dtype: str, warmup: int, runs: int) -> list[list[float]]:

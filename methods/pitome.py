@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from methods.base import METRIC, BudgetKnob, Method, ReductionContext, TokenState, add_at, register, take
+from methods.base import METRIC, BudgetKnob, Method, ReductionContext, TokenState, register, take
+from methods.ops import MergePlan, merge_tokens
 
 
 def ratio_value(method: Method, value: Any) -> float:
@@ -44,7 +45,7 @@ def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, tor
 def elu(t: torch.Tensor) -> torch.Tensor:
     """``F.elu`` evaluated in float64 and rounded to ``t``'s dtype: the correctly rounded ELU (float32
     ``F.elu`` is within 1 ulp of it). PyTorch's float32 ``expm1`` on CPU is not vectorised: on (64, 49, 49) it
-    takes 0.8 ms, the float64 round trip 0.16 ms (docs/methods.md#pitome)."""
+    takes 0.79 ms, the float64 round trip 0.15 ms (docs/methods.md#pitome)."""
     if t.dtype == torch.float64:
         return F.elu(t)
     return F.elu(t.double()).to(t.dtype)
@@ -78,26 +79,12 @@ def pitome_plan(metric: torch.Tensor, r: int, margin: float, split_all: bool):
 
 
 def merge_weighted(tokens: TokenState, num_prefix: int, kept, dst, src, target) -> TokenState:
-    """Merge the patch tokens ``src`` into ``dst[target]`` (size-weighted mean, sizes add, sources unite);
-    output [prefix tokens, kept, dst]. Indices are into the patch tokens (B, .)."""
-    x, size = tokens.x, tokens.sizes()
-    # positions among all tokens; the output keeps the prefix tokens, then ``kept``, then ``dst``
-    prefix = torch.arange(num_prefix, device=x.device).expand(x.shape[0], -1)
-    order = torch.cat([prefix, kept + num_prefix, dst + num_prefix], dim=1)
-    into = target + (num_prefix + kept.shape[1])  # the output slot of each source's destination
-    moved = src + num_prefix
-
-    def merged(t: torch.Tensor, mode: str) -> torch.Tensor:
-        out, sources = take(t, order), take(t, moved)
-        if mode == "sum":
-            return add_at(out, into, sources)
-        return out.scatter_reduce(1, into[..., None].expand_as(sources), sources, reduce=mode)
-
-    weighted = x if tokens.size is None else x * size  # sizes of 1: x * 1 is x
-    new_size = merged(size, "sum")
-    new_x = merged(weighted, "sum") / new_size  # prefix tokens: x * 1 / 1, unchanged
-    source = None if tokens.source is None else merged(tokens.source, "amax")
-    return TokenState(x=new_x, size=new_size, source=source)
+    """Merge the patch tokens ``src`` into ``dst[target]`` (size-weighted mean, sizes add, sources unite:
+    ToMe's ``merge_tokens``); output [prefix tokens, kept, dst]. Indices are into the patch tokens (B, .)."""
+    prefix = torch.arange(num_prefix, device=kept.device).expand(kept.shape[0], -1)
+    plan = MergePlan(order=torch.cat([prefix, kept + num_prefix, dst + num_prefix], dim=1), merged=src + num_prefix,
+                     into=target + (num_prefix + kept.shape[1]))  # the output slot of each source's destination
+    return merge_tokens(tokens, plan)
 
 
 class RatioMerging(Method):

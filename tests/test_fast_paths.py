@@ -112,7 +112,7 @@ def test_schedule_only_runs_each_block_on_the_counts_it_replays():
     hooks = [block.norm1.register_forward_hook(lambda m, i, o: seen["attn"].append(o.shape[1])) for block in vit.blocks]
     hooks += [block.mlp.register_forward_hook(lambda m, i, o: seen["mlp"].append(o.shape[1])) for block in vit.blocks]
     with torch.inference_mode():
-        ScheduleOnly(vit, info)(batch)
+        bench.apply(vit, ScheduleOnly(info))(batch)
     for hook in hooks:
         hook.remove()
     assert seen == {"attn": info.tokens_attn, "mlp": info.tokens_mlp}
@@ -124,7 +124,7 @@ def test_schedule_only_without_reduction_is_the_dense_model():
     dense = bench.apply(vit, "baseline")
     with torch.inference_mode():
         expected = dense(batch)
-        got = ScheduleOnly(vit, dense.last_forward)(batch)
+        got = bench.apply(vit, ScheduleOnly(dense.last_forward))(batch)
     assert torch.equal(got, expected)
 
 
