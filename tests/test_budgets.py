@@ -4,6 +4,7 @@ budgets), the experiment-file expansion, the records and the leaderboard's match
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,28 @@ def test_leaderboard_has_the_matched_budget_table(budget_run):
     csv = (results / "leaderboard.csv").read_text().splitlines()
     header = csv[0].split(",")
     assert "budget" in header and "mac_fraction" in header
+
+
+def test_budget_runs_without_eval_or_dense_run_print_no_nan(budget_run, tmp_path):
+    """Budget runs that only time (no eval: no top-1) leave the matched-budget table out; evaluated ones
+    without a dense run or MAC count show top-1 without the Δ and the @fraction, never "nan"."""
+    path, _ = budget_run
+    cfg = yaml.safe_load(path.read_text())
+    cfg["budgets"] = {"macs": [0.8]}
+    cfg["grid"] = {"methods": ["tome", {"method": "evit", "layers": [1]}]}
+    cases = {"timing": ["throughput"], "eval": ["eval"]}
+    for label, stages in cases.items():
+        cfg.update(name=label, stages=stages, throughput={"batch_sizes": [4], "warmup": 0, "runs": 1})
+        config = tmp_path / f"{label}.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TOKENBENCH_CACHE_DIR", str(path.parent / "cache"))
+            assert run_bench.main(["--config", str(config), "--results", str(tmp_path / label), "--quiet"]) == 0
+    timing = (tmp_path / "timing" / "leaderboard.md").read_text()
+    assert "## Matched budgets" not in timing and "nan" not in timing
+    evaluated = (tmp_path / "eval" / "leaderboard.md").read_text()
+    section = evaluated.split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    assert "nan" not in section
+    cells = [line.split("|")[3].strip().strip("*") for line in section.splitlines()
+             if line.startswith("| ") and "Rank" not in line]
+    assert len(cells) == 2 and all(re.fullmatch(r"\d+\.\d\d", cell) for cell in cells), cells

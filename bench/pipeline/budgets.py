@@ -32,9 +32,9 @@ def pareto_auc(fractions: Sequence[float], top1: Sequence[float]) -> float:
 def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], group: list[str],
                    title: Callable[..., str], table: Callable[[list[list[str]], list[str]], str]) -> list[str]:
     """Markdown lines of the matched-budget tables, one per model group that has budget runs; empty when no
-    run was calibrated to a budget. ``calibrations``: the experiment's ``calibration.json`` (unreachable
-    budgets appear there only)."""
-    runs = df[df["budget"].notna()]
+    run was calibrated to a budget and evaluated (a budget run without the eval stage has no top-1 to show).
+    ``calibrations``: the experiment's ``calibration.json`` (unreachable budgets appear there only)."""
+    runs = df[df["budget"].notna() & df["top1"].notna()]
     if runs.empty:
         return []
     lines = ["## Matched budgets", "",
@@ -59,10 +59,13 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
                     cells.append("–" if (method, round(target, 6)) in unreachable else "")
                     continue
                 row = hit.iloc[0]
-                text = f"{row['top1']:.2f} ({row['delta_top1']:+.2f}) @{row['mac_fraction']:.3f}"
+                text = f"{row['top1']:.2f}"  # Δ without a dense run, @ without the macs stage: left out
+                text += "" if pd.isna(row["delta_top1"]) else f" ({row['delta_top1']:+.2f})"
+                text += "" if pd.isna(row["mac_fraction"]) else f" @{row['mac_fraction']:.3f}"
                 cells.append(f"**{text}**" if row["top1"] == best[target] else text)
             auc = pareto_auc(list(mine["mac_fraction"]), list(mine["top1"]))
-            covered = f"{mine['mac_fraction'].min():.2f}–{mine['mac_fraction'].max():.2f}" if len(mine) else ""
+            fractions = mine["mac_fraction"].dropna()
+            covered = f"{fractions.min():.2f}–{fractions.max():.2f}" if len(fractions) else ""
             rows.append((auc, method, [*cells, covered]))
         rows.sort(key=lambda item: (math.isnan(item[0]), -item[0] if not math.isnan(item[0]) else 0, item[1]))
         headers = ["Rank", "Method", *[f"≤ {target:.2f} MACs" for target in targets], "Covered", "Pareto AUC"]
