@@ -102,36 +102,53 @@ class TokenState:
 
     def gather(self, index: torch.Tensor) -> TokenState:
         """Keep the tokens ``index`` (B, N') of every image, in that order (pruning)."""
+        rows = Rows(index)
         return TokenState(
-            x=take(self.x, index),
-            size=take(self.sizes(), index),
-            source=None if self.source is None else take(self.source, index),
+            x=take(self.x, rows),
+            size=self.x.new_ones(*index.shape, 1) if self.size is None else take(self.size, rows),
+            source=None if self.source is None else take(self.source, rows),
             mask=None if self.mask is None else self.mask.gather(1, index),
         )
 
 
-def _flat(index: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices (B, K) into dim 1 of a (B, count, ...) tensor as row indices of its (B * count, ...) flattening."""
-    offsets = torch.arange(index.shape[0], device=index.device) * count
-    return (index + offsets[:, None]).reshape(-1)
+class Rows:
+    """Token indices ``index`` (B, K) of every image, with their row numbers in the (B * N, ...) flattening of
+    a (B, N, ...) tensor computed once per N: every ``take``/``add_at`` given the same ``Rows`` reuses them
+    (on a GPU each tensor op is a kernel launch, on either device a dispatch)."""
+
+    __slots__ = ("index", "_flat")
+
+    def __init__(self, index: torch.Tensor) -> None:
+        self.index = index
+        self._flat: dict[int, torch.Tensor] = {}
+
+    def flat(self, count: int) -> torch.Tensor:
+        """Row numbers (B * K,) of ``index`` in the flattening of a (B, ``count``, ...) tensor."""
+        flat = self._flat.get(count)
+        if flat is None:
+            offsets = torch.arange(self.index.shape[0], device=self.index.device) * count
+            flat = self._flat[count] = (self.index + offsets[:, None]).reshape(-1)
+        return flat
 
 
-def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def take(t: torch.Tensor, index: torch.Tensor | Rows) -> torch.Tensor:
     """``t[b, index[b]]`` for every image: rows ``index`` (B, K) of ``t`` (B, N, ...) -> (B, K, ...). The
     values of ``t.gather(1, index expanded)``, by one ``index_select`` over the flattened batch: whole rows
     are copied (an expanded gather indexes every element; ~10x slower on CPU at B=64, N=50, C=96)."""
+    rows = index if isinstance(index, Rows) else Rows(index)
     batch, count = t.shape[:2]
-    rows = t.reshape(batch * count, *t.shape[2:]).index_select(0, _flat(index, count))
-    return rows.view(batch, index.shape[1], *t.shape[2:])
+    picked = t.reshape(batch * count, *t.shape[2:]).index_select(0, rows.flat(count))
+    return picked.view(batch, rows.index.shape[1], *t.shape[2:])
 
 
-def add_at(t: torch.Tensor, index: torch.Tensor, src: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def add_at(t: torch.Tensor, index: torch.Tensor | Rows, src: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``t`` (B, N, ...) with row ``src[b, k]`` added to row ``index[b, k]`` (B, K), in k order: the values of
     ``t.scatter_add(1, index expanded, src)``, by one ``index_add`` over the flattened batch. ``inplace``: into
     ``t`` itself (contiguous, and a tensor no autograd node needs: a fresh result of ``take`` or ``*``)."""
+    rows = index if isinstance(index, Rows) else Rows(index)
     batch, count = t.shape[:2]
     rest = t.shape[2:]
-    flat = _flat(index, count)
+    flat = rows.flat(count)
     if inplace:
         t.view(batch * count, *rest).index_add_(0, flat, src.reshape(-1, *rest))  # view: never a silent copy
         return t

@@ -23,6 +23,7 @@ from methods.base import (
     BudgetKnob,
     Method,
     ReductionContext,
+    Rows,
     Step,
     TokenState,
     add_at,
@@ -120,8 +121,10 @@ def mctf_fuse(
     x = tokens.x
     batch, num_tokens, _ = x.shape
 
+    rows = Rows(slot)  # flattened once for the three pools
+
     def pool(t: torch.Tensor) -> torch.Tensor:
-        return add_at(t.new_zeros(batch, num_out, t.shape[-1]), slot, t)
+        return add_at(t.new_zeros(batch, num_out, t.shape[-1]), rows, t, inplace=True)
 
     norm = pool(weight)
     size = pool(tokens.sizes())

@@ -7,11 +7,11 @@ Shapes: ``x`` (B, N, C); ``size`` (B, N, 1); ``metric`` (B, N, d); ``p`` = numbe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from methods.base import TokenState, add_at, take
+from methods.base import Rows, TokenState, add_at, take
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,12 +35,19 @@ class MergePlan:
     def r(self) -> int:
         return self.merged.shape[1]
 
+    rows: tuple[Rows, Rows, Rows] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # ``order``, ``merged`` and ``into`` as ``Rows``: flattened once for every tensor the plan moves
+        object.__setattr__(self, "rows", (Rows(self.order), Rows(self.merged), Rows(self.into)))
+
     def merge(self, t: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Apply the plan to any (B, N, D) tensor: the merged tokens are reduced into their target with
         ``mode`` (``sum``: added in ``merged`` order; ``amax``)."""
-        kept, moved = take(t, self.order), take(t, self.merged)
+        order, merged, into = self.rows
+        kept, moved = take(t, order), take(t, merged)
         if mode == "sum":
-            return add_at(kept, self.into, moved)
+            return add_at(kept, into, moved)
         return kept.scatter_reduce(1, self.into[..., None].expand_as(moved), moved, reduce=mode)
 
 
@@ -88,14 +95,15 @@ def merge_tokens(tokens: TokenState, plan: MergePlan) -> TokenState:
 
     ``plan.merge(x * size) / plan.merge(size)``, with the rows taken before they are weighted (the same
     products, fewer of them) and the sum added in place into the fresh rows: two passes over the tokens fewer."""
-    kept, moved = take(tokens.x, plan.order), take(tokens.x, plan.merged)
-    if tokens.size is None:  # every size is 1: x * 1 is x
-        size = plan.merge(tokens.sizes(), "sum")
+    order, merged, into = plan.rows
+    kept, moved = take(tokens.x, order), take(tokens.x, merged)
+    if tokens.size is None:  # every size is 1: x * 1 is x, and the sizes are 1 plus the rows merged in
+        size = add_at(kept.new_ones(*kept.shape[:2], 1), into, moved.new_ones(*moved.shape[:2], 1), inplace=True)
     else:
-        kept_size, moved_size = take(tokens.size, plan.order), take(tokens.size, plan.merged)
+        kept_size, moved_size = take(tokens.size, order), take(tokens.size, merged)
         kept, moved = kept * kept_size, moved * moved_size
-        size = add_at(kept_size, plan.into, moved_size)
-    x = add_at(kept, plan.into, moved, inplace=True) / size
+        size = add_at(kept_size, into, moved_size)
+    x = add_at(kept, into, moved, inplace=True) / size
     source = None if tokens.source is None else plan.merge(tokens.source, "amax")
     return TokenState(x=x, size=size, source=source)
 
