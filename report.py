@@ -37,7 +37,7 @@ CSV_COLUMNS = [
 ]
 EXTRA_COLUMNS = [
     "experiment", "throughput_batch_size", "throughput_dtype", "device_name", "threads",
-    "ref_top1", "ref_top5", "ref_gmacs", "ref_source",
+    "throughput_cuda_graphs", "throughput_cuda_graphs_error", "ref_top1", "ref_top5", "ref_gmacs", "ref_source",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -172,6 +172,8 @@ def _row(record: dict) -> dict[str, Any]:
         "throughput_dtype": first.get("dtype"),
         "device_name": first.get("device_name") or _get(record, "env", "device_name"),
         "threads": first.get("threads", _get(record, "env", "threads")) if first else None,
+        "throughput_cuda_graphs": bool(first.get("cuda_graphs")),  # timed as CUDA-graph replays
+        "throughput_cuda_graphs_error": first.get("cuda_graphs_error"),  # why it could not be captured
         "ref_top1": _num(reference.get("top1")),
         "ref_top5": _num(reference.get("top5")),
         "ref_gmacs": _num(reference.get("gmacs")),
@@ -297,6 +299,8 @@ def _conditions(group: pd.DataFrame) -> str:
             parts.append(str(row["throughput_dtype"]))
         if row["threads"] is not None and not pd.isna(row["threads"]):
             parts.append(f"{int(row['threads'])} threads")
+        if row["throughput_cuda_graphs"]:
+            parts.append("CUDA-graph replays")
         text = ", ".join(parts)
         if text not in seen:
             seen.append(text)

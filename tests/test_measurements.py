@@ -293,6 +293,62 @@ def test_config_keys_compile_tokens_and_auto(tmp_path):
     assert load_experiment(write(tmp_path, auto, "g.yaml")).runs[0].throughput["auto"] is True
 
 
+def test_cuda_graphs_option_is_refused_on_cpu_and_keys_stay_without_it(tmp_path):
+    plain = load_experiment(write(tmp_path, config(tmp_path), "a.yaml")).runs[0]
+    off = config(tmp_path, throughput={"batch_sizes": [16], "warmup": 1, "runs": 2, "cuda_graphs": False})
+    assert load_experiment(write(tmp_path, off, "b.yaml")).runs[0].key == plain.key
+    from bench.pipeline.files import REPO
+
+    quickstart = load_experiment(REPO / "configs" / "quickstart.yaml").runs[0]  # its key before the option
+    assert quickstart.key == "fmnist-vit-96x8-baseline-5e1d1e5a"
+    graphs = config(tmp_path, throughput={"batch_sizes": [16], "warmup": 1, "runs": 2, "cuda_graphs": True})
+    with pytest.raises(ConfigError, match=r"c\.yaml.*throughput\.cuda_graphs.*allowed on CPU: false"):
+        load_experiment(write(tmp_path, graphs, "c.yaml"))
+    graphs["defaults"] = {**graphs["defaults"], "device": "cuda"}
+    run = load_experiment(write(tmp_path, graphs, "d.yaml")).runs[0]
+    assert run.throughput["cuda_graphs"] is True and run.key != plain.key
+
+
+def test_cuda_graphs_on_a_machine_without_cuda_time_eagerly_and_say_so(tmp_path, capsys):
+    """``device: auto`` resolved to the CPU: the stage says so on stderr and records eager timings (no
+    ``cuda_graphs`` field: nothing was captured)."""
+    cfg = config(tmp_path, stages=["throughput"],
+                 throughput={"batch_sizes": [4], "warmup": 0, "runs": 2, "cuda_graphs": True})
+    cfg["defaults"] = {**cfg["defaults"], "device": "auto", "model": {**MODEL, "kwargs": {**MODEL["kwargs"], "depth": 2}}}
+    cfg["grid"] = {"methods": [{"method": "tome", "r": 2}]}
+    assert bench_main(write(tmp_path, cfg), tmp_path / "results") == 0
+    assert "cuda_graphs needs CUDA; timed eagerly" in capsys.readouterr().err
+    ((record,), _) = read_all(tmp_path / "results")
+    (entry,) = record["metrics"]["throughput"]
+    assert entry["device"] == "cpu" and "cuda_graphs" not in entry and len(entry["times_s"]) == 2
+
+
+def test_report_of_h200_records_timed_as_cuda_graph_replays(tmp_path):
+    """Records written by this pipeline on an NVIDIA H200 (``throughput.cuda_graphs: true``, DeiT-S with random
+    weights, bf16; tests/data/h200_cuda_graphs): the leaderboard says the times are graph replays and names
+    the method that could not be captured (ATS synchronises with the host) with the reason; the CSV carries
+    both fields."""
+    import shutil
+
+    results = tmp_path / "h200"
+    shutil.copytree(Path(__file__).parent / "data" / "h200_cuda_graphs", results)
+    assert report.main([str(results)]) == 0
+    text = (results / "leaderboard.md").read_text()
+    section = text.split("## Latency, memory and crossover", 1)[1]
+    assert "times are CUDA-graph replays of both models (no Python dispatch); timed eagerly, not capturable: " \
+           "ats: called a synchronizing CUDA operation" in section
+    footer = next(line for line in text.splitlines() if line.startswith("_Throughput: "))
+    conditions = footer.removeprefix("_Throughput: ").split(". Speed-up")[0].split("; ")
+    assert sorted(conditions) == ["NVIDIA H200, batch size 1, bf16, 16 threads",  # ATS's row: timed eagerly
+                                  "NVIDIA H200, batch size 1, bf16, 16 threads, CUDA-graph replays"]
+    csv = pd.read_csv(results / "leaderboard.csv")
+    ats, tome = csv[csv["method"] == "ats"].iloc[0], csv[csv["method"] == "tome"].iloc[0]
+    assert not ats["throughput_cuda_graphs"]
+    assert ats["throughput_cuda_graphs_error"] == "called a synchronizing CUDA operation"
+    assert tome["throughput_cuda_graphs"] and pd.isna(tome["throughput_cuda_graphs_error"])
+    assert tome["speedup"] == pytest.approx(0.408, abs=1e-3)  # the H200's bs-1 replay: 1.99 ms against 0.81 ms
+
+
 # -------------------------------------------------------------------------------------- end to end
 
 

@@ -13,7 +13,8 @@
       workers: 0                           # data-loading processes
       sdpa_backend: auto                   # auto | math | efficient | flash | cudnn: pin the attention kernel
     stages: [eval, macs, throughput]       # any of: finetune, eval, macs, throughput, tokens
-    throughput: {batch_sizes: [32], warmup: 3, runs: 10}   # auto: true (CUDA): double until out of memory
+    throughput: {batch_sizes: [32], warmup: 3, runs: 10}   # auto: true (CUDA): double until out of memory;
+                                           # cuda_graphs: true (CUDA): time CUDA-graph replays
     compile: false                         # torch.compile both models of the throughput stage
     tokens: {images: 4}                    # token maps of 4 eval images (tokens stage)
     macs: {images: 16}                     # real images for data-averaged MACs
@@ -118,6 +119,7 @@ class ThroughputSection:
     warmup: int = option(3, minimum=0)
     runs: int = option(10, minimum=1)
     auto: bool = False  # CUDA: after the listed sizes, double the batch size until out of memory
+    cuda_graphs: bool = False  # CUDA: time replays of CUDA graphs captured from both models (no dispatch cost)
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,8 @@ class Parser:
         if section.throughput.auto and section.defaults.device == "cpu":
             raise self.error("throughput.auto", "doubling the batch size until out of memory needs CUDA (device: "
                              "cpu); allowed on CPU: false")
+        if section.throughput.cuda_graphs and section.defaults.device == "cpu":
+            raise self.error("throughput.cuda_graphs", "CUDA graphs need CUDA (device: cpu); allowed on CPU: false")
         references = section.reference or []
         budgets = section.budgets.macs or []
         for index, target in enumerate(budgets):
@@ -647,8 +651,9 @@ def run_key(run: RunSpec) -> str:
         del identity["compile"]  # eager, as before the option: earlier keys stay
     if "tokens" not in run.stages:
         del identity["tokens"]  # only the tokens stage reads it
-    if not identity["throughput"].get("auto"):
-        identity["throughput"].pop("auto", None)
+    for flag in ("auto", "cuda_graphs"):  # off, as before the options: earlier keys stay
+        if not identity["throughput"].get(flag):
+            identity["throughput"].pop(flag, None)
     if run.finetune:
         identity["finetune"] = {k: v for k, v in run.finetune.items() if k != "export"}
     compact = "-".join(f"{k}{_short(v)}" for k, v in _non_default(run.method, run.params).items())

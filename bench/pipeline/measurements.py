@@ -30,8 +30,8 @@ from tabulate import tabulate
 
 NUMBER_FIELDS = ["latency_p50_ms", "latency_p90_ms", "peak_mem_mb", "baseline_latency_p50_ms",
                  "baseline_latency_p90_ms", "baseline_peak_mem_mb", "speedup_low", "speedup_high", "graph_breaks"]
-FLAG_FIELDS = ["auto", "out_of_memory", "compile"]
-ENTRY_COLUMNS = NUMBER_FIELDS + ["peak_mem_kind"] + FLAG_FIELDS
+FLAG_FIELDS = ["auto", "out_of_memory", "compile", "cuda_graphs"]
+ENTRY_COLUMNS = NUMBER_FIELDS + ["peak_mem_kind", "cuda_graphs_error"] + FLAG_FIELDS
 MEMORY_KINDS = {
     "cpu_rss_growth": "growth of the resident set during one forward (CPU; a lower bound of its working memory)",
     "cuda_max_allocated": "torch.cuda.max_memory_allocated during one forward (weights and input included)",
@@ -51,6 +51,7 @@ def entry_fields(entry: dict) -> dict[str, Any]:
     """The ``ENTRY_COLUMNS`` of one throughput entry (NaN / False where the record lacks them)."""
     fields: dict[str, Any] = {name: _num(entry.get(name)) for name in NUMBER_FIELDS}
     fields["peak_mem_kind"] = entry.get("peak_mem_kind")
+    fields["cuda_graphs_error"] = entry.get("cuda_graphs_error")
     fields.update({name: bool(entry.get(name, False)) for name in FLAG_FIELDS})
     return fields
 
@@ -135,6 +136,15 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
             notes.append("both models compiled (torch.compile); graph breaks: " + ", ".join(
                 f"{run.method}{f' ({run.params})' if run.params else ''} {_cell(run.graph_breaks, 0) or '?'}"
                 for run in breaks.itertuples()))
+        graphed = group[group["cuda_graphs"].fillna(False).astype(bool)]
+        refused = group[group["cuda_graphs_error"].notna()].drop_duplicates("key")
+        if not graphed.empty or not refused.empty:
+            note = "times are CUDA-graph replays of both models (no Python dispatch)"
+            if not refused.empty:
+                note += "; timed eagerly, not capturable: " + ", ".join(
+                    f"{run.method}{f' ({run.params})' if run.params else ''}: {run.cuda_graphs_error}"
+                    for run in refused.itertuples())
+            notes.append(note)
         oom = tp[(tp["key"].isin(group["key"])) & tp["out_of_memory"].fillna(False).astype(bool)]
         if not oom.empty:
             notes.append("out of memory at batch size " + ", ".join(sorted({str(int(b)) for b in oom["batch_size"]})))

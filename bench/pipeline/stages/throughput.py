@@ -9,7 +9,12 @@ with a seeded bootstrap 95% interval (``bench.stats``). With ``compile: true`` b
 ``torch.compile`` (compiled afresh per batch size, before the warm-up: ``compile_s``), and the method's
 graph breaks are counted once (``torch._dynamo.explain``). ``throughput.auto`` (CUDA): after the listed
 sizes, the batch size doubles until the GPU runs out of memory; those entries carry ``auto: true`` and the
-size that did not fit an entry ``out_of_memory: true`` without numbers.
+size that did not fit an entry ``out_of_memory: true`` without numbers. ``throughput.cuda_graphs`` (CUDA):
+both models are captured into CUDA graphs on the batch and the replays are timed (``bench.throughput.capture``:
+kernel time without Python's per-operation dispatch, which dominates small batches on a fast GPU); a method
+whose forward synchronises with the host (ATS) cannot be captured: its entry says ``cuda_graphs: false``
+with the reason (``cuda_graphs_error``) and both models are timed eagerly. Peak memory is always that of an
+eager (or compiled) forward.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from bench import stats
 from bench.memory import peak_memory_mb
 from bench.pipeline.context import StageContext
 from bench.pipeline.samples import sample_indices
-from bench.throughput import autocast, compare_throughput
+from bench.throughput import CaptureError, autocast, capture, compare_throughput
 
 AUTO_LIMIT = 1 << 16  # the doubling stops here even if memory never runs out
 
@@ -60,9 +65,9 @@ def graph_breaks(model: torch.nn.Module, batch: torch.Tensor, dtype: str) -> dic
 
 
 def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor, dtype: str, warmup: int, runs: int,
-            compile_: bool) -> dict[str, Any]:
+            compile_: bool, cuda_graphs: bool = False) -> dict[str, Any]:
     """One throughput entry: ``model`` against ``dense`` on ``batch`` (see the module docstring)."""
-    compile_s = None
+    compile_s, graphs = None, {}
     if compile_:
         torch._dynamo.reset()  # a fresh compilation per batch size, specialised to it
         model, dense = compiled(model), compiled(dense)
@@ -70,7 +75,15 @@ def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor,
         forward(model, batch, dtype)
         forward(dense, batch, dtype)
         compile_s = time.perf_counter() - start
-    measured, baseline = compare_throughput(model, dense, batch, dtype, warmup, runs)
+    timed, timed_dense = model, dense
+    if cuda_graphs:
+        try:
+            timed, timed_dense = capture(model, batch, dtype), capture(dense, batch, dtype)
+            graphs = {"cuda_graphs": True}
+        except CaptureError as error:
+            graphs = {"cuda_graphs": False, "cuda_graphs_error": str(error)}
+    measured, baseline = compare_throughput(timed, timed_dense, batch, dtype, warmup, runs)
+    del timed, timed_dense  # the graphs' memory pools go before the memory is measured
     memory, kind = peak_memory_mb(lambda: forward(model, batch, dtype), batch.device)
     baseline_memory, _ = peak_memory_mb(lambda: forward(dense, batch, dtype), batch.device)
     entry = measured.to_dict()
@@ -88,6 +101,7 @@ def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor,
         **stats.speedup(measured.times_s, baseline.times_s),
         compile=compile_,
         compile_s=compile_s,
+        **graphs,
     )
     return entry
 
@@ -124,12 +138,15 @@ def run(ctx: StageContext) -> list[dict[str, Any]]:
     if settings.get("auto") and not auto:
         print(f"throughput: {run.key}: auto batch sizes need CUDA; measured only {settings['batch_sizes']}",
               file=sys.stderr)
+    graphs = bool(settings.get("cuda_graphs")) and ctx.device.type == "cuda"
+    if settings.get("cuda_graphs") and not graphs:
+        print(f"throughput: {run.key}: cuda_graphs needs CUDA; timed eagerly", file=sys.stderr)
     compile_ = bool(run.compile)
     breaks = graph_breaks(ctx.model, real_batch(ctx, settings["batch_sizes"][0]), run.dtype) if compile_ else {}
 
     def measure_size(batch_size: int) -> dict[str, Any]:
         entry = measure(ctx.model, dense, real_batch(ctx, batch_size), run.dtype, settings["warmup"],
-                        settings["runs"], compile_)
+                        settings["runs"], compile_, graphs)
         return {**entry, **breaks}
 
     return sweep(list(settings["batch_sizes"]), measure_size, auto)
