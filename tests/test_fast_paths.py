@@ -145,3 +145,41 @@ def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
         assert ideal > 1.1 and 0.3 < ceiling < 3
         assert float(of_ceiling) == pytest.approx(ceiling / ideal, abs=0.015)  # of the 2-decimal printed values
         assert math.isfinite(float(own_ms)) and math.isfinite(float(of_ideal))
+
+
+def test_rows_flattened_once_serve_tensors_of_several_widths():
+    """One ``Rows`` used on tensors of different N gives each its own row numbers (the cache is per N)."""
+    from methods.base import Rows
+
+    rows = Rows(_index(4, 3, 2, 5))
+    wide, narrow = _batch(5, 3, 7, 4), _batch(6, 3, 5, 2)
+    assert torch.equal(take(wide, rows), take(wide, rows.index))
+    assert torch.equal(take(narrow, rows), take(narrow, rows.index))
+    assert torch.equal(add_at(narrow, rows, _batch(7, 3, 2, 2)), add_at(narrow, rows.index, _batch(7, 3, 2, 2)))
+    assert sorted(rows._flat) == [5, 7]
+
+
+def test_pruning_attends_without_a_bias_and_matches_ppt_when_every_image_prunes(monkeypatch):
+    """Pruning keeps every size at 1 (log 1 = 0): its attention runs without an additive mask, and its logits
+    are PPT's with proportional attention on when PPT prunes every image (threshold 0)."""
+    import bench.attention
+
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    vit, x = small_vit(), images(3, size=64)
+    pruning = bench.apply(vit, "pruning", r=8, layers=[1, 3])
+    ppt = bench.apply(vit, "ppt", r=8, layers=[1, 3], threshold=0.0)
+    with torch.no_grad():
+        monkeypatch.setattr(bench.attention.F, "scaled_dot_product_attention", spy)
+        pruned = pruning(x)
+        assert len(masks) == len(vit.blocks) and all(mask is None for mask in masks)
+        masks.clear()
+        reference = ppt(x)
+    assert any(mask is not None for mask in masks)  # PPT's sizes may differ from 1: it adds log(size)
+    assert pruning.last_forward.tokens_out == ppt.last_forward.tokens_out
+    torch.testing.assert_close(pruned, reference, rtol=0, atol=1e-6)
