@@ -154,6 +154,8 @@ def capture(model: nn.Module, batch: torch.Tensor, dtype: str, warmup: int = 3) 
         with torch.inference_mode(), autocast(device, dtype):
             torch.cuda.set_sync_debug_mode("error")
             model(batch)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the sweep records it (throughput.auto)
     except RuntimeError as error:
         raise CaptureError(str(error).splitlines()[0][:200]) from None
     finally:
