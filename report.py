@@ -26,6 +26,7 @@ from tabulate import tabulate
 
 from bench.pipeline import budgets, measurements  # matched budgets, throughput sweeps, token maps (light too)
 from bench.pipeline.files import atomic_file, atomic_write
+from bench.pipeline.measurements import fixed, number
 from bench.pipeline.records import read_all  # light: the model stack is not imported
 
 GROUP = ["model", "data", "weights"]
@@ -56,16 +57,6 @@ def _get(mapping: Any, *path: str) -> Any:
             return None
         mapping = mapping.get(name)
     return mapping
-
-
-def _num(value: Any, scale: float = 1.0) -> float:
-    """A float (divided by ``scale``), NaN for missing or non-numeric values."""
-    if isinstance(value, bool) or value is None:
-        return NAN
-    try:
-        return float(value) / scale
-    except (TypeError, ValueError):
-        return NAN
 
 
 def _format_param(value: Any) -> str:
@@ -125,11 +116,11 @@ def _throughput_entries(record: dict) -> list[dict]:
 
 def _speedup(entry: dict) -> float:
     """The entry's speed-up; if only the in-process baseline rate was kept, their ratio (same process)."""
-    speedup = _num(entry.get("speedup"))
+    speedup = number(entry.get("speedup"))
     if math.isnan(speedup):
-        base = _num(entry.get("baseline_images_per_s"))
+        base = number(entry.get("baseline_images_per_s"))
         if base > 0:
-            speedup = _num(entry.get("images_per_s")) / base
+            speedup = number(entry.get("images_per_s")) / base
     return speedup
 
 
@@ -145,25 +136,25 @@ def _row(record: dict) -> dict[str, Any]:
         "model": str(run.get("model_label") or run.get("model") or ""),
         "method": method,
         "params": run["params_label"] if isinstance(run.get("params_label"), str) else format_params(run.get("params")),
-        "top1": _num(_get(metrics, "eval", "top1")),
-        "top5": _num(_get(metrics, "eval", "top5")),
+        "top1": number(_get(metrics, "eval", "top1")),
+        "top5": number(_get(metrics, "eval", "top5")),
         "delta_top1": NAN,
-        "agreement": _num(_get(metrics, "eval", "agreement")),
-        "gmacs": _num(_get(metrics, "macs", "torchprofile"), 1e9),
+        "agreement": number(_get(metrics, "eval", "agreement")),
+        "gmacs": number(_get(metrics, "macs", "torchprofile"), 1e9),
         "mac_reduction": NAN,
-        "images_per_s": _num(first.get("images_per_s")),
+        "images_per_s": number(first.get("images_per_s")),
         "speedup": _speedup(first) if first else NAN,
-        "speedup_low": _num(first.get("speedup_low")),
-        "speedup_high": _num(first.get("speedup_high")),
-        "ece": _num(_get(metrics, "eval", "ece")),
-        "nll": _num(_get(metrics, "eval", "nll")),
-        "feature_cos": _num(_get(metrics, "eval", "feature_cos")),
+        "speedup_low": number(first.get("speedup_low")),
+        "speedup_high": number(first.get("speedup_high")),
+        "ece": number(_get(metrics, "eval", "ece")),
+        "nll": number(_get(metrics, "eval", "nll")),
+        "feature_cos": number(_get(metrics, "eval", "feature_cos")),
         "data": _data_label(run.get("data")),
         "weights": str(weights) if weights else "random init",
         "key": str(record.get("key") or ""),
-        "gmacs_analytic": _num(_get(metrics, "macs", "analytic"), 1e9),
-        "gmacs_data": _num(_get(metrics, "macs", "data_mean"), 1e9),
-        "gmacs_extra": _num(_get(metrics, "macs", "extra"), 1e9),  # work torchprofile cannot see (cdist)
+        "gmacs_analytic": number(_get(metrics, "macs", "analytic"), 1e9),
+        "gmacs_data": number(_get(metrics, "macs", "data_mean"), 1e9),
+        "gmacs_extra": number(_get(metrics, "macs", "extra"), 1e9),  # work torchprofile cannot see (cdist)
         "batch_size": run.get("batch_size"),
         "dtype": run.get("dtype"),
         "device": run.get("device"),
@@ -174,11 +165,11 @@ def _row(record: dict) -> dict[str, Any]:
         "threads": first.get("threads", _get(record, "env", "threads")) if first else None,
         "throughput_cuda_graphs": bool(first.get("cuda_graphs")),  # timed as CUDA-graph replays
         "throughput_cuda_graphs_error": first.get("cuda_graphs_error"),  # why it could not be captured
-        "ref_top1": _num(reference.get("top1")),
-        "ref_top5": _num(reference.get("top5")),
-        "ref_gmacs": _num(reference.get("gmacs")),
+        "ref_top1": number(reference.get("top1")),
+        "ref_top5": number(reference.get("top5")),
+        "ref_gmacs": number(reference.get("gmacs")),
         "ref_source": reference.get("source") if reference else None,
-        "budget": _num(_get(run, "budget", "target")),  # the MAC budget the run was calibrated to, if any
+        "budget": number(_get(run, "budget", "target")),  # the MAC budget the run was calibrated to, if any
         "mac_fraction": NAN,
         # not CSV columns: kept for the markdown sections, dropped by write_csv
         "_reference": bool(reference),
@@ -226,8 +217,8 @@ def build_throughput_frame(recs: Sequence[dict]) -> pd.DataFrame:
                 "method": row["method"], "params": row["params"],
                 "batch_size": entry.get("batch_size"), "dtype": entry.get("dtype"),
                 "device": entry.get("device"), "device_name": entry.get("device_name"),
-                "threads": entry.get("threads"), "images_per_s": _num(entry.get("images_per_s")),
-                "baseline_images_per_s": _num(entry.get("baseline_images_per_s")), "speedup": _speedup(entry),
+                "threads": entry.get("threads"), "images_per_s": number(entry.get("images_per_s")),
+                "baseline_images_per_s": number(entry.get("baseline_images_per_s")), "speedup": _speedup(entry),
                 **measurements.entry_fields(entry),
             })
     return pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS)
@@ -265,13 +256,6 @@ def pareto_front(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFr
 
 
 # -------------------------------------------------------------------------------------------- markdown
-
-
-def _fmt(value: Any, digits: int, suffix: str = "", signed: bool = False) -> str:
-    number = _num(value)
-    if math.isnan(number):
-        return ""
-    return f"{number:{'+' if signed else ''}.{digits}f}{suffix}"
 
 
 def _cell(value: Any) -> str:
@@ -317,11 +301,11 @@ def _leaderboard_section(df: pd.DataFrame) -> list[str]:
     for (model, data, weights), group in df.groupby(GROUP, sort=True):
         gmacs_digits = 3 if group["gmacs"].max() >= 1 else 4  # small models: 0.0482, not 0.048
         rows = [[
-            _cell(row["method"]), _cell(row["params"]), _fmt(row["top1"], 2), _fmt(row["top5"], 2),
-            _fmt(row["delta_top1"], 2, signed=True), _fmt(row["agreement"], 2), _fmt(row["gmacs"], gmacs_digits),
-            _fmt(row["mac_reduction"], 1, "%"), _fmt(row["images_per_s"], 0),
+            _cell(row["method"]), _cell(row["params"]), fixed(row["top1"], 2), fixed(row["top5"], 2),
+            fixed(row["delta_top1"], 2, signed=True), fixed(row["agreement"], 2), fixed(row["gmacs"], gmacs_digits),
+            fixed(row["mac_reduction"], 1, "%"), fixed(row["images_per_s"], 0),
             measurements.format_speedup(row["speedup"], row["speedup_low"], row["speedup_high"]),
-            _fmt(row["ece"], 3), _fmt(row["nll"], 3), _fmt(row["feature_cos"], 4),
+            fixed(row["ece"], 3), fixed(row["nll"], 3), fixed(row["feature_cos"], 4),
         ] for _, row in sort_group(group).iterrows()]
         lines += [f"## {_group_title(model, data, weights)}", "", _table(rows, headers), "", _conditions(group)]
         if not (group["method"] == "baseline").any():
@@ -351,7 +335,7 @@ def _throughput_section(df: pd.DataFrame, tp: pd.DataFrame) -> list[str]:
             for batch, dtype in conditions:
                 match = entries[(entries["batch_size"] == batch) & (entries["_dtype"] == dtype)]
                 first = match.iloc[0] if len(match) else None
-                row += [_fmt(first["images_per_s"], 0) if first is not None else "",
+                row += [fixed(first["images_per_s"], 0) if first is not None else "",
                         measurements.format_speedup(first["speedup"], first["speedup_low"], first["speedup_high"])
                         if first is not None else ""]
             rows.append(row)
@@ -371,8 +355,8 @@ def _reference_section(df: pd.DataFrame) -> list[str]:
             if math.isnan(row[ref_col]):
                 continue
             rows.append([_cell(row["model"]), _cell(row["method"]), _cell(row["params"]), name,
-                         _fmt(row[ref_col], digits), _fmt(row[measured_col], digits),
-                         _fmt(row[measured_col] - row[ref_col], digits, signed=True), _cell(row["ref_source"])])
+                         fixed(row[ref_col], digits), fixed(row[measured_col], digits),
+                         fixed(row[measured_col] - row[ref_col], digits, signed=True), _cell(row["ref_source"])])
     if not rows:
         return []
     headers = ["Model", "Method", "Params", "Metric", "Published", "Measured", "Measured − published", "Source"]
@@ -388,8 +372,8 @@ def _stats_line(stats: dict) -> str:
         if not isinstance(values, dict):
             continue
         for name, value in values.items():
-            number = _num(value)
-            text = f"{number:.2f}" if not math.isnan(number) else str(value)
+            figure = number(value)
+            text = f"{figure:.2f}" if not math.isnan(figure) else str(value)
             by_name.setdefault(name, []).append(f"layer {layer}: {text}")
     return "; ".join(f"{name.replace('_', ' ')} per layer: {', '.join(parts)}" for name, parts in by_name.items())
 
@@ -478,10 +462,10 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
     colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     method_colour = {name: colours(i % colours.N) for i, name in enumerate(names)}
     markers = "os^Dv<>p*h"
-    for number, ((model, data, _weights), group) in enumerate(valid.groupby(GROUP, sort=True)):
-        marker = markers[number % len(markers)]
+    for index, ((model, data, _weights), group) in enumerate(valid.groupby(GROUP, sort=True)):
+        marker = markers[index % len(markers)]
         for method, points in group.groupby("method", sort=True):
-            label = method if number == 0 else None  # one legend entry per method (colour)
+            label = method if index == 0 else None  # one legend entry per method (colour)
             ax.scatter(points["gmacs"], points["top1"], color=method_colour[method], marker=marker, s=40,
                        zorder=3, label=label)
         short = f"{model} on {data.split(' [')[0]}"  # the full title (transform, weights) is in the markdown

@@ -178,7 +178,8 @@ _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per GPU for every warm-up and capture of the process. cuBLAS keeps a workspace per
     stream (about 33 MB each on an H200) that is never handed back: a new stream per capture grew the
-    allocated memory by ~198 MB per run (6 captures) in the first GPU run, inflating later runs' peak memory."""
+    allocated memory by ~198 MB per run (6 captures) on the H200 (docs/gpu_h200.md, run 3), inflating later
+    runs' peak memory."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)

@@ -306,11 +306,9 @@ class Parser:
             finetune["export"] = self.resolve(finetune["export"]) if finetune["export"] else None
         self.check_profile(section.slurm.profile)
         self.check_sdpa(section.defaults)
-        if section.throughput.auto and section.defaults.device == "cpu":
-            raise self.error("throughput.auto", "doubling the batch size until out of memory needs CUDA (device: "
-                             "cpu); allowed on CPU: false")
-        if section.throughput.cuda_graphs and section.defaults.device == "cpu":
-            raise self.error("throughput.cuda_graphs", "CUDA graphs need CUDA (device: cpu); allowed on CPU: false")
+        for flag, what in (("auto", "doubling the batch size until out of memory needs"), ("cuda_graphs", "CUDA graphs need")):
+            if getattr(section.throughput, flag) and section.defaults.device == "cpu":
+                raise self.error(f"throughput.{flag}", f"{what} CUDA (device: cpu); allowed on CPU: false")
         references = section.reference or []
         budgets = section.budgets.macs or []
         for index, target in enumerate(budgets):

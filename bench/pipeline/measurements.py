@@ -38,18 +38,30 @@ MEMORY_KINDS = {
 }
 
 
-def _num(value: Any) -> float:
+def number(value: Any, scale: float = 1.0) -> float:
+    """A float (divided by ``scale``), NaN for missing or non-numeric values."""
     if isinstance(value, bool) or value is None:
         return math.nan
     try:
-        return float(value)
+        return float(value) / scale
     except (TypeError, ValueError):
         return math.nan
 
 
+def fixed(value: Any, digits: int, suffix: str = "", signed: bool = False) -> str:
+    """``value`` with ``digits`` decimals (and ``suffix``), empty when it is not a number."""
+    value = number(value)
+    return "" if math.isnan(value) else f"{value:{'+' if signed else ''}.{digits}f}{suffix}"
+
+
+def run_label(method: Any, params: Any) -> str:
+    """``tome (r=4)``; the bare method name without parameters."""
+    return f"{method} ({params})" if params else str(method)
+
+
 def entry_fields(entry: dict) -> dict[str, Any]:
     """The ``ENTRY_COLUMNS`` of one throughput entry (NaN / False where the record lacks them)."""
-    fields: dict[str, Any] = {name: _num(entry.get(name)) for name in NUMBER_FIELDS}
+    fields: dict[str, Any] = {name: number(entry.get(name)) for name in NUMBER_FIELDS}
     fields["peak_mem_kind"] = entry.get("peak_mem_kind")
     fields["cuda_graphs_error"] = entry.get("cuda_graphs_error")
     fields.update({name: bool(entry.get(name, False)) for name in FLAG_FIELDS})
@@ -58,7 +70,7 @@ def entry_fields(entry: dict) -> dict[str, Any]:
 
 def format_speedup(speedup: Any, low: Any = None, high: Any = None) -> str:
     """``1.42x (1.39-1.45)``; ``1.42x`` without an interval; empty when there is no speed-up."""
-    value, low, high = _num(speedup), _num(low), _num(high)
+    value, low, high = number(speedup), number(low), number(high)
     if math.isnan(value):
         return ""
     if math.isnan(low) or math.isnan(high):
@@ -68,8 +80,8 @@ def format_speedup(speedup: Any, low: Any = None, high: Any = None) -> str:
 
 def crossover(batch_sizes: Sequence[Any], speedups: Sequence[Any]) -> int | None:
     """The smallest batch size from which every measured speed-up is above 1 (None: not at the largest)."""
-    points = sorted((int(b), _num(s)) for b, s in zip(batch_sizes, speedups, strict=True)
-                    if not pd.isna(b) and not math.isnan(_num(s)))
+    points = sorted((int(b), number(s)) for b, s in zip(batch_sizes, speedups, strict=True)
+                    if not pd.isna(b) and not math.isnan(number(s)))
     found = None
     for batch, speedup in reversed(points):
         if speedup <= 1.0:
@@ -82,11 +94,6 @@ def _measured(tp: pd.DataFrame) -> pd.DataFrame:
     """Entries with numbers (not the out-of-memory markers), batch size as int."""
     valid = tp.dropna(subset=["batch_size", "images_per_s"])
     return valid.assign(batch_size=valid["batch_size"].astype(int))
-
-
-def _cell(value: Any, digits: int) -> str:
-    number = _num(value)
-    return "" if math.isnan(number) else f"{number:.{digits}f}"
 
 
 def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
@@ -119,9 +126,9 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
                 match = entries[entries["batch_size"] == batch]
                 entry = match.iloc[0] if len(match) else None
                 row += ["", "", "", "", ""] if entry is None else [
-                    _cell(entry["latency_p50_ms"], 2), _cell(entry["latency_p90_ms"], 2),
-                    _cell(entry["peak_mem_mb"], 1), _cell(entry["baseline_latency_p50_ms"], 2),
-                    _cell(entry["baseline_peak_mem_mb"], 1)]
+                    fixed(entry["latency_p50_ms"], 2), fixed(entry["latency_p90_ms"], 2),
+                    fixed(entry["peak_mem_mb"], 1), fixed(entry["baseline_latency_p50_ms"], 2),
+                    fixed(entry["baseline_peak_mem_mb"], 1)]
             rows.append(row)
         lines += [f"### {title(*names)}", "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True),
                   ""]
@@ -132,9 +139,9 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
             notes.append("peak memory: " + "; ".join(kinds))
         compiled = group[group["compile"].fillna(False).astype(bool)]
         if not compiled.empty:
-            breaks = compiled.drop_duplicates("key").merge(df[["key"]], on="key")
+            breaks = compiled.drop_duplicates("key")
             notes.append("both models compiled (torch.compile); graph breaks: " + ", ".join(
-                f"{run.method}{f' ({run.params})' if run.params else ''} {_cell(run.graph_breaks, 0) or '?'}"
+                f"{run_label(run.method, run.params)} {fixed(run.graph_breaks, 0) or '?'}"
                 for run in breaks.itertuples()))
         graphed = group[group["cuda_graphs"].fillna(False).astype(bool)]
         refused = group[group["cuda_graphs_error"].notna()].drop_duplicates("key")
@@ -142,7 +149,7 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
             note = "times are CUDA-graph replays of both models (no Python dispatch)"
             if not refused.empty:
                 note += "; timed eagerly, not capturable: " + ", ".join(
-                    f"{run.method}{f' ({run.params})' if run.params else ''}: {run.cuda_graphs_error}"
+                    f"{run_label(run.method, run.params)}: {run.cuda_graphs_error}"
                     for run in refused.itertuples())
             notes.append(note)
         oom = tp[(tp["key"].isin(group["key"])) & tp["out_of_memory"].fillna(False).astype(bool)]
@@ -172,13 +179,13 @@ def plot_throughput(df: pd.DataFrame, tp: pd.DataFrame, path: str | Path, group_
     for row, (names, group) in enumerate(groups):
         rate_ax, speed_ax = axes[row]
         runs = sort(df[df["key"].isin(group["key"])])
-        for number, (_, run) in enumerate(runs.iterrows()):
+        for index, (_, run) in enumerate(runs.iterrows()):
             entries = group[group["key"] == run["key"]].sort_values("batch_size")
-            label = str(run["method"]) + (f" ({run['params']})" if run["params"] else "")
+            label = run_label(run["method"], run["params"])
             if run["method"] == "baseline":
                 rate_ax.plot(entries["batch_size"], entries["images_per_s"], "k--", marker="o", label=label)
                 continue
-            colour = colours(number % 20)
+            colour = colours(index % 20)
             rate_ax.plot(entries["batch_size"], entries["images_per_s"], color=colour, marker="o", label=label)
             low = (entries["speedup"] - entries["speedup_low"]).clip(lower=0).fillna(0)
             high = (entries["speedup_high"] - entries["speedup"]).clip(lower=0).fillna(0)
@@ -232,12 +239,12 @@ def token_grids(df: pd.DataFrame, results_dir: str | Path, group_keys: Sequence[
             found.append((names, images, columns))
     written = []
     labels = [str(names[0]) for names, _, _ in found]
-    for number, (names, images, columns) in enumerate(found):
+    for index, (names, images, columns) in enumerate(found):
         if len(found) == 1:
             name = "tokens.png"
         else:
-            slug = _slug(labels[number])
-            name = f"tokens_{slug}.png" if labels.count(labels[number]) == 1 else f"tokens_{slug}-{number + 1}.png"
+            slug = _slug(labels[index])
+            name = f"tokens_{slug}.png" if labels.count(labels[index]) == 1 else f"tokens_{slug}-{index + 1}.png"
         path = folder / name
         caption = f"Token maps: {names[0]} ({names[-1]})"  # model label and weights
         compose(path, images, columns, f"Token maps: {names[0]} (grey: pruned; a colour: one merged token)")
