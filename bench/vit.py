@@ -90,6 +90,12 @@ class ReducedViT(nn.Module):
             embed_dim=vit.embed_dim,
         )
         method.check(self.context)
+        # the method's constant tensors, as non-persistent buffers (moved with the model, not in checkpoints)
+        device = vit.patch_embed.proj.weight.device
+        self._constant_names = []
+        for name, value in method.constants(self.context).items():
+            self.register_buffer(f"constant_{name}", value.to(device), persistent=False)
+            self._constant_names.append(name)
         steps = self._steps(self.context)
         needs = set().union(*(step.signals for step in steps if step is not None))
         if needs & {CLS_ATTN, PPT_SCORE} and not getattr(vit, "has_class_token", vit.cls_token is not None):
@@ -128,7 +134,8 @@ class ReducedViT(nn.Module):
         x = vit.norm_pre(vit.patch_drop(embed(vit, images)))
         ctx = ReductionContext(depth=self.context.depth, num_prefix=self.context.num_prefix, num_tokens=x.shape[1],
                                img_size=self.context.img_size, patch_size=self.context.patch_size,
-                               embed_dim=self.context.embed_dim)
+                               embed_dim=self.context.embed_dim,
+                               constants={name: getattr(self, f"constant_{name}") for name in self._constant_names})
         steps = self._steps(ctx)
         source = None
         if self.track_source:

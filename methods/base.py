@@ -9,7 +9,10 @@ A method is a small object with two questions answered per block (semantics: ``d
 
 It holds only its configuration: everything that changes during a forward pass lives in the harness's
 forward (``bench.vit``; ``ctx.scratch`` is a dict created fresh for every forward), so a model can be
-entered twice and batches cannot leak into each other.
+entered twice and batches cannot leak into each other. Tensors that follow from the configuration and the
+model alone (a fixed index pattern) are ``constants(ctx)``: built once on the CPU, kept as buffers of the
+model and moved with it, they reach ``reduce`` as ``ctx.constants`` on the tokens' device, so a forward
+never copies from the host (on a GPU a synchronising copy, and one a CUDA graph cannot replay).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class ReductionContext:
     patch_size: tuple[int, int] = (16, 16)
     embed_dim: int = 0  # the token width C
     scratch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # ``Method.constants`` of this model, already on the model's device (buffers of the ``bench.apply`` model)
+    constants: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,12 @@ class Method:
         """Where block ``layer`` reduces and with which signals; ``None``: it does not."""
         needs = self.signals(layer, ctx)
         return Step(MID, needs) if needs else None
+
+    def constants(self, ctx: ReductionContext) -> dict[str, torch.Tensor]:
+        """Tensors fixed by the parameters and the model (``ctx`` as built, not per forward), by name: the
+        harness keeps them as buffers of the reduced model (they move with ``.to(device)``) and passes them
+        to every forward as ``ctx.constants``."""
+        return {}
 
     def input_size(self, ctx: ReductionContext) -> tuple[int, int] | None:
         """The (H, W) the images are resized to before the patch embedding (``resize``); None: unchanged."""

@@ -119,10 +119,24 @@ class Static(Method):
         return keep_plan(ctx.num_tokens - ctx.num_prefix, p["heuristic_pattern"], tuple(p["layers"]),
                          p["not_contiguous"], p["keep_rate"], p["min_radius"])
 
+    def constants(self, ctx: ReductionContext) -> dict[str, torch.Tensor]:
+        """Per reducing block, the token indices it keeps (prefix first), for the model's own token count."""
+        return {f"keep{layer}_{ctx.num_tokens}": self._keep(layer, ctx) for layer in self._plan(ctx)}
+
+    def _keep(self, layer: int, ctx: ReductionContext) -> torch.Tensor:
+        positions = torch.tensor(self._plan(ctx)[layer], dtype=torch.long) + ctx.num_prefix
+        return torch.cat([torch.arange(ctx.num_prefix), positions])
+
     def step(self, layer: int, ctx: ReductionContext) -> Step | None:
+        suffix = f"_{ctx.num_tokens}"
+        if any(name.endswith(suffix) for name in ctx.constants):
+            # in a forward at the model's size: the reducing blocks are those with a kept set among the constants
+            # (the plan itself is built with tensor operations that torch.compile would break its graph on)
+            return Step(START) if f"keep{layer}{suffix}" in ctx.constants else None
         return Step(START) if layer in self._plan(ctx) else None
 
     def reduce(self, layer, tokens, signals, ctx):
-        positions = torch.tensor(self._plan(ctx)[layer], device=tokens.x.device) + ctx.num_prefix
-        keep = torch.cat([torch.arange(ctx.num_prefix, device=positions.device), positions])
+        keep = ctx.constants.get(f"keep{layer}_{ctx.num_tokens}")
+        if keep is None:  # images of another size than the model's: built here, a copy from the host
+            keep = self._keep(layer, ctx).to(tokens.x.device)
         return tokens.gather(keep.expand(tokens.x.shape[0], -1)), None

@@ -7,7 +7,9 @@
 Per method: the max |logit| difference between the run on the device and the same model on CPU (fp32,
 same weights and images; TF32 and kernel choice make it non-zero on GPU, a discrete choice that flips
 makes it large), images/s and speed-up over the dense model in fp32 and bf16 (timed alternately in this
-process, ``bench.compare_throughput``), the SDPA kernels each forward dispatched to, then 2 steps of
+process, ``bench.compare_throughput``), on CUDA the bf16 speed-up of CUDA-graph replays of both models
+(``bench.throughput.capture``: the kernels' time without Python's dispatch; ``n/a`` for a forward that
+synchronises with the host), the SDPA kernels each forward dispatched to, then 2 steps of
 DDP fine-tuning through the pipeline's own ``finetune`` (NCCL with 2 processes when 2 GPUs exist, else one
 process; ``--ddp-procs`` overrides, gloo on CPU). Exit code 0 when every method passed, 1 otherwise;
 methods whose parameters do not fit the model are listed as skipped.
@@ -31,7 +33,7 @@ import methods
 from bench.macs import model_input_size
 from bench.pipeline.accelerator import cuda_environment
 from bench.sdpa import enabled_backends, kernels_used
-from bench.throughput import autocast, device_name
+from bench.throughput import CaptureError, autocast, capture, device_name
 
 SMALL = {"img_size": 64, "patch_size": 8, "embed_dim": 48, "num_heads": 3, "depth": 12, "num_classes": 10}
 
@@ -62,7 +64,7 @@ def forward(model: torch.nn.Module, batch: torch.Tensor, dtype: str = "fp32") ->
         return model(batch).float()
 
 
-def check_method(name: str, vit_device, vit_cpu, dense, batch_cpu, batch, args) -> dict:
+def check_method(name: str, vit_device, vit_cpu, dense, batch_cpu, batch, args, dense_graph=None) -> dict:
     params = method_params(name, vit_cpu)
     model_cpu = bench.apply(vit_cpu, name, **params)  # ValueError: does not fit the model (skipped)
     model = bench.apply(vit_device, name, **params)
@@ -75,6 +77,13 @@ def check_method(name: str, vit_device, vit_cpu, dense, batch_cpu, batch, args) 
         measured, base = bench.compare_throughput(model, dense, batch, dtype, args.warmup, args.runs)
         row[dtype] = {"images_per_s": measured.images_per_s, "speedup": measured.images_per_s / base.images_per_s,
                       "kernels": kernels_used(model, batch, dtype)}
+    if dense_graph is not None:  # CUDA: both models as CUDA-graph replays, bf16
+        try:
+            measured, base = bench.compare_throughput(capture(model, batch, "bf16", args.warmup), dense_graph,
+                                                      batch, "bf16", args.warmup, args.runs)
+            row["graph_bf16"] = f"{measured.images_per_s / base.images_per_s:6.2f}x"
+        except CaptureError:
+            row["graph_bf16"] = "n/a"
     return row
 
 
@@ -184,14 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     dense = bench.apply(vit_device, "baseline")
     label = "small ViT (12 blocks, 64 px)" if args.small else args.model
     print(f"{label}, random weights, batch {args.batch_size}, {args.runs} timed runs after {args.warmup} warm-up")
-    header = (f"{'method':13s} {'max|dlogit|':>11s} {'tokens':>6s} {'fp32 x':>7s} {'bf16 x':>7s} "
+    dense_graph = capture(dense, batch, "bf16", args.warmup) if device.type == "cuda" else None
+    header = (f"{'method':13s} {'max|dlogit|':>11s} {'tokens':>6s} {'fp32 x':>7s} {'bf16 x':>7s} {'graph x':>7s} "
               f"{'fp32 img/s':>10s} {'bf16 img/s':>10s}  SDPA kernels fp32 / bf16")
     print(header)
     print("-" * len(header))
     failed, skipped, passed = [], [], []
     for name in names:
         try:
-            row = check_method(name, vit_device, vit_cpu, dense, batch_cpu, batch, args)
+            row = check_method(name, vit_device, vit_cpu, dense, batch_cpu, batch, args, dense_graph)
         except ValueError as error:
             skipped.append(name)
             print(f"{name:13s} skipped: {str(error).splitlines()[0][:150]}")
@@ -205,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             passed.append(name)
         print(f"{name:13s} {row['logit_diff']:11.2e} {'same' if row['tokens_match'] else 'DIFF':>6s} "
-              f"{row['fp32']['speedup']:6.2f}x {row['bf16']['speedup']:6.2f}x {row['fp32']['images_per_s']:10.1f} "
+              f"{row['fp32']['speedup']:6.2f}x {row['bf16']['speedup']:6.2f}x {row.get('graph_bf16', '-'):>7s} "
+              f"{row['fp32']['images_per_s']:10.1f} "
               f"{row['bf16']['images_per_s']:10.1f}  {'+'.join(row['fp32']['kernels']) or '-'} / "
               f"{'+'.join(row['bf16']['kernels']) or '-'}{'' if row['finite'] else '  NON-FINITE LOGITS'}")
-    print(f"(max|dlogit|: {device} vs CPU, fp32; tokens: the same token counts per block on both)")
+    print(f"(max|dlogit|: {device} vs CPU, fp32; tokens: the same token counts per block on both; graph x: bf16,"
+          f" CUDA-graph replays of both models, n/a: the forward synchronises with the host, -: not on CUDA)")
 
     backend = "NCCL" if device.type == "cuda" and world > 1 else "gloo" if world > 1 else "no process group"
     print(f"\nfine-tuning, 2 steps, {world} process(es) ({backend}), "

@@ -220,6 +220,23 @@ def test_static_distilled_and_batch_independent():
     assert (alone[0] - batch[1]).abs().max().item() < 1e-10
 
 
+def test_static_patterns_are_buffers_that_move_with_the_model_and_stay_out_of_checkpoints():
+    vit, x = model(), images(2)
+    reduced = bench.apply(vit, "static", track_source=True, not_contiguous=True, keep_rate=0.5, layers=[2, 7])
+    constants = {name: buffer for name, buffer in reduced.named_buffers() if name.startswith("constant_")}
+    assert sorted(constants) == ["constant_keep2_65", "constant_keep7_65"]
+    assert not any(name.startswith("constant_") for name in reduced.state_dict())  # checkpoints unchanged
+    with torch.no_grad():
+        reduced(x)
+    info = bench.forward_stats(reduced)
+    first, second = constants["constant_keep2_65"], constants["constant_keep7_65"]
+    assert info.tokens_attn == [65] * 2 + [len(first)] * 5 + [len(second)] * 5 and 65 > len(first) > len(second) > 1
+    kept = info.source[:, 1:].argmax(dim=-1)  # original token index of every kept patch, both images alike
+    assert first[0] == 0 and torch.equal(kept, first[1:][second[1:] - 1].expand(2, -1))
+    reduced.to("meta")
+    assert all(reduced.get_buffer(name).device.type == "meta" for name in constants)
+
+
 def test_static_budget_knob_only_in_its_mode():
     vit = model()
     ctx = bench.apply(vit, "static").context
@@ -245,6 +262,23 @@ def test_random_is_reproducible_per_seed_and_independent_of_images_and_global_rn
     assert not torch.equal(info_a.source, info_seed.source)
 
 
+def _spec_keys(seed: int, block: int, image: int, count: int) -> list[int]:
+    """docs/methods.md#random, written out with Python integers (no tensor code): the key of each patch
+    position of one image at one block."""
+    def mix(x: int) -> int:
+        x = (((x >> 16) ^ x) * 0x45D9F3B) % 2**32
+        x = (((x >> 16) ^ x) * 0x45D9F3B) % 2**32
+        return (x >> 16) ^ x
+
+    row = mix((mix((mix(seed) + block) % 2**32) + image) % 2**32)
+    return [mix((row + j) % 2**32) for j in range(count)]
+
+
+def _spec_kept(seed: int, block: int, image: int, count: int, keep: int) -> list[int]:
+    keys = _spec_keys(seed, block, image, count)
+    return sorted(sorted(range(count), key=lambda j: -keys[j])[:keep])
+
+
 def test_random_counts_order_and_draws():
     vit, x = model(), images(2)
     _, info = run(vit, x, "random", keep_rate=0.5, layers=[2, 7])
@@ -253,10 +287,20 @@ def test_random_counts_order_and_draws():
     kept = info.source[:, 1:].argmax(dim=-1) - 1  # original patch index of each kept token
     assert torch.equal(kept, kept.sort(dim=1).values)  # ascending original order
     assert not torch.equal(kept[0], kept[1])  # independent per image
-    g = torch.Generator().manual_seed(0)  # the spec's draws: K_i largest of torch.rand(B, Np)
-    first = torch.rand(2, 64, generator=g).topk(32, dim=1).indices.sort(dim=1).values
-    second = torch.rand(2, 32, generator=g).topk(16, dim=1).indices.sort(dim=1).values
-    assert torch.equal(kept, first.gather(1, second))
+    for image in range(2):  # the spec's keys: block 2 keeps 32 of 64 positions, block 7 16 of those 32
+        first = _spec_kept(0, 2, image, 64, 32)
+        second = _spec_kept(0, 7, image, 32, 16)
+        assert kept[image].tolist() == [first[j] for j in second]
+    for row in range(3):  # distinct keys within an image: the top-K set has no ties to break
+        assert len(set(_spec_keys(5, row, row, 4096))) == 4096
+
+
+def test_random_pattern_of_an_image_does_not_depend_on_the_batch_size():
+    vit = model()
+    x = images(4)
+    _, info_all = run(vit, x, "random", keep_rate=0.5, layers=[2, 7])
+    _, info_two = run(vit, x[:2], "random", keep_rate=0.5, layers=[2, 7])
+    assert torch.equal(info_all.source[:2], info_two.source)  # image b keeps the same tokens in any batch
 
 
 # ------------------------------------------------------------------------------------------------ DeiT geometry
