@@ -72,7 +72,7 @@ def probabilities(
             logits = logits.masked_fill(~real, float("-inf"))
         shifted = (logits - logits.amax(dim=-1, keepdim=True)).float().exp()
         if mask is None:
-            leak = torch.tensor(POLICY_EPS / q.shape[2], dtype=torch.float32, device=q.device)
+            leak = POLICY_EPS / q.shape[2]  # a Python number: rounded to float32 by the add, no tensor from the host
         else:
             leak = (POLICY_EPS / mask.sum(dim=-1).double()).float()[:, None, None, None]
         probs = (shifted + leak) / (shifted.sum(dim=-1, keepdim=True) + POLICY_EPS)
