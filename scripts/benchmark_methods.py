@@ -4,6 +4,7 @@
     python scripts/benchmark_methods.py                     # DeiT-S, batch 32, CPU, fp32
     python scripts/benchmark_methods.py --device cuda --dtype fp16 --batch-size 256
     python scripts/benchmark_methods.py --model quickstart  # the embedded model: batch 64, CPU, fp32, 2 threads
+    python scripts/benchmark_methods.py --model quickstart --compile  # the three models under torch.compile
 
 For each method: images/s (median of the timed forwards), the speed-up over the dense baseline timed in
 the same process (alternating forwards, see bench.compare_throughput: the median of the paired per-round
@@ -18,6 +19,10 @@ remove the same number of tokens, and the pooled fraction is printed next to it.
 
 ``--model quickstart``: every run of configs/quickstart.yaml, on its model (50 tokens, 96 wide, 8 blocks)
 with its weights (configs/fmnist_vit.pth), timed on the first Fashion-MNIST test images (1x28x28).
+
+``--compile``: method, ceiling and dense model each under ``torch.compile`` as the pipeline's ``compile: true``
+compiles them (inductor, specialised to the batch: ``bench.pipeline.stages.throughput.compiled``); the warm-up
+rounds compile them, untimed (afresh for every method: ``torch._dynamo.reset()``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import bench
 import methods
 from bench import stats
 from bench.macs import model_input_size
+from bench.pipeline.stages.throughput import compiled
 from bench.throughput import DTYPES, ScheduleOnly, compare_many, device_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="default torch's (quickstart: 2)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="time the three models under torch.compile")
     parser.add_argument("--only", nargs="+", metavar="METHOD", help="time only these methods (and the dense model)")
     args = parser.parse_args(argv)
     defaults = QUICKSTART if args.model == "quickstart" else {
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     dense = bench.apply(vit, "baseline")
     dense_macs = bench.count_macs(dense)
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {device_name(device)} "
-          f"({device}), {torch.get_num_threads()} threads, {args.runs} timed runs after {args.warmup} warm-up")
+          f"({device}), {torch.get_num_threads()} threads, {args.runs} timed runs after {args.warmup} warm-up"
+          f"{', torch.compile (inductor)' if args.compile else ''}")
     header = (f"{'method':10s} {'params':38s} {'GMACs':>6s} {'images/s':>9s} {'base img/s':>10s} "
               f"{'speed-up (95% interval)':>23s} {'MAC-ideal':>9s} {'of ideal':>8s} {'ceiling':>7s} "
               f"{'of ideal':>8s} {'own ms':>6s}")
@@ -92,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             model(batch)  # the token counts on this batch (padded counts where images differ), for the ceiling
         schedule = bench.apply(vit, ScheduleOnly(model.last_forward))
-        measured, alone, baseline = compare_many([model, schedule, dense], batch, args.dtype, args.warmup, args.runs)
+        timed = [model, schedule, dense]
+        if args.compile:  # compiled afresh for every method, as the pipeline's stage does per batch size
+            torch._dynamo.reset()
+            timed = [compiled(each) for each in timed]
+        measured, alone, baseline = compare_many(timed, batch, args.dtype,
+                                                 max(args.warmup, 1) if args.compile else args.warmup, args.runs)
         speedup = stats.speedup(measured.times_s, baseline.times_s)
         ceiling = stats.speedup(alone.times_s, baseline.times_s)["speedup"]
         own_ms = (statistics.median(measured.times_s) - statistics.median(alone.times_s)) * 1e3

@@ -147,6 +147,27 @@ def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
         assert math.isfinite(float(own_ms)) and math.isfinite(float(of_ideal))
 
 
+def test_benchmark_compile_times_the_three_models_compiled_afresh_per_method(monkeypatch, capsys):
+    """``--compile``: method, ceiling and dense model go through the pipeline's ``compiled`` (recorded here
+    instead of compiling, which the pipeline's own compile tests exercise), after a dynamo reset per method."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_methods", REPO / "scripts" / "benchmark_methods.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    passed, resets = [], []
+    monkeypatch.setattr(script, "compiled", lambda model: passed.append(model) or model)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(passed)))
+    assert script.main(["--model", "quickstart", "--runs", "1", "--warmup", "0", "--batch-size", "4",
+                        "--only", "tome", "--compile"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("1 timed runs after 0 warm-up, torch.compile (inductor)")
+    assert [row.split()[0] for row in out.splitlines() if row.startswith("tome ")] == ["tome", "tome"]
+    assert resets == [0, 3]  # before each method's three models
+    methods_passed = [model.method.name for model in passed]
+    assert methods_passed == ["tome", "schedule-only", "baseline"] * 2
+
+
 def test_rows_flattened_once_serve_tensors_of_several_widths():
     """One ``Rows`` used on tensors of different N gives each its own row numbers (the cache is per N)."""
     from methods.base import Rows
