@@ -146,30 +146,41 @@ class CaptureError(RuntimeError):
 
 def capture(model: nn.Module, batch: torch.Tensor, dtype: str, warmup: int = 3) -> GraphReplay:
     """``model`` on ``batch`` (CUDA) as a ``GraphReplay``. A forward that synchronises with the host is refused
-    with ``CaptureError`` before any capture (one forward under ``torch.cuda.set_sync_debug_mode("error")``)."""
+    with ``CaptureError`` before any capture (one forward under ``torch.cuda.set_sync_debug_mode("error")``, after
+    the warm-up).
+
+    Every forward here runs under the capture's own settings (autocast without its weight-cast cache, which a
+    graph cannot keep): a ``torch.compile`` model guards on them, so its compilation for them (Triton
+    autotuning synchronises) happens in the warm-up, never inside the capture."""
     model.eval()
     device = batch.device
+    stream = _capture_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(stream), torch.inference_mode(), autocast(device, dtype, cache=False):
+            for _ in range(max(warmup, 1)):  # side-stream warm-up, as torch.cuda.graphs documents
+                model(batch)
+            _refuse_host_sync(model, batch)
+    finally:
+        torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), autocast(device, dtype, cache=False), torch.cuda.graph(graph, stream=stream):
+        output = model(batch)
+    return GraphReplay(model, batch, graph, output)
+
+
+def _refuse_host_sync(model: nn.Module, batch: torch.Tensor) -> None:
+    """One forward under ``torch.cuda.set_sync_debug_mode("error")``: ``CaptureError`` if it synchronises."""
     mode = torch.cuda.get_sync_debug_mode()
     try:
-        with torch.inference_mode(), autocast(device, dtype):
-            torch.cuda.set_sync_debug_mode("error")
-            model(batch)
+        torch.cuda.set_sync_debug_mode("error")
+        model(batch)
     except torch.cuda.OutOfMemoryError:
         raise  # the sweep records it (throughput.auto)
     except RuntimeError as error:
         raise CaptureError(str(error).splitlines()[0][:200]) from None
     finally:
         torch.cuda.set_sync_debug_mode(mode)
-    stream = _capture_stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream), torch.inference_mode(), autocast(device, dtype):
-        for _ in range(warmup):  # side-stream warm-up, as torch.cuda.graphs documents
-            model(batch)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), autocast(device, dtype, cache=False), torch.cuda.graph(graph, stream=stream):
-        output = model(batch)
-    return GraphReplay(model, batch, graph, output)
 
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
