@@ -7,6 +7,8 @@ spec's token schedules and block MACs.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import timm
@@ -221,7 +223,7 @@ def test_static_distilled_and_batch_independent():
 
 
 def test_static_patterns_are_buffers_that_move_with_the_model_and_stay_out_of_checkpoints():
-    vit, x = model(), images(2)
+    vit, x = copy.deepcopy(model()), images(2)  # a copy: this test moves it to the meta device
     reduced = bench.apply(vit, "static", track_source=True, not_contiguous=True, keep_rate=0.5, layers=[2, 7])
     constants = {name: buffer for name, buffer in reduced.named_buffers() if name.startswith("constant_")}
     assert sorted(constants) == ["constant_keep2_65", "constant_keep7_65"]
