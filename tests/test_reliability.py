@@ -82,9 +82,13 @@ def keys(results: Path) -> set[str]:
     return {record["key"] for record in read_all(results)[0]}
 
 
-def spawn(*args: str, **kwargs) -> subprocess.Popen:
+def spawn(*args: str, sigint=signal.SIG_DFL, **kwargs) -> subprocess.Popen:
+    """``python *args`` with SIGINT at ``sigint``: by default what a terminal gives. (A shell's background job,
+    ``cmd &`` without job control, inherits SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    without this the Ctrl-C tests would test the shell that started pytest.)"""
     return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, **kwargs)
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint), **kwargs)
 
 
 def alive(pid: int) -> bool:
@@ -227,14 +231,16 @@ def test_a_run_claimed_by_a_live_process_is_not_computed_twice(tmp_path, capsys)
 SLOW = {"stages": ["throughput"], "throughput": {"batch_sizes": [64], "warmup": 1, "runs": 1000000}}
 
 
-def test_kill_9_of_a_local_parent_leaves_no_child_computing(tmp_path):
+# SIG_IGN: run_bench started as a script's background job; its local job must still stop and say so
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["terminal", "background-job"])
+def test_kill_9_of_a_local_parent_leaves_no_child_computing(tmp_path, sigint):
     from bench.pipeline.config import load_experiment
 
     path = config(tmp_path, grid={"methods": ["baseline"]}, **SLOW)
     results = tmp_path / "results"
     (run,) = load_experiment(path).runs
     parent = spawn("run_bench.py", "--config", str(path), "--results", str(results), "--executor", "local",
-                   "--quiet", "--no-report")
+                   "--quiet", "--no-report", sigint=sigint)
     claim = results / "claims" / f"{run.key}.json"
     try:
         child = wait_for(lambda: claim.exists() and claim.read_text() and json.loads(claim.read_text())["pid"],
@@ -420,10 +426,14 @@ def test_ctrl_c_is_interrupted_not_failed_exit_130_without_traceback(tmp_path, c
     results = tmp_path / "results"
     (run,) = load_experiment(path).runs
     process = spawn("run_bench.py", "--config", str(path), "--results", str(results), "--quiet", "--no-report")
-    wait_for(lambda: (results / "claims" / f"{run.key}.json").exists(), 120, "the run to start")
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    try:
+        wait_for(lambda: (results / "claims" / f"{run.key}.json").exists(), 120, "the run to start")
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()  # never leave a run of a million timed forwards computing
+        process.wait()
     assert process.returncode == 130, (out, err)
     assert one_line(err).startswith("interrupted (Ctrl-C)")
     note = json.loads((results / "failed" / f"{run.key}.json").read_text())

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -222,6 +223,10 @@ def exit_with_parent(interval: float = 0.5, grace: float = 10.0) -> None:
     pid = int(pid_text)
     if pid == os.getpid():
         return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        # inherited ignored (run_bench started as a background job of a script): SIGINT is how the parent
+        # cancels this job and how the watchdog below interrupts it, so it must raise KeyboardInterrupt here
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         while process_alive(pid, start or None):
