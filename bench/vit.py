@@ -91,7 +91,7 @@ class ReducedViT(nn.Module):
         )
         method.check(self.context)
         # the method's constant tensors, as non-persistent buffers (moved with the model, not in checkpoints)
-        device = vit.patch_embed.proj.weight.device
+        device = next(vit.parameters()).device
         self._constant_names = []
         for name, value in method.constants(self.context).items():
             self.register_buffer(f"constant_{name}", value.to(device), persistent=False)
