@@ -142,7 +142,7 @@ def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
         ideal, of_ideal, ceiling, of_ceiling, own_ms = row[-5:]
         assert ideal.endswith("x") and ceiling.endswith("x")
         ideal, ceiling = float(ideal[:-1]), float(ceiling[:-1])
-        assert ideal > 1.1 and 0.3 < ceiling < 3
+        assert ideal > 1.1  # from MACs; the timings at batch 4 get no bound (a loaded machine moves them anywhere)
         assert float(of_ceiling) == pytest.approx(ceiling / ideal, abs=0.015)  # of the 2-decimal printed values
         assert math.isfinite(float(own_ms)) and math.isfinite(float(of_ideal))
 
