@@ -22,19 +22,20 @@ def tofu_reduce(tokens: TokenState, metric: torch.Tensor, r: int, num_prefix: in
     Output: ToMe's order (``MergePlan.order``)."""
     plan = bipartite_soft_matching(metric, r, num_prefix)
     x, source = tokens.x, tokens.source
-    index = plan.rows[0]  # prefix, kept A (by position when there is a prefix, else in matching order), B
+    order, merged, _ = plan.rows  # order: prefix, kept A (by position when there is a prefix, else in matching
+    # order), B; merged: the A tokens merged away
     if fuse:
         src, dst = plan.merged, plan.order.gather(1, plan.into)  # (B, r) positions: merged A, their B
-        moved, dst_rows = take(x, plan.rows[1]), Rows(dst)
+        moved, dst_rows = take(x, merged), Rows(dst)
         count = add_at(torch.ones_like(x[..., :1]), dst_rows, torch.ones_like(moved[..., :1]), inplace=True)
         mean = add_at(x, dst_rows, moved) / count  # scatter_reduce "mean" with the destination included
         norm = x.norm(dim=-1)
         largest = norm.scatter_reduce(1, dst, norm.gather(1, src), reduce="amax")
         x = mean / norm[..., None] * largest[..., None]  # divided by the destination's norm before merging
         if source is not None:
-            source = source.scatter_reduce(1, dst[..., None].expand(-1, -1, source.shape[-1]), take(source, plan.rows[1]),
+            source = source.scatter_reduce(1, dst[..., None].expand(-1, -1, source.shape[-1]), take(source, merged),
                                            reduce="amax")
-    return TokenState(x=take(x, index), size=None, source=None if source is None else take(source, index))
+    return TokenState(x=take(x, order), size=None, source=None if source is None else take(source, order))
 
 
 @register("tofu")
