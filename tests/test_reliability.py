@@ -258,6 +258,56 @@ def test_kill_9_of_a_local_parent_leaves_no_child_computing(tmp_path):
     assert note["state"] == "interrupted"
 
 
+# The watchdog of a local job (bench.pipeline.lock.exit_with_parent), on its own: a stand-in parent (a sleep)
+# is killed while the job's main thread is blocked in a system call (a lock held by itself), or swallows the
+# interrupt. Run with SIGINT ignored, as a script's background job inherits it.
+WATCHED = """
+import sys, threading
+from bench.pipeline.lock import exit_with_parent
+exit_with_parent(interval=0.05, grace=float(sys.argv[1]))
+lock = threading.Lock()
+lock.acquire()
+print("watching", flush=True)
+while True:
+    try:
+        lock.acquire()  # blocks until a signal interrupts it
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        if sys.argv[2] == "stop":
+            sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("swallow", [False, True], ids=["blocked-in-a-system-call", "interrupt-swallowed"])
+def test_watchdog_interrupts_a_blocked_job_and_dumps_a_stuck_one(tmp_path, swallow):
+    from bench.pipeline.lock import PARENT_ENV, process_start
+
+    stand_in = subprocess.Popen(["sleep", "300"])
+    try:
+        marker = f"{stand_in.pid}:{process_start(stand_in.pid)}"
+        job = subprocess.Popen([sys.executable, "-c", WATCHED, "4", "swallow" if swallow else "stop"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO), PARENT_ENV: marker},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        assert job.stdout.readline() == "watching\n"
+        stand_in.kill()
+        stand_in.wait()
+        started = time.monotonic()
+        out, err = job.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert f"run_bench (pid {stand_in.pid}) is gone: stopping this job" in err
+    if not swallow:  # the system call is interrupted: KeyboardInterrupt at once, not the hard exit
+        assert (job.returncode, out, took < 4) == (3, "interrupted\n", True), err
+        assert "did not stop" not in err
+    else:  # hard exit after the grace, saying where the main thread was
+        assert job.returncode == 130 and out.startswith("interrupted\n") and took >= 4, err
+        assert "the job did not stop within 4 s; where its threads were:" in err
+        assert 'File "<string>", line 10 in <module>' in err  # the main thread's frame: lock.acquire()
+
+
 # ---------------------------------------------------------------------------------- 4. decoding
 def test_undecodable_records_are_set_aside_numbered_and_redone(tmp_path, capsys):
     path, results = config(tmp_path), tmp_path / "results"

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import json
 import os
@@ -215,7 +216,8 @@ def parent_marker() -> str:
 def exit_with_parent(interval: float = 0.5, grace: float = 10.0) -> None:
     """In a job started by the ``local`` executor: stop when the run_bench process named by
     ``$TOKENBENCH_PARENT`` is gone: KeyboardInterrupt in the main thread (the run is marked interrupted,
-    its claim released), and a hard exit ``grace`` seconds later if the computation does not yield."""
+    its claim released), and a hard exit ``grace`` seconds later if the computation does not yield, after a
+    traceback of every thread on stderr (the job's log): where it was stuck."""
     marker = os.environ.get(PARENT_ENV)
     if not marker:
         return
@@ -228,14 +230,19 @@ def exit_with_parent(interval: float = 0.5, grace: float = 10.0) -> None:
         # cancels this job and how the watchdog below interrupts it, so it must raise KeyboardInterrupt here
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    main = threading.main_thread().ident
+
     def watch() -> None:
         while process_alive(pid, start or None):
             time.sleep(interval)
         print(f"run_bench (pid {pid}) is gone: stopping this job", file=sys.stderr, flush=True)
-        import _thread
-
-        _thread.interrupt_main()
+        if callable(signal.getsignal(signal.SIGINT)):
+            # a real SIGINT to the main thread, not ``_thread.interrupt_main()``: that only sets a flag the
+            # thread sees when it next runs Python code, never while it is blocked in a system call
+            signal.pthread_kill(main, signal.SIGINT)
         time.sleep(grace)
+        print(f"the job did not stop within {grace:g} s; where its threads were:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(130)
 
     threading.Thread(target=watch, name="tokenbench-parent-watchdog", daemon=True).start()
