@@ -242,7 +242,8 @@ def exit_with_parent(interval: float = 0.5, grace: float = 10.0) -> None:
             signal.pthread_kill(main, signal.SIGINT)
         time.sleep(grace)
         print(f"the job did not stop within {grace:g} s; where its threads were:", file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        with contextlib.suppress(Exception):  # a stderr without a file descriptor: no dump, still the exit
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(130)
 
     threading.Thread(target=watch, name="tokenbench-parent-watchdog", daemon=True).start()
