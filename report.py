@@ -27,7 +27,7 @@ from tabulate import tabulate
 from bench.pipeline import budgets, measurements  # matched budgets, throughput sweeps, token maps (light too)
 from bench.pipeline.files import atomic_file, atomic_write
 from bench.pipeline.measurements import fixed, number
-from bench.pipeline.records import read_all  # light: the model stack is not imported
+from bench.pipeline.records import latest_revisions, read_all  # light: the model stack is not imported
 
 GROUP = ["model", "data", "weights"]
 CSV_COLUMNS = [
@@ -227,7 +227,8 @@ def build_throughput_frame(recs: Sequence[dict]) -> pd.DataFrame:
 def load_all(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """``(frame, throughput_frame, problems)`` from one read of the folder."""
     recs, problems = read_all(Path(results_dir))
-    return build_frame(recs), build_throughput_frame(recs), problems
+    recs, superseded = latest_revisions(recs)
+    return build_frame(recs), build_throughput_frame(recs), problems + superseded
 
 
 def sort_group(group: pd.DataFrame) -> pd.DataFrame:

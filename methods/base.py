@@ -194,6 +194,10 @@ class Method:
     # The method's reference setting on DeiT-S at 224 (beyond its defaults), used by the MAC tests and the
     # benchmark script: one place for "a typical setting of this method".
     paper_params: ClassVar[dict[str, Any]] = {}
+    # Raised by one whenever a change of the code changes what the method computes for the same parameters
+    # (its section of docs/methods.md says when and why): it enters the run key (when above 0), so records
+    # computed before the change are not taken for results of the new definition.
+    revision: ClassVar[int] = 0
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))

@@ -37,6 +37,8 @@ def mix32(x):
 class RandomPrune(Method):
     """docs/methods.md#random"""
 
+    revision = 1  # 2026-11-26: keys from an integer hash on the device (docs/methods.md#random)
+
     defaults = {"keep_rate": 0.7, "layers": [3, 6, 9], "seed": 0}
     budget_knob = BudgetKnob("keep_rate", kind="float", cheaper="lower")
 

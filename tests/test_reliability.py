@@ -131,6 +131,40 @@ def test_changed_checkpoint_at_same_path_means_new_runs_and_new_dense_cache(tmp_
     assert frame["weights"].nunique() == 2 and all("(sha256 " in label for label in frame["weights"])
 
 
+def test_records_of_a_redefined_method_are_not_reused(tmp_path, capsys, monkeypatch):
+    """Method.revision enters the run key: raising it (a method whose code now computes something else) means
+    new runs, not the records computed before; revision 0 leaves keys as they were before the field existed."""
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.files import REPO
+    from methods.random_prune import RandomPrune
+
+    path = config(tmp_path, grid={"methods": ["baseline", {"method": "random", "layers": [0]}]})
+    results = tmp_path / "results"
+    assert bench(path, results) == 0
+    first = keys(results)
+    capsys.readouterr()
+    monkeypatch.setattr(RandomPrune, "revision", RandomPrune.revision + 1)
+    assert bench(path, results) == 0
+    assert "1 already done, 1 to run" in capsys.readouterr().out  # random anew, baseline reused
+    (new,) = keys(results) - first
+    (old,) = {key for key in first if "random" in key}
+    assert read_record(record_path(results, new))["method_revision"] == RandomPrune.revision
+    assert read_record(record_path(results, old))["method_revision"] == RandomPrune.revision - 1
+    # both records stay on disk; the leaderboard shows the new definition's and names the other as superseded
+    assert report.main([str(results)]) == 0
+    assert f"skipped {old}: random revision {RandomPrune.revision - 1}, superseded by the record of revision " \
+           f"{RandomPrune.revision} of the same run" in capsys.readouterr().err
+    frame = report.build_frame(read_all(results)[0])
+    assert sorted(frame["method"]) == ["baseline", "random", "random"]  # the reader itself drops nothing
+    shown, _, skipped = report.load_all(results)
+    assert sorted(shown["method"]) == ["baseline", "random"] and shown.loc[shown["method"] == "random", "key"].item() == new
+    assert len(skipped) == 1 and old in (results / "leaderboard.md").read_text()
+    # revision 0: the key random's quickstart run had before revisions existed (computed at f6717d2)
+    monkeypatch.setattr(RandomPrune, "revision", 0)
+    quickstart = [run.key for run in load_experiment(REPO / "configs" / "quickstart.yaml").runs if run.method == "random"]
+    assert quickstart[0] == "fmnist-vit-96x8-random-keep-rate0.729-layers1-3-5-1ba8bea7"
+
+
 def test_weights_hash_is_computed_once_per_file_version(tmp_path):
     from bench.pipeline.fingerprint import cache_file, weights_sha256
 

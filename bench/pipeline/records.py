@@ -20,6 +20,7 @@ A record (``schema: 1``), as ``build_record`` makes it::
         "reference": {"top1": 79.8, "gmacs": 4.6, "source": "DeiT paper"} | null,
         "config_file": "configs/quickstart.yaml", "key": "...", "params_label": "r=4"
       },
+      "method_revision": 0,                  # Method.revision of the code that computed it (absent: 0)
       "metrics": {                           # one entry per stage that ran (bench/pipeline/stages/)
         "eval": {"top1": 89.3, "top5": 99.8, "loss": 0.31, "nll": 0.31, "ece": 0.021, "agreement": 97.2,
                  "feature_cos": 0.993, "images": 10000},
@@ -56,6 +57,7 @@ and redoes that run. A failure note may say ``"state": "interrupted"`` (Ctrl-C) 
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,13 +75,14 @@ class RecordError(ValueError):
 
 def build_record(run: dict[str, Any], metrics: dict[str, Any], tokens_per_layer: dict[str, list[int]] | None,
                  method_stats: dict[str, dict[str, float]], env: dict[str, Any], started_at: str,
-                 wall_s: float) -> dict[str, Any]:
+                 wall_s: float, method_revision: int = 0) -> dict[str, Any]:
     """The record of a finished run (``run``: ``RunSpec.to_dict()``); ``finished_at`` is now."""
     return {
         "schema": SCHEMA,
         "key": run["key"],
         "experiment": run["experiment"],
         "run": run,
+        "method_revision": method_revision,
         "metrics": metrics,
         "tokens_per_layer": tokens_per_layer,
         "method_stats": method_stats,
@@ -132,6 +135,35 @@ def read_all(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         except RecordError as error:
             problems.append(str(error))
     return records, problems
+
+
+def method_revision(record: dict[str, Any]) -> int:
+    """The revision of its method a record was computed with (``Method.revision``; 0 before the field)."""
+    value = record.get("method_revision", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def latest_revisions(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """``(kept, left_out)``: of the records of one run (the same ``run`` apart from its key) computed with
+    several revisions of its method, only those of the latest revision are kept; one line per record left
+    out. (Revisions differ in the run key, so both records stay on disk.)"""
+
+    def identity(record: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in record["run"].items() if k != "key"}, sort_keys=True, default=str)
+
+    latest: dict[str, int] = {}
+    for record in records:
+        latest[identity(record)] = max(latest.get(identity(record), 0), method_revision(record))
+    kept, left_out = [], []
+    for record in records:
+        newest = latest[identity(record)]
+        if method_revision(record) < newest:
+            method = record["run"].get("method")
+            left_out.append(f"{record['key']}: {method} revision {method_revision(record)}, superseded by the "
+                            f"record of revision {newest} of the same run (docs/methods.md#{method})")
+        else:
+            kept.append(record)
+    return kept, left_out
 
 
 def failure_path(results_dir: Path, key: str) -> Path:

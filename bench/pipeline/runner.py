@@ -123,7 +123,7 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
                 return None
     record = build_record(run.to_dict(), metrics, ctx.tokens_per_layer, ctx.method_stats,
                           environment(device, run.sdpa_backend),
-                          started_at=started, wall_s=time.time() - clock)
+                          started_at=started, wall_s=time.time() - clock, method_revision=model.method.revision)
     write_record(record_path(results_dir, run.key), record)
     failure_path(results_dir, run.key).unlink(missing_ok=True)
     return record
