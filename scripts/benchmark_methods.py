@@ -13,7 +13,11 @@ and the share of it that was reached; then the ceiling: the speed-up of the same
 reduction itself free (bench.throughput.ScheduleOnly: the same block loop keeps the first tokens of each count), its
 share of the MAC-ideal one, and the method's own cost per batch (``own ms``: its median forward minus the
 ceiling's: scores, matching, sorting, gathering, proportional attention). The three models are timed in turn
-in every round. DeiT-S: random weights (MACs and timings do not depend on them; no
+in every round. ``fixed``: the own cost at batch 1 (what does not grow with the batch: Python, operator
+dispatch; ``own ms - fixed`` is the part that grows with it, the method's arithmetic); ``room``: the own cost
+at which the speed-up would be 0.9 of the MAC-ideal one, given the ceiling's time (negative: not even the
+ceiling reaches 0.9). Where ``own ms - fixed`` exceeds ``room``, the method's arithmetic alone keeps it under
+0.9 (issue 14). Under ``--compile``, ``fixed`` is not measured (``-``). DeiT-S: random weights (MACs and timings do not depend on them; no
 download); inputs are random too, so PPT's per-image branch choice is arbitrary here: its two branches
 remove the same number of tokens, and the pooled fraction is printed next to it.
 
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', torch.compile (inductor)' if args.compile else ''}")
     header = (f"{'method':10s} {'params':38s} {'GMACs':>6s} {'images/s':>9s} {'base img/s':>10s} "
               f"{'speed-up (95% interval)':>23s} {'MAC-ideal':>9s} {'of ideal':>8s} {'ceiling':>7s} "
-              f"{'of ideal':>8s} {'own ms':>6s}")
+              f"{'of ideal':>8s} {'own ms':>6s} {'fixed':>6s} {'room':>6s}")
     print(header)
     print("-" * len(header))
     for name, params, text in settings:
@@ -110,16 +114,34 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = stats.speedup(alone.times_s, baseline.times_s)["speedup"]
         own_ms = (statistics.median(measured.times_s) - statistics.median(alone.times_s)) * 1e3
         ideal = dense_macs / macs
+        room = room_ms(statistics.median(baseline.times_s), statistics.median(alone.times_s), ideal)
         extra = ""
         layer_stats = model.last_forward.stats.values()
         for stat in sorted({name for values in layer_stats for name in values}):  # e.g. PPT's pooled fraction
             values = [round(float(values[stat]), 2) for values in layer_stats if stat in values]
             extra += f"  {stat.replace('_', ' ')} per layer {values}"
+        fixed = "-" if args.compile else f"{fixed_cost_ms(vit, model, batch[:1], args):6.2f}"  # after the stats
         interval = f"{speedup['speedup']:.2f}x ({speedup['speedup_low']:.2f}-{speedup['speedup_high']:.2f})"
         print(f"{name:10s} {text:38s} {macs / 1e9:6.3f} {measured.images_per_s:9.1f} {baseline.images_per_s:10.1f} "
               f"{interval:>23s} {ideal:8.2f}x {speedup['speedup'] / ideal:8.2f} {ceiling:6.2f}x {ceiling / ideal:8.2f} "
-              f"{own_ms:6.2f}{extra}")
+              f"{own_ms:6.2f} {fixed:>6s} {room:6.2f}{extra}")
     return 0
+
+
+def room_ms(dense_s: float, ceiling_s: float, ideal: float, share: float = 0.9) -> float:
+    """The own cost (ms per batch) at which a method would reach ``share`` of its MAC-ideal speed-up ``ideal``,
+    its ceiling taking ``ceiling_s`` and the dense model ``dense_s`` seconds per batch."""
+    return (dense_s / (share * ideal) - ceiling_s) * 1e3
+
+
+def fixed_cost_ms(vit: torch.nn.Module, model: torch.nn.Module, image: torch.Tensor, args) -> float:
+    """The method's own cost at batch 1 (its median forward minus its ceiling's, timed in turn): what does
+    not grow with the batch (Python, operator dispatch); ``own ms`` minus this grows with it."""
+    with torch.inference_mode():
+        model(image)
+    schedule = bench.apply(vit, ScheduleOnly(model.last_forward))
+    measured, alone = compare_many([model, schedule], image, args.dtype, args.warmup, 5 * args.runs)
+    return (statistics.median(measured.times_s) - statistics.median(alone.times_s)) * 1e3
 
 
 def quickstart(batch_size: int, device: torch.device) -> tuple[torch.nn.Module, list, torch.Tensor]:

@@ -135,11 +135,12 @@ def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
         capture_output=True, text=True, check=True, cwd=REPO,
     ).stdout
     header = next(line for line in out.splitlines() if line.startswith("method"))
-    assert " ".join(header.split()[-8:]) == "MAC-ideal of ideal ceiling of ideal own ms"
+    assert " ".join(header.split()[-10:]) == "MAC-ideal of ideal ceiling of ideal own ms fixed room"
     rows = [line.split() for line in out.splitlines() if line.startswith(("tome ", "static "))]
     assert [row[0] for row in rows] == ["tome", "tome", "static", "static"]  # --only: the quickstart's two budgets
     for row in rows:
-        ideal, of_ideal, ceiling, of_ceiling, own_ms = row[-5:]
+        ideal, of_ideal, ceiling, of_ceiling, own_ms, fixed, room = row[-7:]
+        assert math.isfinite(float(fixed)) and math.isfinite(float(room))
         assert ideal.endswith("x") and ceiling.endswith("x")
         ideal, ceiling = float(ideal[:-1]), float(ceiling[:-1])
         assert ideal > 1.1  # from MACs; the timings at batch 4 get no bound (a loaded machine moves them anywhere)
@@ -166,6 +167,31 @@ def test_benchmark_compile_times_the_three_models_compiled_afresh_per_method(mon
     assert resets == [0, 3]  # before each method's three models
     methods_passed = [model.method.name for model in passed]
     assert methods_passed == ["tome", "schedule-only", "baseline"] * 2
+
+
+def test_benchmark_room_and_fixed_cost_columns(monkeypatch):
+    """``room``: the own cost that would leave 0.9 of the MAC-ideal speed-up; ``fixed``: the own cost timed at
+    batch 1 (method and ceiling only)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_methods", REPO / "scripts" / "benchmark_methods.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # dense 100 ms, ceiling 60 ms, 1.5x fewer MACs: 0.9 of 1.5x is 1.35x, i.e. 74.07 ms, so 14.07 ms of room
+    assert script.room_ms(0.100, 0.060, 1.5) == pytest.approx(14.074, abs=1e-3)
+    assert script.room_ms(0.100, 0.080, 1.5) < 0  # the ceiling itself is under 0.9
+    calls = []
+    real = script.compare_many
+
+    def spy(models, batch, *args):
+        calls.append(([model.method.name for model in models], batch.shape[0], args[-1]))
+        return real(models, batch, *args)
+
+    monkeypatch.setattr(script, "compare_many", spy)
+    assert script.main(["--model", "quickstart", "--runs", "2", "--warmup", "0", "--batch-size", "4",
+                        "--only", "static"]) == 0
+    # per setting: the three models at the batch size, then method and ceiling at batch 1 with 5x the runs
+    assert calls == [(["static", "schedule-only", "baseline"], 4, 2), (["static", "schedule-only"], 1, 10)] * 2
 
 
 def test_rows_flattened_once_serve_tensors_of_several_widths():
