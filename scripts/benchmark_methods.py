@@ -14,11 +14,11 @@ reduction itself free (bench.throughput.ScheduleOnly: the same block loop keeps 
 share of the MAC-ideal one, and the method's own cost per batch (``own ms``: its median forward minus the
 ceiling's: scores, matching, sorting, gathering, proportional attention). The three models are timed in turn
 in every round. ``fixed``: the own cost at batch 1 (what does not grow with the batch: Python, operator
-dispatch; ``own ms - fixed`` is the part that grows with it, the method's arithmetic); ``room``: the own cost
-at which the speed-up would be 0.9 of the MAC-ideal one, given the ceiling's time (negative: not even the
-ceiling reaches 0.9). Where ``own ms - fixed`` exceeds ``room``, the method's arithmetic alone keeps it under
-0.9 (issue 14). Under ``--compile``, ``fixed`` is not measured (``-``). DeiT-S: random weights (MACs and timings do not depend on them; no
-download); inputs are random too, so PPT's per-image branch choice is arbitrary here: its two branches
+dispatch; ``own ms - fixed`` is the part that grows with it, the method's arithmetic as PyTorch's kernels do
+it); ``room``: the own cost at which the speed-up would be 0.9 of the MAC-ideal one, given the ceiling's time
+(negative: not even the ceiling reaches 0.9). Where ``own ms - fixed`` exceeds ``room``, no saving of
+per-operation overhead brings the method to 0.9 (issue 14). Under ``--compile``, ``fixed`` is not measured
+(``-``). DeiT-S: random weights (MACs and timings do not depend on them; no download); inputs are random too, so PPT's per-image branch choice is arbitrary here: its two branches
 remove the same number of tokens, and the pooled fraction is printed next to it.
 
 ``--model quickstart``: every run of configs/quickstart.yaml, on its model (50 tokens, 96 wide, 8 blocks)
