@@ -28,20 +28,22 @@ def names() -> list[str]:
     return sorted(registered())
 
 
-def build(name: str, **params: Any) -> Method:
-    """A configured method: ``build("tome", r=13)``. Raises ``ValueError`` for unknown names or parameters."""
+def method_class(name: str) -> type[Method]:
+    """The registered class of ``name``; ``ValueError`` naming the allowed names for an unknown one."""
     classes = registered()
     if name not in classes:
         raise ValueError(f"unknown method {name!r}; allowed: {', '.join(sorted(classes))}")
-    return classes[name](**params)
+    return classes[name]
+
+
+def build(name: str, **params: Any) -> Method:
+    """A configured method: ``build("tome", r=13)``. Raises ``ValueError`` for unknown names or parameters."""
+    return method_class(name)(**params)
 
 
 def parameters(name: str) -> dict[str, Any]:
     """The parameters of a method with their defaults (``inspect``-free: read from the class)."""
-    classes = registered()
-    if name not in classes:
-        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(sorted(classes))}")
-    return dict(classes[name].defaults)
+    return dict(method_class(name).defaults)
 
 
-__all__ = ["Method", "ReductionContext", "TokenState", "build", "names", "parameters", "register"]
+__all__ = ["Method", "ReductionContext", "TokenState", "build", "method_class", "names", "parameters", "register"]

@@ -18,8 +18,9 @@ dispatch; ``own ms - fixed`` is the part that grows with it, the method's arithm
 it); ``room``: the own cost at which the speed-up would be 0.9 of the MAC-ideal one, given the ceiling's time
 (negative: not even the ceiling reaches 0.9). Where ``own ms - fixed`` exceeds ``room``, no saving of
 per-operation overhead brings the method to 0.9 (issue 14). Under ``--compile``, ``fixed`` is not measured
-(``-``). DeiT-S: random weights (MACs and timings do not depend on them; no download); inputs are random too, so PPT's per-image branch choice is arbitrary here: its two branches
-remove the same number of tokens, and the pooled fraction is printed next to it.
+(``-``). DeiT-S: random weights (MACs and timings do not depend on them; no download); inputs are random too,
+so PPT's per-image branch choice is arbitrary here: its two branches remove the same number of tokens, and the
+pooled fraction is printed next to it.
 
 ``--model quickstart``: every run of configs/quickstart.yaml, on its model (50 tokens, 96 wide, 8 blocks)
 with its weights (configs/fmnist_vit.pth), timed on the first Fashion-MNIST test images (1x28x28).
@@ -101,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, params, text in settings:
         model = bench.apply(vit, name, **params)
         macs = bench.count_macs(model)
-        with torch.inference_mode():
-            model(batch)  # the token counts on this batch (padded counts where images differ), for the ceiling
-        schedule = bench.apply(vit, ScheduleOnly(model.last_forward))
-        timed = [model, schedule, dense]
+        timed = [model, ceiling_model(vit, model, batch), dense]
         if args.compile:  # compiled afresh for every method, as the pipeline's stage does per batch size
             torch._dynamo.reset()
             timed = [compiled(each) for each in timed]
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  max(args.warmup, 1) if args.compile else args.warmup, args.runs)
         speedup = stats.speedup(measured.times_s, baseline.times_s)
         ceiling = stats.speedup(alone.times_s, baseline.times_s)["speedup"]
-        own_ms = (statistics.median(measured.times_s) - statistics.median(alone.times_s)) * 1e3
+        own_ms = own_cost_ms(measured, alone)
         ideal = dense_macs / macs
         room = room_ms(statistics.median(baseline.times_s), statistics.median(alone.times_s), ideal)
         extra = ""
@@ -137,10 +135,21 @@ def room_ms(dense_s: float, ceiling_s: float, ideal: float, share: float = 0.9) 
 def fixed_cost_ms(vit: torch.nn.Module, model: torch.nn.Module, image: torch.Tensor, args) -> float:
     """The method's own cost at batch 1 (its median forward minus its ceiling's, timed in turn): what does
     not grow with the batch (Python, operator dispatch); ``own ms`` minus this grows with it."""
+    measured, alone = compare_many([model, ceiling_model(vit, model, image)], image, args.dtype, args.warmup,
+                                   5 * args.runs)
+    return own_cost_ms(measured, alone)
+
+
+def ceiling_model(vit: torch.nn.Module, model: torch.nn.Module, batch: torch.Tensor) -> torch.nn.Module:
+    """The ceiling of ``model`` on ``batch``: one forward gives its token counts (padded counts where images
+    differ), which ``ScheduleOnly`` replays with the reduction free."""
     with torch.inference_mode():
-        model(image)
-    schedule = bench.apply(vit, ScheduleOnly(model.last_forward))
-    measured, alone = compare_many([model, schedule], image, args.dtype, args.warmup, 5 * args.runs)
+        model(batch)
+    return bench.apply(vit, ScheduleOnly(model.last_forward))
+
+
+def own_cost_ms(measured, alone) -> float:
+    """The method's own cost per batch: its median forward minus its ceiling's (ms)."""
     return (statistics.median(measured.times_s) - statistics.median(alone.times_s)) * 1e3
 
 

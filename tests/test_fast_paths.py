@@ -148,14 +148,20 @@ def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
         assert math.isfinite(float(own_ms)) and math.isfinite(float(of_ideal))
 
 
-def test_benchmark_compile_times_the_three_models_compiled_afresh_per_method(monkeypatch, capsys):
-    """``--compile``: method, ceiling and dense model go through the pipeline's ``compiled`` (recorded here
-    instead of compiling, which the pipeline's own compile tests exercise), after a dynamo reset per method."""
+def benchmark_script():
+    """scripts/benchmark_methods.py as a module (it is a script, not in a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchmark_methods", REPO / "scripts" / "benchmark_methods.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_benchmark_compile_times_the_three_models_compiled_afresh_per_method(monkeypatch, capsys):
+    """``--compile``: method, ceiling and dense model go through the pipeline's ``compiled`` (recorded here
+    instead of compiling, which the pipeline's own compile tests exercise), after a dynamo reset per method."""
+    script = benchmark_script()
     passed, resets = [], []
     monkeypatch.setattr(script, "compiled", lambda model: passed.append(model) or model)
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(passed)))
@@ -172,11 +178,7 @@ def test_benchmark_compile_times_the_three_models_compiled_afresh_per_method(mon
 def test_benchmark_room_and_fixed_cost_columns(monkeypatch):
     """``room``: the own cost that would leave 0.9 of the MAC-ideal speed-up; ``fixed``: the own cost timed at
     batch 1 (method and ceiling only)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_methods", REPO / "scripts" / "benchmark_methods.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script()
     # dense 100 ms, ceiling 60 ms, 1.5x fewer MACs: 0.9 of 1.5x is 1.35x, i.e. 74.07 ms, so 14.07 ms of room
     assert script.room_ms(0.100, 0.060, 1.5) == pytest.approx(14.074, abs=1e-3)
     assert script.room_ms(0.100, 0.080, 1.5) < 0  # the ceiling itself is under 0.9

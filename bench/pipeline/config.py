@@ -621,13 +621,6 @@ def expand_env(text: str) -> str:
     return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", substitute, text)
 
 
-def _method_class(method: str) -> type:
-    import methods
-
-    methods.parameters(method)  # an unknown name: ValueError naming the allowed ones
-    return methods.registered()[method]
-
-
 def _non_default(method: str, params: dict[str, Any]) -> dict[str, Any]:
     import methods
 
@@ -661,7 +654,9 @@ def run_key(run: RunSpec) -> str:
             identity["throughput"].pop(flag, None)
     if run.finetune:
         identity["finetune"] = {k: v for k, v in run.finetune.items() if k != "export"}
-    revision = _method_class(run.method).revision
+    import methods
+
+    revision = methods.method_class(run.method).revision
     if revision:  # the method redefined since (Method.revision): its earlier records are not reused
         identity["method_revision"] = revision
     compact = "-".join(f"{k}{_short(v)}" for k, v in _non_default(run.method, run.params).items())

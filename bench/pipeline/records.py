@@ -151,16 +151,16 @@ def latest_revisions(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     def identity(record: dict[str, Any]) -> str:
         return json.dumps({k: v for k, v in record["run"].items() if k != "key"}, sort_keys=True, default=str)
 
+    identities, revisions = [identity(r) for r in records], [method_revision(r) for r in records]
     latest: dict[str, int] = {}
-    for record in records:
-        latest[identity(record)] = max(latest.get(identity(record), 0), method_revision(record))
+    for name, revision in zip(identities, revisions, strict=True):
+        latest[name] = max(latest.get(name, 0), revision)
     kept, left_out = [], []
-    for record in records:
-        newest = latest[identity(record)]
-        if method_revision(record) < newest:
+    for record, name, revision in zip(records, identities, revisions, strict=True):
+        if revision < latest[name]:
             method = record["run"].get("method")
-            left_out.append(f"{record['key']}: {method} revision {method_revision(record)}, superseded by the "
-                            f"record of revision {newest} of the same run (docs/methods.md#{method})")
+            left_out.append(f"{record['key']}: {method} revision {revision}, superseded by the record of revision "
+                            f"{latest[name]} of the same run (docs/methods.md#{method})")
         else:
             kept.append(record)
     return kept, left_out
