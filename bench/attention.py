@@ -5,7 +5,8 @@ By default it runs on ``scaled_dot_product_attention``: proportional attention (
 mask, so the fused kernel stays. Signals that need the class token's attention compute only that row
 (q[:, :, 0] against all keys), never the N x N matrix. The full matrix is computed (and then also used for
 the output, so nothing is computed twice) only where a method asks for it (``ATTN``) or where its numerics
-require it (``mode`` ``explicit`` / ``policy``). See ``docs/methods.md#the-block-loop``.
+require it (``mode`` ``explicit`` / ``policy``), and in every block inside ``sdpa_backend("explicit")`` (the
+experiment's ``sdpa_backend: explicit``, ``bench/sdpa.py``). See ``docs/methods.md#the-block-loop``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.sdpa import written_out
 from methods.base import ATTN, CLS_ATTN, METRIC, PPT_SCORE
 
 POLICY_EPS = 1e-6  # ATS's softmax epsilon (docs/methods.md#ats)
@@ -106,13 +108,14 @@ def attention(
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """timm's ``Attention.forward`` (q/k norm, attention-output norm and gate honoured) with an additive
-    ``bias``, plus the requested signals. ``mode``: ``fused`` (SDPA unless ``ATTN`` is needed), ``explicit``
-    or ``policy`` (see ``probabilities``); ``mask`` (B, N): real tokens, for the policy softmax."""
+    ``bias``, plus the requested signals. ``mode``: ``fused`` (SDPA unless ``ATTN`` is needed or the kernel
+    is pinned to ``explicit``), ``explicit`` or ``policy`` (see ``probabilities``); ``mask`` (B, N): real
+    tokens, for the policy softmax."""
     q, k, v = project(attn, x)
     if bias is not None:
         bias = bias.to(q.dtype)  # autocast runs q/k in half precision; the mask must match
     probs = None
-    if mode != "fused" or ATTN in needs:
+    if mode != "fused" or ATTN in needs or written_out():
         probs = probabilities(q, k, bias, attn.scale, "explicit" if mode == "fused" else mode, mask)
         heads_out = attn.attn_drop(probs).to(v.dtype) @ v
     else:

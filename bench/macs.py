@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchprofile import profile_macs
 
+from bench.sdpa import sdpa_backend
 from bench.vit import ForwardInfo, ReducedViT
 
 
@@ -35,13 +36,15 @@ def count_image(model: nn.Module, input_size: Sequence[int] | None = None) -> to
 def count_macs(model: nn.Module, input_size: Sequence[int] | None = None, image: torch.Tensor | None = None) -> int:
     """torchprofile's MAC count of one forward on one image (``image``, (C, H, W), or a fixed random one
     of ``input_size``, by default the model's own: (3, 224, 224) for DeiT). MACs do not depend on weights;
-    for data-dependent methods they depend on the image: see ``data_macs``."""
+    for data-dependent methods they depend on the image: see ``data_macs``. Nor on the attention kernel: the
+    trace runs under PyTorch's choice (``sdpa_backend("auto")``), so a run pinned to ``explicit`` attention
+    counts what the same run on SDPA counts (written out, the ``* scale`` would add B x H x N^2 MACs)."""
     if image is None:
         image = count_image(model, input_size)
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), sdpa_backend("auto"):
             warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches and ops without MACs
             return int(profile_macs(model, image[None].to(_device(model))))
     finally:

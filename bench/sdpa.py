@@ -1,4 +1,4 @@
-"""Which ``scaled_dot_product_attention`` kernel runs, and pinning it.
+"""Which attention kernel runs, and pinning it.
 
 On GPU, PyTorch picks a kernel per call: flash refuses an additive mask, so the dense model and the pruning
 methods run flash in fp16/bf16 while the methods with proportional attention (ToMe, PPT: a ``log(size)``
@@ -6,6 +6,13 @@ mask after their first reduction) switch to the memory-efficient kernel. A compa
 kernel fixed pins one: ``sdpa_backend: math|efficient|flash|cudnn`` in an experiment (``auto``: PyTorch's
 choice). The pin applies to every forward of a run (method and dense baseline alike), through
 ``torch.nn.attention.sdpa_kernel``.
+
+``explicit`` is no SDPA kernel: every block writes its attention out, ``softmax((q k^T) * scale + bias) @ v``
+(``bench.attention.probabilities``, the official ToMe / EViT code's arithmetic), on any device. On the CPU at
+the embedded model's size (<= 50 tokens, 32-wide heads) it is the faster kernel for the dense model itself:
+1.4-1.6x PyTorch's at batch 8-128, equal at batch 1; on DeiT-S (197 tokens, 64-wide heads) it is 1.3x slower
+(``docs/methods.md#the-block-loop``). MAC counts do not depend on the kernel (``bench.macs.count_macs``
+counts under PyTorch's choice).
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from collections.abc import Iterator
 
 import torch
 
-SDPA_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn")
+SDPA_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn", "explicit")
 _ENUM_NAMES = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
                "cudnn": "CUDNN_ATTENTION"}
-CPU_BACKENDS = ("auto", "math", "flash")  # PyTorch has no memory-efficient or cuDNN kernel on CPU
+CPU_BACKENDS = ("auto", "math", "flash", "explicit")  # PyTorch has no memory-efficient or cuDNN kernel on CPU
+_written_out = False  # inside ``sdpa_backend("explicit")``: read by ``bench.attention.attention``
 # aten op that each kernel dispatches to (CPU and CUDA), for ``kernels_used``
 _OPS = {"_scaled_dot_product_attention_math": "math", "_scaled_dot_product_flash_attention": "flash",
         "_scaled_dot_product_flash_attention_for_cpu": "flash", "_scaled_dot_product_efficient_attention": "efficient",
@@ -31,7 +39,7 @@ def check_backend(name: str, device: torch.device) -> None:
         raise ValueError(f"sdpa_backend {name!r} unknown; allowed: {', '.join(SDPA_BACKENDS)}")
     if device.type == "cpu" and name not in CPU_BACKENDS:
         raise ValueError(f"sdpa_backend {name!r} needs CUDA; allowed on CPU: {', '.join(CPU_BACKENDS)}")
-    if name != "auto":
+    if name in _ENUM_NAMES:
         from torch.nn.attention import SDPBackend
 
         if not hasattr(SDPBackend, _ENUM_NAMES[name]):
@@ -40,14 +48,25 @@ def check_backend(name: str, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def sdpa_backend(name: str) -> Iterator[None]:
-    """Every ``scaled_dot_product_attention`` inside uses only backend ``name`` (``auto``: no pin)."""
-    if name == "auto":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Every block's attention inside uses only kernel ``name`` (``auto``: PyTorch's choice of SDPA kernel;
+    ``explicit``: written out, no SDPA)."""
+    global _written_out
+    previous, _written_out = _written_out, name == "explicit"
+    try:
+        if name not in _ENUM_NAMES:
+            yield
+            return
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([getattr(SDPBackend, _ENUM_NAMES[name])]):
-        yield
+        with sdpa_kernel([getattr(SDPBackend, _ENUM_NAMES[name])]):
+            yield
+    finally:
+        _written_out = previous
+
+
+def written_out() -> bool:
+    """Whether the attention is written out in every block (inside ``sdpa_backend("explicit")``)."""
+    return _written_out
 
 
 def enabled_backends() -> list[str]:

@@ -23,7 +23,11 @@ so PPT's per-image branch choice is arbitrary here: its two branches remove the 
 pooled fraction is printed next to it.
 
 ``--model quickstart``: every run of configs/quickstart.yaml, on its model (50 tokens, 96 wide, 8 blocks)
-with its weights (configs/fmnist_vit.pth), timed on the first Fashion-MNIST test images (1x28x28).
+with its weights (configs/fmnist_vit.pth), timed on the first Fashion-MNIST test images (1x28x28), with its
+attention kernel (``sdpa_backend: explicit``).
+
+``--sdpa-backend``: the attention kernel of all three models (bench/sdpa.py; default: the quickstart's, else
+``auto``, PyTorch's SDPA choice); ``explicit`` writes the attention out in every block.
 
 ``--compile``: method, ceiling and dense model each under ``torch.compile`` as the pipeline's ``compile: true``
 compiles them (inductor, specialised to the batch: ``bench.pipeline.stages.throughput.compiled``); the warm-up
@@ -45,6 +49,7 @@ import methods
 from bench import stats
 from bench.macs import model_input_size
 from bench.pipeline.stages.throughput import compiled
+from bench.sdpa import SDPA_BACKENDS, check_backend, sdpa_backend
 from bench.throughput import DTYPES, ScheduleOnly, compare_many, device_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="time the three models under torch.compile")
     parser.add_argument("--only", nargs="+", metavar="METHOD", help="time only these methods (and the dense model)")
+    parser.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default=None,
+                        help="the attention kernel of every model (default: the quickstart's, else auto)")
     args = parser.parse_args(argv)
     defaults = QUICKSTART if args.model == "quickstart" else {
         "batch_size": 32, "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": None}
@@ -77,12 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.model == "quickstart":
-        vit, settings, batch = quickstart(args.batch_size, device)
+        vit, settings, batch, kernel = quickstart(args.batch_size, device)
+        args.sdpa_backend = args.sdpa_backend or kernel
     else:
         vit = timm.create_model(args.model, pretrained=False).eval().to(device)
         settings = [(name, params, ", ".join(f"{k}={v}" for k, v in params.items())) for name, params in SETTINGS]
         size = model_input_size(bench.apply(vit, "baseline"))
         batch = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(1)).to(device)
+        args.sdpa_backend = args.sdpa_backend or "auto"
+    try:
+        check_backend(args.sdpa_backend, device)
+    except ValueError as error:
+        parser.error(f"--sdpa-backend: {error}")
     if args.only:
         unknown = sorted(set(args.only) - {name for name, _, _ in settings})
         if unknown:
@@ -93,37 +106,43 @@ def main(argv: list[str] | None = None) -> int:
     dense_macs = bench.count_macs(dense)
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {device_name(device)} "
           f"({device}), {torch.get_num_threads()} threads, {args.runs} timed runs after {args.warmup} warm-up"
-          f"{', torch.compile (inductor)' if args.compile else ''}")
+          f"{', torch.compile (inductor)' if args.compile else ''}, attention: {args.sdpa_backend}")
     header = (f"{'method':10s} {'params':38s} {'GMACs':>6s} {'images/s':>9s} {'base img/s':>10s} "
               f"{'speed-up (95% interval)':>23s} {'MAC-ideal':>9s} {'of ideal':>8s} {'ceiling':>7s} "
               f"{'of ideal':>8s} {'own ms':>6s} {'fixed':>6s} {'room':>6s}")
     print(header)
     print("-" * len(header))
-    for name, params, text in settings:
-        model = bench.apply(vit, name, **params)
-        macs = bench.count_macs(model)
-        timed = [model, ceiling_model(vit, model, batch), dense]
-        if args.compile:  # compiled afresh for every method, as the pipeline's stage does per batch size
-            torch._dynamo.reset()
-            timed = [compiled(each) for each in timed]
-        measured, alone, baseline = compare_many(timed, batch, args.dtype,
-                                                 max(args.warmup, 1) if args.compile else args.warmup, args.runs)
-        speedup = stats.speedup(measured.times_s, baseline.times_s)
-        ceiling = stats.speedup(alone.times_s, baseline.times_s)["speedup"]
-        own_ms = own_cost_ms(measured, alone)
-        ideal = dense_macs / macs
-        room = room_ms(statistics.median(baseline.times_s), statistics.median(alone.times_s), ideal)
-        extra = ""
-        layer_stats = model.last_forward.stats.values()
-        for stat in sorted({name for values in layer_stats for name in values}):  # e.g. PPT's pooled fraction
-            values = [round(float(values[stat]), 2) for values in layer_stats if stat in values]
-            extra += f"  {stat.replace('_', ' ')} per layer {values}"
-        fixed = "-" if args.compile else f"{fixed_cost_ms(vit, model, batch[:1], args):6.2f}"  # after the stats
-        interval = f"{speedup['speedup']:.2f}x ({speedup['speedup_low']:.2f}-{speedup['speedup_high']:.2f})"
-        print(f"{name:10s} {text:38s} {macs / 1e9:6.3f} {measured.images_per_s:9.1f} {baseline.images_per_s:10.1f} "
-              f"{interval:>23s} {ideal:8.2f}x {speedup['speedup'] / ideal:8.2f} {ceiling:6.2f}x {ceiling / ideal:8.2f} "
-              f"{own_ms:6.2f} {fixed:>6s} {room:6.2f}{extra}")
+    with sdpa_backend(args.sdpa_backend):
+        for name, params, text in settings:
+            time_method(vit, name, params, text, batch, dense, dense_macs, args)
     return 0
+
+
+def time_method(vit, name, params, text, batch, dense, dense_macs, args) -> None:
+    """One row: the method, its ceiling and the dense model timed in turn."""
+    model = bench.apply(vit, name, **params)
+    macs = bench.count_macs(model)
+    timed = [model, ceiling_model(vit, model, batch), dense]
+    if args.compile:  # compiled afresh for every method, as the pipeline's stage does per batch size
+        torch._dynamo.reset()
+        timed = [compiled(each) for each in timed]
+    measured, alone, baseline = compare_many(timed, batch, args.dtype,
+                                             max(args.warmup, 1) if args.compile else args.warmup, args.runs)
+    speedup = stats.speedup(measured.times_s, baseline.times_s)
+    ceiling = stats.speedup(alone.times_s, baseline.times_s)["speedup"]
+    own_ms = own_cost_ms(measured, alone)
+    ideal = dense_macs / macs
+    room = room_ms(statistics.median(baseline.times_s), statistics.median(alone.times_s), ideal)
+    extra = ""
+    layer_stats = model.last_forward.stats.values()
+    for stat in sorted({name for values in layer_stats for name in values}):  # e.g. PPT's pooled fraction
+        values = [round(float(values[stat]), 2) for values in layer_stats if stat in values]
+        extra += f"  {stat.replace('_', ' ')} per layer {values}"
+    fixed = "-" if args.compile else f"{fixed_cost_ms(vit, model, batch[:1], args):6.2f}"  # after the stats
+    interval = f"{speedup['speedup']:.2f}x ({speedup['speedup_low']:.2f}-{speedup['speedup_high']:.2f})"
+    print(f"{name:10s} {text:38s} {macs / 1e9:6.3f} {measured.images_per_s:9.1f} {baseline.images_per_s:10.1f} "
+          f"{interval:>23s} {ideal:8.2f}x {speedup['speedup'] / ideal:8.2f} {ceiling:6.2f}x {ceiling / ideal:8.2f} "
+          f"{own_ms:6.2f} {fixed:>6s} {room:6.2f}{extra}")
 
 
 def room_ms(dense_s: float, ceiling_s: float, ideal: float, share: float = 0.9) -> float:
@@ -153,9 +172,9 @@ def own_cost_ms(measured, alone) -> float:
     return (statistics.median(measured.times_s) - statistics.median(alone.times_s)) * 1e3
 
 
-def quickstart(batch_size: int, device: torch.device) -> tuple[torch.nn.Module, list, torch.Tensor]:
-    """The quickstart's model with its weights, its runs as (method, params, label), and the first
-    ``batch_size`` Fashion-MNIST test images."""
+def quickstart(batch_size: int, device: torch.device) -> tuple[torch.nn.Module, list, torch.Tensor, str]:
+    """The quickstart's model with its weights, its runs as (method, params, label), the first
+    ``batch_size`` Fashion-MNIST test images and its attention kernel (``sdpa_backend``)."""
     from bench.pipeline.config import load_experiment
     from bench.pipeline.context import StageContext
     from bench.pipeline.models import load_model
@@ -165,7 +184,8 @@ def quickstart(batch_size: int, device: torch.device) -> tuple[torch.nn.Module, 
     first = experiment.runs[0]
     vit = load_model(first.model, first.model_kwargs, first.weights_path).eval().to(device)
     settings = [(run.method, run.params, run.params_label) for run in experiment.runs]
-    return vit, settings, real_batch(StageContext(first, None, REPO / "results", device, progress=False), batch_size)
+    batch = real_batch(StageContext(first, None, REPO / "results", device, progress=False), batch_size)
+    return vit, settings, batch, first.sdpa_backend
 
 
 if __name__ == "__main__":

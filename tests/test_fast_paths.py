@@ -168,7 +168,7 @@ def test_benchmark_compile_times_the_three_models_compiled_afresh_per_method(mon
     assert script.main(["--model", "quickstart", "--runs", "1", "--warmup", "0", "--batch-size", "4",
                         "--only", "tome", "--compile"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].endswith("1 timed runs after 0 warm-up, torch.compile (inductor)")
+    assert out.splitlines()[0].endswith("1 timed runs after 0 warm-up, torch.compile (inductor), attention: explicit")
     assert [row.split()[0] for row in out.splitlines() if row.startswith("tome ")] == ["tome", "tome"]
     assert resets == [0, 3]  # before each method's three models
     methods_passed = [model.method.name for model in passed]
@@ -178,6 +178,8 @@ def test_benchmark_compile_times_the_three_models_compiled_afresh_per_method(mon
 def test_benchmark_room_and_fixed_cost_columns(monkeypatch):
     """``room``: the own cost that would leave 0.9 of the MAC-ideal speed-up; ``fixed``: the own cost timed at
     batch 1 (method and ceiling only)."""
+    from bench.sdpa import written_out
+
     script = benchmark_script()
     # dense 100 ms, ceiling 60 ms, 1.5x fewer MACs: 0.9 of 1.5x is 1.35x, i.e. 74.07 ms, so 14.07 ms of room
     assert script.room_ms(0.100, 0.060, 1.5) == pytest.approx(14.074, abs=1e-3)
@@ -186,14 +188,20 @@ def test_benchmark_room_and_fixed_cost_columns(monkeypatch):
     real = script.compare_many
 
     def spy(models, batch, *args):
-        calls.append(([model.method.name for model in models], batch.shape[0], args[-1]))
+        calls.append(([model.method.name for model in models], batch.shape[0], args[-1], written_out()))
         return real(models, batch, *args)
 
     monkeypatch.setattr(script, "compare_many", spy)
     assert script.main(["--model", "quickstart", "--runs", "2", "--warmup", "0", "--batch-size", "4",
                         "--only", "static"]) == 0
-    # per setting: the three models at the batch size, then method and ceiling at batch 1 with 5x the runs
-    assert calls == [(["static", "schedule-only", "baseline"], 4, 2), (["static", "schedule-only"], 1, 10)] * 2
+    # per setting: the three models at the batch size, then method and ceiling at batch 1 with 5x the runs, all
+    # with the quickstart's attention kernel (written out)
+    assert calls == [(["static", "schedule-only", "baseline"], 4, 2, True),
+                     (["static", "schedule-only"], 1, 10, True)] * 2
+    calls.clear()
+    assert script.main(["--model", "quickstart", "--runs", "2", "--warmup", "0", "--batch-size", "4",
+                        "--only", "static", "--sdpa-backend", "auto"]) == 0
+    assert {call[-1] for call in calls} == {False}
 
 
 def test_rows_flattened_once_serve_tensors_of_several_widths():

@@ -270,20 +270,23 @@ def test_readme_commands_parse_with_run_bench_arguments(capsys):
 # ------------------------------------------------------------------ 7. environment fields, SDPA pin
 def test_records_carry_gpu_fields_null_on_cpu_and_a_pinned_backend_runs(tmp_path, monkeypatch):
     from bench.pipeline.stages import stage
-    from bench.sdpa import enabled_backends
+    from bench.sdpa import enabled_backends, written_out
 
     original = stage("eval").run
     enabled = []
-    monkeypatch.setattr(stage("eval"), "run", lambda ctx: enabled.append(enabled_backends()) or original(ctx))
+    monkeypatch.setattr(stage("eval"), "run",
+                        lambda ctx: enabled.append((enabled_backends(), written_out())) or original(ctx))
     grid = {"methods": ["baseline", {"method": "tome", "r": 4}]}
     auto = write(tmp_path, config(tmp_path, stages=["eval"], grid=grid), "auto.yaml")
-    cfg = config(tmp_path, stages=["eval"], grid=grid)
-    cfg["defaults"]["sdpa_backend"] = "math"
-    pinned = write(tmp_path, cfg, "math.yaml")
     assert bench_main(auto, tmp_path / "auto", "--no-report") == 0
-    assert bench_main(pinned, tmp_path / "math", "--no-report") == 0
-    assert enabled[:2] != [["math"], ["math"]] and enabled[2:] == [["math"], ["math"]]
-    for folder, backend in (("auto", None), ("math", "math")):
+    for backend in ("math", "explicit"):
+        cfg = config(tmp_path, stages=["eval"], grid=grid)
+        cfg["defaults"]["sdpa_backend"] = backend
+        assert bench_main(write(tmp_path, cfg, f"{backend}.yaml"), tmp_path / backend, "--no-report") == 0
+    assert [written for _, written in enabled] == [False] * 4 + [True] * 2  # explicit: every block written out
+    assert [kernels for kernels, _ in enabled[:2]] != [["math"], ["math"]]
+    assert [kernels for kernels, _ in enabled[2:4]] == [["math"], ["math"]]
+    for folder, backend in (("auto", None), ("math", "math"), ("explicit", "explicit")):
         records = read_all(tmp_path / folder)[0]
         assert len(records) == 2
         for record in records:
@@ -291,8 +294,8 @@ def test_records_carry_gpu_fields_null_on_cpu_and_a_pinned_backend_runs(tmp_path
             assert {k: env[k] for k in ("cuda_version", "cudnn_version", "driver_version", "tf32")} == dict.fromkeys(
                 ("cuda_version", "cudnn_version", "driver_version", "tf32"))
             assert env["sdpa_backend"] == backend and record["run"]["sdpa_backend"] == (backend or "auto")
-    keys = {folder: sorted(r["key"] for r in read_all(tmp_path / folder)[0]) for folder in ("auto", "math")}
-    assert not set(keys["auto"]) & set(keys["math"])  # a pinned kernel is another run
+    keys = {folder: {r["key"] for r in read_all(tmp_path / folder)[0]} for folder in ("auto", "math", "explicit")}
+    assert not keys["auto"] & keys["math"] and not keys["auto"] & keys["explicit"]  # another kernel, another run
 
 
 def test_pinned_math_backend_dispatches_to_the_math_kernel():
@@ -315,9 +318,9 @@ def test_auto_backend_keeps_run_keys_and_bad_backends_are_one_line_errors(tmp_pa
 
     assert run_key(RunSpec.from_dict(identity_without)) == run.key  # keys from before the option stay
     for value, message in (("fastest", "defaults.sdpa_backend: 'fastest' not allowed; allowed: auto, math, "
-                                       "efficient, flash, cudnn"),
+                                       "efficient, flash, cudnn, explicit"),
                            ("efficient", "defaults.sdpa_backend: 'efficient' needs CUDA (device: cpu); allowed on "
-                                         "CPU: auto, math, flash")):
+                                         "CPU: auto, math, flash, explicit")):
         cfg = config(tmp_path, grid={"methods": ["baseline"]})
         cfg["defaults"]["sdpa_backend"] = value
         assert bench_main(write(tmp_path, cfg, f"{value}.yaml"), tmp_path / "r", "--dry-run") == 2

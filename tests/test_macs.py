@@ -47,6 +47,26 @@ def test_plain_timm_model_counts_like_the_baseline(deit_s):
     assert bench.analytic_macs(deit_s) == bench.analytic_macs(bench.apply(deit_s, "baseline"))
 
 
+def test_counts_do_not_depend_on_the_attention_kernel():
+    """Written out (``sdpa_backend: explicit``), the attention's ``* scale`` would add B x H x N^2 MACs per block;
+    the count is the SDPA one: the quickstart's model (50 tokens, 96 wide, 3 heads, MLP 384, 8 blocks) by hand."""
+    from bench.sdpa import sdpa_backend
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
+                            num_classes=10, embed_dim=96, depth=8, num_heads=3).eval()
+    tokens, width = 50, 96
+    block = (2 * tokens * width  # two layer norms (torchprofile: one MAC per element)
+             + tokens * width * 3 * width + 2 * 3 * tokens * tokens * 32  # qkv; q k^T and attention @ v
+             + tokens * width * width + 2 * tokens * width * 4 * width)  # projection; MLP
+    dense = 49 * 16 * width + 8 * block + tokens * width + width * 10  # patches, blocks, final norm, head
+    for method, params in (("baseline", {}), ("tome", {"r": 3})):
+        model = bench.apply(vit, method, **params)
+        with sdpa_backend("explicit"):
+            explicit = bench.count_macs(model)
+        assert explicit == bench.count_macs(model)
+    assert bench.count_macs(bench.apply(vit, "baseline")) == dense == 48_234_624
+
+
 def test_counts_do_not_depend_on_weights():
     a = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64)
     torch.manual_seed(5)

@@ -297,10 +297,12 @@ def test_cuda_graphs_option_is_refused_on_cpu_and_keys_stay_without_it(tmp_path)
     plain = load_experiment(write(tmp_path, config(tmp_path), "a.yaml")).runs[0]
     off = config(tmp_path, throughput={"batch_sizes": [16], "warmup": 1, "runs": 2, "cuda_graphs": False})
     assert load_experiment(write(tmp_path, off, "b.yaml")).runs[0].key == plain.key
+    from bench.pipeline.config import RunSpec, run_key
     from bench.pipeline.files import REPO
 
     quickstart = load_experiment(REPO / "configs" / "quickstart.yaml").runs[0]  # its key before the option
-    assert quickstart.key == "fmnist-vit-96x8-baseline-5e1d1e5a"
+    assert run_key(RunSpec.from_dict({**quickstart.to_dict(), "sdpa_backend": "auto"})) == \
+        "fmnist-vit-96x8-baseline-5e1d1e5a"  # (the quickstart ran PyTorch's SDPA kernel then)
     graphs = config(tmp_path, throughput={"batch_sizes": [16], "warmup": 1, "runs": 2, "cuda_graphs": True})
     with pytest.raises(ConfigError, match=r"c\.yaml.*throughput\.cuda_graphs.*allowed on CPU: false"):
         load_experiment(write(tmp_path, graphs, "c.yaml"))

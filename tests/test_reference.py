@@ -326,6 +326,25 @@ def test_evit_topk(method, model_name, params):
             assert n_out == n_in
 
 
+
+EXPLICIT_CASES = [("p8", "baseline", {}), ("qkn", "tome", {"r": 4}), ("dist8", "ppt", {"r": 8}),
+                  ("dist8", "evit", {"keep_rate": 0.5}), ("reg", "topk", {"keep_rate": 0.7})]
+
+
+@pytest.mark.parametrize(("model_name", "method", "params"), EXPLICIT_CASES,
+                         ids=[f"{m}-{a}" for m, a, _ in EXPLICIT_CASES])
+def test_explicit_attention_kernel_matches_the_reference(model_name, method, params):
+    """``sdpa_backend: explicit``: no SDPA call in any block (the profiled forward), and the same tokens,
+    sources, sizes and logits as the naive reference (class attention and PPT scores read from the written-out
+    matrix instead of their own row)."""
+    from bench.sdpa import kernels_used, sdpa_backend
+
+    model = bench.apply(get_model(model_name), method, **params)
+    with sdpa_backend("explicit"):
+        assert kernels_used(model, get_images(2)) == []
+        compare(model_name, method, **params)
+    assert kernels_used(model, get_images(2)) != []  # outside the pin: SDPA again
+
 ALL_LAYERS = list(range(12))
 EDGE_CASES = [
     # reduce at every layer down to the floor: the cap (N - p) // 2 reaches 0 with prefix tokens only left

@@ -11,7 +11,7 @@
       threads: null                        # CPU threads (null: torch's default)
       seed: 0
       workers: 0                           # data-loading processes
-      sdpa_backend: auto                   # auto | math | efficient | flash | cudnn: pin the attention kernel
+      sdpa_backend: auto                   # auto | math | efficient | flash | cudnn | explicit: pin the attention kernel
     stages: [eval, macs, throughput]       # any of: finetune, eval, macs, throughput, tokens
     throughput: {batch_sizes: [32], warmup: 3, runs: 10}   # auto: true (CUDA): double until out of memory;
                                            # cuda_graphs: true (CUDA): time CUDA-graph replays
@@ -219,7 +219,7 @@ class RunSpec:
     config_file: str
     key: str = ""
     params_label: str = ""  # the parameters that differ from the method's defaults, for tables
-    sdpa_backend: str = "auto"  # auto | math | efficient | flash | cudnn (bench/sdpa.py)
+    sdpa_backend: str = "auto"  # auto | math | efficient | flash | cudnn | explicit (bench/sdpa.py)
     weights_sha256: str | None = None  # content of a local weights file (bench/pipeline/fingerprint.py)
     tokens: dict[str, Any] = field(default_factory=lambda: asdict(TokensSection()))  # TokensSection
     compile: bool = False  # torch.compile for the throughput stage
