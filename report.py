@@ -176,6 +176,7 @@ def _row(record: dict) -> dict[str, Any]:
         "_tokens_out": _get(record, "tokens_per_layer", "out"),
         "_method_stats": record.get("method_stats") if isinstance(record.get("method_stats"), dict) else None,
         "_n_throughput": len(entries),
+        "_attention": run.get("sdpa_backend") or "auto",  # the attention kernel every model of the run used
     }
 
 
@@ -188,7 +189,8 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     """One row per record (columns ``CSV_COLUMNS + EXTRA_COLUMNS`` and private ``_...`` columns), with
     ``delta_top1`` / ``mac_reduction`` against the baseline of the record's (model, data, weights) group."""
     rows = _rows(recs)
-    columns = CSV_COLUMNS + EXTRA_COLUMNS + ["_reference", "_tokens_out", "_method_stats", "_n_throughput"]
+    columns = CSV_COLUMNS + EXTRA_COLUMNS + ["_reference", "_tokens_out", "_method_stats", "_n_throughput",
+                                             "_attention"]
     df = pd.DataFrame(rows, columns=columns)
     if df.empty:
         return df
@@ -286,6 +288,10 @@ def _conditions(group: pd.DataFrame) -> str:
             parts.append(f"{int(row['threads'])} threads")
         if row["throughput_cuda_graphs"]:
             parts.append("CUDA-graph replays")
+        if row["_attention"] == "explicit":
+            parts.append("attention written out")
+        elif row["_attention"] != "auto":
+            parts.append(f"SDPA kernel pinned to {row['_attention']}")
         text = ", ".join(parts)
         if text not in seen:
             seen.append(text)

@@ -280,7 +280,8 @@ def test_records_carry_gpu_fields_null_on_cpu_and_a_pinned_backend_runs(tmp_path
     auto = write(tmp_path, config(tmp_path, stages=["eval"], grid=grid), "auto.yaml")
     assert bench_main(auto, tmp_path / "auto", "--no-report") == 0
     for backend in ("math", "explicit"):
-        cfg = config(tmp_path, stages=["eval"], grid=grid)
+        cfg = config(tmp_path, stages=["eval", "throughput"], grid=grid,
+                     throughput={"batch_sizes": [2], "warmup": 0, "runs": 1})
         cfg["defaults"]["sdpa_backend"] = backend
         assert bench_main(write(tmp_path, cfg, f"{backend}.yaml"), tmp_path / backend, "--no-report") == 0
     assert [written for _, written in enabled] == [False] * 4 + [True] * 2  # explicit: every block written out
@@ -296,6 +297,13 @@ def test_records_carry_gpu_fields_null_on_cpu_and_a_pinned_backend_runs(tmp_path
             assert env["sdpa_backend"] == backend and record["run"]["sdpa_backend"] == (backend or "auto")
     keys = {folder: {r["key"] for r in read_all(tmp_path / folder)[0]} for folder in ("auto", "math", "explicit")}
     assert not keys["auto"] & keys["math"] and not keys["auto"] & keys["explicit"]  # another kernel, another run
+    # the leaderboard names the kernel next to the throughput conditions
+    import report
+
+    for folder, words in (("math", "threads, SDPA kernel pinned to math. Speed-up"),
+                          ("explicit", "threads, attention written out. Speed-up")):
+        assert report.main([str(tmp_path / folder)]) == 0
+        assert words in (tmp_path / folder / "leaderboard.md").read_text()
 
 
 def test_pinned_math_backend_dispatches_to_the_math_kernel():
