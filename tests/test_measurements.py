@@ -178,6 +178,13 @@ def test_compiled_and_eager_models_give_the_same_logits():
         compiled = throughput_stage.forward(throughput_stage.compiled(model), batch, "fp32")  # tome: cached
         assert compiled.shape == eager.shape == (4, 10)
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    # a compiled model honours the attention kernel pinned around it: dynamo guards the pin, so a forward
+    # under ``explicit`` would recompile (refused here) instead of replaying the SDPA graph
+    from bench.sdpa import sdpa_backend
+
+    with (torch._dynamo.config.patch(error_on_recompile=True), sdpa_backend("explicit"),
+          pytest.raises(torch._dynamo.exc.RecompileError, match="_written_out")):
+        throughput_stage.forward(throughput_stage.compiled(tome), batch, "fp32")
     torch._dynamo.reset()
 
 
