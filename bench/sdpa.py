@@ -8,10 +8,9 @@ choice). The pin applies to every forward of a run (method and dense baseline al
 ``torch.nn.attention.sdpa_kernel``.
 
 ``explicit`` is no SDPA kernel: every block writes its attention out, ``softmax((q k^T) * scale + bias) @ v``
-(``bench.attention.probabilities``, the official ToMe / EViT code's arithmetic), on any device. On the CPU at
-the embedded model's size (<= 50 tokens, 32-wide heads) it is the faster kernel for the dense model itself:
-1.4-1.7x PyTorch's at batch 8-128, equal at batch 1; on DeiT-S (197 tokens, 64-wide heads) it is 1.3x slower
-(``docs/methods.md#the-block-loop``). MAC counts do not depend on the kernel (``bench.macs.count_macs``
+(``bench.attention.probabilities``, the official ToMe / EViT code's arithmetic), on any device: the faster
+kernel at the embedded model's size on the CPU, the slower one at DeiT-S's (measurements:
+``docs/methods.md#the-block-loop``). MAC counts do not depend on the kernel (``bench.macs.count_macs``
 counts under PyTorch's choice).
 """
 
