@@ -326,7 +326,6 @@ def test_evit_topk(method, model_name, params):
             assert n_out == n_in
 
 
-
 EXPLICIT_CASES = [("p8", "baseline", {}), ("qkn", "tome", {"r": 4}), ("dist8", "ppt", {"r": 8}),
                   ("dist8", "evit", {"keep_rate": 0.5}), ("reg", "topk", {"keep_rate": 0.7})]
 
@@ -344,6 +343,7 @@ def test_explicit_attention_kernel_matches_the_reference(model_name, method, par
         assert kernels_used(model, get_images(2)) == []
         compare(model_name, method, **params)
     assert kernels_used(model, get_images(2)) != []  # outside the pin: SDPA again
+
 
 ALL_LAYERS = list(range(12))
 EDGE_CASES = [
