@@ -53,7 +53,13 @@ class ToMe(Method):
             raise self._error(f"r lists {len(r)} layers, but the model has {ctx.depth} blocks")
 
     def check_budget(self, ctx: ReductionContext) -> None:
-        self._check_r(max(self.schedule(ctx.depth), default=0), ctx)
+        most = max(self.schedule(ctx.depth), default=0)
+        patches = ctx.num_tokens - ctx.num_prefix
+        if most >= patches and self.params["inflection"] not in (0, 0.0):
+            raise self._error(f"r={self.params['r']} with inflection {self.params['inflection']} merges {most} tokens "
+                              f"at one block, which would remove all {patches} patch tokens of this model (allowed: "
+                              f"at most {patches - 1} at any block)")
+        self._check_r(most, ctx)
 
     def signals(self, layer: int, ctx: ReductionContext) -> frozenset[str]:
         return frozenset({METRIC}) if self.schedule(ctx.depth)[layer] > 0 else frozenset()

@@ -177,6 +177,11 @@ BAD_TRANSFORMS = [
     ({"mean": [0.5, 0.5]}, "defaults.data.transform: transform.mean has 2 values, the input has 3 channels"),
     ({"input_size": [224, 224]}, "transform.input_size must be [channels, height, width], got [224, 224]"),
     ({"crop_pct": 0}, "defaults.data.transform.crop_pct: must be a number in (0, 1]"),
+    ({"crop_pct": 1.5}, "defaults.data.transform.crop_pct: must be a number in (0, 1] (1: the whole image), got 1.5"),
+    ({"std": [0.5, 0, 0.5]}, "defaults.data.transform.std[1]: must be a number > 0, got 0"),
+    ({"input_size": [3, 160, 160]}, "defaults.data.transform: transform.input_size [3, 160, 160] differs from the "
+                                    "model's input [3, 224, 224]; allowed: the model's own"),
+    ({"input_size": [1, 224, 224]}, "transform.input_size [1, 224, 224] differs from the model's input [3, 224, 224]"),
     ({"size": 224}, "defaults.data.transform.size: unknown key; allowed: input_size, interpolation, mean, std"),
 ]
 
@@ -189,6 +194,24 @@ def test_bad_transform_is_one_line(transform, message, tmp_path, capsys):
     assert bench_main(path, tmp_path / "results") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_one_label_for_two_models_is_one_line(tmp_path, capsys):
+    """The leaderboard groups runs by model label: two different models under one label would be compared
+    with each other's baseline. The same model under one label in two grid blocks is fine."""
+    jpeg_folder(tmp_path / "imgs")
+    tiny = {"name": "vit_tiny_patch16_224", "label": "a", "kwargs": {"img_size": 32, "num_classes": 3, "depth": 2}}
+    path = experiment(tmp_path, tiny, {"name": "folder", "root": "imgs", "split": "val"})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["grid"] = [{"models": [tiny], "methods": ["baseline"]}, {"models": [tiny], "methods": [{"method": "tome", "r": 1}]}]
+    path.write_text(yaml.safe_dump(cfg))
+    assert len(load_experiment(path, check_files=False).runs) == 2
+    cfg["grid"][1]["models"] = [{**tiny, "kwargs": {**tiny["kwargs"], "depth": 3}}]
+    path.write_text(yaml.safe_dump(cfg))
+    assert bench_main(path, tmp_path / "results") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {path}: grid[1].models[0].label: 'a' already labels grid[0].models[0], a different model "
+                   "(name or kwargs); allowed: one model per label (the leaderboard groups runs by label)"), err
 
 
 def test_training_keeps_deits_recipe_with_the_resolved_mean_std_and_size(tmp_path):

@@ -220,12 +220,19 @@ BAD_INPUTS = [
     ({"grid": {"methods": ["tomee"]}}, "grid.methods[0].method: unknown method 'tomee'; allowed: " + ", ".join(methods.names())),
     ({"grid": {"methods": [{"method": "tome", "rr": 1}]}}, "grid.methods[0]: method 'tome': unknown parameter 'rr'"),
     ({"grid": {"methods": [{"method": "tome", "r": 49}]}}, "r=49 would remove all 49 patch tokens"),
+    ({"grid": {"methods": [{"method": "tome", "r": 25, "inflection": -1}]}},
+     "r=25 with inflection -1 merges 50 tokens at one block, which would remove all 49 patch tokens of this model "
+     "(allowed: at most 48 at any block)"),
+    ({"budgets": {"macs": [0.7]}, "grid": {"methods": [{"method": "static", "not_contiguous": False, "layers": [1, 2]}]}},
+     "parameter 'keep_rate' acts only with not_contiguous: true (the contiguous mode's radius is min_radius) "
+     "(tiny-fmnist); keep_rate=1.0 was set by budgets.macs"),
     ({"grid": {"methods": [{"method": "ppt", "r": 4, "layers": [3, 6, 9]}]}}, "include block 6, but the model has 4 blocks"),
     ({"grid": {"methods": [{"method": "evit", "keep_rate": 2}]}}, "'keep_rate' must be a number in (0, 1], got 2"),
     ({"stages": ["finetune"], "finetune": {"lr": "fast"}}, "finetune.lr: must be a number >= 0, got 'fast'"),
     ({"finetune": {"epochz": 3}}, "finetune.epochz: unknown key; allowed: epochs, batch_size"),
     ({"throughput": {"batch_sizes": [0]}}, "throughput.batch_sizes[0]: must be an integer >= 1, got 0"),
     ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),
+    ({"throughput": {"batch_sizes": [4, 8, 4]}}, "throughput.batch_sizes: lists a batch size twice ([4, 8, 4]); allowed: distinct sizes"),
     ({"eval": {"agreement": "no"}}, "eval.agreement: must be true or false, got 'no'"),
     ({"reference": [{"method": "tome", "top1": "high"}]}, "reference[0].top1: must be a number, got 'high'"),
     ({"reference": [{"method": "tome", "gmacs": True}]}, "reference[0].gmacs: must be a number, got True"),
@@ -241,6 +248,10 @@ BAD_INPUTS = [
     ({"defaults": {"model": MODEL, "data": {"name": "imagenet", "root": "/nonexistent/in1k"}}},
      "defaults.data.root: /nonexistent/in1k/val does not exist"),
     ({"defaults": {"model": MODEL, "weights": "missing.pth", "data": {"name": "fashion_mnist"}}},
+     "defaults.weights: "),
+    ({"defaults": {"model": {**MODEL, "weights": "missing.pth"}, "data": {"name": "fashion_mnist"}}},
+     "defaults.model.weights: "),
+    ({"grid": {"models": [{**MODEL, "weights": "missing.pth"}], "methods": ["baseline"]}},
      "grid.models[0].weights: "),
     ({"defaults": {"model": {**MODEL, "name": "vit_nonexistent"}, "data": {"name": "fashion_mnist"}}},
      "unknown timm model 'vit_nonexistent'"),
@@ -268,6 +279,9 @@ def test_malformed_yaml_and_missing_file(tmp_path, capsys):
     assert "broken.yaml: malformed YAML (line" in err
     assert bench_main(tmp_path / "nope.yaml", tmp_path / "r") == 2
     assert "nope.yaml: experiment file not found" in capsys.readouterr().err
+    (tmp_path / "configs").mkdir()
+    assert bench_main(tmp_path / "configs", tmp_path / "r") == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'configs'}: is a folder, not an experiment file"
 
 
 def test_weights_deit_format_plain_and_corrupt(tmp_path, capsys):
@@ -423,3 +437,28 @@ def test_imagenet_folder_layout_and_deit_eval_transform(tmp_path):
     records = {r["run"]["method"]: r for r in read_all(results)[0]}
     assert records["baseline"]["metrics"]["eval"]["images"] == 6
     assert records["tome"]["tokens_per_layer"]["out"] == [189, 181]
+
+
+def test_a_reference_added_after_the_runs_reaches_their_records_and_one_matching_nothing_is_a_warning(tmp_path, capsys):
+    """Published numbers are not part of the run key: adding them later updates the finished records (the
+    metrics untouched, nothing recomputed), and the report shows them; an entry that matches no run warns."""
+    cfg = config(tmp_path, stages=["macs"], grid={"methods": ["baseline", {"method": "tome", "r": 4}]})
+    path, results = write(tmp_path, cfg), tmp_path / "results"
+    assert bench_main(path, results) == 0
+    before = {r["run"]["method"]: r for r in read_all(results)[0]}
+    assert [before[m]["run"]["reference"] for m in ("baseline", "tome")] == [None, None]
+    capsys.readouterr()
+    cfg["reference"] = [{"method": "tome", "params": {"r": 4}, "top1": 70.5, "source": "the paper, table 2"},
+                        {"model": "tiny-fmnsit", "method": "tome", "top1": 1.0}]
+    path = write(tmp_path, cfg)
+    assert bench_main(path, results) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {path}: reference[1]: matches no run (model tiny-fmnsit, method tome, params {{}}); a reference "
+            "is matched by model label, method and a subset of the parameters") in err.splitlines()
+    assert "note: the published reference of 1 finished run(s) updated from the experiment file" in err.splitlines()
+    after = {r["run"]["method"]: r for r in read_all(results)[0]}
+    assert after["tome"]["run"]["reference"] == {"top1": 70.5, "source": "the paper, table 2"}
+    assert after["baseline"] == before["baseline"]
+    assert after["tome"]["metrics"] == before["tome"]["metrics"] and after["tome"]["key"] == before["tome"]["key"]
+    board = (results / "leaderboard.md").read_text()
+    assert "## Published vs measured" in board and "the paper, table 2" in board

@@ -75,7 +75,8 @@ def test_parameters_impossible_for_the_model(name, params, message):
     ("name", "params", "message"),
     [
         ("tome", {"r": 64}, "r=64 would remove all 64 patch tokens"),
-        ("tome", {"r": 40, "inflection": -1}, "r=80 would remove all 64 patch tokens"),
+        ("tome", {"r": 40, "inflection": -1},
+         "r=40 with inflection -1 merges 80 tokens at one block, which would remove all 64 patch tokens"),
         ("ppt", {"r": 80}, "r=80 would remove all 64 patch tokens"),
     ],
 )

@@ -71,8 +71,8 @@ class TransformSection:
     input_size: list[int] | None = option(None, minimum=1, expect="[channels, height, width]")
     interpolation: str | None = option(None, choices=INTERPOLATIONS)
     mean: list[float] | None = option(None, nonempty=True, expect="a list of numbers, one per channel")
-    std: list[float] | None = option(None, nonempty=True, expect="a list of numbers, one per channel")
-    crop_pct: float | None = option(None, minimum=0.01, expect="a number in (0, 1] (1: the whole image)")
+    std: list[float] | None = option(None, nonempty=True, positive=True, expect="a list of numbers > 0, one per channel")
+    crop_pct: float | None = option(None, positive=True, maximum=1.0, expect="a number in (0, 1] (1: the whole image)")
     crop_mode: str | None = option(None, choices=CROP_MODES)
 
 
@@ -257,7 +257,7 @@ def load_experiment(path: str | Path, check_files: bool = True, data_required: b
     runs are left out (a warning counts them): a quick validation of a large experiment."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(path, "", "experiment file not found")
+        raise ConfigError(path, "", "is a folder, not an experiment file" if path.is_dir() else "experiment file not found")
     raw = load_yaml(path, ConfigError)  # one loader: UTF-8 only, duplicate keys and alias bombs refused
     if not isinstance(raw, dict):
         raise ConfigError(path, "", "an experiment file must be a YAML mapping (name, defaults, grid, ...)")
@@ -280,6 +280,7 @@ class Parser:
         self.calibrations: list[dict[str, Any]] = []
         self.calibrate_budgets = True
         self.uncalibrated = 0
+        self.matched_references: set[int] = set()  # indices of the reference entries some run matched
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.path, key, message)
@@ -309,6 +310,9 @@ class Parser:
         for flag, what in (("auto", "doubling the batch size until out of memory needs"), ("cuda_graphs", "CUDA graphs need")):
             if getattr(section.throughput, flag) and section.defaults.device == "cpu":
                 raise self.error(f"throughput.{flag}", f"{what} CUDA (device: cpu); allowed on CPU: false")
+        sizes = section.throughput.batch_sizes
+        if len(set(sizes)) != len(sizes):
+            raise self.error("throughput.batch_sizes", f"lists a batch size twice ({sizes}); allowed: distinct sizes")
         references = section.reference or []
         budgets = section.budgets.macs or []
         for index, target in enumerate(budgets):
@@ -322,6 +326,7 @@ class Parser:
                   "eval": asdict(section.eval), "finetune": finetune, "tokens": asdict(section.tokens),
                   "compile": section.compile}
         runs: list[RunSpec] = []
+        labelled: dict[tuple, tuple[str, str]] = {}  # (label, weights) -> (model, where): the report's groups
         for block_index, block in enumerate(blocks):
             where = f"grid[{block_index}]" if len(blocks) > 1 else "grid"
             block = parse(GridSection, block, where)
@@ -331,6 +336,7 @@ class Parser:
                 raise self.error(f"{where}.methods", "must be a non-empty list (e.g. [baseline, {method: tome, r: 4}])")
             for model_index, model_entry in enumerate(models):
                 base = self.run_base(section.defaults, model_entry, f"{where}.models[{model_index}]", name)
+                self.check_label(base, labelled, f"{where}.models[{model_index}]")
                 for method_index, entry in enumerate(method_entries):
                     method_where = f"{where}.methods[{method_index}]"
                     for method, params, target in self.expand_method(entry, method_where, budgets):
@@ -343,6 +349,11 @@ class Parser:
                             if budget is None:
                                 continue  # unreachable: said in the warnings, shown as "-" in the report
                         runs.append(self.make_run(base, method, params, method_where, shared, references, budget))
+        for index, ref in enumerate(references):
+            if index not in self.matched_references:
+                self.warnings.append(f"warning: {self.path}: reference[{index}]: matches no run (model "
+                                     f"{ref.model or 'any'}, method {ref.method}, params {ref.params or {}}); a "
+                                     "reference is matched by model label, method and a subset of the parameters")
         if self.uncalibrated:
             self.warnings.append(f"warning: {self.path}: {self.uncalibrated} MAC-budget run(s) left out: not "
                                  "calibrated (--no-calibrate)")
@@ -352,6 +363,15 @@ class Parser:
             raise self.error("grid", f"the same run appears twice: {duplicates[0]}")
         return Experiment(name=name, file=self.path, runs=runs, slurm=section.slurm,
                           warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations)
+
+    def check_label(self, base: dict[str, Any], labelled: dict[tuple, tuple[str, str]], where: str) -> None:
+        """One model per label (with the same weights): the leaderboard groups and compares runs by label."""
+        model = canonical([timm_name(base), base["model_kwargs"]])
+        first, first_where = labelled.setdefault((base["model_label"], base["weights"]), (model, where))
+        if first != model:
+            raise self.error(f"{where}.label", f"{base['model_label']!r} already labels {first_where}, a different "
+                             "model (name or kwargs); allowed: one model per label (the leaderboard groups runs "
+                             "by label)")
 
     def check_profile(self, profile: str | None) -> None:
         from bench.pipeline.profiles import available_profiles, profile_path
@@ -396,7 +416,10 @@ class Parser:
             "sdpa_backend": defaults.sdpa_backend,
             "config_file": str(self.path),
         }
-        vit = self.model_context(base, where)
+        weights_key = next((key for key, section in ((f"{where}.weights", model_entry),
+                                                     ("defaults.model.weights", model_defaults))
+                            if "weights" in section), "defaults.weights")
+        vit = self.model_context(base, where, weights_key)
         base["data"]["transform"] = self.transform(vit, data, model, where)
         return base
 
@@ -420,8 +443,9 @@ class Parser:
         except DataError as error:
             raise self.error(f"{where}.transform" if model.transform else "defaults.data.transform", str(error)) from None
 
-    def model_context(self, base: dict[str, Any], where: str):
-        """Depth and token count of the model, from a weightless (meta) instance; checks weights files."""
+    def model_context(self, base: dict[str, Any], where: str, weights_key: str | None = None):
+        """Depth and token count of the model, from a weightless (meta) instance; checks weights files
+        (a problem is reported at ``weights_key``, where the weights were given)."""
         import timm
 
         signature = canonical([timm_name(base), base["model_kwargs"]])
@@ -446,7 +470,7 @@ class Parser:
                 try:
                     check_weights(vit, base["weights_path"])
                 except WeightsError as error:
-                    raise self.error(f"{where}.weights", str(error)) from None
+                    raise self.error(weights_key or f"{where}.weights", str(error)) from None
                 self._checked_weights.add(marker)
         return vit
 
@@ -545,17 +569,16 @@ class Parser:
             reduced = bench.apply(vit, method, **params)
             reduced.method.check_budget(reduced.context)
         except ValueError as error:
-            raise self.error(where, f"{error} ({base['model_label']})") from None
-        reference = next(
-            (
-                {k: v for k, v in asdict(ref).items() if k not in ("model", "method", "params") and v is not None}
-                for ref in references
-                if ref.method == method
-                and (ref.model or base["model_label"]) == base["model_label"]
-                and (ref.params or {}).items() <= params.items()
-            ),
-            None,
-        )
+            knob = f"; {budget['knob']}={budget['value']} was set by budgets.macs" if budget else ""
+            raise self.error(where, f"{error} ({base['model_label']}){knob}") from None
+        index = next((i for i, ref in enumerate(references) if ref.method == method
+                      and (ref.model or base["model_label"]) == base["model_label"]
+                      and (ref.params or {}).items() <= params.items()), None)
+        reference = None
+        if index is not None:
+            self.matched_references.add(index)
+            reference = {k: v for k, v in asdict(references[index]).items()
+                         if k not in ("model", "method", "params") and v is not None}
         if self.check_files:
             self.check_data(base["data"], "finetune" in shared["stages"], where)
         run = RunSpec(**base, method=method, params=copy.deepcopy(params), **copy.deepcopy(shared),

@@ -70,8 +70,10 @@ def resolve_transform(model: torch.nn.Module, dataset: str, *overrides: dict[str
     config = dict(resolve_model_data_config(model))
     embed = getattr(model, "patch_embed", None)
     proj = getattr(embed, "proj", None)
+    own = None  # the (C, H, W) the model was built for
     if embed is not None and proj is not None and getattr(embed, "img_size", None) is not None:
-        config["input_size"] = (proj.in_channels, *embed.img_size)
+        own = [int(proj.in_channels), *(int(v) for v in embed.img_size)]
+        config["input_size"] = tuple(own)
     channels = config["input_size"][0]
     if dataset == "fashion_mnist":
         config.update(mean=[FMNIST_MEAN] * channels, std=[FMNIST_STD] * channels, crop_pct=1.0, crop_mode="center")
@@ -93,6 +95,10 @@ def resolve_transform(model: torch.nn.Module, dataset: str, *overrides: dict[str
     }
     if len(transform["input_size"]) != 3:
         raise DataError(f"transform.input_size must be [channels, height, width], got {transform['input_size']}")
+    if own is not None and transform["input_size"] != own:  # MACs, budgets and token maps follow the model's input
+        raise DataError(f"transform.input_size {transform['input_size']} differs from the model's input {own}; "
+                        "allowed: the model's own (build the model at another size with model.kwargs img_size / "
+                        "in_chans, or shrink the input with method resize)")
     for key in ("mean", "std"):
         if len(transform[key]) != channels:
             raise DataError(f"transform.{key} has {len(transform[key])} values, the input has {channels} channels")

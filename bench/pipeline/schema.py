@@ -42,10 +42,13 @@ class FileError(ValueError):
         return cls(file, error.key, error.problem)
 
 
-def option(default: Any = _MISSING, *, minimum: float | None = None, choices: tuple | None = None,
-           nonempty: bool = False, expect: str | None = None) -> Any:
-    """A dataclass field with its default and the checks ``parse`` applies to it."""
-    metadata = {"minimum": minimum, "choices": choices, "nonempty": nonempty, "expect": expect}
+def option(default: Any = _MISSING, *, minimum: float | None = None, maximum: float | None = None,
+           positive: bool = False, choices: tuple | None = None, nonempty: bool = False,
+           expect: str | None = None) -> Any:
+    """A dataclass field with its default and the checks ``parse`` applies to it (``minimum`` and ``maximum``
+    inclusive; ``positive``: above 0)."""
+    metadata = {"minimum": minimum, "maximum": maximum, "positive": positive, "choices": choices,
+                "nonempty": nonempty, "expect": expect}
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -112,9 +115,15 @@ def check(value: Any, kind: Any, key: str, meta: typing.Mapping[str, Any] | None
         return parse(kind, value, key)
     if kind is Any:
         return value
-    if not _is(value, origin or kind) or (meta.get("minimum") is not None and value < meta["minimum"]):
+    if not _is(value, origin or kind) or not _in_range(value, meta):
         raise SchemaError(key, f"must be {meta.get('expect') or _describe(kind, meta)}, got {value!r}")
     return value
+
+
+def _in_range(value: Any, meta: typing.Mapping[str, Any]) -> bool:
+    low, high = meta.get("minimum"), meta.get("maximum")
+    return ((low is None or value >= low) and (high is None or value <= high)
+            and (not meta.get("positive") or value > 0))
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -134,6 +143,10 @@ def _describe(kind: Any, meta: typing.Mapping[str, Any]) -> str:
         return f"a{' non-empty' if meta.get('nonempty') else ''} list of {first}s{' ' + rest if rest else ''}"
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
         origin or kind, str(kind))
+    if meta.get("positive"):
+        name += " > 0"
     if meta.get("minimum") is not None:
         name += f" >= {meta['minimum']}"
+    if meta.get("maximum") is not None:
+        name += f" <= {meta['maximum']}"
     return name

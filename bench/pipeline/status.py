@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.pipeline.config import RunSpec
-from bench.pipeline.records import RecordError, last_error_line, read_failure, read_record, record_path
+from bench.pipeline.records import (
+    RecordError,
+    last_error_line,
+    read_failure,
+    read_record,
+    record_path,
+    write_record,
+)
 from bench.pipeline.textio import set_aside as set_aside_file
 
 
@@ -22,19 +29,27 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
               set_aside: bool = True) -> tuple[list[RunSpec], list[str]]:
     """Runs without a finished record (all with ``force``). A record that does not read (cut off
     mid-write, not UTF-8, incomplete) is renamed ``*.json.torn.<n>`` (``set_aside``; never over an earlier
-    one) and its run redone; readable records are never touched."""
-    todo, notes = [], []
+    one) and its run redone. Of a readable record only ``run.reference`` can change (``set_aside``): the
+    published numbers are not part of the run key, so a ``reference`` entry added to or changed in the
+    experiment after its runs finished reaches their records (and the report) without recomputing them."""
+    todo, notes, updated = [], [], 0
     for run in runs:
         path = record_path(results_dir, run.key)
         if not path.exists() or force:
             todo.append(run)
             continue
         try:
-            read_record(path)
+            record = read_record(path)
         except RecordError as error:
             moved = f"moved to {set_aside_file(path).name}" if set_aside else "it would be set aside"
             notes.append(f"warning: {error}; {moved}, the run is redone")
             todo.append(run)
+            continue
+        if set_aside and record["run"].get("reference") != run.reference:
+            write_record(path, {**record, "run": {**record["run"], "reference": run.reference}})
+            updated += 1
+    if updated:
+        notes.append(f"note: the published reference of {updated} finished run(s) updated from the experiment file")
     return todo, notes
 
 
