@@ -137,7 +137,8 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
     from bench.pipeline.models import WeightsError
 
     try:  # URL and timm weights: fetched once here, the jobs get local files
-        todo = prefetch_weights(todo, results_dir, warn=lambda message: print(message, file=sys.stderr))
+        todo = prefetch_weights(todo, results_dir, warn=lambda message: print(message, file=sys.stderr),
+                                jobs_here=args.executor != "slurm")
     except WeightsError as error:
         return fail(str(error))
     if args.executor == "slurm":

@@ -449,7 +449,7 @@ def test_full_disk_and_read_only_folder_are_one_line_exit_2_and_leave_no_temp(tm
     errors = [line for line in err.splitlines() if line.strip()]
     assert errors[0] == f"error: results folder {tmp_path}/full/results is not writable (No space left on device)"
     assert errors[1] == f"error: cannot create results folder {tmp_path}/ro/results (Read-only file system)"
-    assert errors[2] == f"report.py: error: cannot write in {tmp_path}/full/results (No space left on device)"
+    assert errors[2] == f"report.py: error: cannot write {tmp_path}/full/results/leaderboard.md (No space left on device)"
     assert out.count("exit 2") == 3, out
     listing = out.split("exit 2")[-1].split()
     assert "old" in listing  # the previous leaderboard kept whole
@@ -657,3 +657,107 @@ def test_submitting_with_the_controller_down_is_one_line_exit_2(slurm_env, tmp_p
     line = one_line(capsys.readouterr().err)
     assert line.startswith("error: SLURM refused the submission (") and "Unable to contact slurm controller" in line
     assert not (results / "jobs.json").exists()
+
+
+@pytest.mark.parametrize("target", ["parent", "group"])
+def test_ctrl_c_of_local_executor_is_one_line_without_submitit_tracebacks(tmp_path, capsys, target):
+    """``--executor local``: submitit's controller gets SIGINT too (from ``job.cancel``, and from the terminal
+    for a whole process group) and prints tracebacks; they go to ``logs/local/controller.log``, not the terminal."""
+    from bench.pipeline.config import load_experiment
+
+    fast = {**MODEL, "label": "fast", "kwargs": {**MODEL["kwargs"], "patch_size": 14, "depth": 1}}  # 4 tokens
+    slow = {**MODEL, "label": "slow", "kwargs": {**MODEL["kwargs"], "patch_size": 1, "depth": 4}}  # 784 tokens
+    path = config(tmp_path, grid={"models": [fast, slow], "methods": ["baseline"]}, stages=["throughput"],
+                  throughput={"batch_sizes": [64], "warmup": 1, "runs": 1000})
+    results = tmp_path / "results"
+    done, interrupted = load_experiment(path).runs
+    process = spawn("run_bench.py", "--config", str(path), "--results", str(results), "--executor", "local",
+                    "--quiet", "--no-report", start_new_session=True)
+    try:
+        wait_for(lambda: (results / "claims" / f"{interrupted.key}.json").exists(), 180, "the second run to start")
+        time.sleep(0.5)
+        if target == "group":  # a terminal's Ctrl-C: every process of the foreground group
+            os.killpg(process.pid, signal.SIGINT)
+        else:  # kill -INT <pid>
+            process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, (out, err)
+    assert one_line(err).startswith("interrupted (Ctrl-C): finished runs keep their records")
+    assert "KeyboardInterrupt" not in err + out and "Traceback" not in out, (out, err)
+    assert keys(results) == {done.key}
+    note = json.loads((results / "failed" / f"{interrupted.key}.json").read_text())
+    assert note["state"] == "interrupted"
+    assert not (results / "claims" / f"{interrupted.key}.json").exists()
+    assert (results / "logs" / "local" / "controller.log").is_file()
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
+    status = capsys.readouterr().out.splitlines()
+    assert status[0].split() == ["done", done.key] and status[1].startswith(f"interrupted {interrupted.key}")
+    assert status[-1] == "1 done, 1 interrupted"
+
+
+@pytest.mark.parametrize("executor", ["inprocess", "local"])
+def test_timm_weights_unavailable_here_are_one_line_exit_2_when_the_jobs_run_here(tmp_path, monkeypatch, executor):
+    """Offline (``HF_HUB_OFFLINE=1``, an empty cache) the jobs of ``inprocess`` / ``local`` would try the same
+    download on the same host: refused before any run, one line, instead of a failure (and retries) per run."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    path, results = config(tmp_path, weights="timm:augreg_in21k"), tmp_path / "results"
+    process = spawn("run_bench.py", "--config", str(path), "--results", str(results), "--executor", executor,
+                    "--quiet", "--no-report")
+    try:
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 2, (out, err)
+    line = one_line(err)
+    assert line.startswith("error: timm:augreg_in21k: timm pretrained weights for vit_tiny_patch16_224 unavailable (")
+    assert line.endswith("; the runs execute on this host, so they cannot fetch them either") and len(line) < 320
+    assert out.splitlines() == [f"rel: 2 run(s), 0 already done, 2 to run -> {results}"]
+    assert not (results / "runs").exists() and not (results / "failed").exists() and not (results / "logs").exists()
+
+
+def test_timm_weights_unavailable_here_are_left_to_slurm_jobs_with_one_warning(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import huggingface_hub.constants as hub
+
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.fetch import prefetch_weights, quiet_hub
+    from bench.pipeline.models import WeightsError
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # read at import: HF_HUB_OFFLINE=1 for this process
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    runs = load_experiment(config(tmp_path, weights="timm:augreg_in21k")).runs
+    hub_logger = logging.getLogger("huggingface_hub")
+    level, hub_levels = hub_logger.level, []
+
+    class HubLevel(logging.Handler):  # the hub logger's level when timm starts its download
+        def emit(self, record):
+            hub_levels.append(hub_logger.level)
+
+    timm_logger, handler = logging.getLogger("timm.models._builder"), HubLevel()
+    timm_logger.addHandler(handler)
+    caplog.set_level(logging.INFO, logger="timm.models._builder")
+    warnings: list[str] = []
+    try:
+        kept = prefetch_weights(runs, tmp_path / "results", warn=warnings.append, jobs_here=False)
+        with pytest.raises(WeightsError) as refused:
+            prefetch_weights(runs, tmp_path / "results", warn=warnings.append, jobs_here=True)
+    finally:
+        timm_logger.removeHandler(handler)
+    assert [run.weights_path for run in kept] == ["timm:augreg_in21k"] * 2 and kept[0].key == runs[0].key
+    (warning,) = warnings  # one per (model, tag), none for the refusal
+    assert warning.startswith("warning: timm:augreg_in21k for vit_tiny_patch16_224 not fetched here (timm:augreg")
+    assert warning.endswith("); each job will fetch it itself") and "\n" not in warning
+    message = str(refused.value)
+    assert message.startswith("timm:augreg_in21k: timm pretrained weights for vit_tiny_patch16_224 unavailable (")
+    assert "\n" not in message and len(message) < 300
+    assert hub_levels == [logging.ERROR, logging.ERROR] and hub_logger.level == level  # restored
+    with quiet_hub():  # what the hub's retries log (a warning each) stays off the terminal, errors do not
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
+        logging.getLogger("huggingface_hub.utils._http").error("gave up")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")] == ["gave up"]

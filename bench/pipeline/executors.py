@@ -5,8 +5,10 @@ All three call the same job function, ``bench.pipeline.runner.run_job``, with a 
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,10 +56,34 @@ def run_inprocess(runs: list[RunSpec], results_dir: Path, progress: bool = True,
     return outcomes
 
 
+@contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """This process's file descriptors 1 and 2 appended to ``path`` while the body runs (restored after), so
+    that the processes it starts write there; ``sys.stdout`` / ``sys.stderr`` are flushed around it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log):
+            os.close(fd)
+
+
 def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], None] = print,
               redo: bool = False) -> list[Outcome]:
-    """Each job watches this process (``$TOKENBENCH_PARENT``) and stops when it dies (``kill -9``)."""
-    import os
+    """Each job watches this process (``$TOKENBENCH_PARENT``) and stops when it dies (``kill -9``). submitit's
+    controller processes write to ``logs/local/controller.log``, not the terminal: on Ctrl-C they get SIGINT
+    (from the terminal and from ``job.cancel``) and print tracebacks of their own; the jobs' logs are apart."""
+    import time
 
     import submitit
 
@@ -69,8 +95,9 @@ def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], 
     outcomes = []
     for index, run in enumerate(runs, start=1):
         previous, os.environ[PARENT_ENV] = os.environ.get(PARENT_ENV), parent_marker()
-        try:  # submitit's controller and the job inherit this environment
-            job = executor.submit(run_job, run.to_dict(), str(results_dir), False, redo)
+        try:  # submitit's controller and the job inherit this environment, the controller also fds 1 and 2
+            with output_to(results_dir / "logs" / "local" / "controller.log"):
+                job = executor.submit(run_job, run.to_dict(), str(results_dir), False, redo)
         finally:
             os.environ.pop(PARENT_ENV) if previous is None else os.environ.update({PARENT_ENV: previous})
         announce(f"[{index}/{len(runs)}] {run.key} (local job {job.job_id}, log {job.paths.stderr})")
@@ -79,6 +106,9 @@ def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], 
             outcomes.append(Outcome(run.key, True, log=str(job.paths.stderr)))
         except KeyboardInterrupt:
             job.cancel(check=False)  # SIGINT to the job: it marks its run interrupted
+            deadline = time.monotonic() + 30  # the controller stops its job within ~1 s (then SIGKILL)
+            while not job.done() and time.monotonic() < deadline:  # marked when this process returns
+                time.sleep(0.05)
             raise
         except Exception as error:  # noqa: BLE001
             message = last_error_line(str(error), "unknown error")

@@ -8,18 +8,23 @@ starts (every executor), ``prefetch_weights`` turns each run's remote weights in
 * ``http(s)://`` URLs are downloaded once, atomically, to ``<sha1 of the URL>-<file name>``;
 * ``timm:<tag>`` weights are loaded through timm's hub download on this host and saved as a state dict
   named by a hash of (model, kwargs, tag, seed), with the run's seed applied first so that a head timm
-  re-initialises (other ``num_classes``) is the one the job would have drawn. Where timm cannot fetch
-  them here (offline), or the tagged model differs in shape from ``timm.create_model(model, **kwargs)``,
-  the run keeps ``timm:<tag>`` and each job resolves it as before (a warning says so).
+  re-initialises (other ``num_classes``) is the one the job would have drawn. Where the tagged model
+  differs in shape from ``timm.create_model(model, **kwargs)``, the run keeps ``timm:<tag>`` and each job
+  resolves it as before (a warning says so). Where timm cannot fetch them here (offline), that is an error
+  (``WeightsError``, one line) when the jobs run on this host too (``inprocess``, ``local``); for SLURM jobs
+  (``jobs_here=False``) the tag is left to them, with a warning: compute nodes may have their own cache.
+  huggingface_hub's warnings (a line per retry of an unreachable hub) are kept off the terminal meanwhile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +51,48 @@ def fetch_url(url: str, cache: Path) -> Path:
     return path
 
 
+class NotFetched(WeightsError):
+    """timm could not provide the pretrained weights on this host (offline, hub unreachable)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of ``error``'s message, at most ``limit`` characters."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+@contextmanager
+def quiet_hub() -> Iterator[None]:
+    """huggingface_hub's logger at ERROR while the body runs (its level restored after)."""
+    try:
+        import huggingface_hub  # noqa: F401 - its import sets the logger's level: first, not inside
+    except ImportError:
+        yield
+        return
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def fetch_timm(model: str, kwargs: dict[str, Any], weights: str, seed: int, cache: Path) -> Path:
     """timm's pretrained ``weights`` (``timm:<tag>``) of ``model`` as a local state dict in ``cache``;
-    ``WeightsError`` when timm cannot provide them here or their shapes differ from the untagged model."""
+    ``NotFetched`` when timm cannot provide them here, ``WeightsError`` when their shapes differ from the
+    untagged model."""
     import torch
 
     path = Path(cache) / f"timm-{model}-{digest([model, kwargs, weights, seed], 12)}.pth"
     if path.is_file():
         return path
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_hub():
         torch.manual_seed(seed)  # as the job seeds before building the model
-        vit = load_model(model, kwargs, weights)
+        try:
+            vit = load_model(model, kwargs, weights)
+        except WeightsError as error:
+            raise NotFetched(str(error)) from None
     state = vit.state_dict()
     atomic_torch_save({"model": state}, path)
     try:
@@ -67,9 +103,11 @@ def fetch_timm(model: str, kwargs: dict[str, Any], weights: str, seed: int, cach
     return path
 
 
-def prefetch_weights(runs: list[Any], results_dir: Path, warn: Callable[[str], None] = print) -> list[Any]:
+def prefetch_weights(runs: list[Any], results_dir: Path, warn: Callable[[str], None] = print,
+                     jobs_here: bool = False) -> list[Any]:
     """``runs`` with remote weights replaced by local files (see the module's docstring). A URL that cannot
-    be fetched raises ``WeightsError``; a timm tag that cannot is left to the jobs, with a warning."""
+    be fetched raises ``WeightsError``; so does a timm tag where the jobs run on this host (``jobs_here``),
+    else it is left to the jobs, with a warning."""
     cache = weights_cache(results_dir)
     local: dict[Any, str | None] = {}
     checked: set[tuple[str, str]] = set()
@@ -85,7 +123,10 @@ def prefetch_weights(runs: list[Any], results_dir: Path, warn: Callable[[str], N
                 try:
                     local[marker] = str(fetch_timm(run.model, run.model_kwargs, source, run.seed, cache))
                 except WeightsError as error:
-                    warn(f"warning: {source} for {run.model} not fetched here ({str(error)[:200]}); each job "
+                    if jobs_here and isinstance(error, NotFetched):  # the jobs would try the same download here
+                        raise WeightsError(f"{first_line(error)}; the runs execute on this host, so they cannot "
+                                           "fetch them either") from None
+                    warn(f"warning: {source} for {run.model} not fetched here ({first_line(error)}); each job "
                          "will fetch it itself")
                     local[marker] = None
         else:
