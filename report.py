@@ -2,19 +2,23 @@
 
     python report.py RESULTS_DIR [--out FILE.md] [--csv FILE] [--plot FILE.png]
 
-Defaults: ``RESULTS_DIR/leaderboard.md``, ``RESULTS_DIR/leaderboard.csv``, ``RESULTS_DIR/pareto.png``.
+Defaults: ``RESULTS_DIR/leaderboard.md``, ``RESULTS_DIR/leaderboard.csv``, ``RESULTS_DIR/pareto.png``; the
+figures it links (``throughput.png``, ``tokens*.png``) go beside the markdown file.
 It only reads the records under ``RESULTS_DIR/runs`` (see ``bench/pipeline/records.py``); it never re-runs
 anything. ``tokenbench-report`` (installed with the project) is the same command.
 
 Numbers come from the records as they are: ``delta_top1`` and ``mac_reduction`` compare a run with the
-baseline run of its group (same model, data and weights); ``speedup`` is the one the record measured
-against a baseline timed in the same process, never recomputed across processes.
+baseline run of its group (same model, data and weights; the one in the run's dtype where there is one);
+``speedup`` is the one the record measured against a baseline timed in the same process, never recomputed
+across processes. Runs of a group with the same method and params but other settings (dtype, batch size,
+throughput runs...) get the settings that tell them apart in their params label: ``r=4 [dtype=bf16]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -45,6 +49,9 @@ THROUGHPUT_COLUMNS = [
     "threads", "images_per_s", "baseline_images_per_s", "speedup", *measurements.ENTRY_COLUMNS,
 ]
 NAN = float("nan")
+# a record's run settings that neither change its numbers nor tell apart rows of one group (see _settings)
+UNCOMPARED = {"key", "params_label", "config_file", "weights_path", "weights_sha256", "experiment", "reference",
+              "stages", "workers", "model_label", "data.root"}
 
 
 # ----------------------------------------------------------------------------------------------- frame
@@ -95,7 +102,9 @@ def transform_label(transform: dict) -> str:
 
 def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
     """``_row`` of each record; where one weights path had different contents (a checkpoint changed in
-    place), its label becomes ``fmnist_vit.pth (sha256 1a2b3c4d)``: each version is its own group."""
+    place), its label becomes ``fmnist_vit.pth (sha256 1a2b3c4d)``: each version is its own group. Rows of
+    one group with the same method and params made under other settings get those settings in their params
+    label: ``r=4 [dtype=bf16]`` and ``r=4 [dtype=fp32]``."""
     rows = [_row(record) for record in recs]
     versions: dict[str, set] = {}
     for record, row in zip(recs, rows, strict=True):
@@ -104,7 +113,32 @@ def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
         sha = _get(record, "run", "weights_sha256")
         if len(versions[row["weights"]]) > 1 and isinstance(sha, str):
             row["weights"] = f"{row['weights']} (sha256 {sha[:8]})"
+    collisions: dict[tuple, list[int]] = {}
+    for index, row in enumerate(rows):
+        collisions.setdefault(tuple(row[name] for name in [*GROUP, "method", "params"]), []).append(index)
+    for indices in collisions.values():
+        settings = [_settings(_get(recs[index], "run")) for index in indices]
+        differ = [name for name in dict.fromkeys(name for flat in settings for name in flat)
+                  if len({repr(flat.get(name)) for flat in settings}) > 1]
+        for index, flat in zip(indices, settings, strict=True):
+            if differ:
+                label = "[" + ", ".join(f"{name}={_format_param(flat.get(name))}" for name in differ) + "]"
+                rows[index]["params"] = f"{rows[index]['params']} {label}".lstrip()
     return rows
+
+
+def _settings(run: Any, prefix: str = "") -> dict[str, Any]:
+    """A record's ``run`` flattened to dotted keys (``throughput.runs``), less what does not change its
+    numbers (names, paths, the published reference, the stages that ran) or already sets its group."""
+    flat: dict[str, Any] = {}
+    for name, value in (run.items() if isinstance(run, dict) else ()):
+        if prefix + name in UNCOMPARED:
+            continue
+        if isinstance(value, dict) and value:
+            flat.update(_settings(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
 
 
 def _throughput_entries(record: dict) -> list[dict]:
@@ -187,7 +221,8 @@ def _first_valid(values: pd.Series) -> float:
 
 def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     """One row per record (columns ``CSV_COLUMNS + EXTRA_COLUMNS`` and private ``_...`` columns), with
-    ``delta_top1`` / ``mac_reduction`` against the baseline of the record's (model, data, weights) group."""
+    ``delta_top1`` / ``mac_reduction`` against the baseline of the record's (model, data, weights) group
+    (the one run in the record's dtype where there is one)."""
     rows = _rows(recs)
     columns = CSV_COLUMNS + EXTRA_COLUMNS + ["_reference", "_tokens_out", "_method_stats", "_n_throughput",
                                              "_attention"]
@@ -196,16 +231,20 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
         return df
     for name in ("batch_size", "throughput_batch_size", "threads"):  # integers with gaps, not 32.0
         df[name] = pd.to_numeric(df[name], errors="coerce").astype("Int64")
+    dtypes = df["dtype"].fillna("").astype(str)
     for _, group in df.groupby(GROUP, sort=False):
-        base = group[group["method"] == "baseline"]
-        if base.empty:
+        bases = group[group["method"] == "baseline"]
+        if bases.empty:
             continue
-        base_top1, base_gmacs = _first_valid(base["top1"]), _first_valid(base["gmacs"])
-        index = group.index
-        df.loc[index, "delta_top1"] = df.loc[index, "top1"] - base_top1
-        if base_gmacs > 0:
-            df.loc[index, "mac_reduction"] = 100.0 * (1.0 - df.loc[index, "gmacs"] / base_gmacs)
-            df.loc[index, "mac_fraction"] = df.loc[index, "gmacs"] / base_gmacs
+        for dtype in dict.fromkeys(dtypes[group.index]):  # the baseline of the same dtype, else the first
+            index = group.index[dtypes[group.index] == dtype]
+            same = bases[dtypes[bases.index] == dtype]
+            base = same if len(same) else bases
+            base_top1, base_gmacs = _first_valid(base["top1"]), _first_valid(base["gmacs"])
+            df.loc[index, "delta_top1"] = df.loc[index, "top1"] - base_top1
+            if base_gmacs > 0:
+                df.loc[index, "mac_reduction"] = 100.0 * (1.0 - df.loc[index, "gmacs"] / base_gmacs)
+                df.loc[index, "mac_fraction"] = df.loc[index, "gmacs"] / base_gmacs
     return df
 
 
@@ -515,10 +554,23 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir", type=Path, help="folder holding runs/*.json")
-    parser.add_argument("--out", type=Path, help="markdown file (default RESULTS_DIR/leaderboard.md)")
-    parser.add_argument("--csv", type=Path, help="CSV file (default RESULTS_DIR/leaderboard.csv)")
-    parser.add_argument("--plot", type=Path, help="PNG file (default RESULTS_DIR/pareto.png)")
+    # strings, not paths: Path drops the trailing slash of a folder given by mistake
+    parser.add_argument("--out", help="markdown file (default RESULTS_DIR/leaderboard.md); the figures go beside it")
+    parser.add_argument("--csv", help="CSV file (default RESULTS_DIR/leaderboard.csv)")
+    parser.add_argument("--plot", help="PNG file (default RESULTS_DIR/pareto.png)")
     return parser
+
+
+def _not_a_file(path: str | Path) -> str | None:
+    """Why ``path`` cannot become a file (it names a folder, or a file stands where a folder above it must
+    be), or ``None``."""
+    text = str(path)
+    if text.endswith(("/", os.sep)) or os.path.isdir(text):  # os.path: False, not an error, on a bad name
+        return "it names a folder, not a file"
+    for parent in Path(text).parents:  # the nearest existing one decides
+        if os.path.exists(parent):
+            return None if os.path.isdir(parent) else f"{parent} is not a folder"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,19 +594,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in problems:
         print(f"report.py: skipped {problem}", file=sys.stderr)
 
-    out = args.out or folder / "leaderboard.md"
-    csv = args.csv or folder / "leaderboard.csv"
-    plot = args.plot or folder / "pareto.png"
+    paths = (args.out or folder / "leaderboard.md", args.csv or folder / "leaderboard.csv",
+             args.plot or folder / "pareto.png")
+    for path in paths:
+        reason = _not_a_file(path)
+        if reason:
+            print(f"report.py: error: cannot write {path} ({reason})", file=sys.stderr)
+            return 2
+    out, csv, plot = (Path(path) for path in paths)
+    calibrations = read_calibrations(folder)
+    target = f"figures in {out.parent}"  # beside the markdown: a read-only results folder is fine
     try:  # every file atomic: a failed write leaves the previous file (or none) and no temporary file
-        figures = measurements.write_figures(df, tp, folder, Path(out).parent, GROUP, sort_group, _group_title)
-        calibrations = read_calibrations(folder)
+        figures = measurements.write_figures(df, tp, folder, out.parent, GROUP, sort_group, _group_title)
+        target = str(out)
         atomic_write(out, render_markdown(df, problems, tp, figures=figures, calibrations=calibrations))
         print(out)
+        target = str(csv)
         write_csv(df, csv)
         print(csv)
+        target = str(plot)
         plotted = plot_pareto(df, plot)
     except OSError as error:
-        print(f"report.py: error: cannot write in {folder} ({error.strerror or error})", file=sys.stderr)
+        print(f"report.py: error: cannot write {target} ({error.strerror or error})", file=sys.stderr)
         return 2
     if plotted:
         print(plot)

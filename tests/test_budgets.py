@@ -3,19 +3,22 @@ budgets), the experiment-file expansion, the records and the leaderboard's match
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 import bench
+import report
 import run_bench
 from bench.pipeline.budgets import pareto_auc
 from bench.pipeline.calibrate import Calibrator, _least_reduction
 from bench.pipeline.files import REPO
-from bench.pipeline.records import read_all
+from bench.pipeline.records import read_all, record_path, write_record
 from tests.helpers import small_vit
 
 
@@ -194,3 +197,27 @@ def test_budget_runs_without_eval_or_dense_run_print_no_nan(budget_run, tmp_path
     cells = [line.split("|")[3].strip().strip("*") for line in section.splitlines()
              if line.startswith("| ") and "Rank" not in line]
     assert len(cells) == 2 and all(re.fullmatch(r"\d+\.\d\d", cell) for cell in cells), cells
+
+
+def test_one_budget_ranks_by_mean_top1_then_a_method_without_cells_last(budget_run, tmp_path):
+    """One budget: no method has a Pareto AUC, so the rank follows the cells' top-1 (not the names); ppt,
+    unreachable at 0.55, has no cell and comes last."""
+    _, results = budget_run
+    records, _ = read_all(results)
+    chosen = {"evit": 85.5, "resize": 80.0, "tome": 88.5}
+    folder = tmp_path / "one"
+    for record in records:
+        budget = record["run"]["budget"]
+        method = record["run"]["method"]
+        if method == "baseline" or (budget and budget["target"] == 0.55 and method in chosen):
+            record = copy.deepcopy(record)
+            record["metrics"]["eval"]["top1"] = chosen.get(method, 89.0)
+            write_record(record_path(folder, record["key"]), record)
+    shutil.copy(results / "calibration.json", folder / "calibration.json")
+    assert report.main([str(folder)]) == 0
+    section = (folder / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith("| ") and "Rank" not in line]
+    assert [row[:2] for row in rows] == [["1", "tome"], ["2", "evit"], ["3", "resize"], ["4", "ppt"]]
+    assert [row[2].split()[0] for row in rows] == ["**88.50", "85.50", "80.00", "–"]
+    assert [row[-1] for row in rows] == ["", "", "", ""]  # one budget: no Pareto AUC

@@ -7,7 +7,9 @@ paths that must already exist in the real records (``_set`` fails when the forma
 from __future__ import annotations
 
 import copy
+import errno
 import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,11 +57,11 @@ VALUES = {
 }
 
 
-def _experiment(folder: Path, runs: dict, stages: list[str], name: str) -> Path:
+def _experiment(folder: Path, runs: dict, stages: list[str], name: str, **defaults) -> Path:
     cfg = {
         "name": "unit",
         "defaults": {"model": MODEL, "data": {"name": "fashion_mnist", "subset": 100}, "batch_size": 100,
-                     "device": "cpu", "threads": 1},
+                     "device": "cpu", "threads": 1, **defaults},
         "stages": stages,
         "throughput": {"batch_sizes": [32, 64], "warmup": 0, "runs": 1},
         "macs": {"images": 1},
@@ -314,3 +316,103 @@ def test_main_missing_or_empty_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "torn" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "torn" / "leaderboard.md").exists()
+
+
+def test_read_only_results_folder_with_every_output_elsewhere(results, tmp_path_factory, capsys):
+    """The figures go beside --out, not into the results folder (read-only here; as root, where chmod stops
+    nothing, the folder's listing shows that nothing was written there)."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    before = sorted(results.rglob("*"))
+    folders = [results, results / "runs"]
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        code = report.main([str(results), "--out", str(elsewhere / "lb.md"), "--csv", str(elsewhere / "lb.csv"),
+                            "--plot", str(elsewhere / "p.png")])
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert code == 0, capsys.readouterr().err
+    assert sorted(results.rglob("*")) == before
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["lb.csv", "lb.md", "p.png", "throughput.png"]
+    figures = _section((elsewhere / "lb.md").read_text(), "## Figures")
+    assert "](throughput.png)" in figures  # linked relative to the markdown
+    assert capsys.readouterr().out.split()[-1] == str(elsewhere / "throughput.png")
+
+
+def test_unwritable_output_is_one_line_naming_it(results, tmp_path, capsys):
+    (tmp_path / "plain").write_text("a file")
+    long_name = tmp_path / ("x" * 300 + ".csv")  # fails at the write itself (the markdown is written), even as root
+    cases = [("--csv", str(tmp_path / "plain" / "lb.csv"), f"{tmp_path / 'plain'} is not a folder"),
+             ("--out", str(tmp_path / "new") + os.sep, "it names a folder, not a file"),
+             ("--plot", str(tmp_path / "runs"), "it names a folder, not a file"),
+             ("--csv", str(long_name), os.strerror(errno.ENAMETOOLONG))]
+    for option, path, reason in cases:
+        assert report.main([str(results), option, path]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("report.py: skipped")]
+        assert errors == [f"report.py: error: cannot write {path} ({reason})"]
+        if option != "--csv" or path != str(long_name):  # refused before anything was written
+            assert not (results / "leaderboard.md").exists() and not (results / "leaderboard.csv").exists()
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "runs").is_dir() and (tmp_path / "plain").read_text() == "a file"
+
+
+# the same runs made under other settings: fp32 and bf16 (baseline and tome), and tome at another batch size
+SETTINGS = {"fp32": {}, "bf16": {"dtype": "bf16"}, "bs50": {"batch_size": 50}}
+SETTING_RUNS = {"baseline": ({"label": "deit-s", "weights": None}, "baseline"),
+                "tome": ({"label": "deit-s", "weights": None}, {"method": "tome", "r": 4})}
+SETTING_TOP1 = {("baseline", "fp32"): 80.0, ("baseline", "bf16"): 79.0, ("tome", "fp32"): 78.5,
+                ("tome", "bf16"): 78.0, ("tome", "bs50"): 78.0}
+
+
+@pytest.fixture(scope="module")
+def settings_results(tmp_path_factory) -> tuple[Path, dict[tuple[str, str], str]]:
+    """A results folder with the records of ``SETTING_TOP1`` (top-1 set to those values) and their keys."""
+    from bench.pipeline.config import load_experiment
+
+    folder = tmp_path_factory.mktemp("settings")
+    keys = {}
+    for setting, defaults in SETTINGS.items():
+        runs = {name: run for name, run in SETTING_RUNS.items() if (name, setting) in SETTING_TOP1}
+        path = _experiment(folder, runs, ["eval", "macs"], f"{setting}.yaml", **defaults)
+        assert bench_main(path, folder / "made", "--no-report") == 0
+        keys.update({(name, setting): run.key for name, run in zip(runs, load_experiment(path).runs, strict=True)})
+    records, problems = read_all(folder / "made")
+    assert problems == [] and len(records) == len(keys)
+    by_key = {record["key"]: record for record in records}
+    for name, key in keys.items():
+        record = copy.deepcopy(by_key[key])
+        _set(record, "metrics.eval.top1", SETTING_TOP1[name])
+        write_record(record_path(folder / "results", key), record)
+    return folder / "results", keys
+
+
+def test_runs_under_other_settings_are_told_apart(settings_results):
+    results, keys = settings_results
+    df, _, _ = report.load_all(results)
+    params = dict(zip(df["key"], df["params"], strict=True))
+    assert {name: params[key] for name, key in keys.items()} == {
+        ("baseline", "fp32"): "[dtype=fp32]", ("baseline", "bf16"): "[dtype=bf16]",
+        ("tome", "fp32"): "r=4 [batch_size=100, dtype=fp32]", ("tome", "bf16"): "r=4 [batch_size=100, dtype=bf16]",
+        ("tome", "bs50"): "r=4 [batch_size=50, dtype=fp32]"}
+    section = _section(report.render_markdown(df), f"## deit-s on {FMNIST} (random init)")
+    rows = [[cell.strip() for cell in line.split("|")[1:4]] for line in section.splitlines()
+            if line.startswith("| ") and "Method" not in line]
+    assert sorted(rows) == [["baseline", "[dtype=bf16]", "79.00"], ["baseline", "[dtype=fp32]", "80.00"],
+                            ["tome", "r=4 [batch_size=100, dtype=bf16]", "78.00"],
+                            ["tome", "r=4 [batch_size=100, dtype=fp32]", "78.50"],
+                            ["tome", "r=4 [batch_size=50, dtype=fp32]", "78.00"]]
+
+
+def test_delta_against_the_baseline_of_the_same_dtype(settings_results, tmp_path):
+    results, keys = settings_results
+    assert report.main([str(results), "--out", str(tmp_path / "lb.md"), "--csv", str(tmp_path / "lb.csv")]) == 0
+    csv = pd.read_csv(tmp_path / "lb.csv", keep_default_na=False).set_index("key")
+    delta = {name: csv.loc[key, "delta_top1"] for name, key in keys.items()}
+    assert delta == pytest.approx({("baseline", "fp32"): 0.0, ("baseline", "bf16"): 0.0, ("tome", "fp32"): -1.5,
+                                   ("tome", "bf16"): -1.0, ("tome", "bs50"): -2.0})
+    assert csv.loc[keys["tome", "bf16"], "params"] == "r=4 [batch_size=100, dtype=bf16]"
+    assert list(csv["dtype"].sort_values()) == ["bf16", "bf16", "fp32", "fp32", "fp32"]
+    tome = csv.loc[keys["tome", "bf16"]]
+    base = csv.loc[keys["baseline", "bf16"]]
+    assert tome["mac_reduction"] == pytest.approx(100 * (1 - tome["gmacs"] / base["gmacs"]))

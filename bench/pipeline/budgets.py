@@ -6,6 +6,8 @@ Pareto AUC: the area under a method's top-1 over its achieved MAC fractions (tra
 fraction) divided by the range of fractions it covered, i.e. its mean top-1 over that range. The covered
 range is printed next to it, so a method that covers the budgets badly (unreachable budgets, achieved
 fractions far below their targets) is visible. A method with a single point has no area: its AUC is empty.
+Rank: the methods with an AUC first, higher first; ties and those without one (a single budget) by their
+mean top-1 over their budget cells, higher first (a method without a cell last), then by name.
 Light: pandas only (``report.py`` imports it without the model stack).
 """
 
@@ -41,7 +43,9 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
              "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile); every "
              "method's knob was calibrated to the least reduction within the budget. `–`: the budget is out "
              "of the method's reach. Pareto AUC: the method's mean top-1 over the MAC fractions it covered "
-             "(trapezoid over the achieved fractions, divided by the covered range, printed beside it).", ""]
+             "(trapezoid over the achieved fractions, divided by the covered range, printed beside it). Rank: "
+             "by Pareto AUC (a method with one achieved fraction has none and comes after those with one), "
+             "then by the mean top-1 of the method's cells, then by name.", ""]
     for keys, part in runs.groupby(group, sort=True):
         model = keys[0]
         targets = sorted(set(part["budget"]))
@@ -52,13 +56,14 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
         rows = []
         for method in methods:
             mine = part[part["method"] == method]
-            cells = []
+            cells, shown = [], []
             for target in targets:
                 hit = mine[mine["budget"] == target]
                 if hit.empty:
                     cells.append("–" if (method, round(target, 6)) in unreachable else "")
                     continue
                 row = hit.iloc[0]
+                shown.append(row["top1"])
                 text = f"{row['top1']:.2f}"  # Δ without a dense run, @ without the macs stage: left out
                 text += "" if pd.isna(row["delta_top1"]) else f" ({row['delta_top1']:+.2f})"
                 text += "" if pd.isna(row["mac_fraction"]) else f" @{row['mac_fraction']:.3f}"
@@ -66,10 +71,12 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
             auc = pareto_auc(list(mine["mac_fraction"]), list(mine["top1"]))
             fractions = mine["mac_fraction"].dropna()
             covered = f"{fractions.min():.2f}–{fractions.max():.2f}" if len(fractions) else ""
-            rows.append((auc, method, [*cells, covered]))
-        rows.sort(key=lambda item: (math.isnan(item[0]), -item[0] if not math.isnan(item[0]) else 0, item[1]))
+            mean = sum(shown) / len(shown) if shown else math.nan
+            rows.append(((math.isnan(auc), 0 if math.isnan(auc) else -auc, math.isnan(mean),
+                          0 if math.isnan(mean) else -mean, method), auc, method, [*cells, covered]))
+        rows.sort(key=lambda item: item[0])
         headers = ["Rank", "Method", *[f"≤ {target:.2f} MACs" for target in targets], "Covered", "Pareto AUC"]
         body = [[str(rank), method, *cells, "" if math.isnan(auc) else f"{auc:.2f}"]
-                for rank, (auc, method, cells) in enumerate(rows, start=1)]
+                for rank, (_, auc, method, cells) in enumerate(rows, start=1)]
         lines += [f"### {title(*keys)}", "", table(body, headers), ""]
     return lines

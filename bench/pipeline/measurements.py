@@ -212,9 +212,11 @@ def _slug(text: str) -> str:
 
 
 def token_grids(df: pd.DataFrame, results_dir: str | Path, group_keys: Sequence[str],
-                sort: Callable[[pd.DataFrame], pd.DataFrame], title: Callable[..., str]) -> list[tuple[str, Path]]:
-    """Compose the token-map grid of every group whose runs left ``tokens/<key>.npz``; returns
-    ``[(caption, path)]``. Runs drawn on other images than the group's first run are left out."""
+                sort: Callable[[pd.DataFrame], pd.DataFrame], title: Callable[..., str],
+                out_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """Compose the token-map grid of every group whose runs left ``tokens/<key>.npz`` (under ``results_dir``)
+    into ``out_dir`` (default ``results_dir``); returns ``[(caption, path)]``. Runs drawn on other images than
+    the group's first run are left out."""
     from bench.tokenmap import compose, load_maps
 
     folder = Path(results_dir)
@@ -245,7 +247,7 @@ def token_grids(df: pd.DataFrame, results_dir: str | Path, group_keys: Sequence[
         else:
             slug = _slug(labels[index])
             name = f"tokens_{slug}.png" if labels.count(labels[index]) == 1 else f"tokens_{slug}-{index + 1}.png"
-        path = folder / name
+        path = Path(out_dir or folder) / name
         caption = f"Token maps: {names[0]} ({names[-1]})"  # model label and weights
         compose(path, images, columns, f"Token maps: {names[0]} (grey: pruned; a colour: one merged token)")
         written.append((caption, path))
@@ -255,15 +257,16 @@ def token_grids(df: pd.DataFrame, results_dir: str | Path, group_keys: Sequence[
 def write_figures(df: pd.DataFrame, tp: pd.DataFrame, results_dir: str | Path, markdown_dir: str | Path,
                   group_keys: Sequence[str], sort: Callable[[pd.DataFrame], pd.DataFrame],
                   title: Callable[..., str]) -> list[tuple[str, str, Path]]:
-    """Write ``throughput.png`` and the token-map grids into ``results_dir``; ``[(caption, path relative to
-    markdown_dir, path)]`` of those written."""
+    """Write ``throughput.png`` and the token-map grids (from ``results_dir``'s ``tokens/``) into
+    ``markdown_dir``, beside the markdown that links them; ``[(caption, path relative to markdown_dir, path)]``
+    of those written."""
     import os
 
-    folder = Path(results_dir)
+    folder = Path(markdown_dir)
     written = []
     if plot_throughput(df, tp, folder / "throughput.png", group_keys, sort, title):
         written.append(("Throughput and speed-up vs batch size", folder / "throughput.png"))
-    written += token_grids(df, folder, group_keys, sort, title)
+    written += token_grids(df, results_dir, group_keys, sort, title, out_dir=folder)
     return [(caption, Path(os.path.relpath(path, markdown_dir)).as_posix(), path) for caption, path in written]
 
 
