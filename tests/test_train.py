@@ -124,3 +124,85 @@ class _SignalAtEpoch(Dataset):
             self.sent = True
             os.kill(os.getpid(), signal.SIGUSR2)
         return self.data[index]
+
+
+def test_a_redo_trains_afresh_over_the_finished_checkpoint_and_resumes_its_own(tmp_path):
+    straight, result = train(tmp_path, "run")
+    finished, messages = result["history"], []
+
+    def redo(**kwargs):
+        model = tiny_model()
+        return model, finetune(model, Toy(), OPTIONS, tmp_path / "run", torch.device("cpu"), progress=False,
+                               log=messages.append, redone_history=finished, **kwargs)
+
+    redo(stop_after_epoch=0)  # the redo is interrupted after its first epoch
+    assert "training from epoch 0" in messages[0] and not any("resuming" in m for m in messages)
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=False)
+    assert state["epoch"] == 1 and state["history"][0]["seconds"] != finished[0]["seconds"]  # trained again
+    messages.clear()
+    resumed, resumed_result = redo()  # requeued: resumes the redo's own checkpoint
+    assert messages[0].endswith("at the end of epoch 1"), messages
+    assert same_weights(straight, resumed)
+    assert [h["train_loss"] for h in resumed_result["history"]] == [h["train_loss"] for h in finished]
+
+
+def _pipeline(tmp_path, **finetune_options):
+    from tests.test_pipeline import config, write
+
+    cfg = config(tmp_path, stages=["finetune"], grid={"methods": [{"method": "tome", "r": 2}]},
+                 finetune={"epochs": 1, "batch_size": 50, "lr": 1e-3, **finetune_options})
+    return write(tmp_path, cfg)
+
+
+def test_force_retrains_a_finished_finetune_run_from_epoch_0(tmp_path, capsys):
+    from bench.pipeline.records import read_all, record_path
+    from tests.test_pipeline import bench_main
+
+    path, results = _pipeline(tmp_path), tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    (first,), _ = read_all(results)
+    last = results / "checkpoints" / first["key"] / "last.pth"
+    before = last.stat().st_mtime_ns
+    capsys.readouterr()
+    assert bench_main(path, results, "--no-report") == 0
+    assert "1 already done, 0 to run" in capsys.readouterr().out
+    assert last.stat().st_mtime_ns == before
+    assert bench_main(path, results, "--no-report", "--force") == 0
+    out = capsys.readouterr().out
+    assert "0 already done, 1 to run" in out
+    assert "training from epoch 0" in out and "resuming" not in out
+    again = read_all(results)[0][0]
+    history, earlier = again["metrics"]["finetune"]["history"], first["metrics"]["finetune"]["history"]
+    assert [h["epoch"] for h in history] == [1]
+    assert history[0]["seconds"] != earlier[0]["seconds"]  # a fresh epoch, not the checkpoint's
+    assert history[0]["train_loss"] == earlier[0]["train_loss"]  # from the same start, deterministically
+    assert last.stat().st_mtime_ns > before
+    assert torch.load(last, weights_only=False)["history"] == history
+    assert record_path(results, first["key"]).exists()
+
+
+def test_a_changed_export_of_a_finished_run_is_written_from_its_final_weights(tmp_path, capsys):
+    from bench.pipeline.records import read_all
+    from tests.test_pipeline import bench_main
+
+    results = tmp_path / "results"
+    assert bench_main(_pipeline(tmp_path, export="a.pth"), results, "--no-report") == 0
+    (record,), _ = read_all(results)
+    capsys.readouterr()
+    assert bench_main(_pipeline(tmp_path, export="out/b.pth"), results, "--no-report") == 0
+    captured = capsys.readouterr()
+    assert "1 already done, 0 to run" in captured.out
+    notes = [line for line in captured.err.splitlines() if record["key"] in line]
+    assert len(notes) == 1 and notes[0].startswith("note: ") and "b.pth" in notes[0], captured.err
+    old = torch.load(tmp_path / "a.pth", weights_only=True)
+    new = torch.load(tmp_path / "out" / "b.pth", weights_only=True)
+    assert set(new) == {"model"} and list(new["model"]) == list(old["model"])
+    assert all(torch.equal(new["model"][k], old["model"][k]) for k in old["model"])
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # written atomically, nothing left beside it
+    # the final weights gone: one warning, nothing written
+    (results / "checkpoints" / record["key"] / "final.pth").unlink()
+    assert bench_main(_pipeline(tmp_path, export="c.pth"), results, "--no-report") == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if record["key"] in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "--force" in warnings[0], captured.err
+    assert not (tmp_path / "c.pth").exists()

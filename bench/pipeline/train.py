@@ -10,6 +10,7 @@ generators and, on GPU, the training device's CUDA generator.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -146,11 +147,15 @@ def finetune(
     progress: bool = True,
     log: Callable[[str], None] = print,
     stop_after_epoch: int | None = None,
+    redone_history: list[dict] | None = None,
 ) -> dict:
     """Train ``model`` (a ``bench.apply`` result: the method is active) in place; returns the history.
 
     ``checkpoint_dir/last.pth`` is written after every epoch (rank 0) and resumed from when present.
-    ``stop_after_epoch`` ends early after that epoch (tests of resumption)."""
+    ``redone_history``: the history recorded by a finished run that is being redone (``--force``). A
+    checkpoint holding exactly that history is the finished run's: it is not resumed, training starts at
+    epoch 0 (and overwrites it). A checkpoint written since, by the redo itself (preempted and requeued,
+    or interrupted), is resumed. ``stop_after_epoch`` ends early after that epoch (tests of resumption)."""
     import timm.optim
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
@@ -169,6 +174,9 @@ def finetune(
     history: list[dict] = []
     start_epoch, start_step, partial = 0, 0, None
     state = load_checkpoint(checkpoint_dir / "last.pth")
+    if state is not None and redone_history is not None and _as_json(state["history"]) == _as_json(redone_history):
+        log(f"training from epoch 0: {checkpoint_dir / 'last.pth'} holds the finished run that is being redone")
+        state = None
     if state is not None:
         vit.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -254,6 +262,11 @@ def finetune(
             if world_size > 1:
                 dist.barrier()
     return {"history": history, "epochs_done": len(history)}
+
+
+def _as_json(history: list[dict]) -> str:
+    """A history as its record holds it (JSON): a NaN loss compares equal to itself."""
+    return json.dumps(history, sort_keys=True)
 
 
 class PreemptionGuard:
