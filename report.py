@@ -32,6 +32,7 @@ from bench.pipeline import budgets, measurements  # matched budgets, throughput 
 from bench.pipeline.files import atomic_file, atomic_write
 from bench.pipeline.measurements import fixed, number
 from bench.pipeline.records import latest_revisions, read_all  # light: the model stack is not imported
+from bench.pipeline.stages import STAGES
 
 GROUP = ["model", "data", "weights"]
 CSV_COLUMNS = [
@@ -51,7 +52,7 @@ THROUGHPUT_COLUMNS = [
 NAN = float("nan")
 # a record's run settings that neither change its numbers nor tell apart rows of one group (see _settings)
 UNCOMPARED = {"key", "params_label", "config_file", "weights_path", "weights_sha256", "experiment", "reference",
-              "stages", "workers", "model_label", "data.root"}
+              "workers", "model_label", "data.root"}
 
 
 # ----------------------------------------------------------------------------------------------- frame
@@ -118,8 +119,12 @@ def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
         collisions.setdefault(tuple(row[name] for name in [*GROUP, "method", "params"]), []).append(index)
     for indices in collisions.values():
         settings = [_settings(_get(recs[index], "run")) for index in indices]
-        differ = [name for name in dict.fromkeys(name for flat in settings for name in flat)
-                  if len({repr(flat.get(name)) for flat in settings}) > 1]
+        for flat in settings:  # a stage's settings tell runs apart only where that stage ran
+            ran = flat.get("stages") or ()
+            for name in [name for name in flat if name.split(".")[0] in STAGES and name.split(".")[0] not in ran]:
+                del flat[name]
+        differ = [name for name in dict.fromkeys(name for flat in settings for name in flat)  # set in all, unequal
+                  if all(name in flat for flat in settings) and len({repr(flat[name]) for flat in settings}) > 1]
         for index, flat in zip(indices, settings, strict=True):
             if differ:
                 label = "[" + ", ".join(f"{name}={_format_param(flat.get(name))}" for name in differ) + "]"
@@ -129,7 +134,7 @@ def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
 
 def _settings(run: Any, prefix: str = "") -> dict[str, Any]:
     """A record's ``run`` flattened to dotted keys (``throughput.runs``), less what does not change its
-    numbers (names, paths, the published reference, the stages that ran) or already sets its group."""
+    numbers (names, paths, the published reference) or already sets its group."""
     flat: dict[str, Any] = {}
     for name, value in (run.items() if isinstance(run, dict) else ()):
         if prefix + name in UNCOMPARED:

@@ -69,10 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted (Ctrl-C): finished runs keep their records, the run in progress is marked "
               "interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`--dry-run | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
 
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if args.executor != "slurm" and not (args.dry_run or args.status):  # not silently ignored
+        given = [flag for flag, value in (("--wait", args.wait), ("--profile", args.profile)) if value]
+        if given:
+            return fail(f"{' and '.join(given)}: only with --executor slurm (--profile also with --dry-run); "
+                        f"this invocation uses --executor {args.executor}")
     from bench.pipeline.config import ConfigError, load_experiment, select
     from bench.pipeline.status import collect_status, print_status
 

@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_size = args.batch_size or (4 if args.small else 64)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 5)
     args.runs = args.runs or (1 if args.small else 20)
+    if args.device not in ("cuda", "cpu"):  # the checks run on GPU 0 (and 1 for DDP), or on the CPU
+        print(f"error: --device {args.device!r} not allowed; allowed: cuda, cpu", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: CUDA is not available here; --device cpu runs the same checks on CPU", file=sys.stderr)

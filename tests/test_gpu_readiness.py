@@ -479,3 +479,9 @@ def test_gpu_check_runs_on_cpu_with_a_small_model():
         assert re.search(rf"^  {name} +ok: train loss \d\.\d{{4}}", out.stdout, re.M)
     assert "4 passed, 0 failed" in out.stdout
 
+
+
+def test_gpu_check_refuses_another_device_in_one_line():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "tpu"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.strip() == "error: --device 'tpu' not allowed; allowed: cuda, cpu"

@@ -225,7 +225,7 @@ BAD_INPUTS = [
      "(allowed: at most 48 at any block)"),
     ({"budgets": {"macs": [0.7]}, "grid": {"methods": [{"method": "static", "not_contiguous": False, "layers": [1, 2]}]}},
      "parameter 'keep_rate' acts only with not_contiguous: true (the contiguous mode's radius is min_radius) "
-     "(tiny-fmnist); keep_rate=1.0 was set by budgets.macs"),
+     "(tiny-fmnist); budgets.macs sets keep_rate, the method's budget knob"),
     ({"grid": {"methods": [{"method": "ppt", "r": 4, "layers": [3, 6, 9]}]}}, "include block 6, but the model has 4 blocks"),
     ({"grid": {"methods": [{"method": "evit", "keep_rate": 2}]}}, "'keep_rate' must be a number in (0, 1], got 2"),
     ({"stages": ["finetune"], "finetune": {"lr": "fast"}}, "finetune.lr: must be a number >= 0, got 'fast'"),
@@ -462,3 +462,28 @@ def test_a_reference_added_after_the_runs_reaches_their_records_and_one_matching
     assert after["tome"]["metrics"] == before["tome"]["metrics"] and after["tome"]["key"] == before["tome"]["key"]
     board = (results / "leaderboard.md").read_text()
     assert "## Published vs measured" in board and "the paper, table 2" in board
+
+
+def test_a_closed_pipe_stops_quietly(tmp_path):
+    """``run_bench.py --dry-run | head -1``: no BrokenPipeError traceback once the reader is gone, exit 1."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, config(tmp_path, stages=["macs"]))
+    command = (f"{sys.executable} -u run_bench.py --config {path} --results {tmp_path / 'r'} --dry-run "
+               "| true")  # the reader is gone before the first line
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+    assert out.returncode == 1, (out.returncode, out.stderr)
+
+
+def test_slurm_options_without_the_slurm_executor_are_one_line(tmp_path, capsys):
+    path = write(tmp_path, config(tmp_path, stages=["macs"]))
+    assert bench_main(path, tmp_path / "r", "--wait") == 2
+    assert capsys.readouterr().err.strip() == ("error: --wait: only with --executor slurm (--profile also with "
+                                               "--dry-run); this invocation uses --executor inprocess")
+    assert bench_main(path, tmp_path / "r", "--executor", "local", "--profile", "local", "--wait") == 2
+    assert "error: --wait and --profile: only with --executor slurm" in capsys.readouterr().err
+    assert bench_main(path, tmp_path / "r", "--dry-run", "--profile", "local") == 0
+    assert not (tmp_path / "r" / "runs").exists()

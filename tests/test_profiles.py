@@ -47,7 +47,9 @@ def test_profile_defaults_and_unset_keys():
     ("content", "message"),
     [
         ({"partition": "debug", "gpus": 2}, "gpus: unknown key; allowed: partition, account, qos, gpus_per_node"),
-        ({"mem_gb": "lots"}, "mem_gb: must be an integer >= 0, got 'lots'"),
+        ({"mem_gb": "lots"}, "mem_gb: must be an integer >= 1, got 'lots'"),
+        ({"mem_gb": 0}, "mem_gb: must be an integer >= 1, got 0"),  # was --mem=1GB for evaluation jobs
+        ({"array_parallelism": 0}, "array_parallelism: must be an integer >= 1, got 0"),  # was --array=0-2%0
         ({"setup": "module load cuda"}, "setup: must be a list of shell lines"),
         ({"setup": ["ok", 3]}, "setup[1]: must be a string, got 3"),
         ({"max_requeue": -1}, "max_requeue: must be an integer >= 0, got -1"),

@@ -524,7 +524,7 @@ def test_ctrl_c_is_interrupted_not_failed_exit_130_without_traceback(tmp_path, c
     assert process.returncode == 130, (out, err)
     assert one_line(err).startswith("interrupted (Ctrl-C)")
     note = json.loads((results / "failed" / f"{run.key}.json").read_text())
-    assert note["state"] == "interrupted"
+    assert note["state"] == "interrupted" and note["error"] == "KeyboardInterrupt"  # no dangling ": "
     assert not (results / "claims" / f"{run.key}.json").exists()
     assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
     status = capsys.readouterr().out

@@ -416,3 +416,16 @@ def test_delta_against_the_baseline_of_the_same_dtype(settings_results, tmp_path
     tome = csv.loc[keys["tome", "bf16"]]
     base = csv.loc[keys["baseline", "bf16"]]
     assert tome["mac_reduction"] == pytest.approx(100 * (1 - tome["gmacs"] / base["gmacs"]))
+
+
+def test_settings_of_a_stage_that_did_not_run_do_not_label_a_row(real_records):
+    """Two records of one run made by experiments with other stages (and another ``macs.images``, which only
+    the one with the macs stage used): the label says the stages, not the unused setting."""
+    full = copy.deepcopy(real_records["tome-a"])
+    eval_only = copy.deepcopy(full)
+    _set(eval_only, "run.stages", ["eval"])
+    _set(eval_only, "run.macs.images", 16)
+    _set(eval_only, "key", full["key"] + "-other")
+    assert full["run"]["stages"] == ["eval", "macs", "throughput"] and full["run"]["macs"]["images"] == 1
+    df = report.build_frame([full, eval_only])
+    assert list(df["params"]) == ["r=4 [stages=[eval, macs, throughput]]", "r=4 [stages=[eval]]"]

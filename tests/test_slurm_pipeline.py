@@ -110,9 +110,10 @@ def in_background(function, *args, **kwargs) -> tuple[threading.Thread, list]:
     return thread, returned
 
 
-def watch_status(config: Path, results: Path, waiter: threading.Thread, timeout: float = 300) -> set[str]:
+def watch_status(config: Path, results: Path, waiter: threading.Thread, timeout: float = 300,
+                 details: dict[str, str] | None = None) -> set[str]:
     """Poll ``--status`` (its rows, via ``collect_status``) once a second until ``waiter`` ends; the states
-    seen after the submission was recorded."""
+    seen after the submission was recorded (and into ``details``, each run's last ``job <id> <STATE>``)."""
     from bench.pipeline.config import load_experiment
     from bench.pipeline.status import collect_status
 
@@ -121,7 +122,10 @@ def watch_status(config: Path, results: Path, waiter: threading.Thread, timeout:
     deadline = time.monotonic() + timeout
     while waiter.is_alive() and time.monotonic() < deadline:
         if (results / "jobs.json").exists():
-            seen.update(row.state for row in collect_status(runs, results))
+            rows = collect_status(runs, results)
+            seen.update(row.state for row in rows)
+            if details is not None:
+                details.update({row.key: row.detail for row in rows if row.detail.startswith("job ")})
         waiter.join(timeout=1.0)
     waiter.join(timeout=max(deadline - time.monotonic(), 0))
     assert not waiter.is_alive(), f"run_bench --wait still waiting after {timeout:.0f} s"
@@ -150,7 +154,8 @@ def test_job_array_gives_the_same_records_as_inprocess(slurm_env, tmp_path, caps
     results = tmp_path / "slurm"
     started = time.monotonic()
     waiter, codes = in_background(on_slurm, config, results, "--wait")
-    seen = watch_status(config, results, waiter)  # --status while the array runs: pending / running only
+    status_during: dict[str, str] = {}
+    seen = watch_status(config, results, waiter, details=status_during)  # while the array runs: pending / running
     elapsed = time.monotonic() - started
     out = capsys.readouterr().out
     assert codes == [0], out
@@ -177,7 +182,9 @@ def test_job_array_gives_the_same_records_as_inprocess(slurm_env, tmp_path, caps
         assert record["tokens_per_layer"] == reference["tokens_per_layer"], key
         assert flat(record["method_stats"]) == pytest.approx(flat(reference["method_stats"]), rel=1e-9), key
         assert record["env"]["slurm_job_id"] and record["env"]["slurm_array_task_id"] is not None
-        assert reference["env"]["slurm_job_id"] is None
+        assert record["env"]["slurm_job"] == submitted[key]["job_id"]  # "<array>_<task>", as --status shows it
+        assert f"job {record['env']['slurm_job']} " in status_during[key]
+        assert reference["env"]["slurm_job_id"] is None and reference["env"]["slurm_job"] is None
     identical = all(on_cluster[key][part] == local[key][part] for key in local
                     for part in ("metrics", "tokens_per_layer", "method_stats"))
     report(capsys, f"4-run array vs in-process: metrics, tokens_per_layer, method_stats "
@@ -344,3 +351,65 @@ def test_two_task_ddp_finetune_matches_one_process(slurm_env, finetuned_inproces
     assert per_tensor[worst] < 1e-3
     assert key_bias < 5 * FINETUNE["lr"]
     assert abs(record["metrics"]["eval"]["top1"] - reference["metrics"]["eval"]["top1"]) <= 0.2  # <= 2 of 1000
+
+
+# --------------------------------------------------------------------------------------------------
+# e. A task cancelled while still pending
+# --------------------------------------------------------------------------------------------------
+# sacct -X -n -P -o JobID,State on the local cluster: a range line after the task's own line (a user's test,
+# after `scancel 4_3` with 4_3 pending), and array 201 cancelled with tasks 2-3 pending.
+OWN_THEN_RANGE = "4_2|COMPLETED\n4_[2-3%2]|CANCELLED by 0\n"
+CANCELLED_RANGE = "201_0|CANCELLED by 0\n201_1|CANCELLED by 0\n201_[2-3%2]|CANCELLED by 0\n"
+# array 186 (0-2%1) after `scancel 186_2` while 186_2 was pending: sacct has no line for it at all.
+VANISHED = "186_0|COMPLETED\n186_1|COMPLETED\n"
+
+
+def test_a_tasks_own_line_wins_over_a_range_line_in_any_order():
+    from bench.pipeline.slurm import _parse_states
+
+    expected = {"4_2": "COMPLETED", "4_3": "CANCELLED"}
+    assert _parse_states(OWN_THEN_RANGE) == expected
+    assert _parse_states("".join(reversed(OWN_THEN_RANGE.splitlines(keepends=True)))) == expected
+    assert _parse_states(CANCELLED_RANGE) == {f"201_{task}": "CANCELLED" for task in range(4)}
+
+
+def test_a_task_missing_from_its_arrays_accounting_has_no_record():
+    from bench.pipeline.slurm import NO_RECORD, _parse_states, _task_state, state_message
+
+    states = _parse_states(VANISHED)
+    assert _task_state(states, "186_1") == "COMPLETED"
+    assert _task_state(states, "186_2") == NO_RECORD  # its array is listed, the task is not
+    assert _task_state(states, "190_0") == "UNKNOWN"  # nothing known of that array
+    assert state_message("186_2", NO_RECORD) == "job 186_2: no accounting record (cancelled before it started?)"
+    assert state_message("4_3", "CANCELLED") == "job 4_3 CANCELLED" and state_message("4_3", "FAILED") is None
+
+
+def test_a_task_cancelled_while_pending_is_failed_with_its_job(slurm_env, tmp_path, capsys):
+    # --wait too: submitit's result() alone never returns for a task SLURM dropped without a record.
+    profile = tmp_path / "one_at_a_time.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "debug", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10,
+                                       "array_parallelism": 1}))
+    config = experiment(tmp_path, "cancel", stages=["macs"], grid={"methods": EVAL_METHODS[:2]})
+    results = tmp_path / "slurm"
+    waiter, codes = in_background(on_slurm, config, results, "--wait", profile=str(profile))
+    wait_for(lambda: (results / "jobs.json").exists() and len(jobs(results)) == 2, 60, "the submission")
+    first, second = sorted(job["job_id"] for job in jobs(results).values())
+    queued = subprocess.run(["squeue", "-r", "-h", "-j", second, "-o", "%T"], env=slurm_env, capture_output=True,
+                            text=True, timeout=30, check=True).stdout.split()
+    assert second.endswith("_1") and queued == ["PENDING"], queued  # array_parallelism 1: waits for task 0
+    subprocess.run(["scancel", second], env=slurm_env, check=True, timeout=30)
+    waiter.join(120)
+    out = capsys.readouterr().out
+    assert not waiter.is_alive() and codes == [1], out
+    assert (f"job {second} CANCELLED" in out or f"job {second}: no accounting record (cancelled before it "
+            "started?)" in out) and "1 run(s) succeeded, 1 failed" in out, out
+    sacct_final(slurm_env, first)
+    time.sleep(2)  # the accounting of the cancelled task, where SLURM keeps one
+    capsys.readouterr()
+    assert run_bench.main(["--config", str(config), "--results", str(results), "--status"]) == 1
+    status = capsys.readouterr().out
+    (row,) = [line for line in status.splitlines() if line.startswith("failed ")]
+    # SLURM keeps a CANCELLED line for the task or, as seen on the local cluster, none at all.
+    assert (f"job {second} CANCELLED" in row
+            or f"job {second}: no accounting record (cancelled before it started?)" in row), status
+    assert status.strip().endswith("1 done, 1 failed"), status

@@ -569,7 +569,7 @@ class Parser:
             reduced = bench.apply(vit, method, **params)
             reduced.method.check_budget(reduced.context)
         except ValueError as error:
-            knob = f"; {budget['knob']}={budget['value']} was set by budgets.macs" if budget else ""
+            knob = f"; budgets.macs sets {budget['knob']}, the method's budget knob" if budget else ""
             raise self.error(where, f"{error} ({base['model_label']}){knob}") from None
         index = next((i for i, ref in enumerate(references) if ref.method == method
                       and (ref.model or base["model_label"]) == base["model_label"]

@@ -162,7 +162,8 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 
 def fashion_mnist_root(root: str | os.PathLike | None) -> Path:
-    """The given folder, else Debian's, else a cache folder filled by torchvision's downloader."""
+    """The given folder, else Debian's, else a cache folder filled by torchvision's downloader
+    (``$TOKENBENCH_DATA/fashion-mnist``, else ``fashion-mnist`` in tokenbench's cache folder)."""
     if root is not None:
         path = Path(root).expanduser()
         if not path.is_dir():
@@ -170,7 +171,9 @@ def fashion_mnist_root(root: str | os.PathLike | None) -> Path:
         return path
     if DEBIAN_FMNIST.is_dir():
         return DEBIAN_FMNIST
-    cache = Path(os.environ.get("TOKENBENCH_DATA", "~/.cache/tokenbench")).expanduser() / "fashion-mnist"
+    from bench.pipeline.files import cache_dir
+
+    cache = Path(os.environ.get("TOKENBENCH_DATA") or cache_dir()).expanduser() / "fashion-mnist"
     try:
         from torchvision.datasets import FashionMNIST
 

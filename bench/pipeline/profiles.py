@@ -30,10 +30,10 @@ class Profile:
     gpus_per_node: int | None = option(None, minimum=0)
     tasks_per_node: int = option(1, minimum=1)
     cpus_per_task: int | None = option(None, minimum=0)
-    mem_gb: int | None = option(None, minimum=0)
+    mem_gb: int | None = option(None, minimum=1)
     timeout_min: int | None = option(None, minimum=0)
     constraint: str | None = None
-    array_parallelism: int | None = option(None, minimum=0)
+    array_parallelism: int | None = option(None, minimum=1)
     max_requeue: int = option(3, minimum=0)
     setup: list[str] = option([], expect="a list of shell lines")
 

@@ -43,7 +43,8 @@ A record (``schema: 1``), as ``build_record`` makes it::
       "method_stats": {"3": {"pooled_fraction": 0.41}},
       "env": {"torch": "...", "timm": "...", "python": "...", "platform": "...", "device": "cpu",
               "device_name": "...", "threads": 2, "git_commit": "...", "hostname": "...",
-              "slurm_job_id": null, "slurm_array_task_id": null,
+              "slurm_job_id": null, "slurm_array_task_id": null, "slurm_job": null,  # slurm_job: "4_0" as
+              # jobs.json names an array task (slurm_job_id is SLURM's own id of the task, e.g. "5")
               # null on CPU (bench/pipeline/accelerator.py); sdpa_backend: the pin, "auto:flash,..." on GPU
               "cuda_version": "12.4", "cudnn_version": 90100, "driver_version": "550.54.15",
               "tf32": {"matmul": false, "cudnn": true}, "sdpa_backend": "auto:flash,efficient,math,cudnn"},

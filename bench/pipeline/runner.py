@@ -62,7 +62,7 @@ def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True, redo:
 def _write_failure(results_dir: Path, run: RunSpec, error: BaseException) -> None:
     atomic_write_json(failure_path(results_dir, run.key), {
         "key": run.key,
-        "error": f"{type(error).__name__}: {error}".strip().splitlines()[0][:500],
+        "error": f"{type(error).__name__}: {error}".strip().rstrip(":").splitlines()[0][:500],  # no ": " for ""
         "state": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
         "traceback": traceback.format_exc(),
         "log": os.environ.get("TOKENBENCH_LOG"),
@@ -99,8 +99,16 @@ def environment(device: torch.device, sdpa_backend: str = "auto") -> dict[str, A
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "slurm_job": slurm_job(),
         **cuda_environment(device, sdpa_backend),
     }
+
+
+def slurm_job() -> str | None:
+    """The job id as jobs.json, ``--status`` and the log folders name it: ``<array>_<task>`` for an array
+    task (SLURM_JOB_ID is the task's own internal id), else SLURM_JOB_ID; None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str, Any] | None:

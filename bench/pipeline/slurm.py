@@ -20,6 +20,8 @@ from bench.pipeline.files import REPO, atomic_write_json
 from bench.pipeline.profiles import Profile, eval_resources, load_profile
 from bench.pipeline.records import failure_path, last_error_line, now
 
+# An array task that neither squeue nor sacct lists while they list its array: cancelled before it started.
+NO_RECORD = "NO_ACCOUNTING_RECORD"
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
 # profile key -> submitit parameter (max_requeue and setup are handled apart)
 SUBMITIT_NAMES = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
@@ -168,13 +170,13 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     outcomes = []
     for key, job in jobs_by_key.items():
         try:
+            _await(job)
             # results(), not result(): a multi-task (DDP) job has one result per task (rank 0 records).
             job.results()
             outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
-            state = _final_state(job)
-            message = f"job {job.job_id} {state}" if state.startswith("CANCELLED") else \
-                last_error_line(str(error), "unknown error")
+            message = str(error) if isinstance(error, JobGone) else \
+                state_message(job.job_id, _final_state(job)) or last_error_line(str(error), "unknown error")
             outcomes.append(Outcome(key, False, error=message, log=str(job.paths.stderr)))
     outcomes += _wait_in_flight(results_dir, flying)
     print(f"all {len(jobs_by_key) + len(flying)} job(s) ended {time.time() - submitted_at:.1f} s after submission")
@@ -196,14 +198,69 @@ def _submit_group(executor: submitit.AutoExecutor, group: list, results_dir: Pat
         raise SubmitError(f"SLURM refused the submission ({reason}); nothing was submitted") from None
 
 
-def _final_state(job: submitit.Job) -> str:
-    """The job's state from sacct (``CANCELLED by 0`` -> ``CANCELLED``); ``UNKNOWN`` if SLURM cannot say."""
-    try:
-        out = subprocess.run(["sacct", "-j", job.job_id, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "UNKNOWN"
-    return _parse_states(out).get(job.job_id, "UNKNOWN")
+def _final_state(job: submitit.Job, tries: int = 5, interval: float = 1.0) -> str:
+    """The job's state from sacct (``CANCELLED by 0`` -> ``CANCELLED``); ``UNKNOWN`` if SLURM cannot say.
+    sacct has no line of its own for an array task cancelled while pending: its state is then read from
+    the array's lines (a range line ``12_[2-3%2]`` covers it), and ``NO_RECORD`` when nothing covers it.
+    The accounting lags the controller by a moment, so a task not found yet is asked again."""
+    array = job.job_id.split("_")[0]
+    for attempt in range(tries):
+        try:
+            states = _parse_states(_sacct(job.job_id))
+            if job.job_id not in states and array != job.job_id:
+                states = {**_parse_states(_sacct(array)), **states}
+        except (OSError, subprocess.SubprocessError):
+            return "UNKNOWN"
+        if job.job_id in states or attempt == tries - 1:
+            return _task_state(states, job.job_id)
+        time.sleep(interval)
+    return "UNKNOWN"
+
+
+class JobGone(RuntimeError):
+    """SLURM dropped an array task without a trace (cancelled while pending): it will never end."""
+
+
+def _await(job: submitit.Job, interval: float = 2.0, checks: int = 3) -> None:
+    """Until submitit sees ``job`` end; ``JobGone`` when the task is in neither squeue nor sacct (while
+    sacct lists its array) at ``checks`` polls in a row: submitit would wait for it forever."""
+    missing = 0
+    while not job.done():
+        time.sleep(interval)
+        try:
+            queued = job.job_id in _parse_states(subprocess.run(
+                ["squeue", "-h", "-r", "-j", job.job_id.split("_")[0], "-o", "%i|%T"], capture_output=True,
+                text=True, timeout=30).stdout)
+            gone = not queued and _task_state(_parse_states(_sacct(job.job_id.split("_")[0])), job.job_id) == NO_RECORD
+        except (OSError, subprocess.SubprocessError):
+            gone = False  # SLURM cannot say now: keep waiting
+        missing = missing + 1 if gone else 0
+        if missing >= checks:
+            raise JobGone(f"job {job.job_id}: no accounting record (cancelled before it started?)")
+
+
+def _sacct(job_ids: str) -> str:
+    return subprocess.run(["sacct", "-j", job_ids, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
+                          text=True, timeout=30, check=True).stdout
+
+
+def _task_state(states: dict[str, str], job_id: str) -> str:
+    """``job_id``'s state in ``states`` (from ``_parse_states``); an array task SLURM has no line for while
+    it lists its array (a task cancelled before it started) is ``NO_RECORD``, anything else ``UNKNOWN``."""
+    if job_id in states:
+        return states[job_id]
+    array, sep, _ = job_id.partition("_")
+    known = sep and any(other == array or other.startswith(f"{array}_") for other in states)
+    return NO_RECORD if known else "UNKNOWN"
+
+
+def state_message(job_id: str, state: str) -> str | None:
+    """The failure line of a job that left no error of its own (cancelled, never started); else None."""
+    if state.startswith("CANCELLED"):
+        return f"job {job_id} {state}"
+    if state == NO_RECORD:
+        return f"job {job_id}: no accounting record (cancelled before it started?)"
+    return None
 
 
 def in_flight(results_dir: Path, keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -231,7 +288,8 @@ def _wait_in_flight(results_dir: Path, flying: dict[str, dict[str, Any]], interv
             outcomes.append(Outcome(key, True, log=job.get("log")))
         except RecordError:
             state = job_states(results_dir).get(key, {}).get("state", "UNKNOWN")
-            error = (read_failure(results_dir, key) or {}).get("error") or f"job {job['job_id']} {state}"
+            error = ((read_failure(results_dir, key) or {}).get("error") or state_message(job["job_id"], state)
+                     or f"job {job['job_id']} {state}")
             outcomes.append(Outcome(key, False, error=error, log=job.get("log")))
     return outcomes
 
@@ -244,10 +302,10 @@ def job_states(results_dir: Path) -> dict[str, dict[str, Any]]:
     ensure_slurm_conf()
     ids = ",".join(sorted({job["job_id"].split("_")[0] for job in jobs.values()}))
     states: dict[str, str] = {}
+    asked = False
     try:
-        out = subprocess.run(["sacct", "-j", ids, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
-        states.update(_parse_states(out))
+        states.update(_parse_states(_sacct(ids)))
+        asked = True
     except (OSError, subprocess.SubprocessError) as error:
         print(f"warning: sacct unavailable ({error}); job states unknown", file=sys.stderr)
     if any(job["job_id"] not in states for job in jobs.values()):
@@ -257,25 +315,28 @@ def job_states(results_dir: Path) -> dict[str, dict[str, Any]]:
                                  timeout=30, check=True).stdout
             states = {**_parse_states(out), **states}
         except (OSError, subprocess.SubprocessError):
-            pass
-    return {key: {**job, "state": states.get(job["job_id"], "UNKNOWN")} for key, job in jobs.items()}
+            asked = False  # without the controller's list, a task missing from sacct may just be queued
+    return {key: {**job, "state": _task_state(states, job["job_id"]) if asked else states.get(job["job_id"], "UNKNOWN")}
+            for key, job in jobs.items()}
 
 
 def _parse_states(out: str) -> dict[str, str]:
     """``JobID|State`` lines of sacct/squeue -> {job id: state}. A pending array's tasks share one line,
-    ``12_[0-3,5%2]``: it is expanded to 12_0 ... 12_5."""
-    states: dict[str, str] = {}
+    ``12_[0-3,5%2]``: it is expanded to 12_0 ... 12_5. A task's own line (``12_2|COMPLETED``) wins over a
+    range line covering it (``12_[2-3%2]|CANCELLED by 0`` after ``scancel 12_3``), whatever their order."""
+    own: dict[str, str] = {}
+    ranges: dict[str, str] = {}
     for line in out.splitlines():
         job_id, _, state = line.strip().partition("|")
         state = state.split()[0] if state.strip() else "UNKNOWN"
         job_id = job_id.strip()
         base, sep, tasks = job_id.partition("_[")
         if not sep:
-            states[job_id] = state
+            own[job_id] = state
             continue
         for part in tasks.rstrip("]").split("%")[0].split(","):
             first, _, last = part.partition("-")
             if first.isdigit() and (not last or last.isdigit()):
                 for task in range(int(first), int(last or first) + 1):
-                    states[f"{base}_{task}"] = state
-    return states
+                    ranges[f"{base}_{task}"] = state
+    return {**ranges, **own}

@@ -31,7 +31,10 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
     mid-write, not UTF-8, incomplete) is renamed ``*.json.torn.<n>`` (``set_aside``; never over an earlier
     one) and its run redone. Of a readable record only ``run.reference`` can change (``set_aside``): the
     published numbers are not part of the run key, so a ``reference`` entry added to or changed in the
-    experiment after its runs finished reaches their records (and the report) without recomputing them."""
+    experiment after its runs finished reaches their records (and the report) without recomputing them.
+    Likewise a changed ``finetune.export`` path gets the run's saved fine-tuned weights."""
+    from bench.pipeline.stages.finetune import restore_export
+
     todo, notes, updated = [], [], 0
     for run in runs:
         path = record_path(results_dir, run.key)
@@ -48,13 +51,15 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
         if set_aside and record["run"].get("reference") != run.reference:
             write_record(path, {**record, "run": {**record["run"], "reference": run.reference}})
             updated += 1
+        if set_aside and (note := restore_export(run, results_dir)):  # a finetune.export changed since
+            notes.append(note)
     if updated:
         notes.append(f"note: the published reference of {updated} finished run(s) updated from the experiment file")
     return todo, notes
 
 
 def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
-    from bench.pipeline.slurm import ACTIVE_STATES, job_states
+    from bench.pipeline.slurm import ACTIVE_STATES, NO_RECORD, job_states, state_message
 
     queued = job_states(results_dir)
     rows = []
@@ -72,8 +77,8 @@ def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
         failure = read_failure(results_dir, run.key)
         if failure and failure.get("state") == "interrupted" and not (job and job["state"] in ACTIVE_STATES):
             rows.append(RunStatus(run.key, "interrupted", failure.get("error") or "", failure.get("log")))
-        elif job and job["state"] == "CANCELLED":  # scancel: no error of the run's own to show
-            rows.append(RunStatus(run.key, "failed", f"job {job['job_id']} CANCELLED", job.get("log")))
+        elif job and job["state"] in ("CANCELLED", NO_RECORD):  # scancel: no error of the run's own to show
+            rows.append(RunStatus(run.key, "failed", state_message(job["job_id"], job["state"]), job.get("log")))
         elif job and job["state"] in ACTIVE_STATES:  # a requeued (preempted) job is pending again, not failed
             state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
             rows.append(RunStatus(run.key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
