@@ -308,14 +308,13 @@ def job_states(results_dir: Path) -> dict[str, dict[str, Any]]:
         asked = True
     except (OSError, subprocess.SubprocessError) as error:
         print(f"warning: sacct unavailable ({error}); job states unknown", file=sys.stderr)
-    if any(job["job_id"] not in states for job in jobs.values()):
-        # Just submitted: the accounting database may not list the job yet; the controller does.
-        try:
-            out = subprocess.run(["squeue", "-r", "-h", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout
-            states = {**_parse_states(out), **states}
-        except (OSError, subprocess.SubprocessError):
-            asked = False  # without the controller's list, a task missing from sacct may just be queued
+    try:  # the controller's live list wins for the tasks it still holds: the accounting lags behind it (a
+        # task just submitted is not listed yet; a stale range line may still cover a task that runs)
+        out = subprocess.run(["squeue", "-r", "-h", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        states.update(_parse_states(out))
+    except (OSError, subprocess.SubprocessError):
+        asked = False  # without the controller's list, a task missing from sacct may just be queued
     return {key: {**job, "state": _task_state(states, job["job_id"]) if asked else states.get(job["job_id"], "UNKNOWN")}
             for key, job in jobs.items()}
 
