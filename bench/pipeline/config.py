@@ -366,7 +366,7 @@ class Parser:
 
     def check_label(self, base: dict[str, Any], labelled: dict[tuple, tuple[str, str]], where: str) -> None:
         """One model per label (with the same weights): the leaderboard groups and compares runs by label."""
-        model = canonical([timm_name(base), base["model_kwargs"]])
+        model = model_signature(base)
         first, first_where = labelled.setdefault((base["model_label"], base["weights"]), (model, where))
         if first != model:
             raise self.error(f"{where}.label", f"{base['model_label']!r} already labels {first_where}, a different "
@@ -448,7 +448,7 @@ class Parser:
         (a problem is reported at ``weights_key``, where the weights were given)."""
         import timm
 
-        signature = canonical([timm_name(base), base["model_kwargs"]])
+        signature = model_signature(base)
         if signature not in self._contexts:
             if not timm.is_model(base["model"]):
                 close = timm.list_models(f"*{base['model'][:6]}*")[:5]
@@ -625,6 +625,11 @@ class Parser:
                 raise self.error("defaults.data.class_map", str(error)) from None
         elif root is None and not DEBIAN_FMNIST.is_dir():
             pass  # torchvision's downloader fetches it at run time where there is network
+
+
+def model_signature(base: dict[str, Any]) -> str:
+    """The model a run builds (timm name and kwargs), whatever its label and weights."""
+    return canonical([timm_name(base), base["model_kwargs"]])
 
 
 def timm_name(base: dict[str, Any]) -> str:

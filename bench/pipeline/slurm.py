@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -227,13 +228,8 @@ def _await(job: submitit.Job, interval: float = 2.0, checks: int = 3) -> None:
     missing = 0
     while not job.done():
         time.sleep(interval)
-        try:
-            queued = job.job_id in _parse_states(subprocess.run(
-                ["squeue", "-h", "-r", "-j", job.job_id.split("_")[0], "-o", "%i|%T"], capture_output=True,
-                text=True, timeout=30).stdout)
-            gone = not queued and _task_state(_parse_states(_sacct(job.job_id.split("_")[0])), job.job_id) == NO_RECORD
-        except (OSError, subprocess.SubprocessError):
-            gone = False  # SLURM cannot say now: keep waiting
+        states, answered = _live_states(job.job_id.split("_")[0])
+        gone = answered and _task_state(states, job.job_id) == NO_RECORD  # SLURM cannot say now: keep waiting
         missing = missing + 1 if gone else 0
         if missing >= checks:
             raise JobGone(f"job {job.job_id}: no accounting record (cancelled before it started?)")
@@ -301,22 +297,31 @@ def job_states(results_dir: Path) -> dict[str, dict[str, Any]]:
         return {}
     ensure_slurm_conf()
     ids = ",".join(sorted({job["job_id"].split("_")[0] for job in jobs.values()}))
+    states, answered = _live_states(ids, warn=lambda line: print(line, file=sys.stderr))
+    return {key: {**job, "state": _task_state(states, job["job_id"]) if answered else
+                  states.get(job["job_id"], "UNKNOWN")} for key, job in jobs.items()}
+
+
+def _live_states(ids: str, warn: Callable[[str], None] | None = None) -> tuple[dict[str, str], bool]:
+    """``({task: state}, answered)`` of the job arrays ``ids`` (comma-separated): sacct's states, with the
+    controller's live list (squeue) winning for the tasks it still holds, since the accounting lags behind
+    it (a task just submitted is not listed yet; a stale range line may still cover a task that runs).
+    ``answered``: both replied, so a task neither lists is truly gone (``_task_state``'s ``NO_RECORD``)."""
     states: dict[str, str] = {}
-    asked = False
+    answered = True
     try:
         states.update(_parse_states(_sacct(ids)))
-        asked = True
     except (OSError, subprocess.SubprocessError) as error:
-        print(f"warning: sacct unavailable ({error}); job states unknown", file=sys.stderr)
-    try:  # the controller's live list wins for the tasks it still holds: the accounting lags behind it (a
-        # task just submitted is not listed yet; a stale range line may still cover a task that runs)
+        answered = False
+        if warn:
+            warn(f"warning: sacct unavailable ({error}); job states unknown")
+    try:
         out = subprocess.run(["squeue", "-r", "-h", "-j", ids, "-o", "%i|%T"], capture_output=True, text=True,
                              timeout=30, check=True).stdout
         states.update(_parse_states(out))
     except (OSError, subprocess.SubprocessError):
-        asked = False  # without the controller's list, a task missing from sacct may just be queued
-    return {key: {**job, "state": _task_state(states, job["job_id"]) if asked else states.get(job["job_id"], "UNKNOWN")}
-            for key, job in jobs.items()}
+        answered = False  # without the controller's list, a task missing from sacct may just be queued
+    return states, answered
 
 
 def _parse_states(out: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from bench.pipeline.train import FinetuneOptions, finetune
 def run(ctx: StageContext) -> dict[str, Any]:
     run, model = ctx.run, ctx.model
     options = FinetuneOptions(**run.finetune)
-    checkpoint_dir = ctx.results_dir / "checkpoints" / run.key
+    checkpoint_dir = checkpoints(ctx.results_dir, run.key)
     with distributed_context(ctx.device) as dist:
         model.to(dist.device)
         result = finetune(model, ctx.dataset("train", augment=True), options, checkpoint_dir, dist.device,
@@ -37,6 +37,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     model.to(ctx.device)
     ctx.rank = dist.rank
     return result
+
+
+def checkpoints(results_dir: Path, key: str) -> Path:
+    """The run's fine-tuning folder: ``last.pth`` (resumed from) and ``final.pth``."""
+    return Path(results_dir) / "checkpoints" / key
 
 
 def _recorded_history(results_dir: Path, key: str) -> list[dict] | None:
@@ -55,7 +60,7 @@ def restore_export(run: RunSpec, results_dir: Path) -> str | None:
     export = (run.finetune or {}).get("export")
     if not export or Path(export).exists():
         return None
-    final = Path(results_dir) / "checkpoints" / run.key / "final.pth"
+    final = checkpoints(results_dir, run.key) / "final.pth"
     if not final.is_file():
         return (f"warning: run {run.key}: its fine-tuned weights are not at {export} and its final weights "
                 f"({final}) are gone; rerun it with --force to export them")
