@@ -1,11 +1,14 @@
 """Aggregate every run record of a results folder into a markdown leaderboard, a CSV and a Pareto plot.
 
-    python report.py RESULTS_DIR [--out FILE.md] [--csv FILE] [--plot FILE.png]
+    python report.py RESULTS_DIR [--out FILE.md] [--csv FILE] [--plot FILE.png] [--all]
 
 Defaults: ``RESULTS_DIR/leaderboard.md``, ``RESULTS_DIR/leaderboard.csv``, ``RESULTS_DIR/pareto.png``; the
 figures it links (``throughput.png``, ``tokens*.png``) go beside the markdown file.
 It only reads the records under ``RESULTS_DIR/runs`` (see ``bench/pipeline/records.py``); it never re-runs
-anything. ``tokenbench-report`` (installed with the project) is the same command.
+anything. ``tokenbench-report`` (installed with the project) is the same command. Where ``run_bench`` left an
+``experiment.json`` (the run keys of the config's latest invocation), records of runs that config no longer
+makes (edited parameters, models, settings) are left out of the tables and listed at the end; ``--all`` keeps
+them in.
 
 Numbers come from the records as they are: ``delta_top1`` and ``mac_reduction`` compare a run with the
 baseline run of its group (same model, data and weights; the one in the run's dtype where there is one);
@@ -31,7 +34,12 @@ from tabulate import tabulate
 from bench.pipeline import budgets, measurements  # matched budgets, throughput sweeps, token maps (light too)
 from bench.pipeline.files import atomic_file, atomic_write
 from bench.pipeline.measurements import fixed, number
-from bench.pipeline.records import latest_revisions, read_all  # light: the model stack is not imported
+from bench.pipeline.records import (  # light: the model stack is not imported
+    current_runs,
+    latest_revisions,
+    read_all,
+    read_experiment,
+)
 from bench.pipeline.stages import STAGES
 
 GROUP = ["model", "data", "weights"]
@@ -270,11 +278,15 @@ def build_throughput_frame(recs: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS)
 
 
-def load_all(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """``(frame, throughput_frame, problems)`` from one read of the folder."""
+def load_all(results_dir: str | Path, everything: bool = False
+             ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str]]:
+    """``(frame, throughput_frame, problems, earlier)`` from one read of the folder: ``earlier`` names the
+    records the experiment's current config no longer makes (``experiment.json``), left out unless
+    ``everything``."""
     recs, problems = read_all(Path(results_dir))
     recs, superseded = latest_revisions(recs)
-    return build_frame(recs), build_throughput_frame(recs), problems + superseded
+    recs, earlier = (recs, []) if everything else current_runs(recs, read_experiment(Path(results_dir)))
+    return build_frame(recs), build_throughput_frame(recs), problems + superseded, earlier
 
 
 def sort_group(group: pd.DataFrame) -> pd.DataFrame:
@@ -453,9 +465,10 @@ def _tokens_section(df: pd.DataFrame) -> list[str]:
 
 def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_df: pd.DataFrame | None = None,
                     generated: datetime | None = None, figures: Sequence[tuple[str, str, Path]] = (),
-                    calibrations: Sequence[dict] = ()) -> str:
+                    calibrations: Sequence[dict] = (), earlier: Sequence[str] = ()) -> str:
     """The leaderboard as markdown (see the module docstring); ``generated`` defaults to now (UTC);
-    ``figures``: ``measurements.write_figures``'s list, linked in a last section."""
+    ``figures``: ``measurements.write_figures``'s list, linked in a last section; ``earlier``: ``load_all``'s
+    records left out as runs of earlier configs, listed last."""
     throughput_df = throughput_df if throughput_df is not None else pd.DataFrame(columns=THROUGHPUT_COLUMNS)
     generated = generated or datetime.now(timezone.utc)
     experiments = sorted({name for name in df["experiment"] if name}) if not df.empty else []
@@ -475,21 +488,15 @@ def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_d
     lines += measurements.figures_section(figures)
     if problems:
         lines += ["## Skipped records", ""] + [f"- {_cell(problem)}" for problem in problems] + [""]
+    if earlier:
+        lines += ["## Records of earlier configs", "",
+                  "In `runs/`, not in the tables: the experiment's current config no longer makes these runs (its "
+                  "parameters, models or settings were edited since). `report.py --all` shows them.", ""]
+        lines += [f"- {_cell(line)}" for line in earlier] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 # ------------------------------------------------------------------------------------------ csv & plot
-
-
-def read_calibrations(folder: Path) -> list[dict]:
-    """``calibration.json`` of an experiment with MAC budgets (written by run_bench), or none."""
-    from bench.pipeline.textio import TextError, read_json
-
-    try:
-        value = read_json(Path(folder) / "calibration.json")
-    except TextError:  # missing or unreadable
-        return []
-    return [entry for entry in value if isinstance(entry, dict)] if isinstance(value, list) else []
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
@@ -563,6 +570,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="markdown file (default RESULTS_DIR/leaderboard.md); the figures go beside it")
     parser.add_argument("--csv", help="CSV file (default RESULTS_DIR/leaderboard.csv)")
     parser.add_argument("--plot", help="PNG file (default RESULTS_DIR/pareto.png)")
+    parser.add_argument("--all", action="store_true",
+                        help="also the records of runs the experiment's current config no longer makes")
     return parser
 
 
@@ -588,16 +597,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report.py: error: results folder {folder} does not exist", file=sys.stderr)
         return 2
     try:
-        df, tp, problems = load_all(folder)
+        df, tp, problems, earlier = load_all(folder, everything=args.all)
     except OSError as error:
         print(f"report.py: error: cannot read results folder {folder}: {error.strerror}", file=sys.stderr)
         return 2
+    experiment = read_experiment(folder)
+    older = (f"{len(earlier)} record{'s' if len(earlier) != 1 else ''} of runs that the current config "
+             f"({experiment['config']}) no longer makes" if earlier and experiment else "")
     if df.empty:
         extra = f" ({len(problems)} unreadable file{'s' if len(problems) != 1 else ''})" if problems else ""
-        print(f"report.py: error: no readable run record in {folder / 'runs'}{extra}", file=sys.stderr)
+        what = f"no record of a run the current config makes ({older}: --all shows them)" if older else \
+            "no readable run record"
+        print(f"report.py: error: {what} in {folder / 'runs'}{extra}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"report.py: skipped {problem}", file=sys.stderr)
+    if older:  # edited parameters, models or settings: their files stay, the tables show the current runs
+        print(f"report.py: left out {older} (listed in the leaderboard; --all shows them)", file=sys.stderr)
 
     paths = (args.out or folder / "leaderboard.md", args.csv or folder / "leaderboard.csv",
              args.plot or folder / "pareto.png")
@@ -607,12 +623,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report.py: error: cannot write {path} ({reason})", file=sys.stderr)
             return 2
     out, csv, plot = (Path(path) for path in paths)
-    calibrations = read_calibrations(folder)
+    calibrations = experiment["calibrations"] if experiment else []
     target = f"figures in {out.parent}"  # beside the markdown: a read-only results folder is fine
     try:  # every file atomic: a failed write leaves the previous file (or none) and no temporary file
         figures = measurements.write_figures(df, tp, folder, out.parent, GROUP, sort_group, _group_title)
         target = str(out)
-        atomic_write(out, render_markdown(df, problems, tp, figures=figures, calibrations=calibrations))
+        atomic_write(out, render_markdown(df, problems, tp, figures=figures, calibrations=calibrations,
+                                               earlier=earlier))
         print(out)
         target = str(csv)
         write_csv(df, csv)

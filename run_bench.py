@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", help="results folder (default: results/<experiment name>)")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and list the runs")
     parser.add_argument("--force", action="store_true", help="redo runs that already have a record")
-    parser.add_argument("--only", metavar="GLOB", help="only runs whose key or method matches GLOB")
+    parser.add_argument("--only", metavar="GLOB", action="append",
+                        help="only runs whose key or method matches GLOB (repeated: any of them)")
     parser.add_argument("--profile", help="SLURM cluster profile (slurm/<name>.yaml or a path)")
     parser.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the jobs")
     parser.add_argument("--status", action="store_true", help="list every run's state and exit")
@@ -94,9 +95,17 @@ def _main(argv: list[str] | None) -> int:
     for warning in experiment.warnings:
         print(warning, file=sys.stderr)
     results_dir = Path(args.results) if args.results else REPO / "results" / experiment.name
+    if args.only and not all(pattern.strip() for pattern in args.only):
+        return fail("--only: an empty GLOB; give a method name or a key glob (e.g. --only tome --only 'deit-s-*')")
     runs = select(experiment.runs, args.only)
+    if not experiment.runs:  # e.g. every run a MAC budget no setting reaches (the warnings above say which)
+        why = "without its MAC-budget runs (--no-calibrate)" if not experiment.complete else "(no MAC budget is reachable)"
+        return fail(f"{args.config}: grid: makes no run {why}")
     if not runs:
-        return fail(f"{args.config}: --only {args.only!r} matches no run (keys: {experiment.runs[0].key}, ...)")
+        globs = " ".join(f"--only {pattern!r}" for pattern in args.only)
+        return fail(f"{args.config}: {globs} matches no run (methods: "
+                    f"{', '.join(dict.fromkeys(run.method for run in experiment.runs))}; keys: "
+                    f"{experiment.runs[0].key}, ...)")
 
     if args.status:
         rows = collect_status(runs, results_dir)
@@ -139,10 +148,10 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
         except ProfileError as error:
             return fail(str(error))
         return 0
-    if experiment.calibrations:  # the report's matched-budget table shows unreachable budgets as "-"
-        from bench.pipeline.files import atomic_write_json
+    if experiment.complete:  # the report shows the runs this config makes (and unreachable budgets as "-")
+        from bench.pipeline.records import write_experiment
 
-        atomic_write_json(results_dir / "calibration.json", experiment.calibrations)
+        write_experiment(results_dir, experiment.file, [run.key for run in experiment.runs], experiment.calibrations)
     from bench.pipeline.fetch import prefetch_weights
     from bench.pipeline.models import WeightsError
 

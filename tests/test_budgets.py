@@ -4,6 +4,7 @@ budgets), the experiment-file expansion, the records and the leaderboard's match
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 import shutil
@@ -213,7 +214,7 @@ def test_one_budget_ranks_by_mean_top1_then_a_method_without_cells_last(budget_r
             record = copy.deepcopy(record)
             record["metrics"]["eval"]["top1"] = chosen.get(method, 89.0)
             write_record(record_path(folder, record["key"]), record)
-    shutil.copy(results / "calibration.json", folder / "calibration.json")
+    shutil.copy(results / "experiment.json", folder / "experiment.json")
     assert report.main([str(folder)]) == 0
     section = (folder / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
@@ -221,3 +222,23 @@ def test_one_budget_ranks_by_mean_top1_then_a_method_without_cells_last(budget_r
     assert [row[:2] for row in rows] == [["1", "tome"], ["2", "evit"], ["3", "resize"], ["4", "ppt"]]
     assert [row[2].split()[0] for row in rows] == ["**88.50", "85.50", "80.00", "–"]
     assert [row[-1] for row in rows] == ["", "", "", ""]  # one budget: no Pareto AUC
+
+
+def test_budgets_removed_from_the_config_leave_the_report_with_their_runs_and_calibrations(budget_run, tmp_path):
+    """experiment.json is rewritten by every invocation: once the budgets are gone from the config, the matched
+    budget table (unreachable cells included) and the budget runs leave the tables; their records stay."""
+    path, results = budget_run
+    folder = tmp_path / "results"
+    shutil.copytree(results, folder)
+    cfg = yaml.safe_load(path.read_text())
+    del cfg["budgets"]
+    cfg["grid"]["methods"] = ["baseline", {"method": "tome", "r": 1}]  # the runs without a budget: done already
+    edited = tmp_path / "exp.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(edited), "--results", str(folder), "--quiet"]) == 0
+    assert json.loads((folder / "experiment.json").read_text())["calibrations"] == []
+    board = (folder / "leaderboard.md").read_text()
+    assert "## Matched budgets" in (results / "leaderboard.md").read_text() and "## Matched budgets" not in board
+    earlier = board.split("## Records of earlier configs", 1)[1]
+    budget_keys = [r["key"] for r in read_all(results)[0] if r["run"]["budget"]]
+    assert len(budget_keys) == 7 and all(f"- {key}: " in earlier for key in budget_keys)

@@ -12,7 +12,9 @@ import torch
 import yaml
 
 import methods
+import report
 import run_bench
+from bench.pipeline.config import load_experiment
 from bench.pipeline.files import REPO
 from bench.pipeline.records import read_all, read_record, record_path
 
@@ -186,6 +188,28 @@ def test_only_and_force(finished, capsys):
     assert bench_main(path, results, "--only", "tome", "--force", "--no-report") == 0
     assert "1 run(s), 0 already done, 1 to run" in capsys.readouterr().out
     assert record_path(results, key).stat().st_mtime_ns > before
+
+
+def test_only_given_twice_selects_the_runs_of_either_and_an_empty_glob_is_refused(finished, capsys):
+    path, results = finished
+    assert bench_main(path, results, "--only", "tome", "--only", "evit", "--dry-run") == 0
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  done  ")]
+    assert len(listed) == 2 and {key.split("-")[2] for key in listed} == {"tome", "evit"}
+    assert bench_main(path, results, "--only", "tome", "--only", "", "--dry-run") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --only: an empty GLOB; give a method name or a key glob (e.g. --only tome --only 'deit-s-*')"]
+    assert bench_main(path, results, "--only", "tom", "--dry-run") == 2
+    assert f"error: {path}: --only 'tom' matches no run (methods: baseline, tome, ppt, evit; keys: " in \
+        capsys.readouterr().err
+
+
+def test_a_config_whose_every_run_is_an_unreachable_budget_is_one_line(tmp_path, capsys):
+    cfg = config(tmp_path, stages=["macs"], budgets={"macs": [0.05]}, grid={"methods": ["tome"]})
+    path = write(tmp_path, cfg)
+    assert bench_main(path, tmp_path / "results") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"error: {path}: grid: makes no run (no MAC budget is reachable)", err
+    assert not (tmp_path / "results").exists()
 
 
 def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, monkeypatch, capsys):
@@ -462,6 +486,32 @@ def test_a_reference_added_after_the_runs_reaches_their_records_and_one_matching
     assert after["tome"]["metrics"] == before["tome"]["metrics"] and after["tome"]["key"] == before["tome"]["key"]
     board = (results / "leaderboard.md").read_text()
     assert "## Published vs measured" in board and "the paper, table 2" in board
+
+
+def test_records_of_runs_the_edited_config_no_longer_makes_are_left_out_of_the_tables(tmp_path, capsys):
+    """Edited parameters: the old run's record stays in runs/, but the tables, CSV and ranking show the runs the
+    config makes now; the old one is listed at the end, counted in one stderr line, and --all shows it."""
+    cfg = config(tmp_path, stages=["macs"], grid={"methods": ["baseline", {"method": "tome", "r": 4}]})
+    path, results = write(tmp_path, cfg), tmp_path / "results"
+    assert bench_main(path, results) == 0
+    old = {r["run"]["method"]: r["key"] for r in read_all(results)[0]}["tome"]
+    cfg["grid"] = {"methods": ["baseline", {"method": "tome", "r": 6}]}
+    path = write(tmp_path, cfg)
+    capsys.readouterr()
+    assert bench_main(path, results) == 0
+    err = capsys.readouterr().err
+    assert len(read_all(results)[0]) == 3  # nothing computed is lost
+    assert (f"report.py: left out 1 record of runs that the current config ({path}) no longer makes (listed in "
+            "the leaderboard; --all shows them)") in err.splitlines()
+    board = (results / "leaderboard.md").read_text()
+    tables, earlier = board.split("## Records of earlier configs")
+    assert "r=6" in tables and "r=4" not in tables and old not in tables
+    assert f"- {old}: tome r=4, not a run of the current config ({path})" in earlier.splitlines()
+    csv = (results / "leaderboard.csv").read_text()
+    assert "r=6" in csv and "r=4" not in csv
+    assert report.main([str(results), "--all", "--out", str(tmp_path / "all.md"), "--csv", str(tmp_path / "all.csv")]) == 0
+    assert "r=4" in (tmp_path / "all.csv").read_text() and "Records of earlier configs" not in (tmp_path / "all.md").read_text()
+    assert json.loads((results / "experiment.json").read_text())["runs"] == [r.key for r in load_experiment(path).runs]
 
 
 def test_a_closed_pipe_stops_quietly(tmp_path):

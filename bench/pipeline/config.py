@@ -245,6 +245,7 @@ class Experiment:
     warnings: list[str] = field(default_factory=list)
     # every budget calibration, reachable or not: [{"model": label, **Calibration fields}]
     calibrations: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = True  # False: MAC-budget runs left out (--no-calibrate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,7 +363,8 @@ class Parser:
         if duplicates:
             raise self.error("grid", f"the same run appears twice: {duplicates[0]}")
         return Experiment(name=name, file=self.path, runs=runs, slurm=section.slurm,
-                          warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations)
+                          warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations,
+                          complete=not self.uncalibrated)
 
     def check_label(self, base: dict[str, Any], labelled: dict[tuple, tuple[str, str]], where: str) -> None:
         """One model per label (with the same weights): the leaderboard groups and compares runs by label."""
@@ -698,8 +700,9 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def select(runs: list[RunSpec], pattern: str | None) -> list[RunSpec]:
-    """Runs whose key or method matches the glob ``pattern`` (``--only``)."""
-    if not pattern:
+def select(runs: list[RunSpec], patterns: list[str] | None) -> list[RunSpec]:
+    """Runs whose key or method matches one of the globs ``patterns`` (``--only``, repeatable); all without."""
+    if not patterns:
         return runs
-    return [run for run in runs if fnmatch.fnmatch(run.key, pattern) or fnmatch.fnmatch(run.method, pattern)]
+    return [run for run in runs
+            if any(fnmatch.fnmatch(run.key, pattern) or fnmatch.fnmatch(run.method, pattern) for pattern in patterns)]

@@ -167,6 +167,45 @@ def latest_revisions(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     return kept, left_out
 
 
+def experiment_path(results_dir: Path) -> Path:
+    """``experiment.json``: what the experiment's config made of the folder at its latest invocation (the
+    config file, its run keys, its MAC-budget calibrations); ``run_bench`` rewrites it every time."""
+    return Path(results_dir) / "experiment.json"
+
+
+def write_experiment(results_dir: Path, config: Path, keys: list[str], calibrations: list[dict[str, Any]]) -> None:
+    atomic_write_json(experiment_path(results_dir), {"config": str(config), "written_at": now(), "runs": keys,
+                                                     "calibrations": calibrations})
+
+
+def read_experiment(results_dir: Path) -> dict[str, Any] | None:
+    """``experiment.json`` with a list of run keys and a list of calibrations, or None (none written, or
+    unreadable: then every record counts as current)."""
+    try:
+        value = read_json(experiment_path(results_dir))
+    except TextError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("runs"), list):
+        return None
+    calibrations = value.get("calibrations")
+    value["calibrations"] = [c for c in calibrations if isinstance(c, dict)] if isinstance(calibrations, list) else []
+    return value
+
+
+def current_runs(records: list[dict[str, Any]], experiment: dict[str, Any] | None
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
+    """``(kept, left_out)``: the records whose run the experiment's current config still makes, and one line
+    per record it no longer does (its parameters, model or settings were edited since; the file stays)."""
+    if experiment is None:
+        return records, []
+    keys = set(experiment["runs"])
+    kept = [record for record in records if record["key"] in keys]
+    left_out = [f"{record['key']}: {record['run'].get('method')} {record['run'].get('params_label') or ''}".rstrip()
+                + f", not a run of the current config ({experiment.get('config')})"
+                for record in records if record["key"] not in keys]
+    return kept, left_out
+
+
 def failure_path(results_dir: Path, key: str) -> Path:
     """Where a failed run leaves its note (error line, traceback, log path); removed once it succeeds."""
     return Path(results_dir) / "failed" / f"{key}.json"
