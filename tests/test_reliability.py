@@ -666,6 +666,8 @@ def test_submitting_with_the_controller_down_is_one_line_exit_2(slurm_env, tmp_p
     line = one_line(capsys.readouterr().err)
     assert line.startswith("error: SLURM refused the submission (") and "Unable to contact slurm controller" in line
     assert not (results / "jobs.json").exists()
+    assert (results / "logs" / "slurm").is_dir()  # submitit wrote there, and its files for no job are gone:
+    assert [path.name for path in (results / "logs" / "slurm").rglob("*")] == []  # the pickles, the sbatch script
 
 
 @pytest.mark.parametrize("target", ["parent", "group"])

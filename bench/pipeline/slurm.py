@@ -150,7 +150,7 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
         if not group:
             continue
         executor = make_executor(log_folder, settings, finetune, name=f"tokenbench-{experiment.name}")
-        submitted = _submit_group(executor, group, results_dir, redo)
+        submitted = _submit_group(executor, group, results_dir, redo, log_folder)
         for run, job in zip(group, submitted, strict=True):
             jobs_by_key[run.key] = job
     known = _read_jobs(results_dir, set_aside=True)
@@ -184,17 +184,23 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     return summary(outcomes)
 
 
-def _submit_group(executor: submitit.AutoExecutor, group: list, results_dir: Path, redo: bool) -> list:
+def _submit_group(executor: submitit.AutoExecutor, group: list, results_dir: Path, redo: bool,
+                  log_folder: Path) -> list:
     """One job array; sbatch's refusal becomes ``SubmitError`` with its last line (submitit would print
-    sbatch's stderr and raise with a traceback)."""
+    sbatch's stderr and raise with a traceback), and the files submitit wrote for it in ``log_folder`` (the
+    pickled runs, ``.submission_file_*.sh``) are removed: they belong to no job."""
     import contextlib
     import io
 
     captured = io.StringIO()
+    before = set(log_folder.iterdir()) if log_folder.is_dir() else set()
     try:
         with contextlib.redirect_stderr(captured), executor.batch():
             return [executor.submit(RunJob(), run.to_dict(), str(results_dir), redo) for run in group]
     except (submitit.core.utils.FailedJobError, OSError, subprocess.SubprocessError) as error:
+        for path in set(log_folder.iterdir()) - before if log_folder.is_dir() else ():
+            if path.is_file():
+                path.unlink(missing_ok=True)
         reason = last_error_line(f"{captured.getvalue()}\n{error}", "no reason given")
         raise SubmitError(f"SLURM refused the submission ({reason}); nothing was submitted") from None
 
