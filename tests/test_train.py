@@ -78,6 +78,8 @@ def test_resume_after_an_epoch_is_exact(tmp_path):
     resumed, resumed_result = train(tmp_path, "split")
     assert same_weights(straight, resumed)
     assert [h["train_loss"] for h in resumed_result["history"]] == [h["train_loss"] for h in result["history"]]
+    assert "resumes" not in result and resumed_result["resumes"] == [{"epoch": 1, "step": 0}]
+    assert not any("resumed_at_step" in h for h in resumed_result["history"])  # whole epochs: none cut
 
 
 class Preempted(Exception):
@@ -100,11 +102,18 @@ def test_preemption_signal_checkpoints_at_the_next_step_and_resumes_exactly(tmp_
         signal.signal(signal.SIGUSR2, previous)
     state = torch.load(tmp_path / "preempted" / "last.pth", weights_only=False)
     assert state["epoch"] == 1 and 0 < state["step"] < 6  # mid-epoch, at a step boundary
+    assert 0 < state["partial_seconds"] < 60  # the time epoch 2 had run before the signal
+    state["partial_seconds"] = 1000.0  # marked: the resumed epoch's time must include it
+    torch.save(state, tmp_path / "preempted" / "last.pth")
     monkeypatch.delenv("SUBMITIT_EXECUTOR")
     resumed, resumed_result = train(tmp_path, "preempted")
     assert same_weights(straight, resumed)
     assert [h["train_loss"] for h in resumed_result["history"]] == pytest.approx(
         [h["train_loss"] for h in result["history"]], rel=1e-12)
+    assert resumed_result["resumes"] == [{"epoch": 1, "step": state["step"]}]
+    second = resumed_result["history"][1]
+    assert second["resumed_at_step"] == state["step"] and 1000 < second["seconds"] < 1060
+    assert [h.get("resumed_at_step") for h in resumed_result["history"]] == [None, state["step"], None]
 
 
 class _SignalAtEpoch(Dataset):

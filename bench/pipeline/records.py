@@ -37,7 +37,8 @@ A record (``schema: 1``), as ``build_record`` makes it::
                         }],
         "tokens": {"images": 4, "indices": [...], "layers": [1, 3, 5], "patch_tokens": [[42, 35, 28], ...],
                    "png": "tokens/<key>.png", "maps": "tokens/<key>.npz"},
-        "finetune": {"history": [...], "epochs_done": 10, "world_size": 1}
+        "finetune": {"history": [...], "epochs_done": 10, "world_size": 1}  # + "resumes": [{"epoch", "step"}]
+                                             # after a resumption (the cut epoch's entry: "resumed_at_step")
       },
       "tokens_per_layer": {"in": [50, ...], "attn": [50, ...], "mlp": [50, 42, ...], "out": [50, 42, ...]},
       "method_stats": {"3": {"pooled_fraction": 0.41}},

@@ -172,7 +172,8 @@ def finetune(
     total_steps, warmup_steps = opts.epochs * steps_per_epoch, int(opts.warmup_epochs * steps_per_epoch)
 
     history: list[dict] = []
-    start_epoch, start_step, partial = 0, 0, None
+    resumes: list[dict] = []  # where each resumption started: {"epoch": e (0-based), "step": s}
+    start_epoch, start_step, partial, partial_seconds = 0, 0, None, 0.0
     state = load_checkpoint(checkpoint_dir / "last.pth")
     if state is not None and redone_history is not None and _as_json(state["history"]) == _as_json(redone_history):
         log(f"training from epoch 0: {checkpoint_dir / 'last.pth'} holds the finished run that is being redone")
@@ -183,6 +184,8 @@ def finetune(
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
         start_step, partial = state.get("step", 0), state.get("partial")
+        partial_seconds, resumes = state.get("partial_seconds") or 0.0, [*state.get("resumes", []),
+                                                                         {"epoch": start_epoch, "step": start_step}]
         where = f"epoch {start_epoch + 1}, step {start_step}" if start_step else f"the end of epoch {start_epoch}"
         log(f"resuming from {checkpoint_dir / 'last.pth'} at {where}")
 
@@ -198,21 +201,22 @@ def finetune(
         criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
     base_set = train_set.dataset if isinstance(train_set, Subset) else train_set
 
-    def save(epoch_done: int, step: int = 0, partial_totals: list[float] | None = None) -> None:
+    def save(epoch_done: int, step: int = 0, partial_totals: list[float] | None = None, seconds: float = 0.0) -> None:
         if rank == 0:
-            atomic_torch_save({"epoch": epoch_done, "step": step, "partial": partial_totals,
+            atomic_torch_save({"epoch": epoch_done, "step": step, "partial": partial_totals, "partial_seconds": seconds,
                                "rng": rng_state(device), "model": vit.state_dict(),
                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                               "history": history, "options": opts.to_dict()}, checkpoint_dir / "last.pth")
+                               "history": history, "resumes": resumes, "options": opts.to_dict()},
+                              checkpoint_dir / "last.pth")
 
     with PreemptionGuard() as guard:
         for epoch in range(start_epoch, opts.epochs):
             if stop_after_epoch is not None and epoch > stop_after_epoch:
                 break
             seed_everything(opts.seed * 10_007 + epoch)  # drop path, mixup: the same streams after a resume
-            first_step, totals = 0, [0.0, 0.0, 0.0]  # loss sum, correct, seen
+            first_step, totals, before = 0, [0.0, 0.0, 0.0], 0.0  # loss sum, correct, seen; seconds before a resume
             if epoch == start_epoch and start_step:
-                first_step, totals = start_step, list(partial)
+                first_step, totals, before = start_step, list(partial), partial_seconds
                 set_rng_state(state["rng"], device)
             if hasattr(base_set, "set_epoch"):
                 base_set.set_epoch(epoch)
@@ -246,14 +250,16 @@ def finetune(
                 totals[2] += images.shape[0]
                 # A preemption signal is acted on here, between two steps: the checkpoint is consistent
                 # and the requeued job continues with the next step, not from the epoch's start.
-                guard.at_step_boundary(lambda step=step, totals=totals, epoch=epoch: save(epoch, step + 1, list(totals)))
+                guard.at_step_boundary(lambda step=step, totals=totals, epoch=epoch, started=started, before=before:
+                                       save(epoch, step + 1, list(totals), before + time.time() - started))
             loss_sum, correct, seen = reduce_totals(totals, device, world_size)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / seen,
                 "train_top1": 100.0 * correct / seen,
                 "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.time() - started,
+                "seconds": before + time.time() - started,  # a resumed epoch: both parts (not the requeue wait)
+                **({"resumed_at_step": first_step} if first_step else {}),
             }
             history.append(record)
             log(f"epoch {record['epoch']}/{opts.epochs}: loss {record['train_loss']:.4f} "
@@ -261,7 +267,7 @@ def finetune(
             save(epoch + 1)
             if world_size > 1:
                 dist.barrier()
-    return {"history": history, "epochs_done": len(history)}
+    return {"history": history, "epochs_done": len(history), **({"resumes": resumes} if resumes else {})}
 
 
 def _as_json(history: list[dict]) -> str:
