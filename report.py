@@ -35,6 +35,7 @@ from bench.pipeline import budgets, measurements  # matched budgets, throughput 
 from bench.pipeline.files import atomic_file, atomic_write
 from bench.pipeline.measurements import fixed, number
 from bench.pipeline.records import (  # light: the model stack is not imported
+    ExperimentFileError,
     current_runs,
     latest_revisions,
     read_all,
@@ -131,6 +132,7 @@ def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
             ran = flat.get("stages") or ()
             for name in [name for name in flat if name.split(".")[0] in STAGES and name.split(".")[0] not in ran]:
                 del flat[name]
+            flat.setdefault("budget.target", None)  # a budget run beside a fixed run of the same setting
         differ = [name for name in dict.fromkeys(name for flat in settings for name in flat)  # set in all, unequal
                   if all(name in flat for flat in settings) and len({repr(flat[name]) for flat in settings}) > 1]
         for index, flat in zip(indices, settings, strict=True):
@@ -282,10 +284,26 @@ def load_all(results_dir: str | Path, everything: bool = False
              ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str]]:
     """``(frame, throughput_frame, problems, earlier)`` from one read of the folder: ``earlier`` names the
     records the experiment's current config no longer makes (``experiment.json``), left out unless
-    ``everything``."""
+    ``everything`` (then their params say ``[earlier config]``). An ``experiment.json`` that is not run_bench's
+    is a problem, and every record counts as current."""
     recs, problems = read_all(Path(results_dir))
     recs, superseded = latest_revisions(recs)
-    recs, earlier = (recs, []) if everything else current_runs(recs, read_experiment(Path(results_dir)))
+    try:
+        experiment = read_experiment(Path(results_dir))
+    except ExperimentFileError as error:
+        experiment = None
+        problems.append(f"{error}: ignored, every record counts as current")
+    kept, stale, earlier = current_runs(recs, experiment)
+    if everything:
+        marked = {id(record) for record in stale}
+        def mark(record: dict) -> dict:
+            label = f"{record['run'].get('params_label') or ''} [earlier config]".lstrip()
+            return {**record, "run": {**record["run"], "params_label": label}}
+
+        recs = [mark(record) if id(record) in marked else record for record in recs]
+        earlier = []
+    else:
+        recs = kept
     return build_frame(recs), build_throughput_frame(recs), problems + superseded, earlier
 
 
@@ -490,8 +508,9 @@ def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_d
         lines += ["## Skipped records", ""] + [f"- {_cell(problem)}" for problem in problems] + [""]
     if earlier:
         lines += ["## Records of earlier configs", "",
-                  "In `runs/`, not in the tables: the experiment's current config no longer makes these runs (its "
-                  "parameters, models or settings were edited since). `report.py --all` shows them.", ""]
+                  "In `runs/`, not in the tables: the experiment's current config does not make these runs (its "
+                  "parameters, models or settings were edited since, or another experiment wrote this folder). "
+                  "`report.py --all` shows them, marked `[earlier config]`.", ""]
         lines += [f"- {_cell(line)}" for line in earlier] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -601,7 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"report.py: error: cannot read results folder {folder}: {error.strerror}", file=sys.stderr)
         return 2
-    experiment = read_experiment(folder)
+    try:
+        experiment = read_experiment(folder)
+    except ExperimentFileError:  # among the problems, said below
+        experiment = None
     older = (f"{len(earlier)} record{'s' if len(earlier) != 1 else ''} of runs that the current config "
              f"({experiment['config']}) no longer makes" if earlier and experiment else "")
     if df.empty:
@@ -636,6 +658,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(csv)
         target = str(plot)
         plotted = plot_pareto(df, plot)
+        # A figure the records no longer give must not stay behind showing earlier runs
+        figure_names = {"throughput.png", "tokens.png"} | {path.name for path in out.parent.glob("tokens_*.png")}
+        stale = [out.parent / name for name in sorted(figure_names - {path.name for _, _, path in figures})]
+        for target in [str(path) for path in stale + ([] if plotted else [plot]) if path.is_file()]:
+            os.unlink(target)
+            print(f"report.py: removed {target}: the records shown give no such figure now", file=sys.stderr)
     except OSError as error:
         print(f"report.py: error: cannot write {target} ({error.strerror or error})", file=sys.stderr)
         return 2

@@ -101,9 +101,9 @@ def _main(argv: list[str] | None) -> int:
     if not experiment.runs:  # e.g. every run a MAC budget no setting reaches (the warnings above say which)
         why = "without its MAC-budget runs (--no-calibrate)" if not experiment.complete else "(no MAC budget is reachable)"
         return fail(f"{args.config}: grid: makes no run {why}")
-    if not runs:
-        globs = " ".join(f"--only {pattern!r}" for pattern in args.only)
-        return fail(f"{args.config}: {globs} matches no run (methods: "
+    unmatched = [pattern for pattern in args.only or () if not select(experiment.runs, [pattern])]
+    if unmatched:  # each glob, not only all together: a typo beside a good one is not silently ignored
+        return fail(f"{args.config}: --only {unmatched[0]!r} matches no run (methods: "
                     f"{', '.join(dict.fromkeys(run.method for run in experiment.runs))}; keys: "
                     f"{experiment.runs[0].key}, ...)")
 
@@ -148,10 +148,22 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
         except ProfileError as error:
             return fail(str(error))
         return 0
-    if experiment.complete:  # the report shows the runs this config makes (and unreachable budgets as "-")
-        from bench.pipeline.records import write_experiment
+    from bench.pipeline.records import ExperimentFileError, experiment_path, read_experiment, write_experiment
 
-        write_experiment(results_dir, experiment.file, [run.key for run in experiment.runs], experiment.calibrations)
+    try:
+        previous = read_experiment(results_dir)
+    except ExperimentFileError as error:
+        previous = None
+        print(f"note: {error}; rewritten", file=sys.stderr)
+    if previous and previous["name"] and previous["name"] != experiment.name:
+        print(f"note: {results_dir} holds the results of experiment {previous['name']!r} ({previous['config']}); "
+              f"those runs are now listed under 'Records of earlier configs' (report.py --all shows them)",
+              file=sys.stderr)
+    try:  # the report shows the runs this config makes (and unreachable budgets as "-")
+        write_experiment(results_dir, experiment.name, experiment.file, [run.key for run in experiment.runs],
+                         experiment.calibrations, budget_runs=experiment.complete)
+    except OSError as error:
+        return fail(f"cannot write {experiment_path(results_dir)} ({error.strerror or error})")
     from bench.pipeline.fetch import prefetch_weights
     from bench.pipeline.models import WeightsError
 

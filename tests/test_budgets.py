@@ -242,3 +242,29 @@ def test_budgets_removed_from_the_config_leave_the_report_with_their_runs_and_ca
     earlier = board.split("## Records of earlier configs", 1)[1]
     budget_keys = [r["key"] for r in read_all(results)[0] if r["run"]["budget"]]
     assert len(budget_keys) == 7 and all(f"- {key}: " in earlier for key in budget_keys)
+
+
+def test_no_calibrate_keeps_the_budget_runs_current_and_a_fixed_twin_of_a_budget_run_is_told_apart(budget_run, tmp_path,
+                                                                                                   capsys):
+    """--no-calibrate runs the runs it can key without calibrating: experiment.json then lists those, keeps the
+    last calibrations and says the budget runs are unknown, so their records stay in the tables beside the new
+    run. A fixed run with the setting a budget calibrated to is labelled apart from the budget run."""
+    path, results = budget_run
+    folder = tmp_path / "results"
+    shutil.copytree(results, folder)
+    budget_r = next(r["run"]["params"]["r"] for r in read_all(results)[0]
+                    if r["run"]["method"] == "tome" and r["run"]["budget"] and r["run"]["budget"]["target"] == 0.8)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["grid"]["methods"].append({"method": "tome", "r": budget_r})
+    edited = tmp_path / "exp.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(edited), "--results", str(folder), "--quiet", "--no-calibrate"]) == 0
+    written = json.loads((folder / "experiment.json").read_text())
+    assert written["budget_runs"] is False
+    assert written["calibrations"] == json.loads((results / "experiment.json").read_text())["calibrations"] != []
+    board = (folder / "leaderboard.md").read_text()
+    assert "## Records of earlier configs" not in board and "## Matched budgets" in board
+    labels = [line.split("|")[2].strip() for line in board.split("## fmnist-vit", 1)[1].splitlines()
+              if line.startswith("| tome ")]
+    assert f"r={budget_r} [budget.target=0.8]" in labels and f"r={budget_r} [budget.target=None]" in labels, labels
+

@@ -198,9 +198,10 @@ def test_only_given_twice_selects_the_runs_of_either_and_an_empty_glob_is_refuse
     assert bench_main(path, results, "--only", "tome", "--only", "", "--dry-run") == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: --only: an empty GLOB; give a method name or a key glob (e.g. --only tome --only 'deit-s-*')"]
-    assert bench_main(path, results, "--only", "tom", "--dry-run") == 2
-    assert f"error: {path}: --only 'tom' matches no run (methods: baseline, tome, ppt, evit; keys: " in \
-        capsys.readouterr().err
+    for globs in (["tom"], ["tome", "tom"]):  # alone, or beside a glob that matches
+        assert bench_main(path, results, *[arg for glob in globs for arg in ("--only", glob)], "--dry-run") == 2
+        assert f"error: {path}: --only 'tom' matches no run (methods: baseline, tome, ppt, evit; keys: " in \
+            capsys.readouterr().err
 
 
 def test_a_config_whose_every_run_is_an_unreachable_budget_is_one_line(tmp_path, capsys):
@@ -258,6 +259,9 @@ BAD_INPUTS = [
     ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),
     ({"throughput": {"batch_sizes": [4, 8, 4]}}, "throughput.batch_sizes: lists a batch size twice ([4, 8, 4]); allowed: distinct sizes"),
     ({"eval": {"agreement": "no"}}, "eval.agreement: must be true or false, got 'no'"),
+    ({"budgets": {"macs": [0.7, 0.8, 0.7]}}, "budgets.macs[2]: lists 0.7 twice ([0.7, 0.8, 0.7]); allowed: distinct fractions"),
+    ({"grid": {"methods": [{"method": "tome", "r": 2, "sweep": {"r": [3, 4]}}]}},
+     "grid.methods[0].sweep.r: 'r' is also given as a fixed value (r: 2); give it in one place"),
     ({"reference": [{"method": "tome", "top1": "high"}]}, "reference[0].top1: must be a number, got 'high'"),
     ({"reference": [{"method": "tome", "gmacs": True}]}, "reference[0].gmacs: must be a number, got True"),
     ({"reference": [{"method": "tome", "params": [4]}]}, "reference[0].params: must be a mapping of method parameters"),
@@ -328,6 +332,16 @@ def test_weights_deit_format_plain_and_corrupt(tmp_path, capsys):
     assert bench_main(write(tmp_path, cfg), tmp_path / "c") == 2
     err = capsys.readouterr().err
     assert "corrupt.pth: unreadable checkpoint" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "notes.pth").write_text("hello world\n")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "folder.pth").mkdir()
+    for name, what in (("notes.pth", "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; "
+                                     "allowed: such a file holding a state dict)"),
+                       ("empty.pth", "an empty file"), ("folder.pth", "a folder, not a weights file")):
+        cfg["defaults"]["weights"] = name
+        assert bench_main(write(tmp_path, cfg), tmp_path / "c") == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and f"{tmp_path / name}: {what}" in line, line
 
 
 def test_finetune_stage_trains_checkpoints_and_exports(tmp_path):
@@ -510,8 +524,55 @@ def test_records_of_runs_the_edited_config_no_longer_makes_are_left_out_of_the_t
     csv = (results / "leaderboard.csv").read_text()
     assert "r=6" in csv and "r=4" not in csv
     assert report.main([str(results), "--all", "--out", str(tmp_path / "all.md"), "--csv", str(tmp_path / "all.csv")]) == 0
-    assert "r=4" in (tmp_path / "all.csv").read_text() and "Records of earlier configs" not in (tmp_path / "all.md").read_text()
+    every = (tmp_path / "all.md").read_text()
+    rows = [[cell.strip() for cell in line.split("|")[1:3]] for line in every.splitlines() if line.startswith("| tome")]
+    assert ["tome", "r=4 [earlier config]"] in rows and ["tome", "r=6"] in rows and "Records of earlier configs" not in every
+    assert "r=4 [earlier config]" in (tmp_path / "all.csv").read_text()
     assert json.loads((results / "experiment.json").read_text())["runs"] == [r.key for r in load_experiment(path).runs]
+
+
+def test_another_experiment_in_the_folder_is_named_and_a_bad_experiment_file_is_one_line(tmp_path, capsys):
+    """Two experiments written into one --results folder: a note when the second takes it over, and the first
+    one's records name their experiment. experiment.json not of run_bench's shape: report.py says so in one
+    line and shows every record; a folder in its place stops run_bench with one line."""
+    results = tmp_path / "results"
+    first = write(tmp_path, config(tmp_path, name="ta", stages=["macs"], grid={"methods": ["baseline"]}), "a.yaml")
+    assert bench_main(first, results) == 0
+    second = write(tmp_path, config(tmp_path, name="tb", stages=["macs"], grid={"methods": [{"method": "tome", "r": 4}]}),
+                   "b.yaml")
+    capsys.readouterr()
+    assert bench_main(second, results) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert (f"note: {results} holds the results of experiment 'ta' ({first}); those runs are now listed under "
+            "'Records of earlier configs' (report.py --all shows them)") in err
+    (key,) = [r["key"] for r in read_all(results)[0] if r["experiment"] == "ta"]
+    assert (f"- {key}: baseline, not a run of the current config ({second}; made by experiment 'ta', {first})"
+            in (results / "leaderboard.md").read_text().splitlines())
+    for text, problem in (('{"runs": []}', "key 'config' missing"), ('{"config": "x", "runs": [1, [2]]}', "key 'runs' is [1, [2]]"),
+                          ('{"config": "x", "runs": ', "cut off"), ("[]", "not a JSON object")):
+        (results / "experiment.json").write_text(text)
+        assert report.main([str(results)]) == 0
+        lines = capsys.readouterr().err.splitlines()
+        assert any(line.startswith(f"report.py: skipped {results / 'experiment.json'}: {problem}") and
+                   line.endswith("as run_bench writes it: ignored, every record counts as current") for line in lines), lines
+        assert "| baseline |" in (results / "leaderboard.md").read_text()  # every record shown
+    (results / "experiment.json").unlink()
+    (results / "experiment.json").mkdir()
+    assert bench_main(second, results) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot write {results / 'experiment.json'} (")
+
+
+def test_figures_the_current_records_no_longer_give_are_removed(tmp_path, capsys):
+    cfg = config(tmp_path, stages=["macs", "throughput"], grid={"methods": ["baseline", {"method": "tome", "r": 4}]})
+    results = tmp_path / "results"
+    assert bench_main(write(tmp_path, cfg), results) == 0
+    assert (results / "throughput.png").is_file()
+    cfg["stages"] = ["macs"]
+    capsys.readouterr()
+    assert bench_main(write(tmp_path, cfg), results) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert not (results / "throughput.png").exists()
+    assert f"report.py: removed {results / 'throughput.png'}: the records shown give no such figure now" in err
 
 
 def test_a_closed_pipe_stops_quietly(tmp_path):

@@ -80,6 +80,11 @@ def test_resume_after_an_epoch_is_exact(tmp_path):
     assert [h["train_loss"] for h in resumed_result["history"]] == [h["train_loss"] for h in result["history"]]
     assert "resumes" not in result and resumed_result["resumes"] == [{"epoch": 1, "step": 0}]
     assert not any("resumed_at_step" in h for h in resumed_result["history"])  # whole epochs: none cut
+    # Interrupted after the last epoch (in a later stage): the rerun trains nothing and resumes nothing
+    _, again = train(tmp_path, "split")
+    assert again["history"] == resumed_result["history"] and again["resumes"] == [{"epoch": 1, "step": 0}]
+    _, finished = train(tmp_path, "straight")
+    assert finished["history"] == result["history"] and "resumes" not in finished
 
 
 class Preempted(Exception):

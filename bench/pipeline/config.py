@@ -319,6 +319,8 @@ class Parser:
         for index, target in enumerate(budgets):
             if not 0 < target <= 1:
                 raise self.error(f"budgets.macs[{index}]", f"must be a fraction of the dense MACs in (0, 1], got {target!r}")
+            if target in budgets[:index]:
+                raise self.error(f"budgets.macs[{index}]", f"lists {target!r} twice ({budgets}); allowed: distinct fractions")
         blocks = section.grid
         if blocks is None:
             raise self.error("grid", "missing; give models x methods to run (grid: {methods: [baseline, ...]})")
@@ -493,6 +495,10 @@ class Parser:
         sweep = entry.pop("sweep", None) or {}
         if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
             raise self.error(f"{where}.sweep", "must map parameter names to non-empty lists of values")
+        both = [key for key in sweep if key in entry]
+        if both:
+            raise self.error(f"{where}.sweep.{both[0]}", f"{both[0]!r} is also given as a fixed value "
+                             f"({both[0]}: {entry[both[0]]!r}); give it in one place")
         knob = methods.registered()[name].budget_knob
         budgeted = bool(budgets) and knob is not None and knob.name not in entry and knob.name not in sweep
         expanded = []

@@ -48,7 +48,12 @@ def read_weights(path_or_url: str) -> dict[str, torch.Tensor]:
         return extract_state_dict(obj, path_or_url)
     path = Path(path_or_url)
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
+        raise WeightsError(f"{path}: {'a folder, not a weights file' if path.is_dir() else 'weights file not found'}")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
+        raise WeightsError(f"{path}: {'an empty file' if not head else 'not a PyTorch checkpoint'} (torch.save writes "
+                           "a zip archive or a pickle; allowed: such a file holding a state dict)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torn, foreign or pickled-code files
@@ -64,7 +69,7 @@ def _load_failure(error: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
     if "Weights only load failed" in text:
         found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", text)
-        what = f" ({found.group(1).strip().rstrip('.')})" if found else ""
+        what = f" ({found.group(1).strip().rstrip('.')})" if found and found.group(1).strip(" .") else ""
         return ("refused: the checkpoint holds pickled Python objects besides tensors, and unpickling those can "
                 f"run arbitrary code, so weights are loaded with torch.load(weights_only=True){what}; if you trust "
                 "its source, re-save its state dict alone")

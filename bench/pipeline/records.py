@@ -174,37 +174,76 @@ def experiment_path(results_dir: Path) -> Path:
     return Path(results_dir) / "experiment.json"
 
 
-def write_experiment(results_dir: Path, config: Path, keys: list[str], calibrations: list[dict[str, Any]]) -> None:
-    atomic_write_json(experiment_path(results_dir), {"config": str(config), "written_at": now(), "runs": keys,
-                                                     "calibrations": calibrations})
+EXPERIMENT_SHAPE = ('a JSON object with "config" (a path), "runs" (a list of run keys), "calibrations" (a list) '
+                    'and "budget_runs" (true or false), as run_bench writes it')
+
+
+class ExperimentFileError(ValueError):
+    """``experiment.json`` is unreadable or not what run_bench writes (the message names the file)."""
+
+
+def write_experiment(results_dir: Path, name: str, config: Path, keys: list[str], calibrations: list[dict[str, Any]],
+                     budget_runs: bool = True) -> None:
+    """``budget_runs`` False (``--no-calibrate``): the MAC-budget runs are not among ``keys`` (not known without
+    calibrating); their records count as current, and the calibrations of the last calibrated invocation stay."""
+    if not budget_runs:
+        try:
+            previous = read_experiment(results_dir)
+        except ExperimentFileError:
+            previous = None
+        calibrations = previous["calibrations"] if previous else []
+    atomic_write_json(experiment_path(results_dir), {
+        "name": name, "config": str(Path(config).resolve()), "written_at": now(), "runs": keys, "calibrations": calibrations,
+        "budget_runs": budget_runs})
 
 
 def read_experiment(results_dir: Path) -> dict[str, Any] | None:
-    """``experiment.json`` with a list of run keys and a list of calibrations, or None (none written, or
-    unreadable: then every record counts as current)."""
+    """``experiment.json``, or None where run_bench wrote none; ``ExperimentFileError`` naming the file and
+    what is wrong where it is unreadable or not of run_bench's shape."""
+    path = experiment_path(results_dir)
     try:
-        value = read_json(experiment_path(results_dir))
-    except TextError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("runs"), list):
-        return None
-    calibrations = value.get("calibrations")
-    value["calibrations"] = [c for c in calibrations if isinstance(c, dict)] if isinstance(calibrations, list) else []
+        value = read_json(path)
+    except TextError as error:
+        if error.missing:
+            return None
+        raise ExperimentFileError(f"{path}: {error.problem}; expected {EXPERIMENT_SHAPE}") from None
+    if not isinstance(value, dict):
+        raise ExperimentFileError(f"{path}: not a JSON object; expected {EXPERIMENT_SHAPE}")
+    shapes = {"config": lambda v: isinstance(v, str) and v,
+              "runs": lambda v: isinstance(v, list) and all(isinstance(key, str) for key in v),
+              "calibrations": lambda v: isinstance(v, list) and all(isinstance(c, dict) for c in v),
+              "budget_runs": lambda v: isinstance(v, bool)}
+    value.setdefault("budget_runs", True)
+    value.setdefault("name", None)
+    for name, valid in shapes.items():
+        if name not in value:
+            raise ExperimentFileError(f"{path}: key {name!r} missing; expected {EXPERIMENT_SHAPE}")
+        if not valid(value[name]):
+            raise ExperimentFileError(f"{path}: key {name!r} is {json.dumps(value[name])[:60]}; expected {EXPERIMENT_SHAPE}")
     return value
 
 
 def current_runs(records: list[dict[str, Any]], experiment: dict[str, Any] | None
-                 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """``(kept, left_out)``: the records whose run the experiment's current config still makes, and one line
-    per record it no longer does (its parameters, model or settings were edited since; the file stays)."""
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """``(kept, earlier, lines)``: the records whose run the experiment's current config still makes, the
+    records it no longer does (its parameters, models or settings were edited since, or another config wrote
+    the folder; the files stay), and one line per such record."""
     if experiment is None:
-        return records, []
-    keys = set(experiment["runs"])
-    kept = [record for record in records if record["key"] in keys]
-    left_out = [f"{record['key']}: {record['run'].get('method')} {record['run'].get('params_label') or ''}".rstrip()
-                + f", not a run of the current config ({experiment.get('config')})"
-                for record in records if record["key"] not in keys]
-    return kept, left_out
+        return records, [], []
+    keys, budgets_unknown = set(experiment["runs"]), not experiment["budget_runs"]
+    config = experiment["config"]
+    kept, earlier, lines = [], [], []
+    for record in records:
+        run = record["run"]
+        if record["key"] in keys or (budgets_unknown and run.get("budget")):
+            kept.append(record)
+            continue
+        earlier.append(record)
+        label = f"{run.get('method')} {run.get('params_label') or ''}".rstrip()
+        name = record.get("experiment")
+        other = f"; made by experiment {name!r}, {run.get('config_file')}" if experiment["name"] and name != experiment["name"] else ""
+        lines.append(f"{record['key']}: {label}, not a run of the current config ({config}{other})")
+    return kept, earlier, lines
 
 
 def failure_path(results_dir: Path, key: str) -> Path:

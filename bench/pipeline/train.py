@@ -184,8 +184,9 @@ def finetune(
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
         start_step, partial = state.get("step", 0), state.get("partial")
-        partial_seconds, resumes = state.get("partial_seconds") or 0.0, [*state.get("resumes", []),
-                                                                         {"epoch": start_epoch, "step": start_step}]
+        partial_seconds, resumes = state.get("partial_seconds") or 0.0, list(state.get("resumes", []))
+        if start_epoch < opts.epochs:  # training goes on (not a run interrupted after its last epoch)
+            resumes.append({"epoch": start_epoch, "step": start_step})
         where = f"epoch {start_epoch + 1}, step {start_step}" if start_step else f"the end of epoch {start_epoch}"
         log(f"resuming from {checkpoint_dir / 'last.pth'} at {where}")
 
