@@ -2,8 +2,8 @@
 
     python report.py RESULTS_DIR [--out FILE.md] [--csv FILE] [--plot FILE.png] [--all]
 
-Defaults: ``RESULTS_DIR/leaderboard.md``, ``RESULTS_DIR/leaderboard.csv``, ``RESULTS_DIR/pareto.png``; the
-figures it links (``throughput.png``, ``tokens*.png``) go beside the markdown file.
+Defaults: ``RESULTS_DIR/leaderboard.md``, and beside it ``leaderboard.csv``, ``pareto.png`` and the figures it
+links (``throughput.png``, ``tokens*.png``): with ``--out`` elsewhere, all of them go there.
 It only reads the records under ``RESULTS_DIR/runs`` (see ``bench/pipeline/records.py``); it never re-runs
 anything. ``tokenbench-report`` (installed with the project) is the same command. Where ``run_bench`` left an
 ``experiment.json`` (the run keys of the config's latest invocation), records of runs that config no longer
@@ -587,8 +587,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("results_dir", type=Path, help="folder holding runs/*.json")
     # strings, not paths: Path drops the trailing slash of a folder given by mistake
     parser.add_argument("--out", help="markdown file (default RESULTS_DIR/leaderboard.md); the figures go beside it")
-    parser.add_argument("--csv", help="CSV file (default RESULTS_DIR/leaderboard.csv)")
-    parser.add_argument("--plot", help="PNG file (default RESULTS_DIR/pareto.png)")
+    parser.add_argument("--csv", help="CSV file (default leaderboard.csv beside the markdown file)")
+    parser.add_argument("--plot", help="PNG file (default pareto.png beside the markdown file)")
     parser.add_argument("--all", action="store_true",
                         help="also the records of runs the experiment's current config no longer makes")
     return parser
@@ -637,8 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if older:  # edited parameters, models or settings: their files stay, the tables show the current runs
         print(f"report.py: left out {older} (listed in the leaderboard; --all shows them)", file=sys.stderr)
 
-    paths = (args.out or folder / "leaderboard.md", args.csv or folder / "leaderboard.csv",
-             args.plot or folder / "pareto.png")
+    beside = Path(args.out).parent if args.out else folder  # every output goes beside the markdown by default
+    paths = (args.out or folder / "leaderboard.md", args.csv or beside / "leaderboard.csv",
+             args.plot or beside / "pareto.png")
     for path in paths:
         reason = _not_a_file(path)
         if reason:

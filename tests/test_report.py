@@ -338,6 +338,16 @@ def test_read_only_results_folder_with_every_output_elsewhere(results, tmp_path_
     figures = _section((elsewhere / "lb.md").read_text(), "## Figures")
     assert "](throughput.png)" in figures  # linked relative to the markdown
     assert capsys.readouterr().out.split()[-1] == str(elsewhere / "throughput.png")
+    alone = tmp_path_factory.mktemp("alone")  # --out alone: the CSV and pareto.png follow it
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        code = report.main([str(results), "--out", str(alone / "lb.md")])
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert code == 0 and sorted(results.rglob("*")) == before
+    assert sorted(path.name for path in alone.iterdir()) == ["lb.md", "leaderboard.csv", "pareto.png", "throughput.png"]
 
 
 def test_unwritable_output_is_one_line_naming_it(results, tmp_path, capsys):
