@@ -296,6 +296,7 @@ def load_all(results_dir: str | Path, everything: bool = False
     kept, stale, earlier = current_runs(recs, experiment)
     if everything:
         marked = {id(record) for record in stale}
+
         def mark(record: dict) -> dict:
             label = f"{record['run'].get('params_label') or ''} [earlier config]".lstrip()
             return {**record, "run": {**record["run"], "params_label": label}}
@@ -586,7 +587,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir", type=Path, help="folder holding runs/*.json")
     # strings, not paths: Path drops the trailing slash of a folder given by mistake
-    parser.add_argument("--out", help="markdown file (default RESULTS_DIR/leaderboard.md); the figures go beside it")
+    parser.add_argument("--out", help="markdown file (default RESULTS_DIR/leaderboard.md); the CSV, the plot and "
+                                      "the figures go beside it by default")
     parser.add_argument("--csv", help="CSV file (default leaderboard.csv beside the markdown file)")
     parser.add_argument("--plot", help="PNG file (default pareto.png beside the markdown file)")
     parser.add_argument("--all", action="store_true",
