@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas
 import pytest
 import yaml
 
@@ -267,4 +268,64 @@ def test_no_calibrate_keeps_the_budget_runs_current_and_a_fixed_twin_of_a_budget
     labels = [line.split("|")[2].strip() for line in board.split("## fmnist-vit", 1)[1].splitlines()
               if line.startswith("| tome ")]
     assert f"r={budget_r} [budget.target=0.8]" in labels and f"r={budget_r} [budget.target=None]" in labels, labels
+
+
+def test_ats_budget_is_calibrated_on_the_images_its_record_averages_and_the_cache_tells_image_sets_apart(tmp_path,
+                                                                                                      monkeypatch):
+    """ATS's MACs depend on the image: its budget run's achieved fraction is the mean over the very images the
+    macs stage averages (data_mean), which is what the leaderboard shows, so a cell never exceeds its budget;
+    and a calibration cached for other images (macs.images) is not reused."""
+    monkeypatch.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    cells = {}
+    for images in (4, 16):
+        cfg = yaml.safe_load(experiment(tmp_path).read_text())
+        cfg.update({"stages": ["macs"], "macs": {"images": images}, "budgets": {"macs": [0.8]},
+                    "grid": {"methods": ["baseline", "ats"]}})
+        path = tmp_path / f"ats{images}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        results = tmp_path / f"results{images}"
+        assert run_bench.main(["--config", str(path), "--results", str(results), "--quiet"]) == 0
+        records = {r["run"]["method"]: r for r in read_all(results)[0]}
+        dense, ats = records["baseline"]["metrics"]["macs"]["torchprofile"], records["ats"]
+        assert ats["run"]["budget"]["achieved"] == pytest.approx(ats["metrics"]["macs"]["data_mean"] / dense, abs=1e-6)
+        assert ats["run"]["budget"]["achieved"] <= 0.8
+        table = pandas.read_csv(results / "leaderboard.csv")
+        cells[images] = ats["run"]["budget"]["achieved"]
+        (fraction,) = table.loc[table["method"] == "ats", "mac_fraction"]
+        assert fraction == pytest.approx(cells[images], abs=1e-3)
+    assert cells[4] != cells[16]  # other images, another calibration (not the cached one)
+
+
+def test_ranking_ties_ignore_float_noise_and_a_budget_no_method_reaches_keeps_its_column(budget_run, tmp_path):
+    """evit's cells 8.500000089 and 6.499999762 (float32 noise of 8.5 and 6.5) tie with tome's 7.5 and 7.5: the
+    name decides (evit first), not the noise. Every method unreachable at 0.55: that column stays, all '–'."""
+    _, results = budget_run
+    folder = tmp_path / "tie"
+    chosen = {"evit": (8.500000089406967, 6.499999761581421), "tome": (7.5, 7.5)}
+    for record in read_all(results)[0]:
+        budget, method = record["run"]["budget"], record["run"]["method"]
+        if method == "baseline" or (budget and budget["target"] == 0.8 and method in chosen):
+            record = copy.deepcopy(record)
+            record["metrics"]["eval"]["top1"] = chosen[method][0] if method in chosen else 89.0
+            write_record(record_path(folder, record["key"]), record)
+            if method in chosen:  # a second point for the AUC: the same run at another fraction
+                record = copy.deepcopy(record)
+                record["key"] += "-b"
+                record["run"]["budget"] = {**budget, "target": 0.7}
+                record["metrics"]["macs"]["torchprofile"] = int(record["metrics"]["macs"]["torchprofile"] * 0.85)
+                record["metrics"]["macs"]["data_mean"] = record["metrics"]["macs"]["torchprofile"]
+                record["metrics"]["eval"]["top1"] = chosen[method][1]
+                write_record(record_path(folder, record["key"]), record)
+    experiment = json.loads((results / "experiment.json").read_text())
+    experiment["runs"] += [key + "-b" for key in experiment["runs"]]
+    experiment["calibrations"] = [{**c, "value": None} if c["target"] == 0.55 else c for c in experiment["calibrations"]]
+    (folder / "experiment.json").write_text(json.dumps(experiment))
+    assert report.main([str(folder)]) == 0
+    section = (folder / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    header = next(line for line in section.splitlines() if line.startswith("| Rank"))
+    assert [cell.strip() for cell in header.split("|")[3:6]] == ["≤ 0.55 MACs", "≤ 0.70 MACs", "≤ 0.80 MACs"]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith("| ") and "Rank" not in line]
+    assert [row[1] for row in rows[:2]] == ["evit", "tome"] and rows[0][-1] == rows[1][-1] == "7.50"
+    assert {row[2] for row in rows} == {"–"}  # 0.55: every method unreachable
 

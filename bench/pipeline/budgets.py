@@ -35,12 +35,13 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
                    title: Callable[..., str], table: Callable[[list[list[str]], list[str]], str]) -> list[str]:
     """Markdown lines of the matched-budget tables, one per model group that has budget runs; empty when no
     run was calibrated to a budget and evaluated (a budget run without the eval stage has no top-1 to show).
-    ``calibrations``: the experiment's ``calibration.json`` (unreachable budgets appear there only)."""
+    ``calibrations``: those of the experiment's ``experiment.json`` (unreachable budgets appear there only)."""
     runs = df[df["budget"].notna() & df["top1"].notna()]
     if runs.empty:
         return []
     lines = ["## Matched budgets", "",
-             "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile); every "
+             "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile; for ATS, "
+             "whose work depends on the image, the mean over the macs stage's real images); every "
              "method's knob was calibrated to the least reduction within the budget. `–`: the budget is out "
              "of the method's reach. Pareto AUC: the method's mean top-1 over the MAC fractions it covered "
              "(trapezoid over the achieved fractions, divided by the covered range, printed beside it). Rank: "
@@ -48,17 +49,18 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
              "then by the mean top-1 of the method's cells, then by name.", ""]
     for keys, part in runs.groupby(group, sort=True):
         model = keys[0]
-        targets = sorted(set(part["budget"]))
         unreachable = {(c["method"], round(c["target"], 6)) for c in calibrations
                        if c.get("model") == model and c.get("value") is None}
-        methods = sorted(set(part["method"]) | {m for m, t in unreachable if t in {round(x, 6) for x in targets}})
-        best = {target: part[part["budget"] == target]["top1"].max() for target in targets}
+        # every budget of the group, also one that no method reached (a column of "–")
+        targets = sorted({round(x, 6) for x in part["budget"]} | {t for _, t in unreachable})
+        methods = sorted(set(part["method"]) | {m for m, _ in unreachable})
+        best = {target: part[part["budget"].round(6) == target]["top1"].max() for target in targets}
         rows = []
         for method in methods:
             mine = part[part["method"] == method]
             cells, shown = [], []
             for target in targets:
-                hit = mine[mine["budget"] == target]
+                hit = mine[mine["budget"].round(6) == target]
                 if hit.empty:
                     cells.append("–" if (method, round(target, 6)) in unreachable else "")
                     continue
@@ -72,8 +74,9 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
             fractions = mine["mac_fraction"].dropna()
             covered = f"{fractions.min():.2f}–{fractions.max():.2f}" if len(fractions) else ""
             mean = sum(shown) / len(shown) if shown else math.nan
-            rows.append(((math.isnan(auc), 0 if math.isnan(auc) else -auc, math.isnan(mean),
-                          0 if math.isnan(mean) else -mean, method), auc, method, [*cells, covered]))
+            # compared at 1e-6: top-1 values carry float32 noise (8.500000089, 6.499999762) that must not rank
+            rows.append(((math.isnan(auc), 0 if math.isnan(auc) else -round(auc, 6), math.isnan(mean),
+                          0 if math.isnan(mean) else -round(mean, 6), method), auc, method, [*cells, covered]))
         rows.sort(key=lambda item: item[0])
         headers = ["Rank", "Method", *[f"≤ {target:.2f} MACs" for target in targets], "Covered", "Pareto AUC"]
         body = [[str(rank), method, *cells, "" if math.isnan(auc) else f"{auc:.2f}"]

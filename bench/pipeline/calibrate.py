@@ -8,7 +8,8 @@ torchprofile; if torchprofile's count exceeds the target (work the analytic coun
 matrices, MCTF's one-step-ahead projections), the search is repeated with the target scaled by that ratio.
 Integer knobs are exact, continuous ones on a grid of ``BudgetKnob.tolerance`` (1e-3), discrete ones pick
 the choice with the largest MACs within the budget. Methods whose MACs depend on the image
-(``data_dependent``) are measured on the run's own weights and ``macs.images`` real images, averaged.
+(``data_dependent``) are measured on the run's own weights and ``macs.images`` real images, averaged: the
+images its ``macs`` stage averages over (``metrics.macs.data_mean``, what the leaderboard shows for them).
 
 Results are cached (``calibration.json`` in ``bench.pipeline.files.cache_dir()``), keyed by a
 hash of everything that determines them, so a rerun or ``--dry-run`` answers at once.
@@ -92,18 +93,18 @@ def cache_path() -> Path:
 class Calibrator:
     """Calibrates the methods of one model: ``vit`` with random weights (token counts of fixed-schedule
     methods do not depend on weights); ``data`` loads, for data-dependent methods, the run's own model and
-    real images ((N, C, H, W)), identified in the cache key by ``weights_id``."""
+    real images ((N, C, H, W)), identified in the cache key by ``data_id`` (weights, data, image count, seed)."""
 
     def __init__(self, vit: torch.nn.Module, identity: Any,
                  data: Callable[[], tuple[torch.nn.Module, torch.Tensor]] | None = None,
-                 weights_id: str | None = None) -> None:
+                 data_id: str | None = None) -> None:
         import bench
 
         self.vit = vit.eval()
         self.identity = identity
         self.data = data
         self._data: tuple[torch.nn.Module, torch.Tensor] | None = None
-        self.weights_id = weights_id
+        self.data_id = data_id
         dense = bench.apply(vit, "baseline")
         self.dense_macs = bench.count_macs(dense)
         self._image = bench.count_image(dense)[None]
@@ -117,7 +118,7 @@ class Calibrator:
         knob = cls.budget_knob
         if knob is None:
             raise ValueError(f"method {method!r} has no budget knob")
-        key = digest(canonical([code_version(), self.identity, self.weights_id if cls.data_dependent else None, method,
+        key = digest(canonical([code_version(), self.identity, self.data_id if cls.data_dependent else None, method,
                                 {k: v for k, v in params.items() if k != knob.name}, round(target, 6)]))
         cache = read_json_or_none(cache_path()) or {}
         if key in cache:

@@ -522,7 +522,7 @@ class Parser:
         from bench.pipeline.calibrate import Calibrator
 
         cls = methods.registered()[method]
-        signature = canonical([base["model"], base["model_kwargs"], base["weights_path"]])
+        signature = canonical([base["model"], base["model_kwargs"], base["weights_path"], base["data"], base["seed"]])
         if signature not in self._calibrators:
             self._calibrators[signature] = Calibrator(*self._calibration_model(base, shared))
         calibrator = self._calibrators[signature]
@@ -557,16 +557,19 @@ class Parser:
 
         def real() -> tuple[Any, torch.Tensor]:
             from bench.pipeline.data import cached_dataset
+            from bench.pipeline.samples import sample_indices
 
             val = cached_dataset(base["data"], "val")
             count = min(shared["macs"]["images"], len(val))
-            order = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:count].tolist()
             torch.manual_seed(base["seed"])
             model = load_model(base["model"], base["model_kwargs"], base["weights_path"])
-            return model, torch.stack([val[i][0] for i in order])
+            # the images the run's macs stage averages over (bench/pipeline/stages/macs.py): achieved = data_mean
+            return model, torch.stack([val[i][0] for i in sample_indices(val, count, base["seed"])])
 
-        # the weights by content (bench/pipeline/fingerprint.py) where a local file, else as written
-        return vit, identity, real, base["weights_sha256"] or base["weights_path"]
+        # what picks the model and the images: the weights by content (bench/pipeline/fingerprint.py) where a
+        # local file, else as written; the data (subset, transform), how many images, the seed
+        weights = base["weights_sha256"] or base["weights_path"]
+        return vit, identity, real, canonical([weights, base["data"], shared["macs"]["images"], base["seed"]])
 
     def make_run(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
                  references: list[ReferenceSection], budget: dict[str, Any] | None = None) -> RunSpec:
