@@ -44,6 +44,7 @@ from bench.pipeline.records import (  # light: the model stack is not imported
 from bench.pipeline.stages import STAGES
 
 GROUP = ["model", "data", "weights"]
+EARLIER = "_earlier_config"  # set on a record by load_all(everything=True): shown as "[earlier config]"
 CSV_COLUMNS = [
     "model", "method", "params", "top1", "top5", "delta_top1", "agreement", "gmacs", "mac_reduction",
     "images_per_s", "speedup", "budget", "mac_fraction",
@@ -139,6 +140,9 @@ def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
             if differ:
                 label = "[" + ", ".join(f"{name}={_format_param(flat.get(name))}" for name in differ) + "]"
                 rows[index]["params"] = f"{rows[index]['params']} {label}".lstrip()
+    for record, row in zip(recs, rows, strict=True):
+        if record.get(EARLIER):  # report.py --all: a run the current config no longer makes
+            row["params"] = f"{row['params']} [earlier config]".lstrip()
     return rows
 
 
@@ -302,14 +306,9 @@ def load_all(results_dir: str | Path, everything: bool = False
         experiment = None
         problems.append(f"{error}: ignored, every record counts as current")
     kept, stale, earlier = current_runs(recs, experiment)
-    if everything:
+    if everything:  # marked after the settings that tell runs apart ([dtype=bf16]) are labelled
         marked = {id(record) for record in stale}
-
-        def mark(record: dict) -> dict:
-            label = f"{record['run'].get('params_label') or ''} [earlier config]".lstrip()
-            return {**record, "run": {**record["run"], "params_label": label}}
-
-        recs = [mark(record) if id(record) in marked else record for record in recs]
+        recs = [{**record, EARLIER: True} if id(record) in marked else record for record in recs]
         earlier = []
     else:
         recs = kept

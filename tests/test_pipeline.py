@@ -531,6 +531,19 @@ def test_records_of_runs_the_edited_config_no_longer_makes_are_left_out_of_the_t
     assert json.loads((results / "experiment.json").read_text())["runs"] == [r.key for r in load_experiment(path).runs]
 
 
+def test_all_keeps_the_settings_labels_of_earlier_runs(tmp_path):
+    """--all: an fp32 run left by a config now in bf16 is labelled by the setting that differs and as earlier."""
+    results = tmp_path / "results"
+    cfg = config(tmp_path, stages=["macs"], grid={"methods": [{"method": "tome", "r": 4}]})
+    for dtype in ("fp32", "bf16"):
+        cfg["defaults"]["dtype"] = dtype
+        assert bench_main(write(tmp_path, cfg), results) == 0
+    assert report.main([str(results), "--all", "--out", str(tmp_path / "all.md")]) == 0
+    rows = [[cell.strip() for cell in line.split("|")[1:3]] for line in (tmp_path / "all.md").read_text().splitlines()
+            if line.startswith("| tome")]
+    assert ["tome", "r=4 [dtype=fp32] [earlier config]"] in rows and ["tome", "r=4 [dtype=bf16]"] in rows, rows
+
+
 def test_another_experiment_in_the_folder_is_named_and_a_bad_experiment_file_is_one_line(tmp_path, capsys):
     """Two experiments written into one --results folder: a note when the second takes it over, and the first
     one's records name their experiment. experiment.json not of run_bench's shape: report.py says so in one
