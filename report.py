@@ -53,7 +53,8 @@ CSV_COLUMNS = [
 ]
 EXTRA_COLUMNS = [
     "experiment", "throughput_batch_size", "throughput_dtype", "device_name", "threads",
-    "throughput_cuda_graphs", "throughput_cuda_graphs_error", "ref_top1", "ref_top5", "ref_gmacs", "ref_source",
+    "throughput_cuda_graphs", "throughput_cuda_graphs_error", "throughput_compile", "ref_top1", "ref_top5",
+    "ref_gmacs", "ref_source",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -225,6 +226,7 @@ def _row(record: dict) -> dict[str, Any]:
         "device_name": first.get("device_name") or _get(record, "env", "device_name"),
         "threads": first.get("threads", _get(record, "env", "threads")) if first else None,
         "throughput_cuda_graphs": bool(first.get("cuda_graphs")),  # timed as CUDA-graph replays
+        "throughput_compile": bool(first.get("compile")),  # both models under torch.compile
         "throughput_cuda_graphs_error": first.get("cuda_graphs_error"),  # why it could not be captured
         "ref_top1": number(reference.get("top1")),
         "ref_top5": number(reference.get("top5")),
@@ -368,6 +370,8 @@ def _conditions(group: pd.DataFrame) -> str:
             parts.append(str(row["throughput_dtype"]))
         if row["threads"] is not None and not pd.isna(row["threads"]):
             parts.append(f"{int(row['threads'])} threads")
+        if row["throughput_compile"]:
+            parts.append("torch.compile")
         if row["throughput_cuda_graphs"]:
             parts.append("CUDA-graph replays")
         if row["_attention"] == "explicit":

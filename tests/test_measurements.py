@@ -489,6 +489,8 @@ def test_compile_and_out_of_memory_are_noted(sweep_results, tmp_path):
     assert "p50 ms (bs 8)" in "\n".join(lines)  # the largest *measured* size, not the one that ran out
     assert measurements.plot_throughput(df, tp, tmp_path / "t.png", report.GROUP, report.sort_group,
                                         report._group_title)
+    assert ", torch.compile" in report._conditions(df)  # the main table's footnote says the runs were compiled
+    assert "torch.compile" not in report._conditions(report.load_all(results)[0])
 
 
 def test_forward_with_features_is_forward_and_pre_logits_of_one_pass():
