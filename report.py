@@ -54,7 +54,7 @@ CSV_COLUMNS = [
 EXTRA_COLUMNS = [
     "experiment", "throughput_batch_size", "throughput_dtype", "device_name", "threads",
     "throughput_cuda_graphs", "throughput_cuda_graphs_error", "throughput_compile", "ref_top1", "ref_top5",
-    "ref_gmacs", "ref_source",
+    "ref_gmacs", "ref_source", "nonfinite_images",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -239,6 +239,7 @@ def _row(record: dict) -> dict[str, Any]:
         "_tokens_out": _get(record, "tokens_per_layer", "out"),
         "_method_stats": record.get("method_stats") if isinstance(record.get("method_stats"), dict) else None,
         "_n_throughput": len(entries),
+        "nonfinite_images": number(_get(metrics, "eval", "nonfinite_images")),
         "_attention": run.get("sdpa_backend") or "auto",  # the attention kernel every model of the run used
     }
 
@@ -403,6 +404,11 @@ def _leaderboard_section(df: pd.DataFrame) -> list[str]:
         lines += [f"## {_group_title(model, data, weights)}", "", _table(rows, headers), "", _conditions(group)]
         if not (group["method"] == "baseline").any():
             lines += ["", "_No baseline run in this group: Δ Top-1 and MAC reduction are left empty._"]
+        broken = [f"{measurements.run_label(row['method'], row['params'])} {int(row['nonfinite_images'])}"
+                  for _, row in sort_group(group).iterrows() if row["nonfinite_images"] > 0]
+        if broken:
+            lines += ["", f"_Non-finite logits (NaN or inf), images of the eval set: {', '.join(broken)}; their arg-max "
+                          "counts in top-1 as in the reference code, and ECE, NLL and feature cos are undefined._"]
         lines.append("")
     return lines
 

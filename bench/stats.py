@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +67,8 @@ def expected_calibration_error(confidence: Any, correct: Any, bins: int = ECE_BI
     hit = np.asarray(correct, dtype=float).reshape(-1)
     if conf.shape != hit.shape or conf.size == 0:
         raise ValueError("expected_calibration_error needs as many confidences as correctness flags (> 0)")
+    if not np.isfinite(conf).all():  # non-finite logits: undefined (not binned through an invalid int cast)
+        return math.nan
     index = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
     gap = np.abs(np.bincount(index, weights=hit, minlength=bins) - np.bincount(index, weights=conf, minlength=bins))
     # |sum(hit) - sum(conf)| over a bin = count x |accuracy - mean confidence|; divided by N: the weighted gap

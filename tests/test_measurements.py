@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,9 @@ def test_ece_of_an_overconfident_toy_equals_the_hand_computed_value():
     assert stats.expected_calibration_error([0.94, 0.96], [1, 0]) == pytest.approx(abs(0.5 - 0.95))
     # in two bins the gaps do not cancel: 0.55 right (gap 0.45) and 0.45 wrong (gap 0.45)
     assert stats.expected_calibration_error([0.55, 0.45], [1, 0]) == pytest.approx(0.45)
+    with warnings.catch_warnings():  # a NaN confidence (non-finite logits): undefined, without numpy's cast warning
+        warnings.simplefilter("error")
+        assert math.isnan(stats.expected_calibration_error([0.55, float("nan")], [1, 0]))
 
 
 def test_mean_cosine():

@@ -544,6 +544,29 @@ def test_all_keeps_the_settings_labels_of_earlier_runs(tmp_path):
     assert ["tome", "r=4 [dtype=fp32] [earlier config]"] in rows and ["tome", "r=4 [dtype=bf16]"] in rows, rows
 
 
+def test_non_finite_logits_are_counted_warned_and_noted(tmp_path, capsys):
+    """DiffRate's sizes may go negative (its reference code's quirk, docs/methods.md#diffrate): with registers
+    and these schedules one of the 200 images gets NaN logits. The run says so in one warning line, its record
+    counts the images, and the leaderboard notes them under the table; the dense run counts none."""
+    model = {"name": "vit_small_patch16_224", "label": "regvit",
+             "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2,
+                        "num_classes": 10, "no_embed_class": True, "reg_tokens": 2}}
+    diffrate = {"method": "diffrate", "prune_kept_num": [65, 60, 50, 40], "merge_kept_num": [65, 55, 45, 35]}
+    cfg = config(tmp_path, stages=["eval"], grid={"methods": ["baseline", diffrate]})
+    cfg["defaults"] = {**cfg["defaults"], "model": model, "data": {"name": "fashion_mnist", "subset": 200}}
+    results = tmp_path / "results"
+    assert bench_main(write(tmp_path, cfg), results) == 0
+    err = capsys.readouterr().err
+    records = {r["run"]["method"]: r for r in read_all(results)[0]}
+    bad = records["diffrate"]["metrics"]["eval"]["nonfinite_images"]
+    assert records["baseline"]["metrics"]["eval"]["nonfinite_images"] == 0 and bad == 1
+    assert (f"warning: {records['diffrate']['key']}: 1 of 200 eval images gave non-finite logits (NaN or inf): top-1 "
+            "counts their arg-max as the reference code's would; ECE, NLL and feature cos are undefined (NaN)"
+            in err.splitlines())
+    note = next(line for line in (results / "leaderboard.md").read_text().splitlines() if "Non-finite" in line)
+    assert note.startswith("_Non-finite logits (NaN or inf), images of the eval set: diffrate (") and ") 1; " in note
+
+
 def test_another_experiment_in_the_folder_is_named_and_a_bad_experiment_file_is_one_line(tmp_path, capsys):
     """Two experiments written into one --results folder: a note when the second takes it over, and the first
     one's records name their experiment. experiment.json not of run_bench's shape: report.py says so in one

@@ -21,6 +21,7 @@ class Predictions:
     stats: dict[str, dict[str, float]]  # method statistics per layer, averaged over images
     confidence: torch.Tensor | None = None  # (N,) softmax probability of the top-1 class
     features: torch.Tensor | None = None  # (N, D) float32 pre-logits features (``features=True``)
+    nonfinite: int = 0  # images whose logits hold a NaN or an infinity
 
 
 @torch.inference_mode()
@@ -33,7 +34,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dt
     model.eval()
     loss_sum, top_k, targets, confidence, kept_features = 0.0, [], [], [], []
     stats_sum: dict[int, dict[str, float]] = {}
-    seen, info = 0, None
+    seen, info, nonfinite = 0, None, 0
     for images, labels in tqdm(loader, desc=description, disable=not progress, leave=False, mininterval=2.0):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
@@ -43,6 +44,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dt
             else:
                 logits = model(images)
         logits = logits.float()
+        nonfinite += int((~torch.isfinite(logits).all(dim=-1)).sum())
         confidence.append(logits.softmax(dim=-1).amax(dim=-1).cpu())
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         top_k.append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu())
@@ -57,4 +59,4 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dt
                     slot[name] = slot.get(name, 0.0) + float(value) * images.shape[0]
     stats = {str(layer): {name: total / seen for name, total in values.items()} for layer, values in stats_sum.items()}
     return Predictions(torch.cat(top_k), torch.cat(targets), loss_sum / max(seen, 1), info, stats,
-                       torch.cat(confidence), torch.cat(kept_features) if features else None)
+                       torch.cat(confidence), torch.cat(kept_features) if features else None, nonfinite)

@@ -2,10 +2,12 @@
 expected calibration error over 15 equal-width bins, a fraction; ``nll``: mean negative log-likelihood of
 the true class, nats) and, with ``eval.agreement``, the comparison with the dense model (original weights)
 on the same images: ``agreement``, the share whose top-1 class equals the dense model's, and
-``feature_cos``, the mean cosine similarity of the pre-logits features to the dense model's."""
+``feature_cos``, the mean cosine similarity of the pre-logits features to the dense model's;
+``nonfinite_images``: how many images gave NaN or infinite logits (a warning line, and a note in the report)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from bench import stats
@@ -27,7 +29,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "nll": result.loss,  # the mean cross-entropy of the true class is its negative log-likelihood
         "ece": stats.expected_calibration_error(result.confidence.numpy(), correct[:, 0].numpy()),
         "images": int(result.targets.numel()),
+        "nonfinite_images": result.nonfinite,  # NaN / inf logits: their arg-max still counts, as in the reference
     }
+    if result.nonfinite:  # said at once, and in the leaderboard under the group's table
+        print(f"warning: {run.key}: {result.nonfinite} of {metrics['images']} eval images gave non-finite logits "
+              "(NaN or inf): top-1 counts their arg-max as the reference code's would; ECE, NLL and feature cos "
+              "are undefined (NaN)", file=sys.stderr)
     if compare:
         top1 = result.top_k[:, 0]
         if run.method == "baseline" and "finetune" not in run.stages:
