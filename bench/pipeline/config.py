@@ -329,9 +329,10 @@ class Parser:
                   "eval": asdict(section.eval), "finetune": finetune, "tokens": asdict(section.tokens),
                   "compile": section.compile}
         runs: list[RunSpec] = []
+        origins: list[str] = []  # where each run comes from: grid.methods[1] at budget 0.6
         labelled: dict[tuple, tuple[str, str]] = {}  # (label, weights) -> (model, where): the report's groups
         for block_index, block in enumerate(blocks):
-            where = f"grid[{block_index}]" if len(blocks) > 1 else "grid"
+            where = f"grid[{block_index}]" if isinstance(section.grid, list) else "grid"  # as the file has it
             block = parse(GridSection, block, where)
             models = block.models or [{}]
             method_entries = block.methods
@@ -352,6 +353,7 @@ class Parser:
                             if budget is None:
                                 continue  # unreachable: said in the warnings, shown as "-" in the report
                         runs.append(self.make_run(base, method, params, method_where, shared, references, budget))
+                        origins.append(method_where + (f" at budget {target!r}" if target is not None else ""))
         for index, ref in enumerate(references):
             if index not in self.matched_references:
                 self.warnings.append(f"warning: {self.path}: reference[{index}]: matches no run (model "
@@ -363,7 +365,9 @@ class Parser:
         keys = [run.key for run in runs]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:
-            raise self.error("grid", f"the same run appears twice: {duplicates[0]}")
+            first, second = [origins[i] for i, key in enumerate(keys) if key == duplicates[0]][:2]
+            raise self.error("grid", f"{first} and {second} make the same run {duplicates[0]} (budgets that "
+                             "calibrate to one setting, or an entry listed twice); allowed: each run once")
         return Experiment(name=name, file=self.path, runs=runs, slurm=section.slurm,
                           warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations,
                           complete=not self.uncalibrated)
