@@ -8,8 +8,8 @@
 
 For each method: images/s (median of the timed forwards), the speed-up over the dense baseline timed in
 the same process (alternating forwards, see bench.compare_throughput: the median of the paired per-round
-ratios, with its bootstrap 95% interval), the MAC-ideal speed-up (dense MACs / method MACs, torchprofile)
-and the share of it that was reached; then the ceiling: the speed-up of the same token counts with the
+ratios, with its bootstrap 95% interval), the MAC-ideal speed-up (dense MACs / method MACs, torchprofile; for
+a method whose work depends on the image, ATS, its mean over the timed batch) and the share of it that was reached; then the ceiling: the speed-up of the same token counts with the
 reduction itself free (bench.throughput.ScheduleOnly: the same block loop keeps the first tokens of each count), its
 share of the MAC-ideal one, and the method's own cost per batch (``own ms``: its median forward minus the
 ceiling's: scores, matching, sorting, gathering, proportional attention). The three models are timed in turn
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 def time_method(vit, name, params, text, batch, dense, dense_macs, args) -> None:
     """One row: the method, its ceiling and the dense model timed in turn."""
     model = bench.apply(vit, name, **params)
-    macs = bench.count_macs(model)
+    # MACs per image; where they depend on the image (ATS), the mean over the timed batch itself
+    macs = bench.data_macs(model, batch) if model.method.data_dependent else bench.count_macs(model)
     timed = [model, ceiling_model(vit, model, batch), dense]
     if args.compile:  # compiled afresh for every method, as the pipeline's stage does per batch size
         torch._dynamo.reset()

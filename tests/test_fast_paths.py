@@ -128,6 +128,24 @@ def test_schedule_only_without_reduction_is_the_dense_model():
     assert torch.equal(got, expected)
 
 
+def test_benchmark_takes_a_data_dependent_methods_macs_over_the_timed_batch(capsys):
+    """ATS's MACs depend on the image: the MAC-ideal speed-up uses their mean over the timed batch (as the
+    leaderboard uses the mean over real images), not the one random image a plain count traces."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import benchmark_methods
+    finally:
+        sys.path.pop(0)
+    assert benchmark_methods.main(["--model", "quickstart", "--runs", "1", "--warmup", "0", "--batch-size", "4",
+                                   "--only", "ats"]) == 0
+    printed = [float(line[49:57]) for line in capsys.readouterr().out.splitlines() if line.startswith("ats ")]  # GMACs
+    vit, settings, batch, _ = benchmark_methods.quickstart(4, torch.device("cpu"))
+    expected = [bench.data_macs(bench.apply(vit, name, **params), batch) / 1e9 for name, params, _ in settings
+                if name == "ats"]
+    one_image = [bench.count_macs(bench.apply(vit, name, **params)) / 1e9 for name, params, _ in settings if name == "ats"]
+    assert printed == [round(value, 3) for value in expected] != [round(value, 3) for value in one_image]
+
+
 def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark_methods.py"), "--model", "quickstart", "--runs", "2",
