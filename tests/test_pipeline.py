@@ -213,6 +213,27 @@ def test_a_config_whose_every_run_is_an_unreachable_budget_is_one_line(tmp_path,
     assert not (tmp_path / "results").exists()
 
 
+def test_kmedoids_runs_are_reproducible_whatever_ran_before(tmp_path):
+    """K-Medoids draws its first medoid from numpy's global generator (its reference's draw): every run seeds it,
+    so a forced rerun, after other numpy draws in the same process, gives the same record metrics."""
+    import numpy
+
+    kmedoids = {"method": "kmedoids", "keep_rate": 0.5, "layers": [1, 3], "equal_weight": True}
+    cfg = config(tmp_path, stages=["eval"], grid={"methods": ["baseline", kmedoids]})
+    embedded = {"name": "vit_tiny_patch16_224", "label": "fmnist-vit",  # trained: the medoids decide predictions
+                "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96,
+                           "depth": 8, "num_heads": 3}}
+    cfg["defaults"] = {**cfg["defaults"], "model": embedded, "weights": str(REPO / "configs" / "fmnist_vit.pth")}
+    path, results = write(tmp_path, cfg), tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    first = next(r for r in read_all(results)[0] if r["run"]["method"] == "kmedoids")["metrics"]["eval"]
+    for draws in (1, 7):
+        numpy.random.random(draws)  # the global generator elsewhere
+        assert bench_main(path, results, "--only", "kmedoids", "--force", "--no-report") == 0
+        again = next(r for r in read_all(results)[0] if r["run"]["method"] == "kmedoids")["metrics"]["eval"]
+        assert again == first
+
+
 def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, monkeypatch, capsys):
     from bench.pipeline.stages import macs
 
@@ -259,6 +280,9 @@ BAD_INPUTS = [
     ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),
     ({"throughput": {"batch_sizes": [4, 8, 4]}}, "throughput.batch_sizes: lists a batch size twice ([4, 8, 4]); allowed: distinct sizes"),
     ({"eval": {"agreement": "no"}}, "eval.agreement: must be true or false, got 'no'"),
+    ({"stages": ["finetune"], "finetune": {"export": "tuned.pth"}},
+     "finetune.export: one file for 4 fine-tuning runs: each would overwrite it; allowed: a path in an experiment of "
+     "one run, or null"),
     ({"budgets": {"macs": [0.7, 0.8, 0.7]}}, "budgets.macs[2]: lists 0.7 twice ([0.7, 0.8, 0.7]); allowed: distinct fractions"),
     ({"budgets": {"macs": [0.7, 0.7000001]}, "grid": {"methods": ["tome"]}},
      "grid: grid.methods[0] at budget 0.7 and grid.methods[0] at budget 0.7000001 make the same run tiny-fmnist-tome-"),
@@ -303,6 +327,15 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"error: {path}")
     assert message in err
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads lr: 1e-4 as the string '1e-4'; the loader reads it as the number users mean."""
+    text = write(tmp_path, config(tmp_path, stages=["finetune"], grid={"methods": ["baseline"]})).read_text()
+    path = tmp_path / "exp.yaml"
+    path.write_text(text + "finetune: {epochs: 1, lr: 1e-4, min_lr: 5E-6}\n")
+    (run,) = load_experiment(path, check_files=False).runs
+    assert run.finetune["lr"] == 1e-4 and run.finetune["min_lr"] == 5e-6
 
 
 def test_malformed_yaml_and_missing_file(tmp_path, capsys):
@@ -412,7 +445,8 @@ def test_run_keys_do_not_depend_on_where_the_config_lies(tmp_path):
 
     from bench.pipeline.config import load_experiment
 
-    cfg = config(tmp_path, stages=["finetune", "eval"], finetune={"epochs": 1, "export": "out/tuned.pth"})
+    cfg = config(tmp_path, stages=["finetune", "eval"], finetune={"epochs": 1, "export": "out/tuned.pth"},
+                 grid={"methods": [{"method": "tome", "r": 4}]})
     cfg["defaults"]["weights"] = "tiny.pth"
     cfg["defaults"]["data"]["root"] = "fm"
     here, there = tmp_path / "here", tmp_path / "there" / "copy"

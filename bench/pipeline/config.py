@@ -362,6 +362,10 @@ class Parser:
         if self.uncalibrated:
             self.warnings.append(f"warning: {self.path}: {self.uncalibrated} MAC-budget run(s) left out: not "
                                  "calibrated (--no-calibrate)")
+        if finetune and finetune["export"] and len(runs) > 1:
+            raise self.error("finetune.export", f"one file for {len(runs)} fine-tuning runs: each would overwrite "
+                             "it; allowed: a path in an experiment of one run, or null (every run keeps its own "
+                             "weights in <results>/checkpoints/<key>/final.pth)")
         keys = [run.key for run in runs]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:

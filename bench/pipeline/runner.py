@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import bench
@@ -120,6 +121,7 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
+    np.random.seed(run.seed % 2**32)  # K-Medoids draws its first medoid from numpy's generator (its reference's)
     vit = load_model(run.model, run.model_kwargs, run.weights_path)
     model = bench.apply(vit, run.method, **run.params).to(device)
     ctx = StageContext(run, model, Path(results_dir), device, progress)

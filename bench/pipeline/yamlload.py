@@ -12,6 +12,7 @@ Text is read through ``bench.pipeline.textio`` (undecodable bytes: one line nami
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import yaml
@@ -54,6 +55,12 @@ class Loader(yaml.SafeLoader):
                     raise DuplicateKey(key, first, key_node.start_mark.line + 1)
                 lines[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-4 as a string: a float needs a dot there. YAML 1.2 and every other reader take it as
+# a number, and so does a user writing lr: 1e-4; the plain exponent forms are floats here too.
+Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                             re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
