@@ -23,9 +23,12 @@ class Resize(Method):
 
     def check(self, ctx: ReductionContext) -> None:
         size, patch = self.params["img_size"], ctx.patch_size
-        if size % patch[0] or size % patch[1]:
-            raise self._error(f"img_size={size} is not a multiple of the patch size {patch[0]} (allowed: "
-                              f"{', '.join(str(v) for v in self.budget_choices(ctx)[-4:])}, ...)")
+        choices = self.budget_choices(ctx)
+        if size % patch[0] or size % patch[1] or size > min(ctx.img_size):
+            why = "is larger than the model's input size" if size > min(ctx.img_size) else \
+                f"is not a multiple of the patch size {patch[0]}"
+            shown = ", ".join(str(v) for v in choices[-4:])
+            raise self._error(f"img_size={size} {why} (allowed: {'..., ' if len(choices) > 4 else ''}{shown})")
 
     def input_size(self, ctx: ReductionContext) -> tuple[int, int]:
         return (self.params["img_size"], self.params["img_size"])

@@ -48,3 +48,6 @@ def test_resize_refuses_sizes_that_are_not_a_multiple_of_the_patch():
         bench.apply(small_vit(), "resize", img_size=60)
     model = bench.apply(small_vit(), "resize", img_size=64)
     assert model.method.budget_choices(model.context) == [8, 16, 24, 32, 40, 48, 56, 64]
+    with pytest.raises(ValueError, match=r"img_size=72 is larger than the model's input size \(allowed: \.\.\., "
+                                         r"40, 48, 56, 64\)"):  # an upscaling is not a reduction
+        bench.apply(small_vit(), "resize", img_size=72)
