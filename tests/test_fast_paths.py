@@ -146,6 +146,19 @@ def test_benchmark_takes_a_data_dependent_methods_macs_over_the_timed_batch(caps
     assert printed == [round(value, 3) for value in expected] != [round(value, 3) for value in one_image]
 
 
+def test_benchmark_skips_a_method_whose_reference_setting_does_not_fit_the_model(capsys):
+    """DeiT-Ti: DiffRate's default schedule is DeiT-S's; one line says why, the other methods go on (no traceback)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import benchmark_methods
+    finally:
+        sys.path.pop(0)
+    assert benchmark_methods.main(["--model", "deit_tiny_patch16_224", "--device", "cpu", "--runs", "1",
+                                   "--warmup", "0", "--batch-size", "2", "--only", "diffrate"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("diffrate")]
+    assert "skipped: method 'diffrate': target_flops=2.9 is a DeiT-S schedule, but the model is DeiT-Ti" in line
+
+
 def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark_methods.py"), "--model", "quickstart", "--runs", "2",
