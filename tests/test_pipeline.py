@@ -338,6 +338,18 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     assert run.finetune["lr"] == 1e-4 and run.finetune["min_lr"] == 5e-6
 
 
+def test_no_calibrate_still_validates_the_budget_entries(tmp_path, capsys):
+    """--no-calibrate leaves the budget runs out, not the checks of their other parameters."""
+    for entry, message in (({"method": "evit", "layers": [1, 99]}, "include block 99, but the model has 4 blocks"),
+                           ({"method": "tome", "inflection": 5}, "parameter 'inflection' must be a number in [-1, 1]"),
+                           ({"method": "tome", "rr": 1}, "unknown parameter 'rr'")):
+        cfg = config(tmp_path, stages=["macs"], budgets={"macs": [0.7]}, grid={"methods": ["baseline", entry]})
+        path = write(tmp_path, cfg)
+        assert bench_main(path, tmp_path / "results", "--no-calibrate", "--dry-run") == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: {path}: grid.methods[1]: ") and message in line, line
+
+
 def test_malformed_yaml_and_missing_file(tmp_path, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\ngrid: {methods: [baseline\n")

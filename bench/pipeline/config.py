@@ -346,6 +346,7 @@ class Parser:
                     for method, params, target in self.expand_method(entry, method_where, budgets):
                         budget = None
                         if target is not None and not self.calibrate_budgets:
+                            self.check_uncalibrated(base, method, params, method_where)
                             self.uncalibrated += 1
                             continue
                         if target is not None:
@@ -551,6 +552,27 @@ class Parser:
         except ValueError as error:
             raise self.error(where, str(error)) from None
         return built.params, result.budget()
+
+    def check_uncalibrated(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str) -> None:
+        """``--no-calibrate``: a budget entry's other parameters are validated as a calibrated run's would be,
+        with its knob at the least reduction (0, the top of a float range, or the model's first choice)."""
+        import bench
+        import methods
+
+        vit = self.model_context(base, where)
+        cls = methods.registered()[method]
+        knob = cls.budget_knob
+        least = 0 if knob.kind == "int" else knob.high
+        if knob.kind == "choice":
+            try:
+                least = cls.budget_choices(cls.__new__(cls), bench.apply(vit, "baseline").context)[0]
+            except ValueError:  # no choice for this model: calibrating would call the budget unreachable
+                return
+        try:
+            reduced = bench.apply(vit, method, **{**params, knob.name: least})
+            reduced.method.check_budget(reduced.context)
+        except ValueError as error:
+            raise self.error(where, f"{error} ({base['model_label']})") from None
 
     def _calibration_model(self, base: dict[str, Any], shared: dict[str, Any]):
         """(random-weight model, identity, loader of (the run's model, real images) for data-dependent methods,
