@@ -457,8 +457,7 @@ def test_run_keys_do_not_depend_on_where_the_config_lies(tmp_path):
 
     from bench.pipeline.config import load_experiment
 
-    cfg = config(tmp_path, stages=["finetune", "eval"], finetune={"epochs": 1, "export": "out/tuned.pth"},
-                 grid={"methods": [{"method": "tome", "r": 4}]})
+    cfg = config(tmp_path, stages=["finetune", "eval"], finetune={"epochs": 1})
     cfg["defaults"]["weights"] = "tiny.pth"
     cfg["defaults"]["data"]["root"] = "fm"
     here, there = tmp_path / "here", tmp_path / "there" / "copy"
