@@ -241,6 +241,7 @@ def _row(record: dict) -> dict[str, Any]:
         "_n_throughput": len(entries),
         "nonfinite_images": number(_get(metrics, "eval", "nonfinite_images")),
         "_attention": run.get("sdpa_backend") or "auto",  # the attention kernel every model of the run used
+        "_earlier": bool(record.get(EARLIER)),  # --all: a run of an earlier config
     }
 
 
@@ -252,10 +253,10 @@ def _first_valid(values: pd.Series) -> float:
 def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     """One row per record (columns ``CSV_COLUMNS + EXTRA_COLUMNS`` and private ``_...`` columns), with
     ``delta_top1`` / ``mac_reduction`` against the baseline of the record's (model, data, weights) group
-    (the one run in the record's dtype where there is one)."""
+    (the one run in the record's dtype where there is one; with ``--all``, the current config's)."""
     rows = _rows(recs)
     columns = CSV_COLUMNS + EXTRA_COLUMNS + ["_reference", "_tokens_out", "_method_stats", "_n_throughput",
-                                             "_attention"]
+                                             "_attention", "_earlier"]
     df = pd.DataFrame(rows, columns=columns)
     if df.empty:
         return df
@@ -266,6 +267,8 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
         bases = group[group["method"] == "baseline"]
         if bases.empty:
             continue
+        if (~bases["_earlier"]).any():  # --all: the current config's baseline, not an earlier one's
+            bases = bases[~bases["_earlier"]]
         for dtype in dict.fromkeys(dtypes[group.index]):  # the baseline of the same dtype, else the first
             index = group.index[dtypes[group.index] == dtype]
             same = bases[dtypes[bases.index] == dtype]
