@@ -34,6 +34,8 @@ class ToMe(Method):
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         r = params["r"]
         if isinstance(r, (list, tuple)):
+            if not r:
+                raise self._error("parameter 'r' is an empty list: give one int, or one per block from the first")
             r = [self._count("r", v) for v in r]
             if params["inflection"] not in (0, 0.0):
                 raise self._error("parameter 'inflection' is used only with an int r, not a per-layer list")

@@ -266,6 +266,8 @@ BAD_INPUTS = [
     ({"grid": {"methods": ["tomee"]}}, "grid.methods[0].method: unknown method 'tomee'; allowed: " + ", ".join(methods.names())),
     ({"grid": {"methods": [{"method": "tome", "rr": 1}]}}, "grid.methods[0]: method 'tome': unknown parameter 'rr'"),
     ({"grid": {"methods": [{"method": "tome", "r": 49}]}}, "r=49 would remove all 49 patch tokens"),
+    ({"grid": {"methods": [{"method": "tome", "r": []}]}},
+     "grid.methods[0]: method 'tome': parameter 'r' is an empty list: give one int, or one per block from the first"),
     ({"grid": {"methods": [{"method": "tome", "r": 25, "inflection": -1}]}},
      "r=25 with inflection -1 merges 50 tokens at one block, which would remove all 49 patch tokens of this model "
      "(allowed: at most 48 at any block)"),
