@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             row = check_method(name, vit_device, vit_cpu, dense, batch_cpu, batch, args, dense_graph)
         except ValueError as error:
             skipped.append(name)
-            print(f"{name:13s} skipped: {str(error).splitlines()[0][:150]}")
+            print(f"{name:13s} skipped: {str(error).splitlines()[0]}")
             continue
         except Exception as error:  # noqa: BLE001 - every method is checked
             failed.append(name)
