@@ -179,11 +179,13 @@ def _speedup(entry: dict) -> float:
 
 
 def _gmacs(metrics: dict) -> float:
-    """GMACs per image: the mean over the ``macs`` stage's real images (``data_mean``; for a method whose work
-    depends on the image, ATS, that is what its budget was calibrated on), else torchprofile's one-image count
-    (the same number for every other method)."""
+    """GMACs per image: torchprofile's one-image count; for a method whose work depends on the image (ATS:
+    ``macs.data_dependent``), the mean over the ``macs`` stage's real images (``data_mean``), what its budget
+    was calibrated on."""
     mean = number(_get(metrics, "macs", "data_mean"), 1e9)
-    return mean if math.isfinite(mean) else number(_get(metrics, "macs", "torchprofile"), 1e9)
+    if _get(metrics, "macs", "data_dependent") is True and math.isfinite(mean):
+        return mean
+    return number(_get(metrics, "macs", "torchprofile"), 1e9)
 
 
 def _row(record: dict) -> dict[str, Any]:

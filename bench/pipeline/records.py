@@ -24,7 +24,8 @@ A record (``schema: 1``), as ``build_record`` makes it::
       "metrics": {                           # one entry per stage that ran (bench/pipeline/stages/)
         "eval": {"top1": 89.3, "top5": 99.8, "loss": 0.31, "nll": 0.31, "ece": 0.021, "agreement": 97.2,
                  "feature_cos": 0.993, "images": 10000},
-        "macs": {"torchprofile": 12345678, "analytic": 12300000, "data_mean": 12345678.0},
+        "macs": {"torchprofile": 12345678, "analytic": 12300000, "data_mean": 12345678.0,
+                 "data_dependent": false},     # true (ATS): the leaderboard's GMACs is data_mean
         "throughput": [{"images_per_s": 2100.0, "batch_size": 32, "dtype": "fp32", "device": "cpu",
                         "device_name": "...", "threads": 2, "warmup": 3, "times_s": [...],
                         "runs": 10, "latency_p50_ms": 15.2, "latency_p90_ms": 16.0, "peak_mem_mb": 12.5,

@@ -25,7 +25,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         averaged = float(single)
     extra = getattr(model.method, "extra_macs", None)
-    result = {"torchprofile": single, "analytic": analytic, "data_mean": averaged}
+    result = {"torchprofile": single, "analytic": analytic, "data_mean": averaged,
+              "data_dependent": bool(model.method.data_dependent)}  # the report's GMACs: data_mean then
     if extra is not None:
         result["extra"] = int(extra(info.tokens_in, model.context, model.vit.embed_dim))
     return result
