@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 from tabulate import tabulate
@@ -300,12 +300,21 @@ def build_throughput_frame(recs: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS)
 
 
-def load_all(results_dir: str | Path, everything: bool = False
-             ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str]]:
-    """``(frame, throughput_frame, problems, earlier)`` from one read of the folder: ``earlier`` names the
-    records the experiment's current config no longer makes (``experiment.json``), left out unless
-    ``everything`` (then their params say ``[earlier config]``). An ``experiment.json`` that is not run_bench's
-    is a problem, and every record counts as current."""
+class Loaded(NamedTuple):
+    """``load_all``'s one read of a results folder."""
+
+    frame: pd.DataFrame
+    throughput: pd.DataFrame
+    problems: list[str]  # unreadable records, superseded revisions, an experiment.json not of run_bench's shape
+    earlier: list[str]  # one line per record of a run the current config no longer makes (left out)
+    experiment: dict[str, Any] | None  # experiment.json, None where there is none (or it is unreadable)
+
+
+def load_all(results_dir: str | Path, everything: bool = False) -> Loaded:
+    """The records of the folder, read once: ``earlier`` names the records the experiment's current config no
+    longer makes (``experiment.json``), left out unless ``everything`` (then their params say
+    ``[earlier config]``). An ``experiment.json`` that is not run_bench's is a problem, and every record counts
+    as current."""
     recs, problems = read_all(Path(results_dir))
     recs, superseded = latest_revisions(recs)
     try:
@@ -320,7 +329,7 @@ def load_all(results_dir: str | Path, everything: bool = False
         earlier = []
     else:
         recs = kept
-    return build_frame(recs), build_throughput_frame(recs), problems + superseded, earlier
+    return Loaded(build_frame(recs), build_throughput_frame(recs), problems + superseded, earlier, experiment)
 
 
 def sort_group(group: pd.DataFrame) -> pd.DataFrame:
@@ -640,14 +649,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report.py: error: results folder {folder} does not exist", file=sys.stderr)
         return 2
     try:
-        df, tp, problems, earlier = load_all(folder, everything=args.all)
+        df, tp, problems, earlier, experiment = load_all(folder, everything=args.all)
     except OSError as error:
         print(f"report.py: error: cannot read results folder {folder}: {error.strerror}", file=sys.stderr)
         return 2
-    try:
-        experiment = read_experiment(folder)
-    except ExperimentFileError:  # among the problems, said below
-        experiment = None
     older = (f"{len(earlier)} record{'s' if len(earlier) != 1 else ''} of runs that the current config "
              f"({experiment['config']}) no longer makes" if earlier and experiment else "")
     if df.empty:

@@ -159,9 +159,11 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
         print(f"note: {results_dir} holds the results of experiment {previous['name']!r} ({previous['config']}); "
               f"those runs are now listed under 'Records of earlier configs' (report.py --all shows them)",
               file=sys.stderr)
+    # --no-calibrate: the calibrations of the last calibrated invocation stay
+    calibrations = experiment.calibrations if experiment.complete else previous["calibrations"] if previous else []
     try:  # the report shows the runs this config makes (and unreachable budgets as "-")
         write_experiment(results_dir, experiment.name, experiment.file, [run.key for run in experiment.runs],
-                         experiment.calibrations, budget_runs=experiment.complete)
+                         calibrations, budget_runs=experiment.complete)
     except OSError as error:
         return fail(f"cannot write {experiment_path(results_dir)} ({error.strerror or error})")
     from bench.pipeline.fetch import prefetch_weights

@@ -9,9 +9,10 @@
 For each method: images/s (median of the timed forwards), the speed-up over the dense baseline timed in
 the same process (alternating forwards, see bench.compare_throughput: the median of the paired per-round
 ratios, with its bootstrap 95% interval), the MAC-ideal speed-up (dense MACs / method MACs, torchprofile; for
-a method whose work depends on the image, ATS, its mean over the timed batch) and the share of it that was reached; then the ceiling: the speed-up of the same token counts with the
-reduction itself free (bench.throughput.ScheduleOnly: the same block loop keeps the first tokens of each count), its
-share of the MAC-ideal one, and the method's own cost per batch (``own ms``: its median forward minus the
+a method whose work depends on the image, ATS, its mean over the timed batch) and the share of it that was
+reached; then the ceiling: the speed-up of the same token counts with the reduction itself free
+(bench.throughput.ScheduleOnly: the same block loop keeps the first tokens of each count), its share of the
+MAC-ideal one, and the method's own cost per batch (``own ms``: its median forward minus the
 ceiling's: scores, matching, sorting, gathering, proportional attention). The three models are timed in turn
 in every round. ``fixed``: the own cost at batch 1 (what does not grow with the batch: Python, operator
 dispatch; ``own ms - fixed`` is the part that grows with it, the method's arithmetic as PyTorch's kernels do
@@ -115,15 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     with sdpa_backend(args.sdpa_backend):
         for name, params, text in settings:
             try:
-                time_method(vit, name, params, text, batch, dense, dense_macs, args)
+                model = bench.apply(vit, name, **params)
             except ValueError as error:  # its reference setting does not fit this model (DiffRate's schedules)
                 print(f"{name:10s} {text:38s} skipped: {error}")
+                continue
+            time_method(vit, model, name, text, batch, dense, dense_macs, args)
     return 0
 
 
-def time_method(vit, name, params, text, batch, dense, dense_macs, args) -> None:
-    """One row: the method, its ceiling and the dense model timed in turn."""
-    model = bench.apply(vit, name, **params)
+def time_method(vit, model, name, text, batch, dense, dense_macs, args) -> None:
+    """One row: the method (``model``, ``bench.apply``'d), its ceiling and the dense model timed in turn."""
     # MACs per image; where they depend on the image (ATS), the mean over the timed batch itself
     macs = bench.data_macs(model, batch) if model.method.data_dependent else bench.count_macs(model)
     timed = [model, ceiling_model(vit, model, batch), dense]

@@ -440,7 +440,7 @@ def test_report_links_figures_and_carries_the_new_columns(sweep_results, tmp_pat
 
 def test_long_throughput_frame_has_the_entry_fields(sweep_results):
     results, _ = sweep_results
-    _, tp, _, _ = report.load_all(results)
+    _, tp, _, _, _ = report.load_all(results)
     assert len(tp) == 9
     assert set(measurements.ENTRY_COLUMNS) <= set(tp.columns)
     assert tp["latency_p50_ms"].notna().all() and (tp["peak_mem_kind"] == CPU_KIND).all()
@@ -449,7 +449,7 @@ def test_long_throughput_frame_has_the_entry_fields(sweep_results):
 
 def test_token_grid_composition_uses_each_runs_final_map(sweep_results, tmp_path):
     results, _ = sweep_results
-    df, tp, _, _ = report.load_all(results)
+    df, tp, _, _, _ = report.load_all(results)
     calls = []
     import bench.tokenmap as tokenmap
 
@@ -484,7 +484,7 @@ def test_compile_and_out_of_memory_are_noted(sweep_results, tmp_path):
         if method == "tome":
             record["metrics"]["throughput"].append({"batch_size": 16, "auto": True, "out_of_memory": True})
         write_record(record_path(tmp_path, record["key"]), record)
-    df, tp, _, _ = report.load_all(tmp_path)
+    df, tp, _, _, _ = report.load_all(tmp_path)
     assert len(tp) == 10 and tp["out_of_memory"].sum() == 1
     lines = measurements.speed_section(df, tp, report.GROUP, report.sort_group, report._group_title)
     note = lines[-2]

@@ -156,7 +156,7 @@ def test_records_of_a_redefined_method_are_not_reused(tmp_path, capsys, monkeypa
            f"{RandomPrune.revision} of the same run" in capsys.readouterr().err
     frame = report.build_frame(read_all(results)[0])
     assert sorted(frame["method"]) == ["baseline", "random", "random"]  # the reader itself drops nothing
-    shown, _, skipped, _ = report.load_all(results)
+    shown, _, skipped, _, _ = report.load_all(results)
     assert sorted(shown["method"]) == ["baseline", "random"] and shown.loc[shown["method"] == "random", "key"].item() == new
     assert len(skipped) == 1 and old in (results / "leaderboard.md").read_text()
     # revision 0: the key random's quickstart run had before revisions existed (computed at f6717d2, when the

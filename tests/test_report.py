@@ -143,7 +143,7 @@ def results(tmp_path: Path, real_records) -> Path:
 
 @pytest.fixture
 def frame(results: Path, names) -> pd.DataFrame:
-    df, _, _, _ = report.load_all(results)
+    df, _, _, _, _ = report.load_all(results)
     keys = {key: name for name, key in names.items()}
     return df.assign(name=df["key"].map(keys)).set_index("name", drop=False)
 
@@ -188,7 +188,7 @@ def test_missing_stages_are_nan(frame):
 
 
 def test_throughput_long_table(results, names):
-    _, tp, _, _ = report.load_all(results)
+    _, tp, _, _, _ = report.load_all(results)
     tome = tp[tp["key"] == names["tome-a"]].sort_values("batch_size")
     assert list(tome["batch_size"]) == [32, 64]
     assert list(tome["images_per_s"]) == [1500.0, 1760.0]
@@ -238,7 +238,7 @@ def _section(markdown: str, heading: str) -> str:
 
 
 def test_markdown_tables(results, real_records):
-    df, tp, problems, _ = report.load_all(results)
+    df, tp, problems, _, _ = report.load_all(results)
     md = report.render_markdown(df, problems, tp, generated=datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc))
     assert md.startswith("# Leaderboard: unit\n")
     assert "8 runs in 3 groups, generated 2026-11-26 09:30 UTC" in md
@@ -257,7 +257,7 @@ def test_markdown_tables(results, real_records):
 
 
 def test_markdown_published_vs_measured(results):
-    df, tp, problems, _ = report.load_all(results)
+    df, tp, problems, _, _ = report.load_all(results)
     section = _section(report.render_markdown(df, problems, tp), "## Published vs measured")
     # matched by model label and method: both deit-s baselines (random init: -69.80)
     top1 = [[cell.strip() for cell in line.split("|")[4:9]] for line in section.splitlines() if "| Top-1" in line]
@@ -268,7 +268,7 @@ def test_markdown_published_vs_measured(results):
 
 
 def test_markdown_per_layer_tokens(results, real_records):
-    df, tp, problems, _ = report.load_all(results)
+    df, tp, problems, _, _ = report.load_all(results)
     section = _section(report.render_markdown(df, problems, tp), "## Per-layer tokens")
     assert "46, 42, 38, 34" in section  # tome r=4 on 49 patches + class token, 4 blocks
     stats = real_records["ppt-a"]["method_stats"]
@@ -399,7 +399,7 @@ def settings_results(tmp_path_factory) -> tuple[Path, dict[tuple[str, str], str]
 
 def test_runs_under_other_settings_are_told_apart(settings_results):
     results, keys = settings_results
-    df, _, _, _ = report.load_all(results)
+    df, _, _, _, _ = report.load_all(results)
     params = dict(zip(df["key"], df["params"], strict=True))
     assert {name: params[key] for name, key in keys.items()} == {
         ("baseline", "fp32"): "[dtype=fp32]", ("baseline", "bf16"): "[dtype=bf16]",

@@ -568,11 +568,19 @@ class Parser:
                 least = cls.budget_choices(cls.__new__(cls), bench.apply(vit, "baseline").context)[0]
             except ValueError:  # no choice for this model: calibrating would call the budget unreachable
                 return
+        self.check_method(vit, base, method, {**params, knob.name: least}, where)
+
+    def check_method(self, vit: Any, base: dict[str, Any], method: str, params: dict[str, Any], where: str,
+                     note: str = "") -> None:
+        """``method`` with ``params`` fits the model ``vit`` (a meta instance) and its budget, or one error line
+        at ``where`` naming the model (and ``note``)."""
+        import bench
+
         try:
-            reduced = bench.apply(vit, method, **{**params, knob.name: least})
+            reduced = bench.apply(vit, method, **params)
             reduced.method.check_budget(reduced.context)
         except ValueError as error:
-            raise self.error(where, f"{error} ({base['model_label']})") from None
+            raise self.error(where, f"{error} ({base['model_label']}){note}") from None
 
     def _calibration_model(self, base: dict[str, Any], shared: dict[str, Any]):
         """(random-weight model, identity, loader of (the run's model, real images) for data-dependent methods,
@@ -587,14 +595,13 @@ class Parser:
 
         def real() -> tuple[Any, torch.Tensor]:
             from bench.pipeline.data import cached_dataset
-            from bench.pipeline.samples import sample_indices
+            from bench.pipeline.samples import macs_images
 
             val = cached_dataset(base["data"], "val")
-            count = min(shared["macs"]["images"], len(val))
             torch.manual_seed(base["seed"])
             model = load_model(base["model"], base["model_kwargs"], base["weights_path"])
             # the images the run's macs stage averages over (bench/pipeline/stages/macs.py): achieved = data_mean
-            return model, torch.stack([val[i][0] for i in sample_indices(val, count, base["seed"])])
+            return model, torch.stack(macs_images(val, shared["macs"]["images"], base["seed"]))
 
         # what picks the model and the images: the weights by content (bench/pipeline/fingerprint.py) where a
         # local file, else as written; the data (subset, transform), how many images, the seed
@@ -603,15 +610,9 @@ class Parser:
 
     def make_run(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
                  references: list[ReferenceSection], budget: dict[str, Any] | None = None) -> RunSpec:
-        import bench
-
         vit = self.model_context(base, where)
-        try:
-            reduced = bench.apply(vit, method, **params)
-            reduced.method.check_budget(reduced.context)
-        except ValueError as error:
-            knob = f"; budgets.macs sets {budget['knob']}, the method's budget knob" if budget else ""
-            raise self.error(where, f"{error} ({base['model_label']}){knob}") from None
+        self.check_method(vit, base, method, params, where,
+                          f"; budgets.macs sets {budget['knob']}, the method's budget knob" if budget else "")
         index = next((i for i, ref in enumerate(references) if ref.method == method
                       and (ref.model or base["model_label"]) == base["model_label"]
                       and (ref.params or {}).items() <= params.items()), None)

@@ -186,13 +186,8 @@ class ExperimentFileError(ValueError):
 def write_experiment(results_dir: Path, name: str, config: Path, keys: list[str], calibrations: list[dict[str, Any]],
                      budget_runs: bool = True) -> None:
     """``budget_runs`` False (``--no-calibrate``): the MAC-budget runs are not among ``keys`` (not known without
-    calibrating); their records count as current, and the calibrations of the last calibrated invocation stay."""
-    if not budget_runs:
-        try:
-            previous = read_experiment(results_dir)
-        except ExperimentFileError:
-            previous = None
-        calibrations = previous["calibrations"] if previous else []
+    calibrating); their records count as current (the caller passes the last calibrated invocation's
+    ``calibrations``)."""
     atomic_write_json(experiment_path(results_dir), {
         "name": name, "config": str(Path(config).resolve()), "written_at": now(), "runs": keys, "calibrations": calibrations,
         "budget_runs": budget_runs})

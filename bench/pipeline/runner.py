@@ -15,7 +15,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import bench
@@ -29,6 +28,7 @@ from bench.pipeline.lock import run_guard
 from bench.pipeline.models import load_model
 from bench.pipeline.records import build_record, failure_path, now, record_path, write_record
 from bench.pipeline.stages import stage
+from bench.pipeline.train import seed_everything
 from bench.sdpa import check_backend, sdpa_backend
 from bench.throughput import device_name
 
@@ -120,8 +120,7 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
     check_backend(run.sdpa_backend, device)
     if run.threads:
         torch.set_num_threads(run.threads)
-    torch.manual_seed(run.seed)
-    np.random.seed(run.seed % 2**32)  # K-Medoids draws its first medoid from numpy's generator (its reference's)
+    seed_everything(run.seed)  # torch, and numpy: K-Medoids draws its first medoid from numpy's (its reference's)
     vit = load_model(run.model, run.model_kwargs, run.weights_path)
     model = bench.apply(vit, run.method, **run.params).to(device)
     ctx = StageContext(run, model, Path(results_dir), device, progress)

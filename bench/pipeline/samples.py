@@ -51,3 +51,9 @@ def stratified_indices(targets: Sequence[int] | None, size: int, count: int, see
 def sample_indices(dataset: Dataset, count: int, seed: int = 0) -> list[int]:
     """``count`` indices of ``dataset``, drawn across its classes (see the module's docstring)."""
     return stratified_indices(dataset_targets(dataset), len(dataset), count, seed)
+
+
+def macs_images(dataset: Dataset, count: int, seed: int) -> list[torch.Tensor]:
+    """The images a data-dependent method's MACs are averaged over (``macs.images`` of them, at most the set's
+    size): the macs stage's ``data_mean`` and the calibration of its budgets take the same ones."""
+    return [dataset[i][0] for i in sample_indices(dataset, min(count, len(dataset)), seed)]

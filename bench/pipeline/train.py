@@ -54,7 +54,8 @@ class FinetuneOptions:
 
 
 def seed_everything(seed: int) -> None:
-    """torch (drop path), numpy and random (timm's mixup draws its lambda and mode from them)."""
+    """torch (random init, drop path), numpy (K-Medoids' first medoid) and random (timm's mixup draws its lambda and
+    mode from numpy and random)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

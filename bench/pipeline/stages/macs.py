@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.macs import analytic_macs, count_macs, data_macs
 from bench.pipeline.context import StageContext
-from bench.pipeline.samples import sample_indices
+from bench.pipeline.samples import macs_images
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -19,9 +19,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     analytic = analytic_macs(model, info)
     ctx.note_tokens(info)
     if model.method.data_dependent:
-        val = ctx.val_set()
-        count = min(ctx.run.macs["images"], len(val))
-        averaged = data_macs(model, (val[i][0] for i in sample_indices(val, count, ctx.run.seed)))
+        averaged = data_macs(model, macs_images(ctx.val_set(), ctx.run.macs["images"], ctx.run.seed))
     else:
         averaged = float(single)
     extra = getattr(model.method, "extra_macs", None)
