@@ -282,9 +282,16 @@ BAD_INPUTS = [
     ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),
     ({"throughput": {"batch_sizes": [4, 8, 4]}}, "throughput.batch_sizes: lists a batch size twice ([4, 8, 4]); allowed: distinct sizes"),
     ({"eval": {"agreement": "no"}}, "eval.agreement: must be true or false, got 'no'"),
-    ({"stages": ["finetune"], "finetune": {"export": "tuned.pth"}},
+    ({"stages": ["finetune"], "finetune": {"export": "tuned.pth", "batch_size": 100}},
      "finetune.export: one file for 4 fine-tuning runs: each would overwrite it; allowed: a path in an experiment of "
      "one run, or null"),
+    ({"stages": ["finetune"], "grid": {"methods": ["baseline"]}, "finetune": {"export": "exp.yaml/tuned.pth"}},
+     "exp.yaml/tuned.pth cannot be written: ", "exp.yaml is not a folder; allowed: a file path under a writable folder"),
+    ({"stages": ["finetune"], "grid": {"methods": ["baseline"]}, "finetune": {"export": "."}},
+     "finetune.export: ", " is a folder; allowed: a file path (e.g. "),
+    ({"stages": ["finetune", "eval"], "finetune": {"batch_size": 256}},
+     "finetune.batch_size: 256 is larger than the training set (defaults.data.subset: 200 images): not one full batch "
+     "per epoch; allowed: at most 200"),
     ({"budgets": {"macs": [0.7, 0.8, 0.7]}}, "budgets.macs[2]: lists 0.7 twice ([0.7, 0.8, 0.7]); allowed: distinct fractions"),
     ({"budgets": {"macs": [0.7, 0.7000001]}, "grid": {"methods": ["tome"]}},
      "grid: grid.methods[0] at budget 0.7 and grid.methods[0] at budget 0.7000001 make the same run tiny-fmnist-tome-"),
@@ -318,8 +325,8 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("change", "message"), BAD_INPUTS)
-def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message):
+@pytest.mark.parametrize(("change", "message", "more"), [(*entry, "")[:3] for entry in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message, more):
     cfg = config(tmp_path)
     for key, value in change.items():
         cfg[key] = value
@@ -328,14 +335,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"error: {path}")
-    assert message in err
+    assert message in err and more in err
 
 
 def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     """PyYAML (YAML 1.1) reads lr: 1e-4 as the string '1e-4'; the loader reads it as the number users mean."""
     text = write(tmp_path, config(tmp_path, stages=["finetune"], grid={"methods": ["baseline"]})).read_text()
     path = tmp_path / "exp.yaml"
-    path.write_text(text + "finetune: {epochs: 1, lr: 1e-4, min_lr: 5E-6}\n")
+    path.write_text(text + "finetune: {epochs: 1, batch_size: 100, lr: 1e-4, min_lr: 5E-6}\n")
     (run,) = load_experiment(path, check_files=False).runs
     assert run.finetune["lr"] == 1e-4 and run.finetune["min_lr"] == 5e-6
 
@@ -459,7 +466,7 @@ def test_run_keys_do_not_depend_on_where_the_config_lies(tmp_path):
 
     from bench.pipeline.config import load_experiment
 
-    cfg = config(tmp_path, stages=["finetune", "eval"], finetune={"epochs": 1})
+    cfg = config(tmp_path, stages=["finetune", "eval"], finetune={"epochs": 1, "batch_size": 100})
     cfg["defaults"]["weights"] = "tiny.pth"
     cfg["defaults"]["data"]["root"] = "fm"
     here, there = tmp_path / "here", tmp_path / "there" / "copy"

@@ -41,6 +41,7 @@ import fnmatch
 import itertools
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -306,6 +307,13 @@ class Parser:
         if "finetune" in stages:
             finetune = section.finetune.to_dict()
             finetune["export"] = self.resolve(finetune["export"]) if finetune["export"] else None
+            if finetune["export"] and self.check_files:
+                self.local_check(lambda: self.check_export(finetune["export"]))
+            subset = (section.defaults.data.subset if section.defaults.data else None)
+            if subset is not None and finetune["batch_size"] > subset:
+                raise self.error("finetune.batch_size", f"{finetune['batch_size']} is larger than the training set "
+                                 f"(defaults.data.subset: {subset} images): not one full batch per epoch; allowed: "
+                                 f"at most {subset}")
         self.check_profile(section.slurm.profile)
         self.check_sdpa(section.defaults)
         for flag, what in (("auto", "doubling the batch size until out of memory needs"), ("cuda_graphs", "CUDA graphs need")):
@@ -435,6 +443,31 @@ class Parser:
         vit = self.model_context(base, where, weights_key)
         base["data"]["transform"] = self.transform(vit, data, model, where)
         return base
+
+    def local_check(self, check: Callable[[], None]) -> None:
+        """A check of this machine's files: its error stops the parse when ``data_required``, else it is a warning
+        (``--dry-run`` validates a cluster config on a laptop)."""
+        try:
+            check()
+        except ConfigError as error:
+            if self.data_required:
+                raise
+            self.warnings.append(f"warning: {error} (runs would fail here)")
+
+    def check_export(self, export: str) -> None:
+        """``finetune.export`` must be a file the run can write: not a folder, under a folder that exists (or can
+        be made) and is writable; said before anything is trained."""
+        path = Path(export)
+        if path.is_dir():
+            raise self.error("finetune.export", f"{export} is a folder; allowed: a file path (e.g. "
+                             f"{path / 'weights.pth'})")
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            what = "is not a folder" if not ancestor.is_dir() else "is not writable"
+            raise self.error("finetune.export", f"{export} cannot be written: {ancestor} {what}; allowed: a file "
+                             "path under a writable folder")
 
     def data_spec(self, data: DataSection) -> dict[str, Any]:
         problem = dataset_problem(data.name)
@@ -622,20 +655,12 @@ class Parser:
             reference = {k: v for k, v in asdict(references[index]).items()
                          if k not in ("model", "method", "params") and v is not None}
         if self.check_files:
-            self.check_data(base["data"], "finetune" in shared["stages"], where)
+            self.local_check(lambda: self.check_data(base["data"], "finetune" in shared["stages"]))
         run = RunSpec(**base, method=method, params=copy.deepcopy(params), **copy.deepcopy(shared),
                       reference=reference, budget=budget)
         return RunSpec.from_dict({**run.to_dict(), "key": run_key(run), "params_label": params_label(method, params)})
 
-    def check_data(self, data: dict[str, Any], needs_train: bool, where: str) -> None:
-        try:
-            self._check_data(data, needs_train)
-        except ConfigError as error:
-            if self.data_required:
-                raise
-            self.warnings.append(f"warning: {error} (runs would fail here)")
-
-    def _check_data(self, data: dict[str, Any], needs_train: bool) -> None:
+    def check_data(self, data: dict[str, Any], needs_train: bool) -> None:
         from bench.pipeline.data import DEBIAN_FMNIST
 
         root = data["root"]
