@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 from tabulate import tabulate
 
+from bench import stats  # numbers in, numbers out (light)
 from bench.pipeline import budgets, measurements  # matched budgets, throughput sweeps, token maps (light too)
 from bench.pipeline.files import atomic_file, atomic_write
 from bench.pipeline.measurements import fixed, number
@@ -242,9 +243,17 @@ def _row(record: dict) -> dict[str, Any]:
         "_method_stats": record.get("method_stats") if isinstance(record.get("method_stats"), dict) else None,
         "_n_throughput": len(entries),
         "nonfinite_images": number(_get(metrics, "eval", "nonfinite_images")),
+        "_slow": ", ".join(f"{slow} of {2 * entry['runs']} at batch {entry.get('batch_size')}" for entry in entries
+                           if (slow := _slow_forwards(entry))),
         "_attention": run.get("sdpa_backend") or "auto",  # the attention kernel every model of the run used
         "_earlier": bool(record.get(EARLIER)),  # --all: a run of an earlier config
     }
+
+
+def _slow_forwards(entry: dict) -> int:
+    """Timed forwards (method and dense) of a throughput entry slowed from outside (``bench.stats.slow_rounds``)."""
+    counts = [entry.get(name) for name in ("slow_rounds", "baseline_slow_rounds")]
+    return sum(c for c in counts if isinstance(c, int) and not isinstance(c, bool)) if isinstance(entry.get("runs"), int) else 0
 
 
 def _first_valid(values: pd.Series) -> float:
@@ -258,7 +267,7 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     (the one run in the record's dtype where there is one; with ``--all``, the current config's)."""
     rows = _rows(recs)
     columns = CSV_COLUMNS + EXTRA_COLUMNS + ["_reference", "_tokens_out", "_method_stats", "_n_throughput",
-                                             "_attention", "_earlier"]
+                                             "_slow", "_attention", "_earlier"]
     df = pd.DataFrame(rows, columns=columns)
     if df.empty:
         return df
@@ -423,6 +432,12 @@ def _leaderboard_section(df: pd.DataFrame) -> list[str]:
         if broken:
             lines += ["", f"_Non-finite logits (NaN or inf), images of the eval set: {', '.join(broken)}; their arg-max "
                           "counts in top-1 as in the reference code, and ECE, NLL and feature cos are undefined._"]
+        slowed = [f"{measurements.run_label(row['method'], row['params'])} {row['_slow']}"
+                  for _, row in sort_group(group).iterrows() if row["_slow"]]
+        if slowed:
+            lines += ["", f"_Timed forwards (method and dense) slowed from outside, over {stats.SLOW_FACTOR:g}x their "
+                          f"median (another process on the machine?): {'; '.join(slowed)}. Their images/s and latency "
+                          "read low; the speed-up, the median of paired per-round ratios, is less affected._"]
         lines.append("")
     return lines
 

@@ -2,7 +2,7 @@
 
 * speed-up: the median of the paired per-round ratios (dense time / method time of the same round, the two
   forwards run back to back), with a seeded percentile-bootstrap interval of that median;
-* latency percentiles of the timed forwards;
+* latency percentiles of the timed forwards, and how many of them were slowed from outside (over 3x the median);
 * expected calibration error (equal-width confidence bins) and the mean cosine similarity of two feature sets.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 
 ECE_BINS = 15
 BOOTSTRAP_RESAMPLES = 2000
+SLOW_FACTOR = 3.0  # a timed forward over 3x its run's median is counted as slowed from outside (slow_rounds)
 
 
 def paired_ratios(method_times: Sequence[float], baseline_times: Sequence[float]) -> np.ndarray:
@@ -34,6 +35,13 @@ def median(values: Sequence[float]) -> float:
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100), linear interpolation between order statistics."""
     return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def slow_rounds(times: Sequence[float], factor: float = SLOW_FACTOR) -> int:
+    """How many of ``times`` took more than ``factor`` x their median: forwards slowed by something outside
+    the model (another process on the machine, a page fault storm), which lower images/s and latency p90."""
+    data = np.asarray(times, dtype=float)
+    return int((data > factor * np.median(data)).sum()) if data.size else 0
 
 
 def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,

@@ -81,6 +81,52 @@ def test_latency_percentiles():
     assert stats.percentile(times, 90) == pytest.approx(0.0091)
 
 
+def test_slow_rounds_counts_forwards_over_three_times_the_median():
+    assert stats.slow_rounds([0.010, 0.011, 0.009, 0.050, 0.010]) == 1  # median 0.010: 0.050 is 5x
+    assert stats.slow_rounds([0.010, 0.011, 0.009, 0.030, 0.010]) == 0  # exactly 3x is not counted
+    assert stats.slow_rounds([0.010, 0.012, 0.037, 0.2, 0.011]) == 2  # median 0.012: 0.037 and 0.2
+    assert stats.slow_rounds([0.010] * 6) == 0
+
+
+def test_forwards_slowed_from_outside_are_counted_warned_and_noted(tmp_path, monkeypatch, capsys):
+    """Every 5th forward of the model sleeps 0.25 s (as if another process took the CPU; the method and the dense
+    model alternate, so both are hit): the record counts every timed forward that slept (and any this shared
+    machine slowed on its own), the run warns in one line, and the leaderboard notes them."""
+    from bench.pipeline import runner
+
+    original, calls = runner.load_model, []
+
+    def sleepy(*args):
+        vit = original(*args)
+
+        def hook(module, inputs):
+            calls.append(None)
+            if len(calls) % 5 == 0:
+                time.sleep(0.25)
+
+        vit.patch_embed.register_forward_pre_hook(hook)
+        return vit
+
+    cfg = config(tmp_path, stages=["throughput"], grid={"methods": ["baseline", {"method": "tome", "r": 4}]},
+                 throughput={"batch_sizes": [8], "warmup": 1, "runs": 6})
+    monkeypatch.setattr(runner, "load_model", sleepy)
+    results = tmp_path / "results"
+    assert bench_main(write(tmp_path, cfg), results) == 0
+    err = capsys.readouterr().err.splitlines()
+    for record in read_all(results)[0]:
+        (entry,) = record["metrics"]["throughput"]
+        slept = sum(t >= 0.25 for t in entry["times_s"]), sum(t >= 0.25 for t in entry["baseline_times_s"])
+        slow = entry["slow_rounds"], entry["baseline_slow_rounds"]
+        assert sum(slept) >= 1 and slow[0] >= slept[0] and slow[1] >= slept[1]
+        assert (f"warning: throughput: {record['key']}: batch 8: {sum(slow)} of 12 timed forwards took over 3x their "
+                "median (another process on the machine?): images/s and latency read low; the speed-up pairs each "
+                "round's two forwards") in err
+    note = [line for line in (results / "leaderboard.md").read_text().splitlines() if "slowed from outside" in line]
+    assert len(note) == 1 and note[0].startswith("_Timed forwards (method and dense) slowed from outside, over 3x "
+                                                 "their median (another process on the machine?): baseline ")
+    assert " of 12 at batch 8; tome (r=4) " in note[0] and note[0].count(" of 12 at batch 8") == 2
+
+
 def test_ece_of_a_perfectly_calibrated_toy_is_zero():
     # in each bin the accuracy equals the confidence: 7 of 10 right at 0.7, 9 of 10 at 0.9, 1 of 4 at 0.25
     confidence = [0.7] * 10 + [0.9] * 10 + [0.25] * 4

@@ -32,7 +32,8 @@ A record (``schema: 1``), as ``build_record`` makes it::
                         "peak_mem_kind": "cpu_rss_growth" | "cuda_max_allocated",
                         "baseline_images_per_s": 1500.0, "baseline_times_s": [...], "baseline_latency_p50_ms": 21.3,
                         "baseline_latency_p90_ms": 22.0, "baseline_peak_mem_mb": 14.1, "speedup": 1.4,
-                        "speedup_low": 1.37, "speedup_high": 1.43, "compile": false, "compile_s": null,
+                        "speedup_low": 1.37, "speedup_high": 1.43, "slow_rounds": 0, "baseline_slow_rounds": 0,
+                        "compile": false, "compile_s": null,  # slow_rounds: forwards over 3x their median
                         # with compile: "graphs", "graph_breaks", "break_reasons"; with throughput.auto:
                         # "auto": true, and {"batch_size": 2048, "auto": true, "out_of_memory": true} last
                         }],

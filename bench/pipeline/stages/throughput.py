@@ -5,7 +5,8 @@ inputs they are evaluated on).
 Each entry: images/s, latency of one forward (p50 / p90 over the timed rounds, ms), peak memory of one
 forward (``bench.memory``; ``peak_mem_kind`` says which), the dense baseline's own numbers beside them
 (``baseline_...``) and the speed-up: the median of the paired per-round ratios (dense time / method time)
-with a seeded bootstrap 95% interval (``bench.stats``). With ``compile: true`` both models run under
+with a seeded bootstrap 95% interval (``bench.stats``), and ``slow_rounds`` / ``baseline_slow_rounds``: timed
+forwards that took over 3x their median (slowed from outside: a warning line, and a note in the report). With ``compile: true`` both models run under
 ``torch.compile`` (compiled afresh per batch size, before the warm-up: ``compile_s``), and the method's
 graph breaks are counted once (``torch._dynamo.explain``). ``throughput.auto`` (CUDA): after the listed
 sizes, the batch size doubles until the GPU runs out of memory; those entries carry ``auto: true`` and the
@@ -98,6 +99,8 @@ def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor,
         baseline_latency_p90_ms=1e3 * stats.percentile(baseline.times_s, 90),
         baseline_peak_mem_mb=baseline_memory,
         baseline_times_s=baseline.times_s,
+        slow_rounds=stats.slow_rounds(measured.times_s),
+        baseline_slow_rounds=stats.slow_rounds(baseline.times_s),
         **stats.speedup(measured.times_s, baseline.times_s),
         compile=compile_,
         compile_s=compile_s,
@@ -149,4 +152,11 @@ def run(ctx: StageContext) -> list[dict[str, Any]]:
                         settings["runs"], compile_, graphs)
         return {**entry, **breaks}
 
-    return sweep(list(settings["batch_sizes"]), measure_size, auto)
+    entries = sweep(list(settings["batch_sizes"]), measure_size, auto)
+    for entry in entries:
+        slow = entry.get("slow_rounds", 0) + entry.get("baseline_slow_rounds", 0)
+        if slow:
+            print(f"warning: throughput: {run.key}: batch {entry['batch_size']}: {slow} of {2 * entry['runs']} timed "
+                  f"forwards took over {stats.SLOW_FACTOR:g}x their median (another process on the machine?): "
+                  "images/s and latency read low; the speed-up pairs each round's two forwards", file=sys.stderr)
+    return entries
