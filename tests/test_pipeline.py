@@ -14,7 +14,7 @@ import yaml
 import methods
 import report
 import run_bench
-from bench.pipeline.config import load_experiment
+from bench.pipeline.config import ConfigError, load_experiment
 from bench.pipeline.files import REPO
 from bench.pipeline.records import read_all, read_record, record_path
 
@@ -277,6 +277,11 @@ BAD_INPUTS = [
     ({"grid": {"methods": [{"method": "ppt", "r": 4, "layers": [3, 6, 9]}]}}, "include block 6, but the model has 4 blocks"),
     ({"grid": {"methods": [{"method": "evit", "keep_rate": 2}]}}, "'keep_rate' must be a number in (0, 1], got 2"),
     ({"stages": ["finetune"], "finetune": {"lr": "fast"}}, "finetune.lr: must be a number >= 0, got 'fast'"),
+    ({"stages": ["finetune"], "finetune": {"lr": float("inf"), "batch_size": 100}}, "finetune.lr: must be a number >= 0, got inf"),
+    ({"stages": ["finetune"], "finetune": {"epochs": 2, "warmup_epochs": 3, "batch_size": 100}},
+     "finetune.warmup_epochs: 3 is more than the 2 epochs of training; allowed: at most finetune.epochs"),
+    ({"stages": ["finetune"], "finetune": {"label_smoothing": 1.5, "batch_size": 100}},
+     "finetune.label_smoothing: must be a number >= 0 <= 1, got 1.5"),
     ({"finetune": {"epochz": 3}}, "finetune.epochz: unknown key; allowed: epochs, batch_size"),
     ({"throughput": {"batch_sizes": [0]}}, "throughput.batch_sizes[0]: must be an integer >= 1, got 0"),
     ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),
@@ -336,6 +341,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message, more):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"error: {path}")
     assert message in err and more in err
+
+
+def test_an_export_onto_the_starting_weights_is_refused(tmp_path):
+    """Each invocation would fine-tune its own result again (the file's hash is in the run key) and the
+    original checkpoint would be gone."""
+    cfg = config(tmp_path, stages=["finetune"], grid={"methods": ["baseline"]},
+                 finetune={"epochs": 1, "batch_size": 100, "export": "w.pth"})
+    cfg["defaults"]["weights"] = "w.pth"
+    with pytest.raises(ConfigError) as raised:
+        load_experiment(write(tmp_path, cfg), check_files=False)
+    assert str(raised.value) == (f"{tmp_path / 'exp.yaml'}: finetune.export: {tmp_path / 'w.pth'} is also the weights "
+                                 "the run starts from (w.pth): every invocation would fine-tune its own result again and "
+                                 "overwrite the checkpoint; allowed: another file")
+    cfg["finetune"]["export"] = "tuned.pth"
+    assert load_experiment(write(tmp_path, cfg), check_files=False).runs[0].finetune["export"] == str(tmp_path / "tuned.pth")
 
 
 def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):

@@ -220,3 +220,29 @@ def test_a_changed_export_of_a_finished_run_is_written_from_its_final_weights(tm
     warnings = [line for line in captured.err.splitlines() if record["key"] in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "--force" in warnings[0], captured.err
     assert not (tmp_path / "c.pth").exists()
+
+
+def test_an_export_that_cannot_be_written_is_one_warning(tmp_path, capsys, monkeypatch):
+    """The disk full (or the folder gone read-only) when a finished run's export is written again: one warning
+    line naming the file and where the weights stay; the invocation goes on (before: a traceback, exit 1)."""
+    import errno
+
+    from bench.pipeline.records import read_all
+    from bench.pipeline.stages import finetune
+    from tests.test_pipeline import bench_main
+
+    results = tmp_path / "results"
+    assert bench_main(_pipeline(tmp_path, export="a.pth"), results, "--no-report") == 0
+    (record,), _ = read_all(results)
+    capsys.readouterr()
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(finetune, "atomic_torch_save", full)
+    assert bench_main(_pipeline(tmp_path, export="b.pth"), results, "--no-report") == 0
+    captured = capsys.readouterr()
+    assert "1 already done, 0 to run" in captured.out
+    final = results / "checkpoints" / record["key"] / "final.pth"
+    assert captured.err.splitlines() == [f"warning: run {record['key']}: its fine-tuned weights could not be exported to "
+                                         f"{tmp_path / 'b.pth'} (OSError: No space left on device); they stay in {final}"]

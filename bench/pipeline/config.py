@@ -309,6 +309,9 @@ class Parser:
             finetune["export"] = self.resolve(finetune["export"]) if finetune["export"] else None
             if finetune["export"] and self.check_files:
                 self.local_check(lambda: self.check_export(finetune["export"]))
+            if finetune["warmup_epochs"] > finetune["epochs"]:
+                raise self.error("finetune.warmup_epochs", f"{finetune['warmup_epochs']} is more than the "
+                                 f"{finetune['epochs']} epochs of training; allowed: at most finetune.epochs")
             subset = (section.defaults.data.subset if section.defaults.data else None)
             if subset is not None and finetune["batch_size"] > subset:
                 raise self.error("finetune.batch_size", f"{finetune['batch_size']} is larger than the training set "
@@ -375,6 +378,12 @@ class Parser:
             raise self.error("finetune.export", f"one file for {len(runs)} fine-tuning runs: each would overwrite "
                              "it; allowed: a path in an experiment of one run, or null (every run keeps its own "
                              "weights in <results>/checkpoints/<key>/final.pth)")
+        if finetune and finetune["export"]:
+            for run in runs:
+                if run.weights_path and Path(run.weights_path) == Path(finetune["export"]):
+                    raise self.error("finetune.export", f"{finetune['export']} is also the weights the run starts from "
+                                     f"({run.weights}): every invocation would fine-tune its own result again and "
+                                     "overwrite the checkpoint; allowed: another file")
         keys = [run.key for run in runs]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:

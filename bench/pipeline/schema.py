@@ -14,6 +14,7 @@ the "must be ..." message, for values whose meaning a type name does not say).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar, Union
@@ -131,8 +132,8 @@ def _is(value: Any, kind: type) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool):
         return False
-    if kind is float:
-        return isinstance(value, (int, float))
+    if kind is float:  # a finite number: YAML's .inf and .nan are not learning rates or fractions
+        return isinstance(value, (int, float)) and math.isfinite(value)
     return isinstance(value, kind)
 
 

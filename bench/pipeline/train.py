@@ -41,7 +41,7 @@ class FinetuneOptions:
     min_lr: float = option(1e-6, minimum=0)
     weight_decay: float = option(0.05, minimum=0)
     warmup_epochs: float = option(0.0, minimum=0)
-    label_smoothing: float = option(0.1, minimum=0)
+    label_smoothing: float = option(0.1, minimum=0, maximum=1)
     mixup: float = option(0.0, minimum=0)
     cutmix: float = option(0.0, minimum=0)
     clip_grad: float | None = option(None, minimum=0)

@@ -71,5 +71,9 @@ def restore_export(run: RunSpec, results_dir: Path) -> str | None:
     except Exception as error:  # noqa: BLE001 - a torn file: one line, the other runs go on
         return (f"warning: run {run.key}: its fine-tuned weights are not at {export} and its final weights "
                 f"({final}) do not load ({type(error).__name__}); rerun it with --force to export them")
-    atomic_torch_save(weights, Path(export))
+    try:
+        atomic_torch_save(weights, Path(export))
+    except OSError as error:  # the path cannot be written (any more): one line, the other runs go on
+        return (f"warning: run {run.key}: its fine-tuned weights could not be exported to {export} "
+                f"({type(error).__name__}: {error.strerror or error}); they stay in {final}")
     return f"note: run {run.key}: fine-tuned weights exported to {export} from {final}"
