@@ -55,7 +55,7 @@ CSV_COLUMNS = [
 EXTRA_COLUMNS = [
     "experiment", "throughput_batch_size", "throughput_dtype", "device_name", "threads",
     "throughput_cuda_graphs", "throughput_cuda_graphs_error", "throughput_compile", "ref_top1", "ref_top5",
-    "ref_gmacs", "ref_source", "nonfinite_images",
+    "ref_gmacs", "ref_source", "nonfinite_images", "finetune_epochs", "finetune_lr",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -142,6 +142,9 @@ def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
             if differ:
                 label = "[" + ", ".join(f"{name}={_format_param(flat.get(name))}" for name in differ) + "]"
                 rows[index]["params"] = f"{rows[index]['params']} {label}".lstrip()
+    for row in rows:
+        if row["finetune_epochs"] is not None:  # trained before it was evaluated: never mistaken for off the shelf
+            row["params"] = f"{row['params']} [fine-tuned]".lstrip()
     for record, row in zip(recs, rows, strict=True):
         if record.get(EARLIER):  # report.py --all: a run the current config no longer makes
             row["params"] = f"{row['params']} [earlier config]".lstrip()
@@ -243,6 +246,9 @@ def _row(record: dict) -> dict[str, Any]:
         "_method_stats": record.get("method_stats") if isinstance(record.get("method_stats"), dict) else None,
         "_n_throughput": len(entries),
         "nonfinite_images": number(_get(metrics, "eval", "nonfinite_images")),
+        # fine-tuned by the finetune stage before it was evaluated: epochs trained and the peak learning rate
+        "finetune_epochs": len(history) if isinstance(history := _get(metrics, "finetune", "history"), list) else None,
+        "finetune_lr": number(_get(run, "finetune", "lr")) if isinstance(history, list) else NAN,
         "_slow": ", ".join(f"{slow} of {2 * entry['runs']} at batch {entry.get('batch_size')}" for entry in entries
                            if (slow := _slow_forwards(entry))),
         "_attention": run.get("sdpa_backend") or "auto",  # the attention kernel every model of the run used
@@ -271,7 +277,7 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=columns)
     if df.empty:
         return df
-    for name in ("batch_size", "throughput_batch_size", "threads"):  # integers with gaps, not 32.0
+    for name in ("batch_size", "throughput_batch_size", "threads", "finetune_epochs"):  # integers with gaps, not 32.0
         df[name] = pd.to_numeric(df[name], errors="coerce").astype("Int64")
     dtypes = df["dtype"].fillna("").astype(str)
     for _, group in df.groupby(GROUP, sort=False):
@@ -432,6 +438,13 @@ def _leaderboard_section(df: pd.DataFrame) -> list[str]:
         if broken:
             lines += ["", f"_Non-finite logits (NaN or inf), images of the eval set: {', '.join(broken)}; their arg-max "
                           "counts in top-1 as in the reference code, and ECE, NLL and feature cos are undefined._"]
+        tuned = sorted({(int(epochs), lr) for epochs, lr in zip(group["finetune_epochs"], group["finetune_lr"], strict=True)
+                        if not pd.isna(epochs)})
+        if tuned:
+            how = " or ".join(f"{epochs} epoch{'s' * (epochs != 1)} at lr {lr:g}" for epochs, lr in tuned)
+            lines += ["", f"_[fine-tuned]: trained by the finetune stage ({how}; the CSV's finetune_epochs and "
+                          "finetune_lr) from the weights above before it was evaluated. Agreement and Feature cos "
+                          "compare with the dense model of those starting weights, not fine-tuned._"]
         slowed = [f"{measurements.run_label(row['method'], row['params'])} {row['_slow']}"
                   for _, row in sort_group(group).iterrows() if row["_slow"]]
         if slowed:
@@ -586,13 +599,15 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
     colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     method_colour = {name: colours(i % colours.N) for i, name in enumerate(names)}
     markers = "os^Dv<>p*h"
-    for index, ((model, data, _weights), group) in enumerate(valid.groupby(GROUP, sort=True)):
+    groups = list(valid.groupby(GROUP, sort=True))
+    legend = measurements.figure_labels([names for names, _ in groups])
+    for index, (names, group) in enumerate(groups):
         marker = markers[index % len(markers)]
         for method, points in group.groupby("method", sort=True):
             label = method if index == 0 else None  # one legend entry per method (colour)
             ax.scatter(points["gmacs"], points["top1"], color=method_colour[method], marker=marker, s=40,
                        zorder=3, label=label)
-        short = f"{model} on {data.split(' [')[0]}"  # the full title (transform, weights) is in the markdown
+        short = legend[names]  # the full title (transform, weights) is in the markdown
         ax.scatter([], [], color="grey", marker=marker, label=short if len(short) <= 60 else short[:57] + "...")
         unbudgeted = group[group["budget"].isna()]  # budget runs are told apart by their line and colour
         for rank, (_, row) in enumerate(unbudgeted.sort_values("gmacs", kind="stable").iterrows()):

@@ -537,10 +537,23 @@ def test_compile_and_out_of_memory_are_noted(sweep_results, tmp_path):
     assert "graph breaks: baseline 0, tome (r=4) 2, topk (keep_rate=0.5, layers=[1]) 0" in note
     assert "out of memory at batch size 16" in note
     assert "p50 ms (bs 8)" in "\n".join(lines)  # the largest *measured* size, not the one that ran out
-    assert measurements.plot_throughput(df, tp, tmp_path / "t.png", report.GROUP, report.sort_group,
-                                        report._group_title)
+    assert measurements.plot_throughput(df, tp, tmp_path / "t.png", report.GROUP, report.sort_group)
     assert ", torch.compile" in report._conditions(df)  # the main table's footnote says the runs were compiled
     assert "torch.compile" not in report._conditions(report.load_all(results)[0])
+
+
+def test_figure_labels_add_the_weights_only_where_groups_would_read_alike():
+    """Before and after fine-tuning: one model label and data, two weights files; the figures' legend and titles
+    must tell them apart, as the markdown's headers do."""
+    before = ("vit", "fashion_mnist (subset 300) [1x28x28 bicubic, ...]", "fmnist_vit.pth")
+    after = ("vit", "fashion_mnist (subset 300) [1x28x28 bicubic, ...]", "ft_tome.pth")
+    other = ("deit-s", "imagenet [3x224x224 bicubic, ...]", "random init")
+    assert measurements.figure_labels([before, after, other]) == {
+        before: "vit on fashion_mnist (subset 300) (fmnist_vit.pth)",
+        after: "vit on fashion_mnist (subset 300) (ft_tome.pth)",
+        other: "deit-s on imagenet",
+    }
+    assert measurements.figure_labels([before, other])[before] == "vit on fashion_mnist (subset 300)"
 
 
 def test_forward_with_features_is_forward_and_pre_logits_of_one_pass():

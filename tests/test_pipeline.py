@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -441,6 +442,15 @@ def test_finetune_stage_trains_checkpoints_and_exports(tmp_path):
     assert all(torch.equal(exported["model"][k], final["model"][k]) for k in final["model"])
     assert "agreement" in record["metrics"]["eval"]
     assert os.path.exists(results / "checkpoints" / record["key"] / "last.pth")
+    # the leaderboard and the CSV say the run was fine-tuned, how, and what agreement compares with
+    assert report.main([str(results)]) == 0
+    board = (results / "leaderboard.md").read_text().splitlines()
+    assert any(line.startswith("| tome     | r=2 [fine-tuned] |") for line in board), board
+    assert ("_[fine-tuned]: trained by the finetune stage (3 epochs at lr 0.001; the CSV's finetune_epochs and "
+            "finetune_lr) from the weights above before it was evaluated. Agreement and Feature cos compare with the "
+            "dense model of those starting weights, not fine-tuned._") in board
+    row = pd.read_csv(results / "leaderboard.csv").iloc[0]
+    assert (row["params"], row["finetune_epochs"], row["finetune_lr"]) == ("r=2 [fine-tuned]", 3, 0.001)
 
 
 @pytest.mark.parametrize("name", ["quickstart", "fmnist_vit", "deit_imagenet", "deit_s_ppt_finetune", "backbones"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 import textwrap
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,16 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
     return lines
 
 
+def figure_labels(groups: Sequence[tuple]) -> dict[tuple, str]:
+    """A short label per (model, data, weights) group for a figure: ``model on data`` (the data label without its
+    transform), with ``(weights)`` added where two groups would read alike (before and after fine-tuning)."""
+    short = {group: f"{group[0]} on {str(group[1]).split(' [')[0]}" for group in groups}
+    counts = Counter(short.values())
+    return {group: f"{text} ({group[2]})" if counts[text] > 1 else text for group, text in short.items()}
+
+
 def plot_throughput(df: pd.DataFrame, tp: pd.DataFrame, path: str | Path, group_keys: Sequence[str],
-                    sort: Callable[[pd.DataFrame], pd.DataFrame], title: Callable[..., str]) -> bool:
+                    sort: Callable[[pd.DataFrame], pd.DataFrame]) -> bool:
     """Images/s (left) and speed-up with its interval (right) against the batch size, log x, one row per
     group and one line per run; the dense model dashed. False (nothing written) without entries."""
     measured = _measured(tp) if not tp.empty else tp
@@ -174,6 +183,7 @@ def plot_throughput(df: pd.DataFrame, tp: pd.DataFrame, path: str | Path, group_
     from bench.pipeline.files import atomic_file
 
     groups = list(measured.groupby(list(group_keys), sort=True))
+    titles = figure_labels([names for names, _ in groups])
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
     colours = plt.get_cmap("tab20")
     for row, (names, group) in enumerate(groups):
@@ -197,7 +207,7 @@ def plot_throughput(df: pd.DataFrame, tp: pd.DataFrame, path: str | Path, group_
             ax.set_xlabel("batch size")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3, which="both")
-            ax.set_title(str(names[0]), fontsize=9)  # the model label (the full group title is in the markdown)
+            ax.set_title(titles[names], fontsize=9)  # the full group title is in the markdown
         rate_ax.set_yscale("log")
         rate_ax.legend(fontsize=6.5, loc="best")
     fig.tight_layout()
@@ -264,7 +274,7 @@ def write_figures(df: pd.DataFrame, tp: pd.DataFrame, results_dir: str | Path, m
 
     folder = Path(markdown_dir)
     written = []
-    if plot_throughput(df, tp, folder / "throughput.png", group_keys, sort, title):
+    if plot_throughput(df, tp, folder / "throughput.png", group_keys, sort):
         written.append(("Throughput and speed-up vs batch size", folder / "throughput.png"))
     written += token_grids(df, results_dir, group_keys, sort, title, out_dir=folder)
     return [(caption, Path(os.path.relpath(path, markdown_dir)).as_posix(), path) for caption, path in written]
