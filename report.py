@@ -347,6 +347,18 @@ def load_all(results_dir: str | Path, everything: bool = False) -> Loaded:
     return Loaded(build_frame(recs), build_throughput_frame(recs), problems + superseded, earlier, experiment)
 
 
+def unrecorded_runs(results_dir: Path, experiment: dict[str, Any] | None, shown: set[str]) -> list[str]:
+    """One line per run of the experiment's current config (``experiment.json``) with no record to show: its state as
+    ``run_bench.py --status`` gives it (failed with its error, interrupted, queued or running on SLURM, not run)."""
+    from bench.pipeline.status import collect_status  # light: no model stack
+
+    missing = [key for key in (experiment or {}).get("runs", []) if key not in shown]
+    if not missing:
+        return []
+    return [f"{row.key}: {row.state}" + (f", {row.detail}" if row.detail else "")
+            for row in collect_status(missing, results_dir) if row.state != "done"]  # done: superseded, in problems
+
+
 def sort_group(group: pd.DataFrame) -> pd.DataFrame:
     """Baseline first, then by GMACs descending (unmeasured last), then method / params / key."""
     order = group.assign(_not_base=group["method"] != "baseline", _neg_gmacs=-group["gmacs"])
@@ -399,7 +411,7 @@ def _conditions(group: pd.DataFrame) -> str:
         if row["throughput_dtype"]:
             parts.append(str(row["throughput_dtype"]))
         if row["threads"] is not None and not pd.isna(row["threads"]):
-            parts.append(f"{int(row['threads'])} threads")
+            parts.append(f"{int(row['threads'])} thread{'s' if int(row['threads']) != 1 else ''}")
         if row["throughput_compile"]:
             parts.append("torch.compile")
         if row["throughput_cuda_graphs"]:
@@ -543,19 +555,25 @@ def _tokens_section(df: pd.DataFrame) -> list[str]:
 
 def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_df: pd.DataFrame | None = None,
                     generated: datetime | None = None, figures: Sequence[tuple[str, str, Path]] = (),
-                    calibrations: Sequence[dict] = (), earlier: Sequence[str] = ()) -> str:
+                    calibrations: Sequence[dict] = (), earlier: Sequence[str] = (), unrecorded: Sequence[str] = ()) -> str:
     """The leaderboard as markdown (see the module docstring); ``generated`` defaults to now (UTC);
     ``figures``: ``measurements.write_figures``'s list, linked in a last section; ``earlier``: ``load_all``'s
-    records left out as runs of earlier configs, listed last."""
+    records left out as runs of earlier configs, listed last; ``unrecorded``: runs of the experiment without a
+    record (``unrecorded_runs``), said under the title and listed."""
     throughput_df = throughput_df if throughput_df is not None else pd.DataFrame(columns=THROUGHPUT_COLUMNS)
     generated = generated or datetime.now(timezone.utc)
     experiments = sorted({name for name in df["experiment"] if name}) if not df.empty else []
     title = ", ".join(experiments) or "tokenbench"
     stamp = generated.strftime("%Y-%m-%d %H:%M %Z").strip()
     n_groups = df.groupby(GROUP).ngroups if not df.empty else 0
+    missing = ""
+    if unrecorded:
+        count = f"{len(unrecorded)} run{'s' if len(unrecorded) != 1 else ''}"
+        missing = (f" **{count} of the experiment {'have' if len(unrecorded) != 1 else 'has'} no record** and no row: "
+                   "see *Runs without a record*.")
     lines = [f"# Leaderboard: {title}", "",
              f"{len(df)} run{'s' if len(df) != 1 else ''} in {n_groups} group{'s' if n_groups != 1 else ''}, "
-             f"generated {stamp} by `report.py` from the run records (nothing re-run).", ""]
+             f"generated {stamp} by `report.py` from the run records (nothing re-run).{missing}", ""]
     if not df.empty:
         lines += budgets.budget_section(df, calibrations, GROUP, _group_title, _table)
         lines += _leaderboard_section(df)
@@ -566,6 +584,11 @@ def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_d
     lines += measurements.figures_section(figures)
     if problems:
         lines += ["## Skipped records", ""] + [f"- {_cell(problem)}" for problem in problems] + [""]
+    if unrecorded:
+        lines += ["## Runs without a record", "",
+                  "Runs of the experiment's current config that have no record, so no row in the tables (the state "
+                  "`run_bench.py --status` gives):", ""]
+        lines += [f"- {_cell(line)}" for line in unrecorded] + [""]
     if earlier:
         lines += ["## Records of earlier configs", "",
                   "In `runs/`, not in the tables: the experiment's current config does not make these runs (its "
@@ -695,6 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report.py: skipped {problem}", file=sys.stderr)
     if older:  # edited parameters, models or settings: their files stay, the tables show the current runs
         print(f"report.py: left out {older} (listed in the leaderboard; --all shows them)", file=sys.stderr)
+    unrecorded = unrecorded_runs(folder, experiment, set(df["key"]))
+    if unrecorded:  # failed, cancelled, not run yet: a reader of the tables alone would not see them missing
+        print(f"report.py: {len(unrecorded)} run(s) of the experiment have no record (listed in the leaderboard)",
+              file=sys.stderr)
 
     beside = Path(args.out).parent if args.out else folder  # every output goes beside the markdown by default
     paths = (args.out or folder / "leaderboard.md", args.csv or beside / "leaderboard.csv",
@@ -709,15 +736,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = f"figures in {out.parent}"  # beside the markdown: a read-only results folder is fine
     try:  # every file atomic: a failed write leaves the previous file (or none) and no temporary file
         figures = measurements.write_figures(df, tp, folder, out.parent, GROUP, sort_group, _group_title)
+        target = str(plot)
+        plotted = plot_pareto(df, plot)
+        if plotted:  # linked from the markdown like the others (relative to it)
+            figures = [("Top-1 vs GMACs, each group's Pareto front", Path(os.path.relpath(plot, out.parent)).as_posix(),
+                        plot), *figures]
         target = str(out)
         atomic_write(out, render_markdown(df, problems, tp, figures=figures, calibrations=calibrations,
-                                               earlier=earlier))
+                                          earlier=earlier, unrecorded=unrecorded))
         print(out)
         target = str(csv)
         write_csv(df, csv)
         print(csv)
-        target = str(plot)
-        plotted = plot_pareto(df, plot)
         # A figure the records no longer give must not stay behind showing earlier runs
         figure_names = {"throughput.png", "tokens.png"} | {path.name for path in out.parent.glob("tokens_*.png")}
         stale = [out.parent / name for name in sorted(figure_names - {path.name for _, _, path in figures})]
@@ -727,11 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"report.py: error: cannot write {target} ({error.strerror or error})", file=sys.stderr)
         return 2
-    if plotted:
-        print(plot)
-    else:
+    if not plotted:
         print("report.py: no record has both top-1 and GMACs; plot skipped", file=sys.stderr)
-    for _, _, path in figures:  # throughput.png, tokens*.png
+    for _, _, path in figures:  # pareto.png, throughput.png, tokens*.png
         print(path)
     return 0
 

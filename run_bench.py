@@ -108,7 +108,7 @@ def _main(argv: list[str] | None) -> int:
                     f"{experiment.runs[0].key}, ...)")
 
     if args.status:
-        rows = collect_status(runs, results_dir)
+        rows = collect_status([run.key for run in runs], results_dir)
         print_status(rows)
         return 0 if all(row.state == "done" for row in rows) else 1
     if args.dry_run:  # reads only
@@ -148,6 +148,12 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
         except ProfileError as error:
             return fail(str(error))
         return 0
+    if args.executor != "slurm" and any(run.device == "cuda" for run in todo):
+        import torch
+
+        if not torch.cuda.is_available():  # said once, before anything runs (each run failed on its own before)
+            return fail(f"{experiment.file}: defaults.device: cuda, but CUDA is not available on this machine "
+                        f"({len(todo)} run(s) to do); allowed here: cpu or auto, or --executor slurm for GPU nodes")
     from bench.pipeline.records import ExperimentFileError, experiment_path, read_experiment, write_experiment
 
     try:

@@ -259,6 +259,15 @@ def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, monkeypatch, ca
     status = capsys.readouterr().out
     assert "failed   tiny-fmnist-tome-r4-" in status and "injected failure" in status
     assert "3 done" in status and "1 failed" in status
+    # the leaderboard says which runs of the experiment have no row, and why: failed, or never run (record gone)
+    next((results / "runs").glob("*evit*.json")).unlink()
+    assert report.main([str(results)]) == 0
+    board = (results / "leaderboard.md").read_text()
+    assert "2 runs in 1 group, generated " in board and "(nothing re-run). **2 runs of the experiment have no record**" in board
+    listed = board.split("## Runs without a record\n\n", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert len(listed) == 2 and listed[0].startswith("- tiny-fmnist-tome-r4-") and listed[1].startswith("- tiny-fmnist-evit-")
+    assert listed[0].endswith(": failed, RuntimeError: injected failure in the macs stage") and listed[1].endswith(": todo")
+    assert "2 run(s) of the experiment have no record" in capsys.readouterr().err
 
 
 BAD_INPUTS = [
@@ -342,6 +351,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message, more):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"error: {path}")
     assert message in err and more in err
+
+
+def test_cuda_without_a_gpu_is_one_line_before_any_run(tmp_path, capsys, monkeypatch):
+    """In-process and local runs need the GPU here; SLURM submission from a CPU login node stays allowed (its
+    --dry-run too)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this project's CPU machines
+    cfg = config(tmp_path)
+    cfg["defaults"]["device"] = "cuda"
+    path, results = write(tmp_path, cfg), tmp_path / "results"
+    for executor in ("inprocess", "local"):
+        assert bench_main(path, results, "--executor", executor) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {path}: defaults.device: cuda, but CUDA is not available on this machine (4 run(s) to do); "
+            "allowed here: cpu or auto, or --executor slurm for GPU nodes"]
+    assert not (results / "runs").exists() and not (results / "failed").exists()
+    assert bench_main(path, results, "--dry-run", "--executor", "slurm") == 0
 
 
 def test_an_export_onto_the_starting_weights_is_refused(tmp_path):

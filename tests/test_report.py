@@ -249,7 +249,7 @@ def test_markdown_tables(results, real_records):
     assert tome == ["tome", "r=4", "78.50", "94.00", "-1.50", "96.00", "2.700", "41.3%", "1500", "1.45x (1.40-1.50)",
                     "0.050", "0.900", "0.9800"]
     entry = real_records["tome-a"]["metrics"]["throughput"][0]
-    assert f"{entry['device_name']}, batch size 32, fp32, 1 threads" in section
+    assert f"{entry['device_name']}, batch size 32, fp32, 1 thread." in section
     assert HEADING_B in md and f"## vit-t on {FMNIST} (random init)" in md
     assert "+1.00" in _section(md, HEADING_B)
     throughput = _section(md, "## Throughput by batch size")
@@ -336,7 +336,7 @@ def test_read_only_results_folder_with_every_output_elsewhere(results, tmp_path_
     assert sorted(results.rglob("*")) == before
     assert sorted(path.name for path in elsewhere.iterdir()) == ["lb.csv", "lb.md", "p.png", "throughput.png"]
     figures = _section((elsewhere / "lb.md").read_text(), "## Figures")
-    assert "](throughput.png)" in figures  # linked relative to the markdown
+    assert "](throughput.png)" in figures and "](p.png)" in figures  # linked relative to the markdown
     assert capsys.readouterr().out.split()[-1] == str(elsewhere / "throughput.png")
     alone = tmp_path_factory.mktemp("alone")  # --out alone: the CSV and pareto.png follow it
     for folder in folders:

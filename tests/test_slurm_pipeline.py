@@ -122,7 +122,7 @@ def watch_status(config: Path, results: Path, waiter: threading.Thread, timeout:
     deadline = time.monotonic() + timeout
     while waiter.is_alive() and time.monotonic() < deadline:
         if (results / "jobs.json").exists():
-            rows = collect_status(runs, results)
+            rows = collect_status([run.key for run in runs], results)
             seen.update(row.state for row in rows)
             if details is not None:
                 details.update({row.key: row.detail for row in rows if row.detail.startswith("job ")})
@@ -267,7 +267,7 @@ def test_preempted_finetune_resumes_mid_epoch_with_identical_results(slurm_env, 
     runs, seen = load_experiment(config).runs, []
 
     def resumed_yet() -> bool:
-        seen.append(collect_status(runs, results)[0])  # while requeued: pending, never failed
+        seen.append(collect_status([run.key for run in runs], results)[0])  # while requeued: pending, never failed
         return "resuming from" in logs()
 
     wait_for(resumed_yet, 180, "the requeued job to resume", 0.5)
@@ -413,3 +413,42 @@ def test_a_task_cancelled_while_pending_is_failed_with_its_job(slurm_env, tmp_pa
     assert (f"job {second} CANCELLED" in row
             or f"job {second}: no accounting record (cancelled before it started?)" in row), status
     assert status.strip().endswith("1 done, 1 failed"), status
+
+
+def test_a_run_submitted_again_shows_its_queued_job_not_its_earlier_record(slurm_env, tmp_path):
+    """--force on SLURM: while a run's new job waits in the queue, --status says pending (the earlier record stays
+    until the job replaces it), where it used to say done. Ctrl-C on --wait then stops only the waiting, says so,
+    and the jobs finish on their own."""
+    import signal
+    import sys
+
+    from bench.pipeline.status import collect_status
+
+    profile = tmp_path / "one_at_a_time.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "debug", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10,
+                                       "array_parallelism": 1}))
+    config = experiment(tmp_path, "again", stages=["macs"], grid={"methods": EVAL_METHODS[:2]})
+    results = tmp_path / "slurm"
+    assert bench(config, results) == 0
+    earlier = records_by_key(results)
+    time.sleep(1.1)  # the records' finished_at and the submission's submitted_at are whole seconds
+    waiting = subprocess.Popen([sys.executable, "run_bench.py", "--config", str(config), "--results", str(results),
+                                "--executor", "slurm", "--profile", str(profile), "--force", "--wait", "--no-report"],
+                               cwd=Path(run_bench.__file__).parent, env=slurm_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (results / "jobs.json").exists() and len(jobs(results)) == 2, 60, "the submission")
+    second_key, second = max(((key, job["job_id"]) for key, job in jobs(results).items()), key=lambda item: item[1])
+    queued = subprocess.run(["squeue", "-r", "-h", "-j", second, "-o", "%T"], env=slurm_env, capture_output=True,
+                            text=True, timeout=30, check=True).stdout.split()
+    (row,) = collect_status([second_key], results)
+    assert second.endswith("_1") and queued == ["PENDING"], queued  # array_parallelism 1: waits for task 0
+    assert (row.state, row.detail) == ("pending", f"job {second} PENDING (submitted again: the record of "
+                                                  f"{earlier[second_key]['finished_at']} stays until it finishes)")
+    waiting.send_signal(signal.SIGINT)
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1] == (f"stopped waiting (Ctrl-C): the 2 job(s) go on in SLURM; follow them with "
+                                            f"python run_bench.py --config {config} --status (scancel stops them)")
+    wait_for(lambda: all(key in (now := records_by_key(results)) and now[key]["finished_at"] > earlier[key]["finished_at"]
+                         for key in earlier), 120, "the jobs to finish on their own")
+    assert [row.state for row in collect_status(list(earlier), results)] == ["done", "done"]

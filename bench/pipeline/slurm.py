@@ -125,8 +125,6 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     (``jobs.json`` keeps their ids; a resubmitted run keeps its earlier ids in ``previous_job_ids``).
     ``redo`` (``--force``): a job recomputes its run even if a record appeared since submission.
     ``SubmitError`` when sbatch refuses (e.g. the controller is down)."""
-    from bench.pipeline.executors import Outcome, summary
-
     ensure_slurm_conf()
     settings = load_profile(profile or experiment.slurm.profile or "local")
     results_dir = Path(results_dir).resolve()
@@ -168,6 +166,18 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     if not wait:
         print(f"follow with: python run_bench.py --config {experiment.file} --status")
         return 0
+    try:
+        return _wait_all(jobs_by_key, results_dir, flying, submitted_at)
+    except KeyboardInterrupt:  # only the waiting stops: the jobs are SLURM's (not "the run in progress")
+        print(f"stopped waiting (Ctrl-C): the {len(jobs_by_key) + len(flying)} job(s) go on in SLURM; follow them with "
+              f"python run_bench.py --config {experiment.file} --status (scancel stops them)", file=sys.stderr)
+        return 130
+
+
+def _wait_all(jobs_by_key: dict, results_dir: Path, flying: dict[str, dict[str, Any]], submitted_at: float) -> int:
+    """``--wait``: every submitted job's outcome, and those of runs whose earlier jobs were still on them."""
+    from bench.pipeline.executors import Outcome, summary
+
     outcomes = []
     for key, job in jobs_by_key.items():
         try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bench.pipeline.config import RunSpec
 from bench.pipeline.records import (
     RecordError,
     last_error_line,
@@ -15,6 +15,9 @@ from bench.pipeline.records import (
     write_record,
 )
 from bench.pipeline.textio import set_aside as set_aside_file
+
+if TYPE_CHECKING:  # the report reads states too, without the model stack that the config module imports
+    from bench.pipeline.config import RunSpec
 
 
 @dataclass
@@ -58,37 +61,44 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
     return todo, notes
 
 
-def collect_status(runs: list[RunSpec], results_dir: Path) -> list[RunStatus]:
+def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
+    """The state of each run key: its record, its failure note and its SLURM job (``jobs.json``). A run submitted
+    again after its record was written (``--force``) shows its queued or running job, not that record."""
     from bench.pipeline.slurm import ACTIVE_STATES, NO_RECORD, job_states, state_message
 
     queued = job_states(results_dir)
     rows = []
-    for run in runs:
-        path = record_path(results_dir, run.key)
+    for key in keys:
+        path = record_path(results_dir, key)
+        job = queued.get(key)
         if path.exists():
             try:
-                read_record(path)
-                rows.append(RunStatus(run.key, "done", log=queued.get(run.key, {}).get("log")))
-                continue
+                record = read_record(path)
             except RecordError as error:
-                rows.append(RunStatus(run.key, "todo", f"torn record: {error}"))
+                rows.append(RunStatus(key, "todo", f"torn record: {error}"))
                 continue
-        job = queued.get(run.key)
-        failure = read_failure(results_dir, run.key)
+            if job and job["state"] in ACTIVE_STATES and str(record.get("finished_at")) < str(job.get("submitted_at")):
+                state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"  # submitted again
+                rows.append(RunStatus(key, state, f"job {job['job_id']} {job['state']} (submitted again: the record "
+                                                  f"of {record.get('finished_at')} stays until it finishes)", job.get("log")))
+            else:
+                rows.append(RunStatus(key, "done", log=(job or {}).get("log")))
+            continue
+        failure = read_failure(results_dir, key)
         if failure and failure.get("state") == "interrupted" and not (job and job["state"] in ACTIVE_STATES):
-            rows.append(RunStatus(run.key, "interrupted", failure.get("error") or "", failure.get("log")))
+            rows.append(RunStatus(key, "interrupted", failure.get("error") or "", failure.get("log")))
         elif job and job["state"] in ("CANCELLED", NO_RECORD):  # scancel: no error of the run's own to show
-            rows.append(RunStatus(run.key, "failed", state_message(job["job_id"], job["state"]), job.get("log")))
+            rows.append(RunStatus(key, "failed", state_message(job["job_id"], job["state"]), job.get("log")))
         elif job and job["state"] in ACTIVE_STATES:  # a requeued (preempted) job is pending again, not failed
             state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
-            rows.append(RunStatus(run.key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
+            rows.append(RunStatus(key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
         elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):
             error = (failure or {}).get("error") or (job and _log_error(job.get("log"))) or "no record written"
             log = (job or {}).get("log") or (failure or {}).get("log")
             detail = f"job {job['job_id']} {job['state']}: {error}" if job else error
-            rows.append(RunStatus(run.key, "failed", detail, log))
+            rows.append(RunStatus(key, "failed", detail, log))
         else:
-            rows.append(RunStatus(run.key, "todo"))
+            rows.append(RunStatus(key, "todo"))
     return rows
 
 
