@@ -89,10 +89,10 @@ def test_every_run_has_a_complete_record(finished):
         assert throughput["speedup_low"] <= throughput["speedup"] <= throughput["speedup_high"]
         assert record["env"]["torch"] == torch.__version__
     assert by_method["tome"]["metrics"]["macs"]["torchprofile"] < base["metrics"]["macs"]["torchprofile"]
-    # the parameters as the config gave them (the label: only those differing from the method's defaults)
+    # the parameters as the config gave them (the label: the budget knob, then those differing from the defaults)
     assert {method: r["run"]["params_label"] for method, r in by_method.items()} == {
         "baseline": "", "tome": "r=4", "ppt": "r=6, layers=[1, 2], threshold=0.001",
-        "evit": "layers=[1]"}  # keep_rate 0.7 is its default
+        "evit": "keep_rate=0.7, layers=[1]"}  # keep_rate 0.7 is its default, shown as its knob
     for entry in METHODS[1:]:
         given = {k: v for k, v in entry.items() if k != "method"}
         assert by_method[entry["method"]]["run"]["params"].items() >= given.items()
@@ -500,7 +500,7 @@ def test_paper_config_expands_models_methods_and_references():
     assert by[("deit-b", "baseline", "")].reference["gmacs"] == 17.56
     assert by[("deit-s", "tome", "r=13")].reference["gmacs"] == 2.70
     assert by[("deit-t", "tome", "r=13")].reference is None
-    assert by[("deit-s", "diffrate", "")].reference["top1"] == 79.538
+    assert by[("deit-s", "diffrate", "target_flops=2.9")].reference["top1"] == 79.538
     assert by[("deit-s", "mctf", "r=0.35, layers=[3, 6, 9]")].reference["gmacs"] == 2.76
     assert by[("deit-s", "baseline", "")].weights.endswith("deit_small_patch16_224-cd65a155.pth")
     assert by[("deit-s", "baseline", "")].data["transform"]["crop_pct"] == 0.875  # DeiT's own eval transform

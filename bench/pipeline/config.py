@@ -733,8 +733,15 @@ def _non_default(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def params_label(method: str, params: dict[str, Any]) -> str:
-    """``r=13`` or ``keep_rate=0.8, layers=[1, 3, 5]``: what differs from the method's defaults."""
-    return ", ".join(f"{k}={v}" for k, v in _non_default(method, params).items())
+    """``r=13`` or ``keep_rate=0.7, layers=[1, 3, 5]``: the method's budget knob (even at its default: the setting
+    a reader compares first), then what differs from the method's defaults."""
+    import methods
+
+    shown = _non_default(method, params)
+    knob = methods.method_class(method).budget_knob
+    if knob is not None and knob.name in params and knob.name not in shown:
+        shown = {knob.name: params[knob.name], **shown}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def run_key(run: RunSpec) -> str:
