@@ -85,7 +85,10 @@ def _main(argv: list[str] | None) -> int:
             return fail(f"{' and '.join(given)}: only with --executor slurm (--profile also with --dry-run); "
                         f"this invocation uses --executor {args.executor}")
     from bench.pipeline.config import ConfigError, load_experiment, select
+    from bench.pipeline.data import forget_datasets
     from bench.pipeline.status import collect_status, print_status
+
+    forget_datasets()  # an earlier invocation in this process (a notebook, the tests) may have read other files
 
     try:
         experiment = load_experiment(args.config, check_files=not args.status, data_required=not args.dry_run,

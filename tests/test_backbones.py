@@ -414,3 +414,33 @@ def test_every_method_on_every_family(family, method):
     assert torch.equal(info.source[:, :prefix].float(), eye.expand(2, -1, -1)), (family, method)
     if method not in ("baseline", "resize") and SETTINGS.get(method) is not None:
         assert info.tokens_out[-1] <= info.tokens_in[0]
+
+
+def test_a_data_folder_edited_in_place_gets_a_fresh_dense_reference(tmp_path):
+    """Agreement and feature cos compare with the dense model's predictions on the same images: after the folder
+    is relabelled and grows (same path, same data section), a --force rerun must not read the dense reference of
+    the earlier images (it crashed on the count, or compared other images in another order)."""
+    import shutil
+
+    jpeg_folder(tmp_path / "imgs")
+    model = {"name": "vit_tiny_patch16_224", "label": "tiny",
+             "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2, "num_classes": 3}}
+    path = experiment(tmp_path, model, {"name": "folder", "root": "imgs", "split": "val"},
+                      ["baseline", {"method": "tome", "r": 2}])
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    val = tmp_path / "imgs" / "val"
+
+    def tome(folder):
+        return {record["run"]["method"]: record["metrics"]["eval"] for record in read_all(folder)[0]}["tome"]
+
+    for step, edit in enumerate([lambda: (val / "n01").rename(val / "n03"),  # relabelled: n01's images come last
+                                 lambda: shutil.copy(val / "n02" / "img_0.JPEG", val / "n02" / "img_5.JPEG")]):
+        edit()
+        assert bench_main(path, results, "--no-report", "--force") == 0
+        fresh = tmp_path / f"fresh{step}"
+        assert bench_main(path, fresh, "--no-report") == 0
+        again, expected = tome(results), tome(fresh)
+        assert again["images"] == expected["images"] == 4 + step
+        assert (again["agreement"], again["feature_cos"]) == (expected["agreement"], expected["feature_cos"])
+        assert expected["feature_cos"] > 0.9

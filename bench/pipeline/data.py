@@ -401,6 +401,19 @@ def build_dataset(name: str, split: str, root: str | None = None, subset: int | 
     return dataset
 
 
+def dataset_identity(dataset: Dataset) -> list[Any]:
+    """What images, labels and order a dataset holds, cheaply: an image folder's files (paths relative to its root)
+    with their classes, a subset's indices, else its type and length. Caches of per-image results key on it, so a
+    folder edited in place (images added, relabelled) is not read back from an older cache."""
+    if isinstance(dataset, Subset):
+        return ["subset", dataset_identity(dataset.dataset), list(dataset.indices)]
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list) and getattr(dataset, "root", None) is not None:
+        root = str(dataset.root)
+        return ["folder", [(os.path.relpath(path, root), label) for path, label in samples]]
+    return [type(dataset).__name__, len(dataset) if hasattr(dataset, "__len__") else None]
+
+
 def run_dataset(data: dict[str, Any], split: str, augment: bool = False) -> Dataset:
     """The dataset of a run's ``data`` section (``RunSpec.data``)."""
     return build_dataset(data["name"], split, root=data.get("root"), subset=data.get("subset"), augment=augment,
@@ -415,5 +428,10 @@ def _cached(data_json: str, split: str, augment: bool) -> Dataset:
 
 
 def cached_dataset(data: dict[str, Any], split: str, augment: bool = False) -> Dataset:
-    """``run_dataset``, loaded once per process (the in-process executor runs many runs in one)."""
+    """``run_dataset``, loaded once per invocation (the in-process executor runs many runs in one process;
+    ``forget_datasets`` at the start of each invocation: a folder may have changed since the last one)."""
     return _cached(json.dumps(data, sort_keys=True), split, augment)
+
+
+def forget_datasets() -> None:
+    _cached.cache_clear()

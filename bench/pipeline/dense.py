@@ -1,5 +1,6 @@
 """The dense model's top-1 predictions and pre-logits features on a run's eval images, for the agreement
-and feature-similarity metrics: computed once per (model, weights and their content hash, data, dtype)
+and feature-similarity metrics: computed once per (model, weights and their content hash, data and the images
+it holds, dtype)
 and shared by all runs of a results folder
 (``<results>/cache/``, ``{"top1": (N,), "features": (N, D) float16}``)."""
 
@@ -10,23 +11,27 @@ from pathlib import Path
 import torch
 
 import bench
-from bench.pipeline.config import RunSpec
 from bench.pipeline.context import StageContext
+from bench.pipeline.data import dataset_identity
 from bench.pipeline.files import atomic_torch_save, digest
 from bench.pipeline.models import load_model
 from bench.pipeline.predict import predict
 
 
-def cache_path(run: RunSpec, results_dir: Path) -> Path:
-    identity = [run.model, run.model_kwargs, run.weights, run.data, run.dtype]
+def cache_path(ctx: StageContext) -> Path:
+    """The cache file of the run's dense reference: keyed by the model, its weights (and their content), the data
+    section, the images the eval set holds (``dataset_identity``: a folder edited in place gets its own) and the
+    dtype."""
+    run = ctx.run
+    identity = [run.model, run.model_kwargs, run.weights, run.data, run.dtype, dataset_identity(ctx.val_set())]
     if run.weights_sha256:  # a checkpoint changed at the same path gets its own cache
         identity.append(run.weights_sha256)
-    return Path(results_dir) / "cache" / f"dense-{digest(identity, 12)}.pt"
+    return Path(ctx.results_dir) / "cache" / f"dense-{digest(identity, 12)}.pt"
 
 
 def store(ctx: StageContext, predictions: torch.Tensor, features: torch.Tensor) -> None:
     """Keep the dense model's own predictions and features (a baseline run with the original weights made them)."""
-    path = cache_path(ctx.run, ctx.results_dir)
+    path = cache_path(ctx)
     if not path.exists():
         atomic_torch_save({"top1": predictions.clone(), "features": features.half()}, path)
 
@@ -35,13 +40,15 @@ def dense_reference(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
     """``(top1, features)`` from the cache, or computed with the run's original weights (not fine-tuned
     ones) and cached."""
     run = ctx.run
-    path = cache_path(run, ctx.results_dir)
+    path = cache_path(ctx)
     if path.exists():
         try:
             cached = torch.load(path, weights_only=True)
-            return cached["top1"], cached["features"].float()
+            if len(cached["top1"]) == len(ctx.val_set()):  # else not this eval set's: recomputed
+                return cached["top1"], cached["features"].float()
         except Exception:  # noqa: BLE001 - a torn (or earlier-format) cache file is recomputed
-            path.unlink(missing_ok=True)
+            pass
+        path.unlink(missing_ok=True)
     torch.manual_seed(run.seed)  # with random-init weights: the same init as the run's own model
     vit = load_model(run.model, run.model_kwargs, run.weights_path).to(ctx.device)
     result = predict(bench.apply(vit, "baseline"), ctx.loader(ctx.val_set()), ctx.device, run.dtype,
