@@ -132,7 +132,10 @@ def test_timm_tag_in_weights_selects_that_tags_config_and_overrides_win(tmp_path
     assert openai_full.data["transform"] == {**openai.data["transform"], "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5]}
     assert bilinear_full.data["transform"]["crop_pct"] == 0.95  # the model's override wins
     assert openai_full.key != openai.key
-    assert dense.cache_path(openai_full, tmp_path) != dense.cache_path(openai, tmp_path)
+    from bench.pipeline.context import StageContext
+
+    assert (dense.cache_path(StageContext(openai_full, None, tmp_path, torch.device("cpu"), progress=False))
+            != dense.cache_path(StageContext(openai, None, tmp_path, torch.device("cpu"), progress=False)))
     other = yaml.safe_load(path.read_text())
     other["defaults"]["model"]["weights"] = "timm:laion2b_ft_in1k"
     other["grid"]["models"] = [{**models[0], "weights": "timm:laion2b_ft_in1k"}]

@@ -94,6 +94,27 @@ def test_results_are_cached_across_calibrators(calibrator, tmp_path):
     assert again.calibrate("tome", {}, 0.75) == first
 
 
+def test_a_calibration_depends_on_its_method_modules_and_the_harness_only():
+    """An edit to one method (or a new file in methods/) keeps every other method's cached calibrations: the cache
+    key hashes the method's own module and the methods modules it imports, the package's shared files and the
+    harness (before: every methods/*.py)."""
+    from bench.pipeline.calibrate import code_files
+
+    harness = {f"bench/{path.name}" for path in (REPO / "bench").glob("*.py")} | {"bench/pipeline/calibrate.py"}
+    shared = {"methods/__init__.py", "methods/base.py"}
+
+    def files(method):
+        return {path.relative_to(REPO).as_posix() for path in code_files(method)} - harness - shared
+
+    assert files("tome") == {"methods/tome.py", "methods/ops.py"}
+    assert files("kmedoids") == {"methods/kmedoids.py", "methods/dpcknn.py"}
+    assert files("tofu") == {"methods/tofu.py", "methods/pitome.py", "methods/ops.py"}
+    assert files("topk") == {"methods/topk.py", "methods/evit.py", "methods/ops.py"}
+    assert files("pruning") == {"methods/pruning.py", "methods/ppt.py", "methods/ops.py"}
+    assert files("baseline") == {"methods/baseline.py"}
+    assert harness <= {path.relative_to(REPO).as_posix() for path in code_files("tome")}
+
+
 def test_pareto_auc_is_the_mean_top1_over_the_covered_range():
     assert pareto_auc([0.6, 0.8], [70.0, 80.0]) == pytest.approx(75.0)
     assert pareto_auc([0.8, 0.5, 0.6], [80.0, 60.0, 70.0]) == pytest.approx((0.1 * 65 + 0.2 * 75) / 0.3)
@@ -329,3 +350,43 @@ def test_ranking_ties_ignore_float_noise_and_a_budget_no_method_reaches_keeps_it
     assert [row[1] for row in rows[:2]] == ["evit", "tome"] and rows[0][-1] == rows[1][-1] == "7.50"
     assert {row[2] for row in rows} == {"–"}  # 0.55: every method unreachable
 
+
+
+def test_every_entry_is_checked_before_any_budget_is_calibrated(tmp_path, capsys):
+    """A mistake in the last entry is one line at once (user test 6: 14 minutes of calibration first), and a
+    data-dependent method that cannot run on the model (ATS without a class token) is refused under --dry-run
+    too, where it passed with 'calibrated when the run's data is present' and then stopped the real run."""
+    cfg = yaml.safe_load(experiment(tmp_path).read_text())
+    cfg["grid"]["methods"].append({"method": "static", "layers": [1]})  # contiguous: keep_rate does nothing
+    path = tmp_path / "late.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: grid.methods[6]: method 'static': parameter 'keep_rate' acts only with "
+                          "not_contiguous: true") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "cache" / "calibration.json").exists()  # nothing was calibrated first
+    gap = {"name": "vit_tiny_patch16_224", "label": "gap",
+           "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depth": 4,
+                      "num_heads": 2, "class_token": False, "global_pool": "avg"}}
+    cfg = {**cfg, "defaults": {**cfg["defaults"], "model": gap, "weights": None},
+           "grid": {"methods": ["baseline", "tome", {"method": "ats", "layers": [1, 2]}]}}
+    path.write_text(yaml.safe_dump(cfg))
+    for flags in (["--dry-run"], []):
+        assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {path}: grid.methods[2]: method 'ats' scores tokens by the class token's "
+                              "attention") and len(err.splitlines()) == 1, err
+
+
+def test_each_calibration_searched_is_announced_and_a_cached_one_is_not(tmp_path, capsys):
+    cfg = yaml.safe_load(experiment(tmp_path).read_text())
+    cfg["grid"]["methods"] = ["baseline", "tome"]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibrated on ")]
+    assert len(lines) == 2, lines
+    for line, target in zip(lines, ("0.55", "0.80"), strict=True):
+        assert re.fullmatch(rf"calibrated on fmnist-vit: tome @{target} -> r=\d+ \(0\.\d{{3}}\) in \d+\.\d s", line), line
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert "calibrated on " not in capsys.readouterr().out

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,15 +76,35 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """A hash of what decides a calibration: the harness, every method, this module, torch and timm
-    versions. A cached result of other code is never used."""
-    import timm
+def code_files(method: str) -> list[Path]:
+    """What decides ``method``'s MAC counts: the harness (``bench/*.py``), the methods package's shared files
+    (``__init__``, ``base``), the method's own module and the ``methods`` modules it imports (transitively), and
+    this module."""
+    import sys
+
+    import methods
 
     root = Path(__file__).resolve().parents[2]
-    files = sorted([*root.joinpath("methods").glob("*.py"), *root.joinpath("bench").glob("*.py"), Path(__file__)])
-    parts = [torch.__version__, timm.__version__] + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}" for f in files]
+    package = root / "methods"
+    files, todo = {package / "__init__.py", package / "base.py"}, [Path(sys.modules[methods.registered()[method].__module__].__file__)]
+    while todo:  # the method's module and what it imports from the package
+        path = todo.pop().resolve()
+        if path in files or not path.is_file():
+            continue
+        files.add(path)
+        todo += [package / f"{name}.py" for name in re.findall(r"^\s*from methods\.(\w+) import", path.read_text(),
+                                                               re.MULTILINE)]
+    return sorted(files | {*root.joinpath("bench").glob("*.py"), Path(__file__).resolve()})
+
+
+@functools.cache
+def code_version(method: str) -> str:
+    """A hash of ``code_files(method)`` and the torch and timm versions: a cached calibration of other code is
+    never used, and an edit to another method (or a new one) keeps it."""
+    import timm
+
+    parts = [torch.__version__, timm.__version__] + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}"
+                                                     for f in code_files(method)]
     return digest(canonical(parts))
 
 
@@ -97,7 +119,7 @@ class Calibrator:
 
     def __init__(self, vit: torch.nn.Module, identity: Any,
                  data: Callable[[], tuple[torch.nn.Module, torch.Tensor]] | None = None,
-                 data_id: str | None = None) -> None:
+                 data_id: str | None = None, announce: Callable[[str], None] | None = None) -> None:
         import bench
 
         self.vit = vit.eval()
@@ -105,6 +127,7 @@ class Calibrator:
         self.data = data
         self._data: tuple[torch.nn.Module, torch.Tensor] | None = None
         self.data_id = data_id
+        self.announce = announce  # told of every calibration searched (not read from the cache)
         dense = bench.apply(vit, "baseline")
         self.dense_macs = bench.count_macs(dense)
         self._image = bench.count_image(dense)[None]
@@ -118,12 +141,15 @@ class Calibrator:
         knob = cls.budget_knob
         if knob is None:
             raise ValueError(f"method {method!r} has no budget knob")
-        key = digest(canonical([code_version(), self.identity, self.data_id if cls.data_dependent else None, method,
+        key = digest(canonical([code_version(method), self.identity, self.data_id if cls.data_dependent else None, method,
                                 {k: v for k, v in params.items() if k != knob.name}, round(target, 6)]))
         cache = read_json_or_none(cache_path()) or {}
         if key in cache:
             return Calibration(**cache[key])
+        started = time.perf_counter()
         result = self._search(method, params, target, knob, cls.data_dependent)
+        if self.announce:  # a search takes seconds to minutes on a large model: said as each one ends
+            self.announce(f"{result.describe()} in {time.perf_counter() - started:.1f} s")
         cache = read_json_or_none(cache_path()) or {}
         cache[key] = asdict(result)
         try:

@@ -339,8 +339,7 @@ class Parser:
         shared = {"stages": stages, "throughput": asdict(section.throughput), "macs": asdict(section.macs),
                   "eval": asdict(section.eval), "finetune": finetune, "tokens": asdict(section.tokens),
                   "compile": section.compile}
-        runs: list[RunSpec] = []
-        origins: list[str] = []  # where each run comes from: grid.methods[1] at budget 0.6
+        entries = []  # (model base, method, params, budget target or None, where), in the file's order
         labelled: dict[tuple, tuple[str, str]] = {}  # (label, weights) -> (model, where): the report's groups
         for block_index, block in enumerate(blocks):
             where = f"grid[{block_index}]" if isinstance(section.grid, list) else "grid"  # as the file has it
@@ -354,18 +353,30 @@ class Parser:
                 self.check_label(base, labelled, f"{where}.models[{model_index}]")
                 for method_index, entry in enumerate(method_entries):
                     method_where = f"{where}.methods[{method_index}]"
-                    for method, params, target in self.expand_method(entry, method_where, budgets):
-                        budget = None
-                        if target is not None and not self.calibrate_budgets:
-                            self.check_uncalibrated(base, method, params, method_where)
-                            self.uncalibrated += 1
-                            continue
-                        if target is not None:
-                            params, budget = self.calibrate(base, method, params, target, shared, method_where)
-                            if budget is None:
-                                continue  # unreachable: said in the warnings, shown as "-" in the report
-                        runs.append(self.make_run(base, method, params, method_where, shared, references, budget))
-                        origins.append(method_where + (f" at budget {target!r}" if target is not None else ""))
+                    entries += [(base, method, params, target, method_where)
+                                for method, params, target in self.expand_method(entry, method_where, budgets)]
+        # every entry is checked against its model before any budget is calibrated (minutes on a large model):
+        # a mistake in the last entry is one line at once, not after the others' calibrations
+        checked = set()
+        for base, method, params, target, where in entries:
+            if target is None:
+                self.check_method(self.model_context(base, where), base, method, params, where)
+            elif (identity := canonical([id(base), method, params])) not in checked:
+                checked.add(identity)
+                self.check_uncalibrated(base, method, params, where)
+        runs: list[RunSpec] = []
+        origins: list[str] = []  # where each run comes from: grid.methods[1] at budget 0.6
+        for base, method, params, target, method_where in entries:
+            budget = None
+            if target is not None and not self.calibrate_budgets:
+                self.uncalibrated += 1
+                continue
+            if target is not None:
+                params, budget = self.calibrate(base, method, params, target, shared, method_where)
+                if budget is None:
+                    continue  # unreachable: said in the warnings, shown as "-" in the report
+            runs.append(self.make_run(base, method, params, method_where, shared, references, budget))
+            origins.append(method_where + (f" at budget {target!r}" if target is not None else ""))
         for index, ref in enumerate(references):
             if index not in self.matched_references:
                 self.warnings.append(f"warning: {self.path}: reference[{index}]: matches no run (model "
@@ -575,7 +586,10 @@ class Parser:
         cls = methods.registered()[method]
         signature = canonical([base["model"], base["model_kwargs"], base["weights_path"], base["data"], base["seed"]])
         if signature not in self._calibrators:
-            self._calibrators[signature] = Calibrator(*self._calibration_model(base, shared))
+            label = base["model_label"]
+            self._calibrators[signature] = Calibrator(
+                *self._calibration_model(base, shared),
+                announce=lambda line: print(f"calibrated on {label}: {line}", flush=True))
         calibrator = self._calibrators[signature]
         try:
             result = calibrator.calibrate(method, params, target)
@@ -610,7 +624,8 @@ class Parser:
                 least = cls.budget_choices(cls.__new__(cls), bench.apply(vit, "baseline").context)[0]
             except ValueError:  # no choice for this model: calibrating would call the budget unreachable
                 return
-        self.check_method(vit, base, method, {**params, knob.name: least}, where)
+        self.check_method(vit, base, method, {**params, knob.name: least}, where,
+                          f"; budgets.macs sets {knob.name}, the method's budget knob")
 
     def check_method(self, vit: Any, base: dict[str, Any], method: str, params: dict[str, Any], where: str,
                      note: str = "") -> None:
