@@ -84,6 +84,10 @@ def _main(argv: list[str] | None) -> int:
         if given:
             return fail(f"{' and '.join(given)}: only with --executor slurm (--profile also with --dry-run); "
                         f"this invocation uses --executor {args.executor}")
+    try:
+        import methods  # noqa: F401 - every method file registers itself here
+    except ImportError as error:  # a file of methods/ that does not import: one line naming it
+        return fail(str(error))
     from bench.pipeline.config import ConfigError, load_experiment, select
     from bench.pipeline.data import forget_datasets
     from bench.pipeline.status import collect_status, print_status

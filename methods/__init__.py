@@ -20,7 +20,10 @@ _SHARED = ("base", "ops")  # helpers, not methods
 
 for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
     if _module not in _SHARED:
-        importlib.import_module(f"methods.{_module}")
+        try:
+            importlib.import_module(f"methods.{_module}")
+        except Exception as _error:  # a broken or duplicate method file: one line naming it (run_bench: exit 2)
+            raise ImportError(f"methods/{_module}.py: {type(_error).__name__}: {_error}") from _error
 
 
 def names() -> list[str]:

@@ -42,6 +42,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import _repo  # noqa: F401 - this checkout first on sys.path
 import timm
 import torch
 

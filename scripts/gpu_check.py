@@ -26,6 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
+import _repo  # noqa: F401 - this checkout first on sys.path
 import torch
 
 import bench

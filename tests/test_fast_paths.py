@@ -271,3 +271,22 @@ def test_pruning_attends_without_a_bias_and_matches_ppt_when_every_image_prunes(
     assert any(mask is not None for mask in masks)  # PPT's sizes may differ from 1: it adds log(size)
     assert pruning.last_forward.tokens_out == ppt.last_forward.tokens_out
     torch.testing.assert_close(pruned, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("script", ["benchmark_methods.py", "gpu_check.py"])
+def test_the_scripts_import_their_own_checkout(tmp_path, script):
+    """Another checkout's bench/ earlier on the path (a second clone sharing one environment, whose editable install
+    points elsewhere): the scripts still import this checkout's."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.pipeline.files import REPO
+
+    fake = tmp_path / "other" / "bench"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the bench of another checkout')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "other")}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-500:]

@@ -105,3 +105,27 @@ def test_apply_rejects_non_vit():
 def test_forward_stats_before_forward_is_an_error():
     with pytest.raises(ValueError, match="has not run a forward pass"):
         bench.forward_stats(bench.apply(small_vit(), "baseline"))
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("def broken(:\n", "error: methods/zz_new.py: SyntaxError: invalid syntax"),
+    ("from methods.base import Method, register\n\n\n@register('tome')\nclass Again(Method):\n    pass\n",
+     "error: methods/zz_new.py: ValueError: method name 'tome' registered twice (methods.tome, methods.zz_new)"),
+])
+def test_a_broken_method_file_is_one_line_exit_2(tmp_path, source, message):
+    """Every file of methods/ is imported by the registry: one that does not import (a syntax error, a name
+    registered twice) stops run_bench with one line naming it, not a traceback with exit 1."""
+    import shutil
+    import subprocess
+    import sys
+
+    from bench.pipeline.files import REPO
+
+    shutil.copytree(REPO / "methods", tmp_path / "methods", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "methods" / "zz_new.py").write_text(source)
+    script = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(REPO)!r}]; import run_bench; "
+              f"sys.exit(run_bench.main(['--config', {str(REPO / 'configs' / 'quickstart.yaml')!r}, '--dry-run']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(message), line
