@@ -23,7 +23,7 @@ class Resize(Method):
 
     def check(self, ctx: ReductionContext) -> None:
         size, patch = self.params["img_size"], ctx.patch_size
-        choices = self.budget_choices(ctx)
+        choices = self.budget_choices(ctx)  # refuses a non-square input
         if size % patch[0] or size % patch[1] or size > min(ctx.img_size):
             why = "is larger than the model's input size" if size > min(ctx.img_size) else \
                 f"is not a multiple of the patch size {patch[0]}"
@@ -34,6 +34,11 @@ class Resize(Method):
         return (self.params["img_size"], self.params["img_size"])
 
     def budget_choices(self, ctx: ReductionContext) -> list[int]:
-        """Every multiple of the patch size up to the model's own input size, smallest first."""
+        """Every multiple of the patch size up to the model's own input size, smallest first. A non-square input
+        is refused: squashing it to ``img_size`` x ``img_size`` would change its aspect ratio, not only its
+        resolution (a MAC budget is then unreachable, with this reason)."""
+        height, width = ctx.img_size
+        if height != width:
+            raise self._error(f"needs a square input (this model's: {height}x{width}); it resizes to img_size x img_size")
         patch = max(ctx.patch_size)
         return [patch * k for k in range(1, min(ctx.img_size) // patch + 1)]

@@ -51,3 +51,16 @@ def test_resize_refuses_sizes_that_are_not_a_multiple_of_the_patch():
     with pytest.raises(ValueError, match=r"img_size=72 is larger than the model's input size \(allowed: \.\.\., "
                                          r"40, 48, 56, 64\)"):  # an upscaling is not a reduction
         bench.apply(small_vit(), "resize", img_size=72)
+
+
+def test_resize_refuses_a_non_square_model_and_its_budgets_are_unreachable():
+    """Squashing a 48x64 input to img_size x img_size changes its aspect ratio (user test 6: a <=0.90 budget cell
+    landed at 0.695 of the dense MACs); a fixed size is one error, a MAC budget unreachable with the reason."""
+    from bench.pipeline.calibrate import Calibrator
+
+    wide = small_vit(img_size=(48, 64))
+    with pytest.raises(ValueError, match=r"method 'resize': needs a square input \(this model's: 48x64\); it "
+                                         r"resizes to img_size x img_size"):
+        bench.apply(wide, "resize", img_size=32)
+    result = Calibrator(wide, identity=["wide"]).calibrate("resize", {}, 0.6)
+    assert not result.reachable and "needs a square input (this model's: 48x64)" in result.reason
