@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # the run in progress has marked itself interrupted; finished records stay
-        print("interrupted (Ctrl-C): finished runs keep their records, the run in progress is marked "
-              "interrupted; run the same command again to continue", file=sys.stderr)
+        print("interrupted (Ctrl-C): finished runs keep their records (a run in progress is marked interrupted, "
+              "finished calibrations stay cached); run the same command again to continue", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout went away (`--dry-run | head`): stop quietly
         import os

@@ -16,7 +16,8 @@ is published once at its end (``last_forward``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,20 @@ class ForwardInfo:
     layer_sources: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     tokens_probe: list[int] = field(default_factory=list)
     probs_given: list[bool] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        """Counts and statistics as they are, tensors by their shape (a DeiT forward's ``size`` is 197 rows an
+        image: printing it whole buried the counts)."""
+        def show(value: Any) -> str:
+            if isinstance(value, torch.Tensor):
+                return f"{value.item():.4g}" if value.dim() == 0 else f"tensor{tuple(value.shape)}"
+            if isinstance(value, dict):
+                return "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in value.items()) + "}"
+            if isinstance(value, tuple):
+                return "(" + ", ".join(show(v) for v in value) + ")"
+            return repr(value)
+
+        return f"ForwardInfo({', '.join(f'{f.name}={show(getattr(self, f.name))}' for f in fields(self))})"
 
 
 class ReducedViT(nn.Module):

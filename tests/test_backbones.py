@@ -214,7 +214,17 @@ def test_one_label_for_two_models_is_one_line(tmp_path, capsys):
     assert bench_main(path, tmp_path / "results") == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {path}: grid[1].models[0].label: 'a' already labels grid[0].models[0], a different model "
-                   "(name or kwargs); allowed: one model per label (the leaderboard groups runs by label)"), err
+                   "(name or kwargs); allowed: one model per label (the leaderboard groups runs by label): give each "
+                   "model entry its own label:"), err
+    unlabelled = {key: value for key, value in tiny.items() if key != "label"}  # the label is then the timm name
+    cfg["defaults"]["model"] = unlabelled
+    cfg["grid"] = [{"models": [unlabelled, {**unlabelled, "kwargs": {**tiny["kwargs"], "depth": 3}}],
+                    "methods": ["baseline"]}]
+    path.write_text(yaml.safe_dump(cfg))
+    assert bench_main(path, tmp_path / "results") == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"error: {path}: grid[0].models[1].label: 'vit_tiny_patch16_224' (the model name, as no label: is given) "
+        "already labels grid[0].models[0]")
 
 
 def test_training_keeps_deits_recipe_with_the_resolved_mean_std_and_size(tmp_path):

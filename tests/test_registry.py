@@ -1,6 +1,7 @@
 """The method registry: names, building, parameter validation with errors that name what is allowed."""
 
 import pytest
+import torch
 
 import bench
 import methods
@@ -129,3 +130,11 @@ def test_a_broken_method_file_is_one_line_exit_2(tmp_path, source, message):
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(message), line
+
+
+def test_forward_stats_print_counts_and_tensor_shapes_not_tensors():
+    model = bench.apply(small_vit(), "ppt", r=8, layers=[1, 3])
+    model(torch.randn(2, 3, 64, 64))
+    text = repr(bench.forward_stats(model))
+    assert text.startswith("ForwardInfo(tokens_in=[65, 65, 57, 57, 49, 49") and "size=tensor(2, 49, 1)" in text
+    assert "stats={1: {'pooled_fraction': " in text and len(text) < 1000, text

@@ -410,9 +410,10 @@ class Parser:
         model = model_signature(base)
         first, first_where = labelled.setdefault((base["model_label"], base["weights"]), (model, where))
         if first != model:
-            raise self.error(f"{where}.label", f"{base['model_label']!r} already labels {first_where}, a different "
-                             "model (name or kwargs); allowed: one model per label (the leaderboard groups runs "
-                             "by label)")
+            given = "" if base["model_label"] != base["model"] else " (the model name, as no label: is given)"
+            raise self.error(f"{where}.label", f"{base['model_label']!r}{given} already labels {first_where}, a "
+                             "different model (name or kwargs); allowed: one model per label (the leaderboard groups "
+                             "runs by label): give each model entry its own label:")
 
     def check_profile(self, profile: str | None) -> None:
         from bench.pipeline.profiles import available_profiles, profile_path
