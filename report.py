@@ -460,9 +460,10 @@ def _leaderboard_section(df: pd.DataFrame) -> list[str]:
         slowed = [f"{measurements.run_label(row['method'], row['params'])} {row['_slow']}"
                   for _, row in sort_group(group).iterrows() if row["_slow"]]
         if slowed:
-            lines += ["", f"_Timed forwards (method and dense) slowed from outside, over {stats.SLOW_FACTOR:g}x their "
-                          f"median (another process on the machine?): {'; '.join(slowed)}. Their images/s and latency "
-                          "read low; the speed-up, the median of paired per-round ratios, is less affected._"]
+            lines += ["", f"_Timed forwards (method and dense) over {stats.SLOW_FACTOR:g}x their median, slowed from "
+                          f"outside the model (another process, a clock or power-state change?): {'; '.join(slowed)}. "
+                          "Their images/s and latency read low; the speed-up, the median of paired per-round ratios, "
+                          "is less affected._"]
         lines.append("")
     return lines
 

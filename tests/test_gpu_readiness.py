@@ -300,8 +300,8 @@ def test_records_carry_gpu_fields_null_on_cpu_and_a_pinned_backend_runs(tmp_path
     # the leaderboard names the kernel next to the throughput conditions
     import report
 
-    for folder, words in (("math", "threads, SDPA kernel pinned to math. Speed-up"),
-                          ("explicit", "threads, attention written out. Speed-up")):
+    for folder, words in (("math", "1 thread, SDPA kernel pinned to math. Speed-up"),
+                          ("explicit", "1 thread, attention written out. Speed-up")):
         assert report.main([str(tmp_path / folder)]) == 0
         assert words in (tmp_path / folder / "leaderboard.md").read_text()
 

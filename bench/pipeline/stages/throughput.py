@@ -157,6 +157,7 @@ def run(ctx: StageContext) -> list[dict[str, Any]]:
         slow = entry.get("slow_rounds", 0) + entry.get("baseline_slow_rounds", 0)
         if slow:
             print(f"warning: throughput: {run.key}: batch {entry['batch_size']}: {slow} of {2 * entry['runs']} timed "
-                  f"forwards took over {stats.SLOW_FACTOR:g}x their median (another process on the machine?): "
-                  "images/s and latency read low; the speed-up pairs each round's two forwards", file=sys.stderr)
+                  f"forwards took over {stats.SLOW_FACTOR:g}x their median (slowed from outside the model: another "
+                  "process, a clock or power-state change?): images/s and latency read low; the speed-up pairs each "
+                  "round's two forwards", file=sys.stderr)
     return entries
