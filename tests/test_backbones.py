@@ -429,10 +429,12 @@ def test_every_method_on_every_family(family, method):
         assert info.tokens_out[-1] <= info.tokens_in[0]
 
 
-def test_a_data_folder_edited_in_place_gets_a_fresh_dense_reference(tmp_path):
-    """Agreement and feature cos compare with the dense model's predictions on the same images: after the folder
-    is relabelled and grows (same path, same data section), a --force rerun must not read the dense reference of
-    the earlier images (it crashed on the count, or compared other images in another order)."""
+def test_a_data_folder_edited_in_place_gets_a_fresh_dense_reference(tmp_path, capsys):
+    """Agreement and feature cos compare with the dense model's predictions on the same images, and a record is
+    reused only on the images it was computed on: after the folder is relabelled, grows, or another folder of the
+    same name is read (user tests 6 and 8: 0 % agreement and cos 0.43 against the earlier images' dense reference,
+    a crash on the count, or another folder's numbers reported as 'already done'), a plain rerun redoes the runs
+    and gives what a fresh results folder gives."""
     import shutil
 
     jpeg_folder(tmp_path / "imgs")
@@ -444,16 +446,30 @@ def test_a_data_folder_edited_in_place_gets_a_fresh_dense_reference(tmp_path):
     assert bench_main(path, results, "--no-report") == 0
     val = tmp_path / "imgs" / "val"
 
-    def tome(folder):
-        return {record["run"]["method"]: record["metrics"]["eval"] for record in read_all(folder)[0]}["tome"]
+    def evals(folder):
+        return {record["run"]["method"]: record["metrics"]["eval"] for record in read_all(folder)[0]}
 
-    for step, edit in enumerate([lambda: (val / "n01").rename(val / "n03"),  # relabelled: n01's images come last
-                                 lambda: shutil.copy(val / "n02" / "img_0.JPEG", val / "n02" / "img_5.JPEG")]):
+    other = tmp_path / "other" / "imgs"  # the same names and classes, other images: another folder named imgs
+    shutil.copytree(tmp_path / "imgs", other)
+    for name in ("img_0.JPEG", "img_1.JPEG"):
+        shutil.copy(val / "n02" / name, other / "val" / "n01" / name)
+    edits = [lambda: (val / "n01").rename(val / "n03"),  # relabelled: n01's images come last
+             lambda: shutil.copy(val / "n02" / "img_0.JPEG", val / "n02" / "img_5.JPEG"),  # grown
+             lambda: path.write_text(path.read_text().replace("root: imgs", f"root: {other}"))]
+    capsys.readouterr()
+    for step, edit in enumerate(edits):
         edit()
-        assert bench_main(path, results, "--no-report", "--force") == 0
+        assert bench_main(path, results, "--no-report") == 0
+        redone = [line for line in capsys.readouterr().err.splitlines() if "computed on other eval images" in line]
+        assert len(redone) == 2 and redone[0].endswith(f".json.stale.{step + 1}, the run is redone"), redone
         fresh = tmp_path / f"fresh{step}"
         assert bench_main(path, fresh, "--no-report") == 0
-        again, expected = tome(results), tome(fresh)
-        assert again["images"] == expected["images"] == 4 + step
-        assert (again["agreement"], again["feature_cos"]) == (expected["agreement"], expected["feature_cos"])
-        assert expected["feature_cos"] > 0.9
+        again, expected = evals(results), evals(fresh)
+        assert again["tome"]["images"] == expected["tome"]["images"] == (4, 5, 4)[step], (step, again, expected)
+        for method in ("baseline", "tome"):
+            for name in ("top1", "agreement", "feature_cos"):
+                assert again[method][name] == expected[method][name], (step, method, name)
+        assert expected["tome"]["feature_cos"] > 0.9
+        capsys.readouterr()
+    assert bench_main(path, results, "--no-report") == 0  # the same images: nothing redone
+    assert "2 already done, 0 to run" in capsys.readouterr().out

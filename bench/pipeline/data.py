@@ -402,16 +402,29 @@ def build_dataset(name: str, split: str, root: str | None = None, subset: int | 
 
 
 def dataset_identity(dataset: Dataset) -> list[Any]:
-    """What images, labels and order a dataset holds, cheaply: an image folder's files (paths relative to its root)
-    with their classes, a subset's indices, else its type and length. Caches of per-image results key on it, so a
-    folder edited in place (images added, relabelled) is not read back from an older cache."""
+    """What images, labels and order a dataset holds, cheaply: an image folder's files (paths relative to its root,
+    sizes in bytes) with their classes, a subset's indices, else its type and length. Caches of per-image results key
+    on it, and records carry its digest (``data_digest``), so a folder edited in place (images added, relabelled,
+    replaced) or another folder of the same name is never taken for the one a result was computed on. Not the
+    files' times: a copy of the same images elsewhere (a node's scratch disk) is the same data."""
     if isinstance(dataset, Subset):
         return ["subset", dataset_identity(dataset.dataset), list(dataset.indices)]
     samples = getattr(dataset, "samples", None)
     if isinstance(samples, list) and getattr(dataset, "root", None) is not None:
         root = str(dataset.root)
-        return ["folder", [(os.path.relpath(path, root), label) for path, label in samples]]
+        return ["folder", [(os.path.relpath(path, root), label, os.path.getsize(path)) for path, label in samples]]
     return [type(dataset).__name__, len(dataset) if hasattr(dataset, "__len__") else None]
+
+
+def data_digest(data: dict[str, Any]) -> str | None:
+    """The digest of the eval set's ``dataset_identity`` (a run's ``data`` section), None where the data cannot be
+    read here (a laptop validating a cluster config)."""
+    from bench.pipeline.files import digest
+
+    try:
+        return digest(dataset_identity(cached_dataset(data, "val")), 16)
+    except (OSError, DataError, RuntimeError, ValueError):
+        return None
 
 
 def run_dataset(data: dict[str, Any], split: str, augment: bool = False) -> Dataset:

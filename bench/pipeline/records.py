@@ -21,6 +21,8 @@ A record (``schema: 1``), as ``build_record`` makes it::
         "config_file": "configs/quickstart.yaml", "key": "...", "params_label": "r=4"
       },
       "method_revision": 0,                  # Method.revision of the code that computed it (absent: 0)
+      "data_digest": "0a1b2c3d4e5f6a7b",     # the eval images it was computed on (data.dataset_identity; absent:
+                                             # not checked): a rerun redoes it when the data folder holds others
       "metrics": {                           # one entry per stage that ran (bench/pipeline/stages/)
         "eval": {"top1": 89.3, "top5": 99.8, "loss": 0.31, "nll": 0.31, "ece": 0.021, "agreement": 97.2,
                  "feature_cos": 0.993, "images": 10000},
@@ -79,7 +81,7 @@ class RecordError(ValueError):
 
 def build_record(run: dict[str, Any], metrics: dict[str, Any], tokens_per_layer: dict[str, list[int]] | None,
                  method_stats: dict[str, dict[str, float]], env: dict[str, Any], started_at: str,
-                 wall_s: float, method_revision: int = 0) -> dict[str, Any]:
+                 wall_s: float, method_revision: int = 0, data_digest: str | None = None) -> dict[str, Any]:
     """The record of a finished run (``run``: ``RunSpec.to_dict()``); ``finished_at`` is now."""
     return {
         "schema": SCHEMA,
@@ -87,6 +89,7 @@ def build_record(run: dict[str, Any], metrics: dict[str, Any], tokens_per_layer:
         "experiment": run["experiment"],
         "run": run,
         "method_revision": method_revision,
+        "data_digest": data_digest,
         "metrics": metrics,
         "tokens_per_layer": tokens_per_layer,
         "method_stats": method_stats,

@@ -21,6 +21,7 @@ import bench
 from bench.pipeline.accelerator import cuda_environment
 from bench.pipeline.config import RunSpec
 from bench.pipeline.context import StageContext
+from bench.pipeline.data import data_digest
 from bench.pipeline.distributed import rank_device
 from bench.pipeline.files import REPO, atomic_write_json
 from bench.pipeline.fingerprint import check_unchanged
@@ -132,7 +133,8 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
                 return None
     record = build_record(run.to_dict(), metrics, ctx.tokens_per_layer, ctx.method_stats,
                           environment(device, run.sdpa_backend),
-                          started_at=started, wall_s=time.time() - clock, method_revision=model.method.revision)
+                          started_at=started, wall_s=time.time() - clock, method_revision=model.method.revision,
+                          data_digest=data_digest(run.data))
     write_record(record_path(results_dir, run.key), record)
     failure_path(results_dir, run.key).unlink(missing_ok=True)
     return record

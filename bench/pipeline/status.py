@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.pipeline.files import canonical
 from bench.pipeline.records import (
     RecordError,
     last_error_line,
@@ -36,9 +37,11 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
     published numbers are not part of the run key, so a ``reference`` entry added to or changed in the
     experiment after its runs finished reaches their records (and the report) without recomputing them.
     Likewise a changed ``finetune.export`` path gets the run's saved fine-tuned weights."""
+    from bench.pipeline.data import data_digest
     from bench.pipeline.stages.finetune import restore_export
 
     todo, notes, updated = [], [], 0
+    digests: dict[str, str | None] = {}  # per data section: the eval images the folder holds now
     for run in runs:
         path = record_path(results_dir, run.key)
         if not path.exists() or force:
@@ -49,6 +52,14 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
         except RecordError as error:
             moved = f"moved to {set_aside_file(path).name}" if set_aside else "it would be set aside"
             notes.append(f"warning: {error}; {moved}, the run is redone")
+            todo.append(run)
+            continue
+        recorded = record.get("data_digest")
+        if recorded and (now := digests.setdefault(canonical(run.data), data_digest(run.data))) and now != recorded:
+            moved = f"moved to {set_aside_file(path, 'stale').name}" if set_aside else "it would be set aside"
+            notes.append(f"warning: run {run.key}: its record was computed on other eval images than "
+                         f"{run.data.get('root') or run.data['name']} holds now (changed in place, or another folder "
+                         f"of the same name); {moved}, the run is redone")
             todo.append(run)
             continue
         if set_aside and record["run"].get("reference") != run.reference:

@@ -45,16 +45,17 @@ def read_json(path: str | os.PathLike) -> Any:
         raise TextError(path, f"cut off or malformed JSON (line {error.lineno}, column {error.colno})") from None
 
 
-def set_aside(path: str | os.PathLike) -> Path:
-    """Rename ``path`` to ``<name>.torn.<n>`` with the first unused ``n`` (an earlier torn copy is never
-    overwritten: ``os.link`` refuses an existing name) and return the new path."""
+def set_aside(path: str | os.PathLike, why: str = "torn") -> Path:
+    """Rename ``path`` to ``<name>.<why>.<n>`` (``torn``: unreadable; ``stale``: computed on other data) with the
+    first unused ``n`` (an earlier copy is never overwritten: ``os.link`` refuses an existing name) and return the
+    new path."""
     path = Path(path)
     for n in range(1, 100000):
-        target = path.with_name(f"{path.name}.torn.{n}")
+        target = path.with_name(f"{path.name}.{why}.{n}")
         try:
             os.link(path, target)
         except FileExistsError:
             continue
         path.unlink()
         return target
-    raise OSError(f"{path}: too many torn copies beside it")
+    raise OSError(f"{path}: too many {why} copies beside it")
