@@ -368,14 +368,17 @@ def test_every_entry_is_checked_before_any_budget_is_calibrated(tmp_path, capsys
     gap = {"name": "vit_tiny_patch16_224", "label": "gap",
            "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depth": 4,
                       "num_heads": 2, "class_token": False, "global_pool": "avg"}}
-    cfg = {**cfg, "defaults": {**cfg["defaults"], "model": gap, "weights": None},
-           "grid": {"methods": ["baseline", "tome", {"method": "ats", "layers": [1, 2]}]}}
-    path.write_text(yaml.safe_dump(cfg))
-    for flags in (["--dry-run"], []):
-        assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), *flags]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith(f"error: {path}: grid.methods[2]: method 'ats' scores tokens by the class token's "
-                              "attention") and len(err.splitlines()) == 1, err
+    for method in ({"method": "ats", "layers": [1, 2]}, {"method": "evit", "layers": [1]}):
+        # EViT reduces nothing at its least reduction (keep_rate 1): the check also runs at a reducing value
+        cfg = {**cfg, "defaults": {**cfg["defaults"], "model": gap, "weights": None},
+               "grid": {"methods": ["baseline", "tome", method]}}
+        path.write_text(yaml.safe_dump(cfg))
+        for flags in (["--dry-run"], []):
+            assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), *flags]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"error: {path}: grid.methods[2]: method '{method['method']}' scores tokens by the "
+                                  "class token's attention") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "cache" / "calibration.json").exists()
 
 
 def test_each_calibration_searched_is_announced_and_a_cached_one_is_not(tmp_path, capsys):

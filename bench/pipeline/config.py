@@ -599,7 +599,7 @@ class Parser:
                 self.warnings.append(f"warning: {self.path}: {where}: {method} @{target:.2f}: not calibrated here "
                                      f"({error}); calibrated when the run's data is present")
                 return params, None
-            raise self.error(where, f"{method} @{target:.2f}: calibration failed: {error}") from None
+            raise self.error(where, f"{method} @{target:.2f}: calibration failed: {error} ({base['model_label']})") from None
         self.calibrations.append({"model": base["model_label"], **result.__dict__})
         if not result.reachable:
             self.warnings.append(f"warning: {self.path}: {where}: {base['model_label']}: {result.describe()}")
@@ -611,22 +611,25 @@ class Parser:
         return built.params, result.budget()
 
     def check_uncalibrated(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str) -> None:
-        """``--no-calibrate``: a budget entry's other parameters are validated as a calibrated run's would be,
-        with its knob at the least reduction (0, the top of a float range, or the model's first choice)."""
+        """A budget entry's other parameters, validated as a calibrated run's would be before any calibration (and
+        under ``--no-calibrate``): with its knob at the least reduction (0, the top of a float range, or the model's
+        first choice) and at a value that reduces (1, the middle of a float range), where checks that apply only
+        to a reducing method run (EViT, top-k and PPT need a class token)."""
         import bench
         import methods
 
         vit = self.model_context(base, where)
         cls = methods.registered()[method]
         knob = cls.budget_knob
-        least = 0 if knob.kind == "int" else knob.high
+        values = [0, 1] if knob.kind == "int" else [knob.high, (knob.low + knob.high) / 2]
         if knob.kind == "choice":
             try:
-                least = cls.budget_choices(cls.__new__(cls), bench.apply(vit, "baseline").context)[0]
+                values = cls.budget_choices(cls.__new__(cls), bench.apply(vit, "baseline").context)[:1]
             except ValueError:  # no choice for this model: calibrating would call the budget unreachable
                 return
-        self.check_method(vit, base, method, {**params, knob.name: least}, where,
-                          f"; budgets.macs sets {knob.name}, the method's budget knob")
+        for value in values:
+            self.check_method(vit, base, method, {**params, knob.name: value}, where,
+                              f"; budgets.macs sets {knob.name}, the method's budget knob")
 
     def check_method(self, vit: Any, base: dict[str, Any], method: str, params: dict[str, Any], where: str,
                      note: str = "") -> None:
