@@ -772,3 +772,31 @@ def test_timm_weights_unavailable_here_are_left_to_slurm_jobs_with_one_warning(t
         logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
         logging.getLogger("huggingface_hub.utils._http").error("gave up")
     assert [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")] == ["gave up"]
+
+
+def test_a_run_that_failed_in_this_submission_is_failed_while_slurm_still_lists_its_job(tmp_path, monkeypatch):
+    """sacct lags behind the job: a job whose run has just failed is still RUNNING for a moment, and the leaderboard
+    that run_bench --wait writes right after listed the run as running (user test 8). Its failure note, written
+    after the job was submitted, wins; an interrupted (preempted, requeued) run's job still shows pending."""
+    from types import SimpleNamespace
+
+    from bench.pipeline import runner, slurm
+    from bench.pipeline.status import collect_status
+
+    run = SimpleNamespace(key="k-tome")
+    submitted = "2026-01-01T00:00:00+00:00"
+    monkeypatch.setattr(slurm, "job_states", lambda results: {"k-tome": {
+        "job_id": "5_0", "state": "RUNNING", "submitted_at": submitted, "log": None}})
+    (tmp_path / "failed").mkdir()
+    for error, state in ((RuntimeError("boom"), "failed"), (KeyboardInterrupt(), "running")):
+        try:
+            raise error
+        except BaseException as raised:  # noqa: BLE001 - as the runner records it
+            runner._write_failure(tmp_path, run, raised)
+        (row,) = collect_status(["k-tome"], tmp_path)
+        assert row.state == state, row
+    assert collect_status(["k-tome"], tmp_path)[0].detail == "job 5_0 RUNNING"
+    runner._write_failure(tmp_path, run, RuntimeError("boom"))
+    monkeypatch.setattr(slurm, "job_states", lambda results: {"k-tome": {  # submitted again after that failure
+        "job_id": "6_0", "state": "PENDING", "submitted_at": "2999-01-01T00:00:00+00:00", "log": None}})
+    assert collect_status(["k-tome"], tmp_path)[0].state == "pending"

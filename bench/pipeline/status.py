@@ -100,7 +100,9 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
             rows.append(RunStatus(key, "interrupted", failure.get("error") or "", failure.get("log")))
         elif job and job["state"] in ("CANCELLED", NO_RECORD):  # scancel: no error of the run's own to show
             rows.append(RunStatus(key, "failed", state_message(job["job_id"], job["state"]), job.get("log")))
-        elif job and job["state"] in ACTIVE_STATES:  # a requeued (preempted) job is pending again, not failed
+        elif job and job["state"] in ACTIVE_STATES and not (  # a requeued (preempted) job is pending again
+                failure and failure.get("state") == "failed" and str(failure.get("time")) >= str(job.get("submitted_at"))):
+            # (a run that failed in this submission has failed, while SLURM still lists its job as ending)
             state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
             rows.append(RunStatus(key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
         elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):
