@@ -632,7 +632,8 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
             ax.scatter(points["gmacs"], points["top1"], color=method_colour[method], marker=marker, s=40,
                        zorder=3, label=label)
         short = legend[names]  # the full title (transform, weights) is in the markdown
-        ax.scatter([], [], color="grey", marker=marker, label=short if len(short) <= 60 else short[:57] + "...")
+        ax.scatter([], [], color="grey", marker=marker,  # cut in the middle: the end tells apart groups of one label
+                   label=short if len(short) <= 60 else short[:28] + "..." + short[-29:])
         unbudgeted = group[group["budget"].isna()]  # budget runs are told apart by their line and colour
         for rank, (_, row) in enumerate(unbudgeted.sort_values("gmacs", kind="stable").iterrows()):
             text = row["params"] if row["params"] else row["method"]

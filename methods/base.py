@@ -219,6 +219,12 @@ class Method:
         beyond its depth). An r larger than a layer allows is not an error here: it is capped, as in the
         reference code."""
 
+    @classmethod
+    def knob_acts(cls, params: dict[str, Any]) -> bool:
+        """Whether the budget knob changes what the method does with these (validated) parameters; labels show it
+        only then (``static``'s ``keep_rate`` acts only with ``not_contiguous: true``)."""
+        return True
+
     def check_budget(self, ctx: ReductionContext) -> None:
         """Stricter, for experiment files: raise ``ValueError`` when the requested reduction exceeds what
         the model has at all (r >= the number of patch tokens), where capping would hide a typo."""

@@ -85,6 +85,10 @@ class Static(Method):
                 "min_radius": 1.0}
     budget_knob = BudgetKnob("keep_rate", kind="float", cheaper="lower")  # with not_contiguous: true
 
+    @classmethod
+    def knob_acts(cls, params: dict[str, Any]) -> bool:
+        return bool(params.get("not_contiguous"))
+
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         pattern = params["heuristic_pattern"]
         if pattern not in PATTERNS:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = bench.apply(vit, "baseline")
     dense_macs = bench.count_macs(dense)
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {device_name(device)} "
-          f"({device}), {torch.get_num_threads()} threads, {args.runs} timed runs after {args.warmup} warm-up"
+          f"({device}), {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, {args.runs} timed runs after {args.warmup} warm-up"
           f"{', torch.compile (inductor)' if args.compile else ''}, attention: {args.sdpa_backend}")
     header = (f"{'method':10s} {'params':38s} {'GMACs':>6s} {'images/s':>9s} {'base img/s':>10s} "
               f"{'speed-up (95% interval)':>23s} {'MAC-ideal':>9s} {'of ideal':>8s} {'ceiling':>7s} "

@@ -291,7 +291,7 @@ BAD_INPUTS = [
     ({"stages": ["finetune"], "finetune": {"epochs": 2, "warmup_epochs": 3, "batch_size": 100}},
      "finetune.warmup_epochs: 3 is more than the 2 epochs of training; allowed: at most finetune.epochs"),
     ({"stages": ["finetune"], "finetune": {"label_smoothing": 1.5, "batch_size": 100}},
-     "finetune.label_smoothing: must be a number >= 0 <= 1, got 1.5"),
+     "finetune.label_smoothing: must be a number in [0, 1], got 1.5"),
     ({"finetune": {"epochz": 3}}, "finetune.epochz: unknown key; allowed: epochs, batch_size"),
     ({"throughput": {"batch_sizes": [0]}}, "throughput.batch_sizes[0]: must be an integer >= 1, got 0"),
     ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),

@@ -138,3 +138,17 @@ def test_forward_stats_print_counts_and_tensor_shapes_not_tensors():
     text = repr(bench.forward_stats(model))
     assert text.startswith("ForwardInfo(tokens_in=[65, 65, 57, 57, 49, 49") and "size=tensor(2, 49, 1)" in text
     assert "stats={1: {'pooled_fraction': " in text and len(text) < 1000, text
+
+
+def test_params_labels_show_the_budget_knob_where_it_acts():
+    from bench.pipeline.config import params_label
+
+    def label(name, **params):
+        return params_label(name, methods.build(name, **params).params)
+
+    assert label("evit") == "keep_rate=0.7"  # the default, shown: the setting a reader compares first
+    assert label("evit", layers=[1, 3]) == "keep_rate=0.7, layers=[1, 3]"
+    assert label("tome", r=4) == "r=4"
+    assert label("static") == ""  # contiguous: keep_rate does nothing there (user test 8)
+    assert label("static", not_contiguous=True) == "keep_rate=0.7, not_contiguous=True"
+    assert label("baseline") == ""

@@ -311,7 +311,8 @@ class Parser:
                 self.local_check(lambda: self.check_export(finetune["export"]))
             if finetune["warmup_epochs"] > finetune["epochs"]:
                 raise self.error("finetune.warmup_epochs", f"{finetune['warmup_epochs']} is more than the "
-                                 f"{finetune['epochs']} epochs of training; allowed: at most finetune.epochs")
+                                 f"{finetune['epochs']} epoch{'s' * (finetune['epochs'] != 1)} of training; allowed: at "
+                                 "most finetune.epochs")
             subset = (section.defaults.data.subset if section.defaults.data else None)
             if subset is not None and finetune["batch_size"] > subset:
                 raise self.error("finetune.batch_size", f"{finetune['batch_size']} is larger than the training set "
@@ -753,12 +754,13 @@ def _non_default(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def params_label(method: str, params: dict[str, Any]) -> str:
     """``r=13`` or ``keep_rate=0.7, layers=[1, 3, 5]``: the method's budget knob (even at its default: the setting
-    a reader compares first), then what differs from the method's defaults."""
+    a reader compares first; where it acts: ``Method.knob_acts``), then what differs from the method's defaults."""
     import methods
 
     shown = _non_default(method, params)
-    knob = methods.method_class(method).budget_knob
-    if knob is not None and knob.name in params and knob.name not in shown:
+    cls = methods.method_class(method)
+    knob = cls.budget_knob
+    if knob is not None and knob.name in params and knob.name not in shown and cls.knob_acts(params):
         shown = {knob.name: params[knob.name], **shown}
     return ", ".join(f"{k}={v}" for k, v in shown.items())
 

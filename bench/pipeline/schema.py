@@ -146,8 +146,11 @@ def _describe(kind: Any, meta: typing.Mapping[str, Any]) -> str:
         origin or kind, str(kind))
     if meta.get("positive"):
         name += " > 0"
-    if meta.get("minimum") is not None:
-        name += f" >= {meta['minimum']}"
-    if meta.get("maximum") is not None:
-        name += f" <= {meta['maximum']}"
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if low is not None and high is not None:
+        name += f" in [{low}, {high}]"
+    elif low is not None:
+        name += f" >= {low}"
+    elif high is not None:
+        name += f" <= {high}"
     return name
