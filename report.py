@@ -138,6 +138,8 @@ def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
             flat.setdefault("budget.target", None)  # a budget run beside a fixed run of the same setting
         differ = [name for name in dict.fromkeys(name for flat in settings for name in flat)  # set in all, unequal
                   if all(name in flat for flat in settings) and len({repr(flat[name]) for flat in settings}) > 1]
+        if len({rows[index]["finetune_epochs"] is None for index in indices}) > 1:  # [fine-tuned] tells them apart
+            differ = [name for name in differ if name != "stages" and not name.startswith("finetune.")]
         for index, flat in zip(indices, settings, strict=True):
             if differ:
                 label = "[" + ", ".join(f"{name}={_format_param(flat.get(name))}" for name in differ) + "]"
@@ -280,16 +282,18 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     for name in ("batch_size", "throughput_batch_size", "threads", "finetune_epochs"):  # integers with gaps, not 32.0
         df[name] = pd.to_numeric(df[name], errors="coerce").astype("Int64")
     dtypes = df["dtype"].fillna("").astype(str)
+    tuned = df["finetune_epochs"].notna()
     for _, group in df.groupby(GROUP, sort=False):
         bases = group[group["method"] == "baseline"]
         if bases.empty:
             continue
-        if (~bases["_earlier"]).any():  # --all: the current config's baseline, not an earlier one's
-            bases = bases[~bases["_earlier"]]
-        for dtype in dict.fromkeys(dtypes[group.index]):  # the baseline of the same dtype, else the first
-            index = group.index[dtypes[group.index] == dtype]
-            same = bases[dtypes[bases.index] == dtype]
-            base = same if len(same) else bases
+        for dtype, fine in dict.fromkeys(zip(dtypes[group.index], tuned[group.index], strict=True)):
+            index = group.index[(dtypes[group.index] == dtype) & (tuned[group.index] == fine)]
+            # the baseline of the same dtype and fine-tuning, else of the same dtype, else any
+            same_dtype = bases[dtypes[bases.index] == dtype]
+            base = next(pool for pool in (same_dtype[tuned[same_dtype.index] == fine], same_dtype, bases) if len(pool))
+            if (~base["_earlier"]).any():  # --all: the current config's baseline, not an earlier one's
+                base = base[~base["_earlier"]]
             base_top1, base_gmacs = _first_valid(base["top1"]), _first_valid(base["gmacs"])
             df.loc[index, "delta_top1"] = df.loc[index, "top1"] - base_top1
             if base_gmacs > 0:

@@ -478,6 +478,25 @@ def test_finetune_stage_trains_checkpoints_and_exports(tmp_path):
     assert (row["params"], row["finetune_epochs"], row["finetune_lr"]) == ("r=2 [fine-tuned]", 3, 0.001)
 
 
+def test_all_takes_a_fine_tuned_runs_delta_against_the_fine_tuned_baseline(tmp_path):
+    """report.py --all with the same methods fine-tuned (an earlier config) and off the shelf (the current one):
+    each row's Δ is against the baseline trained alike, and the labels say [fine-tuned] once (not also the
+    stages that differ)."""
+    methods_ = ["baseline", {"method": "tome", "r": 2}]
+    results = tmp_path / "results"
+    tuned = config(tmp_path, stages=["finetune", "eval"], grid={"methods": methods_},
+                   finetune={"epochs": 1, "batch_size": 100, "lr": 1e-3})
+    assert bench_main(write(tmp_path, tuned), results, "--no-report") == 0
+    assert bench_main(write(tmp_path, config(tmp_path, stages=["eval"], grid={"methods": methods_})), results) == 0
+    assert report.main([str(results), "--all", "--out", str(tmp_path / "all.md")]) == 0
+    df = report.load_all(results, everything=True)[0].set_index("params")
+    assert sorted(df.index) == ["", "[fine-tuned] [earlier config]", "r=2", "r=2 [fine-tuned] [earlier config]"]
+    for suffix in ("", " [fine-tuned] [earlier config]"):
+        base = df.loc[suffix.strip(), "top1"]
+        assert df.loc[f"r=2{suffix}", "delta_top1"] == pytest.approx(df.loc[f"r=2{suffix}", "top1"] - base)
+    assert df.loc["", "top1"] != df.loc["[fine-tuned] [earlier config]", "top1"]  # two different baselines
+
+
 @pytest.mark.parametrize("name", ["quickstart", "fmnist_vit", "deit_imagenet", "deit_s_ppt_finetune", "backbones"])
 def test_shipped_configs_are_valid_under_dry_run(name, tmp_path, capsys):
     path = REPO / "configs" / f"{name}.yaml"
