@@ -719,6 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = f"no record of a run the current config makes ({older}: --all shows them)" if older else \
             "no readable run record"
         print(f"report.py: error: {what} in {folder / 'runs'}{extra}", file=sys.stderr)
+        for line in unrecorded_runs(folder, experiment, set()):  # what became of the experiment's runs
+            print(f"report.py:   {line}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"report.py: skipped {problem}", file=sys.stderr)

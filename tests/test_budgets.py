@@ -115,6 +115,17 @@ def test_a_calibration_depends_on_its_method_modules_and_the_harness_only():
     assert harness <= {path.relative_to(REPO).as_posix() for path in code_files("tome")}
 
 
+def test_every_import_form_of_a_methods_module_is_followed():
+    """A method built on another by `from methods import droplast` (user test 8) must be recalibrated when that one
+    changes, as with `from methods.droplast import ...`."""
+    from bench.pipeline.calibrate import imported_modules
+
+    source = ("from methods import droplast\nfrom methods.base import Method, register\nimport methods.ops as o\n"
+              "from methods import (evit,\n    ppt as p)  # two\nfrom methods import tome, tofu  # more\n"
+              "import torch\nfrom bench.pipeline import methods_like\n\n\nclass Mine(droplast.DropLast):\n    pass\n")
+    assert imported_modules(source) == ["base", "ops", "droplast", "evit", "ppt", "tome", "tofu"]
+
+
 def test_pareto_auc_is_the_mean_top1_over_the_covered_range():
     assert pareto_auc([0.6, 0.8], [70.0, 80.0]) == pytest.approx(75.0)
     assert pareto_auc([0.8, 0.5, 0.6], [80.0, 60.0, 70.0]) == pytest.approx((0.1 * 65 + 0.2 * 75) / 0.3)

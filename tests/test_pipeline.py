@@ -268,6 +268,13 @@ def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, monkeypatch, ca
     assert len(listed) == 2 and listed[0].startswith("- tiny-fmnist-tome-r4-") and listed[1].startswith("- tiny-fmnist-evit-")
     assert listed[0].endswith(": failed, RuntimeError: injected failure in the macs stage") and listed[1].endswith(": todo")
     assert "2 run(s) of the experiment have no record" in capsys.readouterr().err
+    for record in (results / "runs").glob("*.json"):  # no record at all: no leaderboard, but what became of the runs
+        record.unlink()
+    assert report.main([str(results)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("report.py: error: no readable run record in ") and len(err) == 5, err
+    assert sum(line.startswith("report.py:   tiny-fmnist-") and line.endswith(": todo") for line in err) == 3
+    assert any(line.endswith(": failed, RuntimeError: injected failure in the macs stage") for line in err)
 
 
 BAD_INPUTS = [

@@ -76,6 +76,16 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
+def imported_modules(text: str) -> list[str]:
+    """The names a module's source imports from the ``methods`` package: ``from methods.x import ...``,
+    ``import methods.x``, ``from methods import x, y`` (also parenthesised over several lines)."""
+    names = re.findall(r"^[ \t]*(?:from|import)[ \t]+methods\.(\w+)", text, re.MULTILINE)
+    for parens, plain in re.findall(r"^[ \t]*from[ \t]+methods[ \t]+import[ \t]+(?:\(([^)]*)\)|([^\n#]+))", text,
+                                    re.MULTILINE):
+        names += [part.split(" as ")[0].strip() for part in (parens or plain).split(",")]
+    return [name for name in names if name.isidentifier()]
+
+
 def code_files(method: str) -> list[Path]:
     """What decides ``method``'s MAC counts: the harness (``bench/*.py``), the methods package's shared files
     (``__init__``, ``base``), the method's own module and the ``methods`` modules it imports (transitively), and
@@ -92,8 +102,7 @@ def code_files(method: str) -> list[Path]:
         if path in files or not path.is_file():
             continue
         files.add(path)
-        todo += [package / f"{name}.py" for name in re.findall(r"^\s*from methods\.(\w+) import", path.read_text(),
-                                                               re.MULTILINE)]
+        todo += [package / f"{name}.py" for name in imported_modules(path.read_text())]  # not a module: no such file
     return sorted(files | {*root.joinpath("bench").glob("*.py"), Path(__file__).resolve()})
 
 
