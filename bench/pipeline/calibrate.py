@@ -157,7 +157,8 @@ class Calibrator:
             return Calibration(**cache[key])
         started = time.perf_counter()
         result = self._search(method, params, target, knob, cls.data_dependent)
-        if self.announce:  # a search takes seconds to minutes on a large model: said as each one ends
+        if self.announce and result.reachable:  # a search takes seconds to minutes on a large model: said as each
+            # one ends (an unreachable budget is the caller's warning)
             self.announce(f"{result.describe()} in {time.perf_counter() - started:.1f} s")
         cache = read_json_or_none(cache_path()) or {}
         cache[key] = asdict(result)
