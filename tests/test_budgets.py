@@ -329,11 +329,12 @@ def test_ats_budget_is_calibrated_on_the_images_its_record_averages_and_the_cach
 
 
 def test_ranking_ties_ignore_float_noise_and_a_budget_no_method_reaches_keeps_its_column(budget_run, tmp_path):
-    """evit's cells 8.500000089 and 6.499999762 (float32 noise of 8.5 and 6.5) tie with tome's 7.5 and 7.5: the
+    """evit's cells 8.4999973 and 6.4999985 (float32 noise of 8.5 and 6.5, as records written before top-1 came
+    from the integer count carry: user test 9 saw tofu rank above random this way) tie with tome's 7.5 and 7.5: the
     name decides (evit first), not the noise. Every method unreachable at 0.55: that column stays, all '–'."""
     _, results = budget_run
     folder = tmp_path / "tie"
-    chosen = {"evit": (8.500000089406967, 6.499999761581421), "tome": (7.5, 7.5)}
+    chosen = {"evit": (8.499997282028198, 6.499998474121094), "tome": (7.5, 7.5)}
     for record in read_all(results)[0]:
         budget, method = record["run"]["budget"], record["run"]["method"]
         if method == "baseline" or (budget and budget["target"] == 0.8 and method in chosen):

@@ -81,6 +81,15 @@ def test_latency_percentiles():
     assert stats.percentile(times, 90) == pytest.approx(0.0091)
 
 
+def test_top1_is_the_exact_share_of_the_images():
+    from bench.pipeline.stages.eval import percent
+
+    hits = torch.zeros(2000, dtype=torch.bool)
+    hits[:1718] = True
+    assert percent(hits) == 85.9 and 100.0 * hits.float().mean().item() != 85.9  # float32 gave 85.9000027
+    assert percent(torch.ones(3, dtype=torch.bool)) == 100.0 and percent(torch.zeros(0, dtype=torch.bool)) == 0.0
+
+
 def test_slow_rounds_counts_forwards_over_three_times_the_median():
     assert stats.slow_rounds([0.010, 0.011, 0.009, 0.050, 0.010]) == 1  # median 0.010: 0.050 is 5x
     assert stats.slow_rounds([0.010, 0.011, 0.009, 0.030, 0.010]) == 0  # exactly 3x is not counted
