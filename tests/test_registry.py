@@ -151,4 +151,6 @@ def test_params_labels_show_the_budget_knob_where_it_acts():
     assert label("tome", r=4) == "r=4"
     assert label("static") == ""  # contiguous: keep_rate does nothing there (user test 8)
     assert label("static", not_contiguous=True) == "keep_rate=0.7, not_contiguous=True"
+    assert label("static", not_contiguous=True, keep_rate=0.75, layers=[1]) == \
+        "keep_rate=0.75, layers=[1], not_contiguous=True"  # the knob first, as the README says
     assert label("baseline") == ""

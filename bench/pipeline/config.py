@@ -760,8 +760,8 @@ def params_label(method: str, params: dict[str, Any]) -> str:
     shown = _non_default(method, params)
     cls = methods.method_class(method)
     knob = cls.budget_knob
-    if knob is not None and knob.name in params and knob.name not in shown and cls.knob_acts(params):
-        shown = {knob.name: params[knob.name], **shown}
+    if knob is not None and knob.name in params and (knob.name in shown or cls.knob_acts(params)):
+        shown = {knob.name: params[knob.name], **shown}  # first
     return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
