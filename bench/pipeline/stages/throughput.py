@@ -158,6 +158,6 @@ def run(ctx: StageContext) -> list[dict[str, Any]]:
         if slow:
             print(f"warning: throughput: {run.key}: batch {entry['batch_size']}: {slow} of {2 * entry['runs']} timed "
                   f"forwards took over {stats.SLOW_FACTOR:g}x their median (slowed from outside the model: another "
-                  "process, a clock or power-state change?): images/s and latency read low; the speed-up pairs each "
-                  "round's two forwards", file=sys.stderr)
+                  "process, a clock or power-state change?): latency p90 reads high; images/s and the speed-up are "
+                  "medians, moved only where many were", file=sys.stderr)
     return entries
