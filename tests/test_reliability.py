@@ -800,3 +800,28 @@ def test_a_run_that_failed_in_this_submission_is_failed_while_slurm_still_lists_
     monkeypatch.setattr(slurm, "job_states", lambda results: {"k-tome": {  # submitted again after that failure
         "job_id": "6_0", "state": "PENDING", "submitted_at": "2999-01-01T00:00:00+00:00", "log": None}})
     assert collect_status(["k-tome"], tmp_path)[0].state == "pending"
+
+
+def test_a_forced_rerun_that_fails_shows_as_failed_beside_its_earlier_record(tmp_path, capsys, monkeypatch):
+    """--force recomputes a finished run; when that attempt fails (or is cut), --status said 'done' from the earlier
+    record (user test 9): it now shows the attempt, and the record stays."""
+    import time
+
+    from bench.pipeline.stages import macs
+    from tests.test_pipeline import bench_main, config, write
+
+    path = write(tmp_path, config(tmp_path, stages=["macs"], grid={"methods": ["baseline", {"method": "tome", "r": 4}]}))
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    time.sleep(1.1)  # the notes' and records' times are whole seconds
+    original = macs.run
+    monkeypatch.setattr(macs, "run", lambda ctx: (_ for _ in ()).throw(RuntimeError("injected")) if ctx.run.method == "tome"
+                        else original(ctx))
+    assert bench_main(path, results, "--no-report", "--force") == 1
+    capsys.readouterr()
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if "-tome-" in line)
+    assert row.startswith("failed   tiny-fmnist-tome-r4-") and "RuntimeError: injected (a later attempt; the record of " in row
+    assert out[-1] == "1 done, 1 failed"
+    assert len(list((results / "runs").glob("*.json"))) == 2  # the earlier records stay

@@ -92,6 +92,10 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
                 state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"  # submitted again
                 rows.append(RunStatus(key, state, f"job {job['job_id']} {job['state']} (submitted again: the record "
                                                   f"of {record.get('finished_at')} stays until it finishes)", job.get("log")))
+            elif (failure := read_failure(results_dir, key)) and str(failure.get("time")) > str(record.get("finished_at")):
+                # redone (--force) since the record, and that attempt failed or was cut: the record stays
+                rows.append(RunStatus(key, failure.get("state") or "failed", f"{failure.get('error') or ''} (a later "
+                                      f"attempt; the record of {record.get('finished_at')} stays)", failure.get("log")))
             else:
                 rows.append(RunStatus(key, "done", log=(job or {}).get("log")))
             continue
