@@ -55,7 +55,8 @@ CSV_COLUMNS = [
 EXTRA_COLUMNS = [
     "experiment", "throughput_batch_size", "throughput_dtype", "device_name", "threads",
     "throughput_cuda_graphs", "throughput_cuda_graphs_error", "throughput_compile", "ref_top1", "ref_top5",
-    "ref_gmacs", "ref_source", "nonfinite_images", "finetune_epochs", "finetune_lr",
+    "ref_gmacs", "ref_source", "nonfinite_images", "finetune_epochs", "finetune_lr", "slow_rounds",
+    "baseline_slow_rounds",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -248,6 +249,9 @@ def _row(record: dict) -> dict[str, Any]:
         "_method_stats": record.get("method_stats") if isinstance(record.get("method_stats"), dict) else None,
         "_n_throughput": len(entries),
         "nonfinite_images": number(_get(metrics, "eval", "nonfinite_images")),
+        # timed forwards of the main batch size slowed from outside (method, dense): the throughput entry's counts
+        "slow_rounds": number(first.get("slow_rounds")),
+        "baseline_slow_rounds": number(first.get("baseline_slow_rounds")),
         # fine-tuned by the finetune stage before it was evaluated: epochs trained and the peak learning rate
         "finetune_epochs": len(history) if isinstance(history := _get(metrics, "finetune", "history"), list) else None,
         "finetune_lr": number(_get(run, "finetune", "lr")) if isinstance(history, list) else NAN,
@@ -279,7 +283,8 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=columns)
     if df.empty:
         return df
-    for name in ("batch_size", "throughput_batch_size", "threads", "finetune_epochs"):  # integers with gaps, not 32.0
+    for name in ("batch_size", "throughput_batch_size", "threads", "finetune_epochs", "slow_rounds",
+                 "baseline_slow_rounds"):  # integers with gaps, not 32.0
         df[name] = pd.to_numeric(df[name], errors="coerce").astype("Int64")
     dtypes = df["dtype"].fillna("").astype(str)
     tuned = df["finetune_epochs"].notna()

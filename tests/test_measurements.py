@@ -135,6 +135,11 @@ def test_forwards_slowed_from_outside_are_counted_warned_and_noted(tmp_path, mon
                                                  "outside the model (another process, a clock or power-state change?): "
                                                  "baseline ")
     assert " of 12 at batch 8; tome (r=4) " in note[0] and note[0].count(" of 12 at batch 8") == 2
+    csv = pd.read_csv(results / "leaderboard.csv").set_index("method")
+    for record in read_all(results)[0]:
+        (entry,) = record["metrics"]["throughput"]
+        row = csv.loc[record["run"]["method"]]
+        assert (row["slow_rounds"], row["baseline_slow_rounds"]) == (entry["slow_rounds"], entry["baseline_slow_rounds"])
 
 
 def test_ece_of_a_perfectly_calibrated_toy_is_zero():
