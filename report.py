@@ -201,6 +201,8 @@ def _row(record: dict) -> dict[str, Any]:
     method = str(run.get("method") or "")
     entries = _throughput_entries(record)
     first = entries[0] if entries else {}
+    history = _get(metrics, "finetune", "history")  # a list where the finetune stage trained the model
+    tuned = isinstance(history, list)
     reference = run.get("reference") if isinstance(run.get("reference"), dict) else {}
     weights = run.get("weights")
     return {
@@ -253,8 +255,8 @@ def _row(record: dict) -> dict[str, Any]:
         "slow_rounds": number(first.get("slow_rounds")),
         "baseline_slow_rounds": number(first.get("baseline_slow_rounds")),
         # fine-tuned by the finetune stage before it was evaluated: epochs trained and the peak learning rate
-        "finetune_epochs": len(history) if isinstance(history := _get(metrics, "finetune", "history"), list) else None,
-        "finetune_lr": number(_get(run, "finetune", "lr")) if isinstance(history, list) else NAN,
+        "finetune_epochs": len(history) if tuned else None,
+        "finetune_lr": number(_get(run, "finetune", "lr")) if tuned else NAN,
         "_slow": ", ".join(f"{slow} of {2 * entry['runs']} at batch {entry.get('batch_size')}" for entry in entries
                            if (slow := _slow_forwards(entry))),
         "_attention": run.get("sdpa_backend") or "auto",  # the attention kernel every model of the run used

@@ -39,7 +39,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def slow_rounds(times: Sequence[float], factor: float = SLOW_FACTOR) -> int:
     """How many of ``times`` took more than ``factor`` x their median: forwards slowed by something outside
-    the model (another process on the machine, a page fault storm), which lower images/s and latency p90."""
+    the model (another process on the machine, a clock change), which raise latency p90."""
     data = np.asarray(times, dtype=float)
     return int((data > factor * np.median(data)).sum()) if data.size else 0
 

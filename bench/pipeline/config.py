@@ -386,11 +386,11 @@ class Parser:
         if self.uncalibrated:
             self.warnings.append(f"warning: {self.path}: {self.uncalibrated} MAC-budget run(s) left out: not "
                                  "calibrated (--no-calibrate)")
-        if finetune and finetune["export"] and len(runs) > 1:
-            raise self.error("finetune.export", f"one file for {len(runs)} fine-tuning runs: each would overwrite "
-                             "it; allowed: a path in an experiment of one run, or null (every run keeps its own "
-                             "weights in <results>/checkpoints/<key>/final.pth)")
         if finetune and finetune["export"]:
+            if len(runs) > 1:
+                raise self.error("finetune.export", f"one file for {len(runs)} fine-tuning runs: each would overwrite "
+                                 "it; allowed: a path in an experiment of one run, or null (every run keeps its own "
+                                 "weights in <results>/checkpoints/<key>/final.pth)")
             for run in runs:
                 if run.weights_path and Path(run.weights_path) == Path(finetune["export"]):
                     raise self.error("finetune.export", f"{finetune['export']} is also the weights the run starts from "
@@ -673,8 +673,9 @@ class Parser:
     def make_run(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
                  references: list[ReferenceSection], budget: dict[str, Any] | None = None) -> RunSpec:
         vit = self.model_context(base, where)
-        self.check_method(vit, base, method, params, where,
-                          f"; budgets.macs sets {budget['knob']}, the method's budget knob" if budget else "")
+        if budget:  # the calibrated setting (a fixed entry was checked before any calibration)
+            self.check_method(vit, base, method, params, where,
+                              f"; budgets.macs sets {budget['knob']}, the method's budget knob")
         index = next((i for i, ref in enumerate(references) if ref.method == method
                       and (ref.model or base["model_label"]) == base["model_label"]
                       and (ref.params or {}).items() <= params.items()), None)

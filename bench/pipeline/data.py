@@ -418,11 +418,17 @@ def dataset_identity(dataset: Dataset) -> list[Any]:
 
 def data_digest(data: dict[str, Any]) -> str | None:
     """The digest of the eval set's ``dataset_identity`` (a run's ``data`` section), None where the data cannot be
-    read here (a laptop validating a cluster config)."""
+    read here (a laptop validating a cluster config). Computed once per invocation and data section (a folder's
+    files are listed and sized once): the records, the rerun check and the dense reference's cache share it."""
+    return _digest(json.dumps(data, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(data_json: str) -> str | None:
     from bench.pipeline.files import digest
 
     try:
-        return digest(dataset_identity(cached_dataset(data, "val")), 16)
+        return digest(dataset_identity(_cached(data_json, "val", False)), 16)
     except (OSError, DataError, RuntimeError, ValueError):
         return None
 
@@ -448,3 +454,4 @@ def cached_dataset(data: dict[str, Any], split: str, augment: bool = False) -> D
 
 def forget_datasets() -> None:
     _cached.cache_clear()
+    _digest.cache_clear()

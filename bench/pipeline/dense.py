@@ -12,7 +12,7 @@ import torch
 
 import bench
 from bench.pipeline.context import StageContext
-from bench.pipeline.data import dataset_identity
+from bench.pipeline.data import data_digest
 from bench.pipeline.files import atomic_torch_save, digest
 from bench.pipeline.models import load_model
 from bench.pipeline.predict import predict
@@ -20,10 +20,10 @@ from bench.pipeline.predict import predict
 
 def cache_path(ctx: StageContext) -> Path:
     """The cache file of the run's dense reference: keyed by the model, its weights (and their content), the data
-    section, the images the eval set holds (``dataset_identity``: a folder edited in place gets its own) and the
+    section, the images the eval set holds (``data_digest``: a folder edited in place gets its own) and the
     dtype."""
     run = ctx.run
-    identity = [run.model, run.model_kwargs, run.weights, run.data, run.dtype, dataset_identity(ctx.val_set())]
+    identity = [run.model, run.model_kwargs, run.weights, run.data, run.dtype, data_digest(run.data)]
     if run.weights_sha256:  # a checkpoint changed at the same path gets its own cache
         identity.append(run.weights_sha256)
     return Path(ctx.results_dir) / "cache" / f"dense-{digest(identity, 12)}.pt"
@@ -44,11 +44,9 @@ def dense_reference(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
     if path.exists():
         try:
             cached = torch.load(path, weights_only=True)
-            if len(cached["top1"]) == len(ctx.val_set()):  # else not this eval set's: recomputed
-                return cached["top1"], cached["features"].float()
+            return cached["top1"], cached["features"].float()
         except Exception:  # noqa: BLE001 - a torn (or earlier-format) cache file is recomputed
-            pass
-        path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
     torch.manual_seed(run.seed)  # with random-init weights: the same init as the run's own model
     vit = load_model(run.model, run.model_kwargs, run.weights_path).to(ctx.device)
     result = predict(bench.apply(vit, "baseline"), ctx.loader(ctx.val_set()), ctx.device, run.dtype,

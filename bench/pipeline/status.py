@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.pipeline.files import canonical
 from bench.pipeline.records import (
     RecordError,
     last_error_line,
@@ -41,7 +40,6 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
     from bench.pipeline.stages.finetune import restore_export
 
     todo, notes, updated = [], [], 0
-    digests: dict[str, str | None] = {}  # per data section: the eval images the folder holds now
     for run in runs:
         path = record_path(results_dir, run.key)
         if not path.exists() or force:
@@ -55,7 +53,7 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
             todo.append(run)
             continue
         recorded = record.get("data_digest")
-        if recorded and (now := digests.setdefault(canonical(run.data), data_digest(run.data))) and now != recorded:
+        if recorded and (now := data_digest(run.data)) and now != recorded:  # the images the folder holds now
             moved = f"moved to {set_aside_file(path, 'stale').name}" if set_aside else "it would be set aside"
             notes.append(f"warning: run {run.key}: its record was computed on other eval images than "
                          f"{run.data.get('root') or run.data['name']} holds now (changed in place, or another folder "
@@ -89,8 +87,7 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
                 rows.append(RunStatus(key, "todo", f"torn record: {error}"))
                 continue
             if job and job["state"] in ACTIVE_STATES and str(record.get("finished_at")) < str(job.get("submitted_at")):
-                state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"  # submitted again
-                rows.append(RunStatus(key, state, f"job {job['job_id']} {job['state']} (submitted again: the record "
+                rows.append(RunStatus(key, _active(job), f"job {job['job_id']} {job['state']} (submitted again: the record "
                                                   f"of {record.get('finished_at')} stays until it finishes)", job.get("log")))
             elif (failure := read_failure(results_dir, key)) and str(failure.get("time")) > str(record.get("finished_at")):
                 # redone (--force) since the record, and that attempt failed or was cut: the record stays
@@ -107,8 +104,7 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
         elif job and job["state"] in ACTIVE_STATES and not (  # a requeued (preempted) job is pending again
                 failure and failure.get("state") == "failed" and str(failure.get("time")) >= str(job.get("submitted_at"))):
             # (a run that failed in this submission has failed, while SLURM still lists its job as ending)
-            state = "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
-            rows.append(RunStatus(key, state, f"job {job['job_id']} {job['state']}", job.get("log")))
+            rows.append(RunStatus(key, _active(job), f"job {job['job_id']} {job['state']}", job.get("log")))
         elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):
             error = (failure or {}).get("error") or (job and _log_error(job.get("log"))) or "no record written"
             log = (job or {}).get("log") or (failure or {}).get("log")
@@ -117,6 +113,11 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
         else:
             rows.append(RunStatus(key, "todo"))
     return rows
+
+
+def _active(job: dict) -> str:
+    """The state of a run whose job SLURM still holds: running, or pending (queued, requeued)."""
+    return "running" if job["state"] in ("RUNNING", "COMPLETING") else "pending"
 
 
 def _log_error(log: str | None) -> str | None:
