@@ -86,6 +86,53 @@ def test_take_and_add_at_backpropagate_like_gather_and_scatter_add():
         assert torch.equal(a, b)
 
 
+def _captured_graph(fn, *args) -> tuple[torch.Tensor, list[str]]:
+    """``fn(*args)`` under ``torch.compile`` with a backend that keeps dynamo's graph: its result and the
+    operators the graph calls."""
+    graphs = []
+
+    def backend(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return out, [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op in ("call_function", "call_method")]
+
+
+def test_a_pooling_compiled_for_the_cpu_keeps_atens_index_add():
+    """Under torch.compile on the CPU, ``add_at`` of a pooling (as many rows added as the result has: MCTF,
+    DPC-KNN) calls the opaque ``tokenbench::add_rows`` (ATen's index_add), not an index_add inductor would
+    decompose into per-element atomic adds; a few merged rows (ToMe) stay inductor's to fuse. Same values."""
+    t, src = _batch(20, 4, 6, 8), _batch(21, 4, 9, 8) * 1e3
+    pool_index, merge_index = _index(22, 4, 9, 6), _index(23, 4, 2, 6)
+    expected = t.scatter_add(1, pool_index[..., None].expand(-1, -1, 8), src)
+    pooled, ops = _captured_graph(lambda a, i, b: add_at(a.clone(), i, b, inplace=True), t, pool_index, src)
+    assert "tokenbench.add_rows.default" in ops and not any("index_add" in op for op in ops)
+    assert torch.equal(pooled, expected)
+    merged, ops = _captured_graph(lambda a, i, b: add_at(a, i, b), t, merge_index, src[:, :2])
+    assert "tokenbench.add_rows.default" not in ops and any("index_add" in op for op in ops)
+    assert torch.equal(merged, t.scatter_add(1, merge_index[..., None].expand(-1, -1, 8), src[:, :2]))
+    # inductor itself: the operator runs as ATen's kernel, the sums in eager's order (bit for bit)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, i, b: add_at(a, i, b) * 2.0, fullgraph=True)
+    assert torch.equal(compiled(t, pool_index, src), expected * 2.0)
+    torch._dynamo.reset()
+
+
+def test_the_compiled_pooling_backpropagates_like_scatter_add():
+    t, src = _batch(24, 3, 5, 4).requires_grad_(), _batch(25, 3, 7, 4).requires_grad_()
+    index, weight = _index(26, 3, 7, 5), _batch(27, 3, 5, 4)
+    torch._dynamo.reset()
+    fast = torch.compile(lambda a, b: (add_at(a, index, b) * weight).sum(), backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(fast(t, src), (t, src))
+    torch._dynamo.reset()
+    slow = (t.scatter_add(1, index[..., None].expand(-1, -1, 4), src) * weight).sum()
+    for a, b in zip(grads, torch.autograd.grad(slow, (t, src)), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_elu_is_the_correctly_rounded_elu():
     x = torch.linspace(-4, 2, 20001, dtype=torch.float32)
     exact = F.elu(x.double())  # float64: 29 more bits than the float32 result
