@@ -61,16 +61,29 @@ QUICKSTART = {"batch_size": 64, "device": "cpu", "threads": 2}  # the quickstart
 SETTINGS = [(name, dict(cls.paper_params)) for name, cls in sorted(methods.registered().items())]
 
 
+def at_least(least: int):
+    """An argparse type: an int >= ``least`` (a bad value is argparse's one line, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deit_small_patch16_224",
                         help="a timm model name, or 'quickstart' (configs/quickstart.yaml's model and runs)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (quickstart: 64)")
+    parser.add_argument("--batch-size", type=at_least(1), default=None, help="default 32 (quickstart: 64)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--device", default=None, help="default cuda if available (quickstart: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="default torch's (quickstart: 2)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--threads", type=at_least(1), default=None, help="default torch's (quickstart: 2)")
+    parser.add_argument("--warmup", type=at_least(0), default=3)
+    parser.add_argument("--runs", type=at_least(1), default=10)
     parser.add_argument("--compile", action="store_true", help="time the three models under torch.compile")
     parser.add_argument("--only", nargs="+", metavar="METHOD", help="time only these methods (and the dense model)")
     parser.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default=None,
@@ -84,14 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r}: this machine has no CUDA device")
+    if args.model != "quickstart" and not timm.is_model(args.model):
+        parser.error(f"--model {args.model!r} is not a timm model name (timm.list_models() lists them) nor 'quickstart'")
     if args.model == "quickstart":
         vit, settings, batch, kernel = quickstart(args.batch_size, device)
         args.sdpa_backend = args.sdpa_backend or kernel
     else:
         vit = timm.create_model(args.model, pretrained=False).eval().to(device)
         settings = [(name, params, ", ".join(f"{k}={v}" for k, v in params.items())) for name, params in SETTINGS]
-        size = model_input_size(bench.apply(vit, "baseline"))
+        try:
+            size = model_input_size(bench.apply(vit, "baseline"))
+        except ValueError as error:  # not a ViT the harness drives
+            parser.error(f"--model {args.model!r}: {error}")
         batch = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(1)).to(device)
         args.sdpa_backend = args.sdpa_backend or "auto"
     try:

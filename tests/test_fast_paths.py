@@ -232,7 +232,11 @@ def benchmark_script():
 
     spec = importlib.util.spec_from_file_location("benchmark_methods", REPO / "scripts" / "benchmark_methods.py")
     script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    sys.path.insert(0, str(REPO / "scripts"))  # its ``import _repo``
+    try:
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.pop(0)
     return script
 
 
@@ -251,6 +255,24 @@ def test_benchmark_compile_times_the_three_models_compiled_afresh_per_method(mon
     assert resets == [0, 3]  # before each method's three models
     methods_passed = [model.method.name for model in passed]
     assert methods_passed == ["tome", "schedule-only", "baseline"] * 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nosuchmodel"], "--model 'nosuchmodel' is not a timm model name"),
+    (["--model", "resnet18"], "needs a timm VisionTransformer"),
+    (["--runs", "0"], "argument --runs: 0 is below 1"),
+    (["--batch-size", "0"], "argument --batch-size: 0 is below 1"),
+    (["--warmup", "-1"], "argument --warmup: -1 is below 0"),
+    (["--threads", "two"], "argument --threads: 'two' is not an integer"),
+    (["--device", "bogus"], "--device 'bogus'"),
+])
+def test_benchmark_refuses_bad_arguments_in_one_line(argv, message, capsys):
+    """Each was a traceback after the model was built (or, ``--warmup -1``, accepted): one line, exit 2."""
+    with pytest.raises(SystemExit) as stop:
+        benchmark_script().main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
 def test_benchmark_room_and_fixed_cost_columns(monkeypatch):

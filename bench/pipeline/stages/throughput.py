@@ -7,7 +7,7 @@ forward (``bench.memory``; ``peak_mem_kind`` says which), the dense baseline's o
 (``baseline_...``) and the speed-up: the median of the paired per-round ratios (dense time / method time)
 with a seeded bootstrap 95% interval (``bench.stats``), and ``slow_rounds`` / ``baseline_slow_rounds``: timed
 forwards that took over 3x their median (slowed from outside: a warning line, and a note in the report). With ``compile: true`` both models run under
-``torch.compile`` (compiled afresh per batch size, before the warm-up: ``compile_s``), and the method's
+``torch.compile`` (compiled afresh per batch size, before the warm-up: ``compile_s``, both models'), and the method's
 graph breaks are counted once (``torch._dynamo.explain``). ``throughput.auto`` (CUDA): after the listed
 sizes, the batch size doubles until the GPU runs out of memory; those entries carry ``auto: true`` and the
 size that did not fit an entry ``out_of_memory: true`` without numbers. ``throughput.cuda_graphs`` (CUDA):
