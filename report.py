@@ -56,7 +56,8 @@ EXTRA_COLUMNS = [
     "experiment", "throughput_batch_size", "throughput_dtype", "device_name", "threads",
     "throughput_cuda_graphs", "throughput_cuda_graphs_error", "throughput_compile", "ref_top1", "ref_top5",
     "ref_gmacs", "ref_source", "nonfinite_images", "finetune_epochs", "finetune_lr", "slow_rounds",
-    "baseline_slow_rounds",
+    "baseline_slow_rounds", "latency_p50_ms", "latency_p90_ms", "peak_mem_mb", "peak_mem_kind",
+    "baseline_latency_p50_ms", "baseline_latency_p90_ms", "baseline_peak_mem_mb",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -254,6 +255,11 @@ def _row(record: dict) -> dict[str, Any]:
         # timed forwards of the main batch size slowed from outside (method, dense): the throughput entry's counts
         "slow_rounds": number(first.get("slow_rounds")),
         "baseline_slow_rounds": number(first.get("baseline_slow_rounds")),
+        # latency and peak memory of the main batch size, the method's and the dense baseline's (other batch
+        # sizes: the records and the leaderboard's latency / memory table)
+        **{f"{who}{field}": number(first.get(f"{who}{field}")) for who in ("", "baseline_")
+           for field in ("latency_p50_ms", "latency_p90_ms", "peak_mem_mb")},
+        "peak_mem_kind": first.get("peak_mem_kind"),
         # fine-tuned by the finetune stage before it was evaluated: epochs trained and the peak learning rate
         "finetune_epochs": len(history) if tuned else None,
         "finetune_lr": number(_get(run, "finetune", "lr")) if tuned else NAN,
@@ -543,6 +549,11 @@ def _stats_line(stats: dict) -> str:
     return "; ".join(f"{name.replace('_', ' ')} per layer: {', '.join(parts)}" for name, parts in by_name.items())
 
 
+# the forward's counts: where images keep different numbers (ATS), the padded width of the batch; the tokens each
+# image keeps are the method's statistics under the table ("kept mean"), user test 11
+TOKENS_HEADER = "Tokens leaving each block (the batch's width: padded where images keep different counts)"
+
+
 def _tokens_section(df: pd.DataFrame) -> list[str]:
     has_tokens = df["_tokens_out"].map(lambda value: isinstance(value, list) and len(value) > 0)
     has_stats = df["_method_stats"].map(lambda value: bool(value))
@@ -555,7 +566,7 @@ def _tokens_section(df: pd.DataFrame) -> list[str]:
                  ", ".join(str(n) for n in row["_tokens_out"]) if isinstance(row["_tokens_out"], list) else ""]
                 for _, row in group.iterrows()]
         lines += [f"### {_group_title(model, data, weights)}", "",
-                  _table(rows, ["Method", "Params", "Tokens leaving each block"]), ""]
+                  _table(rows, ["Method", "Params", TOKENS_HEADER]), ""]
         for _, row in group.iterrows():
             if row["_method_stats"]:
                 label = row["method"] + (f" ({row['params']})" if row["params"] else "")

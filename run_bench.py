@@ -64,8 +64,13 @@ def fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.pipeline import interrupts
+
     try:
-        return _main(argv)
+        with interrupts.remembered():
+            code = _main(argv)
+            interrupts.check()  # a Ctrl-C Python dropped in a finalizer still ends here, exit 130
+            return code
     except KeyboardInterrupt:  # the run in progress has marked itself interrupted; finished records stay
         print("interrupted (Ctrl-C): finished runs keep their records (a run in progress is marked interrupted, "
               "finished calibrations stay cached); run the same command again to continue", file=sys.stderr)

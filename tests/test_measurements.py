@@ -140,6 +140,11 @@ def test_forwards_slowed_from_outside_are_counted_warned_and_noted(tmp_path, mon
         (entry,) = record["metrics"]["throughput"]
         row = csv.loc[record["run"]["method"]]
         assert (row["slow_rounds"], row["baseline_slow_rounds"]) == (entry["slow_rounds"], entry["baseline_slow_rounds"])
+        # the main batch size's latency and memory, the method's and the baseline's (user test 11: not in the CSV)
+        for field in ("latency_p50_ms", "latency_p90_ms", "peak_mem_mb", "baseline_latency_p50_ms",
+                      "baseline_latency_p90_ms", "baseline_peak_mem_mb"):
+            assert row[field] == pytest.approx(entry[field], rel=1e-12), field
+        assert row["latency_p50_ms"] > 0 and row["peak_mem_kind"] == entry["peak_mem_kind"] == "cpu_rss_growth"
 
 
 def test_ece_of_a_perfectly_calibrated_toy_is_zero():

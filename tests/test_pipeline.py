@@ -344,6 +344,12 @@ BAD_INPUTS = [
      "grid.models[0].weights: "),
     ({"defaults": {"model": {**MODEL, "name": "vit_nonexistent"}, "data": {"name": "fashion_mnist"}}},
      "unknown timm model 'vit_nonexistent'"),
+    ({"stages": ["eval", "tokens"], "tokens": {"images": 8},
+      "defaults": {"model": MODEL, "data": {"name": "fashion_mnist", "subset": 3}}},
+     "tokens.images: 8 is more than the eval images (defaults.data.subset: 3); allowed: at most 3"),
+    # the hint lists near spellings (it listed names sharing the first 6 characters: convit_small, ...)
+    ({"defaults": {"model": {**MODEL, "name": "vit_small_patch16_reg4_dinov2"}, "data": {"name": "fashion_mnist"}}},
+     "similar: vit_small_patch14_reg4_dinov2, "),
 ]
 
 

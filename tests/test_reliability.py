@@ -531,6 +531,44 @@ def test_ctrl_c_is_interrupted_not_failed_exit_130_without_traceback(tmp_path, c
     assert status.startswith("interrupted ") and "1 interrupted" in status
 
 
+class _DropsCtrlC:
+    """Collected at once: its finalizer receives a Ctrl-C, whose KeyboardInterrupt Python prints and drops
+    (``Exception ignored in ... __del__``), as it did in a ``weakref`` callback in user test 11."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)  # the handler runs inside raise_signal, inside the finalizer
+
+
+def test_a_ctrl_c_python_drops_in_a_finalizer_still_stops_the_runs(tmp_path, monkeypatch, capsys):
+    from bench.pipeline import executors, interrupts, runner
+
+    started = []
+
+    def first_run_gets_a_dropped_ctrl_c(spec, results_dir, **_):
+        started.append(spec["key"])
+        _DropsCtrlC()  # the KeyboardInterrupt is gone; the run itself finishes
+
+    monkeypatch.setattr(runner, "run_job", first_run_gets_a_dropped_ctrl_c)
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    path = config(tmp_path, grid={"methods": ["baseline", {"method": "tome", "r": 2}]})
+    from bench.pipeline.config import load_experiment
+
+    runs = load_experiment(path).runs
+    with interrupts.remembered(), pytest.raises(KeyboardInterrupt):
+        executors.run_inprocess(runs, tmp_path / "results", progress=False, announce=lambda line: None)
+    assert started == [runs[0].key]  # the second run never started
+    assert dropped == [KeyboardInterrupt]  # Python dropped it ("Exception ignored in ... __del__")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    interrupts.check()  # nothing pending once it was raised or the block left
+
+    # run_bench: dropped after the last run, it still exits 130 with its line (it exited 0)
+    monkeypatch.setattr(run_bench, "_main", lambda argv: (_DropsCtrlC(), 0)[1])
+    assert run_bench.main([]) == 130
+    assert dropped == [KeyboardInterrupt, KeyboardInterrupt]
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+
+
 def test_records_and_failure_notes_have_normal_permissions(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENBENCH_FAIL_KEYS", "*-tome-*")
     old = os.umask(0o022)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bench.pipeline import interrupts
 from bench.pipeline.files import atomic_write_json, cache_dir, canonical, digest
 
 MAX_CORRECTIONS = 4
@@ -257,6 +258,7 @@ class Calibrator:
     def _remember(self, kind: str, method: str, params: dict[str, Any], compute: Callable[[], float]) -> float:
         key = canonical([kind, method, params])
         if key not in self._memo:
+            interrupts.check()
             self._memo[key] = compute()
         return self._memo[key]
 

@@ -37,6 +37,7 @@ unreadable weights raise ``ConfigError`` naming the file, the key and what is al
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import itertools
 import os
@@ -318,6 +319,10 @@ class Parser:
                 raise self.error("finetune.batch_size", f"{finetune['batch_size']} is larger than the training set "
                                  f"(defaults.data.subset: {subset} images): not one full batch per epoch; allowed: "
                                  f"at most {subset}")
+        subset = section.defaults.data.subset if section.defaults.data else None
+        if "tokens" in stages and subset is not None and section.tokens.images > subset:  # was cut silently
+            raise self.error("tokens.images", f"{section.tokens.images} is more than the eval images "
+                             f"(defaults.data.subset: {subset}); allowed: at most {subset}")
         self.check_profile(section.slurm.profile)
         self.check_sdpa(section.defaults)
         for flag, what in (("auto", "doubling the batch size until out of memory needs"), ("cuda_graphs", "CUDA graphs need")):
@@ -519,7 +524,7 @@ class Parser:
         signature = model_signature(base)
         if signature not in self._contexts:
             if not timm.is_model(base["model"]):
-                close = timm.list_models(f"*{base['model'][:6]}*")[:5]
+                close = difflib.get_close_matches(base["model"], timm.list_models(), n=5, cutoff=0.8)
                 hint = f"; similar: {', '.join(close)}" if close else ""
                 raise self.error(f"{where}.name", f"unknown timm model {base['model']!r}{hint}")
             from bench.pipeline.models import create_model

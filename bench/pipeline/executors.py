@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.pipeline import interrupts
 from bench.pipeline.records import last_error_line
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def run_inprocess(runs: list[RunSpec], results_dir: Path, progress: bool = True,
 
     outcomes = []
     for index, run in enumerate(runs, start=1):
+        interrupts.check()
         announce(f"[{index}/{len(runs)}] {run.key}")
         started = time.time()
         try:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from bench.pipeline import interrupts
 from bench.throughput import autocast
 
 
@@ -36,6 +37,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dt
     stats_sum: dict[int, dict[str, float]] = {}
     seen, info, nonfinite = 0, None, 0
     for images, labels in tqdm(loader, desc=description, disable=not progress, leave=False, mininterval=2.0):
+        interrupts.check()
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
             if features:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from bench.pipeline import interrupts
 from bench.pipeline.files import atomic_torch_save, digest
 from bench.pipeline.schema import option
 from bench.throughput import autocast
@@ -230,6 +231,7 @@ def finetune(
             started = time.time()
             bar = _progress(loader, f"finetune epoch {epoch + 1}/{opts.epochs}", progress and rank == 0)
             for step, (images, targets) in enumerate(bar, start=first_step):
+                interrupts.check()
                 global_step = epoch * steps_per_epoch + step
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(global_step, total_steps, warmup_steps, opts)
