@@ -705,14 +705,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _not_a_file(path: str | Path) -> str | None:
-    """Why ``path`` cannot become a file (it names a folder, or a file stands where a folder above it must
-    be), or ``None``."""
+    """Why ``path`` cannot become a file (it names a folder, a file stands where a folder above it must be, or
+    the folder it would be written in is not writable: also a read-only file system, even as root), or
+    ``None``."""
     text = str(path)
     if text.endswith(("/", os.sep)) or os.path.isdir(text):  # os.path: False, not an error, on a bad name
         return "it names a folder, not a file"
     for parent in Path(text).parents:  # the nearest existing one decides
         if os.path.exists(parent):
-            return None if os.path.isdir(parent) else f"{parent} is not a folder"
+            if not os.path.isdir(parent):
+                return f"{parent} is not a folder"
+            return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
     return None
 
 

@@ -368,6 +368,31 @@ def test_unwritable_output_is_one_line_naming_it(results, tmp_path, capsys):
     assert (tmp_path / "runs").is_dir() and (tmp_path / "plain").read_text() == "a file"
 
 
+def test_an_unwritable_csv_or_plot_folder_is_refused_before_anything_is_written(results, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A read-only file system (user test 11: a read-only bind mount, as root) was found only when the CSV or the
+    plot was written, after the markdown and the figures. ``os.access`` says so up front (as root too, for a
+    read-only file system); simulated here, since the tests run as root where a read-only mode is no obstacle."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(report.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    out = tmp_path / "out"
+    out.mkdir()
+    for option in ("--csv", "--plot"):
+        path = locked / ("lb.csv" if option == "--csv" else "p.png")
+        assert report.main([str(results), "--out", str(out / "lb.md"), option, str(path)]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("report.py: skipped")]
+        assert errors == [f"report.py: error: cannot write {path} ({locked} is not writable)"]
+        assert list(out.iterdir()) == [] and list(locked.iterdir()) == []
+    # the results folder itself, without --out: named, nothing written there
+    monkeypatch.setattr(report.os, "access", lambda path, mode: Path(path) != results and real_access(path, mode))
+    assert report.main([str(results)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"report.py: error: cannot write {results / 'leaderboard.md'} "
+                                                        f"({results} is not writable)")
+    assert not (results / "leaderboard.md").exists() and not (results / "throughput.png").exists()
+
+
 # the same runs made under other settings: fp32 and bf16 (baseline and tome), and tome at another batch size
 SETTINGS = {"fp32": {}, "bf16": {"dtype": "bf16"}, "bs50": {"batch_size": 50}}
 SETTING_RUNS = {"baseline": ({"label": "deit-s", "weights": None}, "baseline"),
