@@ -559,8 +559,19 @@ def test_a_ctrl_c_python_drops_in_a_finalizer_still_stops_the_runs(tmp_path, mon
         executors.run_inprocess(runs, tmp_path / "results", progress=False, announce=lambda line: None)
     assert started == [runs[0].key]  # the second run never started
     assert dropped == [KeyboardInterrupt]  # Python dropped it ("Exception ignored in ... __del__")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-    interrupts.check()  # nothing pending once it was raised or the block left
+    assert sys.unraisablehook is not None and interrupts._pending is False  # nothing pending once raised
+    interrupts.check()
+
+    # a Ctrl-C raised and handled inside (``--wait``'s "stopped waiting") is not raised again at the end
+    def handled(argv):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            return 130
+        return 0
+
+    monkeypatch.setattr(run_bench, "_main", handled)
+    assert run_bench.main([]) == 130 and "interrupted (Ctrl-C)" not in capsys.readouterr().err
 
     # run_bench: dropped after the last run, it still exits 130 with its line (it exited 0)
     monkeypatch.setattr(run_bench, "_main", lambda argv: (_DropsCtrlC(), 0)[1])
