@@ -305,6 +305,7 @@ class Parser:
                              f"(not starting with '.'), got {name!r}")
         stages = tuple(stage for stage in STAGES if stage in section.stages)  # run order is fixed
         finetune = None
+        subset = section.defaults.data.subset if section.defaults.data else None  # the eval and training images
         if "finetune" in stages:
             finetune = section.finetune.to_dict()
             finetune["export"] = self.resolve(finetune["export"]) if finetune["export"] else None
@@ -314,12 +315,10 @@ class Parser:
                 raise self.error("finetune.warmup_epochs", f"{finetune['warmup_epochs']} is more than the "
                                  f"{finetune['epochs']} epoch{'s' * (finetune['epochs'] != 1)} of training; allowed: at "
                                  "most finetune.epochs")
-            subset = (section.defaults.data.subset if section.defaults.data else None)
             if subset is not None and finetune["batch_size"] > subset:
                 raise self.error("finetune.batch_size", f"{finetune['batch_size']} is larger than the training set "
                                  f"(defaults.data.subset: {subset} images): not one full batch per epoch; allowed: "
                                  f"at most {subset}")
-        subset = section.defaults.data.subset if section.defaults.data else None
         if "tokens" in stages and subset is not None and section.tokens.images > subset:  # was cut silently
             raise self.error("tokens.images", f"{section.tokens.images} is more than the eval images "
                              f"(defaults.data.subset: {subset}); allowed: at most {subset}")

@@ -27,7 +27,7 @@ def remembered() -> Iterator[None]:
 
     def hook(unraisable) -> None:
         global _pending
-        if isinstance(unraisable.exc_value, KeyboardInterrupt) or unraisable.exc_type is KeyboardInterrupt:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
             _pending = True
         previous(unraisable)
 
