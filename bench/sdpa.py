@@ -68,6 +68,18 @@ def written_out() -> bool:
     return _written_out
 
 
+def inductor(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+    """The ``torch.compile`` backend of the harness: inductor, with its pattern matcher off where the attention is
+    written out. Inductor's pattern matcher rewrites a written-out ``softmax(q k^T * scale) @ v`` (no bias: the
+    dense model, and every block before a method's first reduction or without proportional attention) back into
+    an SDPA kernel, which would time PyTorch's kernel under an ``explicit`` pin; on the CPU its flash kernel is
+    the slower one at the embedded model's size and does not follow the token count. Decided when a graph is
+    compiled (a compiled model guards on the pin, so a forward under another pin compiles its own graph)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(graph, example_inputs, config_patches={"pattern_matcher": False} if _written_out else None)
+
+
 def enabled_backends() -> list[str]:
     """The backends PyTorch may choose from right now (a pin narrows them to one)."""
     flags = {"flash": "flash_sdp_enabled", "efficient": "mem_efficient_sdp_enabled", "math": "math_sdp_enabled",

@@ -250,11 +250,16 @@ def test_compiled_and_eager_models_give_the_same_logits():
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     # a compiled model honours the attention kernel pinned around it: dynamo guards the pin, so a forward
     # under ``explicit`` would recompile (refused here) instead of replaying the SDPA graph
-    from bench.sdpa import sdpa_backend
+    from bench.sdpa import kernels_used, sdpa_backend
 
     with (torch._dynamo.config.patch(error_on_recompile=True), sdpa_backend("explicit"),
           pytest.raises(torch._dynamo.exc.RecompileError, match="_written_out")):
         throughput_stage.forward(throughput_stage.compiled(tome), batch, "fp32")
+    # ... and compiled under ``explicit`` its attention stays written out: inductor's pattern matcher would turn
+    # the blocks without a bias (tome's first) back into SDPA (bench.sdpa.inductor), as it does under ``auto``
+    with sdpa_backend("explicit"):
+        assert kernels_used(throughput_stage.compiled(tome), batch) == []
+    assert kernels_used(throughput_stage.compiled(tome), batch) == ["flash"]
     torch._dynamo.reset()
 
 
