@@ -45,6 +45,7 @@ from pathlib import Path
 import _repo  # noqa: F401 - this checkout first on sys.path
 import timm
 import torch
+from _args import at_least
 
 import bench
 import methods
@@ -59,19 +60,6 @@ QUICKSTART = {"batch_size": 64, "device": "cpu", "threads": 2}  # the quickstart
 
 # Every registered method at its reference setting on DeiT-S (Method.paper_params: one place for it).
 SETTINGS = [(name, dict(cls.paper_params)) for name, cls in sorted(methods.registered().items())]
-
-
-def at_least(least: int):
-    """An argparse type: an int >= ``least`` (a bad value is argparse's one line, exit 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{value} is below {least}")
-        return value
-    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import _repo  # noqa: F401 - this checkout first on sys.path
 import torch
+from _args import at_least
 
 import bench
 import methods
@@ -157,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--small", action="store_true", help="a tiny 12-block ViT at 64 px (CPU dry run)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 64 (--small: 4)")
-    parser.add_argument("--warmup", type=int, default=None, help="default 5 (--small: 1)")
-    parser.add_argument("--runs", type=int, default=None, help="default 20 (--small: 1)")
+    parser.add_argument("--batch-size", type=at_least(1), default=None, help="default 64 (--small: 4)")
+    parser.add_argument("--warmup", type=at_least(0), default=None, help="default 5 (--small: 1)")
+    parser.add_argument("--runs", type=at_least(1), default=None, help="default 20 (--small: 1)")
     parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    parser.add_argument("--ddp-procs", type=int, default=None, help="default: 2 when 2 GPUs exist, else 1")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--ddp-procs", type=at_least(1), default=None, help="default: 2 when 2 GPUs exist, else 1")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

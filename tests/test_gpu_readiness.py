@@ -481,6 +481,21 @@ def test_gpu_check_runs_on_cpu_with_a_small_model():
 
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "-3"], "argument --batch-size: -3 is below 1"),
+    (["--runs", "0"], "argument --runs: 0 is below 1"),
+    (["--warmup", "-1"], "argument --warmup: -1 is below 0"),
+    (["--ddp-procs", "0"], "argument --ddp-procs: 0 is below 1"),
+    (["--threads", "two"], "argument --threads: 'two' is not an integer"),
+])
+def test_gpu_check_refuses_bad_numbers_in_one_line(argv, message):
+    """Were accepted (``--warmup -1``, ``--runs 0`` as the default) or a traceback after the model was built."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--small", *argv],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(message), out.stderr[-500:]
+    assert "Traceback" not in out.stderr
+
+
 def test_gpu_check_refuses_another_device_in_one_line():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "tpu"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
