@@ -4,9 +4,9 @@ score replaced by noise; there is no official code (the project's own definition
 ``docs/methods.md#random``.
 
 Between the attention residual and the MLP of each block of ``layers``, keep ``K_i = int(P0 * keep_rate **
-(i + 1))`` patch tokens, independently per image, in ascending original order after the prefix tokens: those
-with the ``K_i`` largest keys. The key of patch position ``j`` of image ``b`` at block ``l`` is an integer hash
-(``mix32``, a bijection of 32-bit integers) of ``(seed, l, b, j)``, computed with integer tensor operations on
+(i + 1))`` patch tokens (at least one), independently per image, in ascending original order after the prefix
+tokens: those with the ``K_i`` largest keys. The key of patch position ``j`` of image ``b`` at block ``l`` is an
+integer hash (``mix32``, a bijection of 32-bit integers) of ``(seed, l, b, j)``, computed with integer tensor operations on
 the tokens' device: no generator, no copy from the host, the same tokens on every device, and a pattern that
 depends only on (seed, block, position in the batch, position among the block's patch tokens), never on the
 images, the batch size or what ran before.
@@ -37,7 +37,7 @@ def mix32(x):
 class RandomPrune(Method):
     """docs/methods.md#random"""
 
-    revision = 1  # 2026-11-26: keys from an integer hash on the device (docs/methods.md#random)
+    revision = 2  # 1 (2026-11-26): keys from an integer hash on the device; 2: at least one patch token stays
 
     defaults = {"keep_rate": 0.7, "layers": [3, 6, 9], "seed": 0}
     budget_knob = BudgetKnob("keep_rate", kind="float", cheaper="lower")
@@ -54,7 +54,7 @@ class RandomPrune(Method):
 
     def reduce(self, layer, tokens, signals, ctx):
         batch, count = tokens.x.shape[0], tokens.x.shape[1] - ctx.num_prefix
-        keep = layer_target(self, layer, ctx)
+        keep = max(layer_target(self, layer, ctx), 1)  # K_i = 0: one stays (a model may have no prefix token)
         if keep >= count:
             return tokens, None
         device = tokens.x.device

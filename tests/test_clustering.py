@@ -297,6 +297,24 @@ def test_random_counts_order_and_draws():
         assert len(set(_spec_keys(5, row, row, 4096))) == 4096
 
 
+def test_random_keeps_one_patch_token_where_the_schedule_truncates_to_zero():
+    """keep 0.01 on 64 patches: K_i = int(64 * 0.01) = 0. One patch token stays, the spec's largest key; a
+    model without a class token (average pool) runs (it was a reshape error with no token left)."""
+    vit, x = model(), images(2)
+    _, info = run(vit, x, "random", keep_rate=0.01, layers=[2])
+    assert info.tokens_mlp == [65] * 2 + [2] * 10
+    kept = info.source[:, 1:].argmax(dim=-1)[:, 0] - 1
+    assert kept.tolist() == [_spec_kept(0, 2, image, 64, 1)[0] for image in range(2)]
+    torch.manual_seed(0)
+    pooled = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10,
+                               class_token=False, global_pool="avg").eval()
+    reduced = bench.apply(pooled, "random", keep_rate=0.01, layers=[1])
+    with torch.no_grad():
+        logits = reduced(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert bench.forward_stats(reduced).tokens_mlp == [16] + [1] * 11
+
+
 def test_random_pattern_of_an_image_does_not_depend_on_the_batch_size():
     vit = model()
     x = images(4)
