@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device!r}: {error}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device!r}: this machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if args.model != "quickstart" and not timm.is_model(args.model):
         parser.error(f"--model {args.model!r} is not a timm model name (timm.list_models() lists them) nor 'quickstart'")
     if args.model == "quickstart":

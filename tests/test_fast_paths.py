@@ -275,6 +275,18 @@ def test_benchmark_refuses_bad_arguments_in_one_line(argv, message, capsys):
     assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
+def test_benchmark_refuses_a_gpu_index_this_machine_lacks(monkeypatch, capsys):
+    """``--device cuda:1`` with one GPU was a CUDA error after the model was built: one line, exit 2."""
+    script = benchmark_script()
+    monkeypatch.setattr(script.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(script.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--device", "cuda:1"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--device 'cuda:1': this machine has 1 CUDA device(s), cuda:0 to cuda:0")
+
+
 def test_benchmark_room_and_fixed_cost_columns(monkeypatch):
     """``room``: the own cost that would leave 0.9 of the MAC-ideal speed-up; ``fixed``: the own cost timed at
     batch 1 (method and ceiling only)."""
