@@ -57,7 +57,7 @@ EXTRA_COLUMNS = [
     "throughput_cuda_graphs", "throughput_cuda_graphs_error", "throughput_compile", "ref_top1", "ref_top5",
     "ref_gmacs", "ref_source", "nonfinite_images", "finetune_epochs", "finetune_lr", "slow_rounds",
     "baseline_slow_rounds", "latency_p50_ms", "latency_p90_ms", "peak_mem_mb", "peak_mem_kind",
-    "baseline_latency_p50_ms", "baseline_latency_p90_ms", "baseline_peak_mem_mb",
+    "baseline_latency_p50_ms", "baseline_latency_p90_ms", "baseline_peak_mem_mb", "compile_s", "graph_breaks",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -260,6 +260,9 @@ def _row(record: dict) -> dict[str, Any]:
         **{f"{who}{field}": number(first.get(f"{who}{field}")) for who in ("", "baseline_")
            for field in ("latency_p50_ms", "latency_p90_ms", "peak_mem_mb")},
         "peak_mem_kind": first.get("peak_mem_kind"),
+        # compile: true: both models' compilation time at the main batch size, the method's graph breaks
+        "compile_s": number(first.get("compile_s")),
+        "graph_breaks": number(first.get("graph_breaks")),
         # fine-tuned by the finetune stage before it was evaluated: epochs trained and the peak learning rate
         "finetune_epochs": len(history) if tuned else None,
         "finetune_lr": number(_get(run, "finetune", "lr")) if tuned else NAN,
@@ -292,7 +295,7 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     if df.empty:
         return df
     for name in ("batch_size", "throughput_batch_size", "threads", "finetune_epochs", "slow_rounds",
-                 "baseline_slow_rounds"):  # integers with gaps, not 32.0
+                 "baseline_slow_rounds", "graph_breaks"):  # integers with gaps, not 32.0
         df[name] = pd.to_numeric(df[name], errors="coerce").astype("Int64")
     dtypes = df["dtype"].fillna("").astype(str)
     tuned = df["finetune_epochs"].notna()

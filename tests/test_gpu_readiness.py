@@ -487,6 +487,7 @@ def test_gpu_check_runs_on_cpu_with_a_small_model():
     (["--warmup", "-1"], "argument --warmup: -1 is below 0"),
     (["--ddp-procs", "0"], "argument --ddp-procs: 0 is below 1"),
     (["--threads", "two"], "argument --threads: 'two' is not an integer"),
+    (["--batch-size", "99999999999999999999"], "argument --batch-size: 99999999999999999999 is above 2147483647"),
 ])
 def test_gpu_check_refuses_bad_numbers_in_one_line(argv, message):
     """Were accepted (``--warmup -1``, ``--runs 0`` as the default) or a traceback after the model was built."""

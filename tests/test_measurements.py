@@ -549,10 +549,10 @@ def test_compile_and_out_of_memory_are_noted(sweep_results, tmp_path):
     from bench.pipeline.records import record_path, write_record
 
     results, _ = sweep_results
-    for record in read_all(results)[0]:
+    for number, record in enumerate(read_all(results)[0]):
         method = record["run"]["method"]
         for entry in record["metrics"]["throughput"]:
-            entry.update(compile=True, graph_breaks=2 if method == "tome" else 0)
+            entry.update(compile=True, graph_breaks=2 if method == "tome" else 0, compile_s=10.0 + number)
         if method == "tome":
             record["metrics"]["throughput"].append({"batch_size": 16, "auto": True, "out_of_memory": True})
         write_record(record_path(tmp_path, record["key"]), record)
@@ -566,6 +566,13 @@ def test_compile_and_out_of_memory_are_noted(sweep_results, tmp_path):
     assert measurements.plot_throughput(df, tp, tmp_path / "t.png", report.GROUP, report.sort_group)
     assert ", torch.compile" in report._conditions(df)  # the main table's footnote says the runs were compiled
     assert "torch.compile" not in report._conditions(report.load_all(results)[0])
+    report.write_csv(df, tmp_path / "leaderboard.csv")  # the main batch size's compile time and graph breaks
+    csv = pd.read_csv(tmp_path / "leaderboard.csv").set_index("method")
+    for record in read_all(tmp_path)[0]:
+        first = record["metrics"]["throughput"][0]
+        row = csv.loc[record["run"]["method"]]
+        assert (row["compile_s"], row["graph_breaks"]) == (first["compile_s"], first["graph_breaks"])
+    assert csv.loc["tome", "graph_breaks"] == 2
 
 
 def test_figure_labels_add_the_weights_only_where_groups_would_read_alike():
