@@ -380,6 +380,14 @@ def test_cuda_without_a_gpu_is_one_line_before_any_run(tmp_path, capsys, monkeyp
             "allowed here: cpu or auto, or --executor slurm for GPU nodes"]
     assert not (results / "runs").exists() and not (results / "failed").exists()
     assert bench_main(path, results, "--dry-run", "--executor", "slurm") == 0
+    capsys.readouterr()
+    # ... but not to a cluster profile whose jobs get no GPU: every job would fail on its node (nothing submitted)
+    assert bench_main(path, results, "--executor", "slurm", "--profile", "local") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {path}: defaults.device: cuda, but cluster profile {REPO / 'slurm' / 'local.yaml'} gives its jobs no "
+        "GPU (gpus_per_node: 0); allowed: a profile with gpus_per_node >= 1 (e.g. slurm/example_gpu.yaml), or device "
+        "auto or cpu")
+    assert not (results / "logs").exists() and not (results / "jobs.json").exists()
 
 
 def test_an_export_onto_the_starting_weights_is_refused(tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 import submitit
 
 from bench.pipeline.files import REPO, atomic_write_json
-from bench.pipeline.profiles import Profile, eval_resources, load_profile
+from bench.pipeline.profiles import Profile, eval_resources, load_profile, profile_path
 from bench.pipeline.records import failure_path, last_error_line, now
 
 # An array task that neither squeue nor sacct lists while they list its array: cancelled before it started.
@@ -125,8 +125,13 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     (``jobs.json`` keeps their ids; a resubmitted run keeps its earlier ids in ``previous_job_ids``).
     ``redo`` (``--force``): a job recomputes its run even if a record appeared since submission.
     ``SubmitError`` when sbatch refuses (e.g. the controller is down)."""
+    name = profile or experiment.slurm.profile or "local"
+    settings = load_profile(name)
+    if settings.gpus_per_node == 0 and any(run.device == "cuda" for run in runs):  # every job would fail on its node
+        raise SubmitError(f"{experiment.file}: defaults.device: cuda, but cluster profile {profile_path(name)} gives "
+                          "its jobs no GPU (gpus_per_node: 0); allowed: a profile with gpus_per_node >= 1 (e.g. "
+                          "slurm/example_gpu.yaml), or device auto or cpu")
     ensure_slurm_conf()
-    settings = load_profile(profile or experiment.slurm.profile or "local")
     results_dir = Path(results_dir).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     if not runs:
