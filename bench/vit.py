@@ -231,8 +231,10 @@ class ReducedViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, tokens: TokenState | None = None) -> torch.Tensor:
         """timm's head. With ``tokens`` (the state that produced ``x``) average pooling weights each token by
-        its size and ignores padding: the sum of size-weighted patch tokens over the original patch count
-        (ToMe's rule for MAE), which equals timm's mean when nothing was reduced."""
+        its size and ignores padding: the sum of the size-weighted patch tokens over the sum of their sizes.
+        Where the sizes add up to the original patch count (merging: ToMe's rule for MAE) that is the original
+        count; where tokens were dropped, the mean of those that remain (as timm's mean of a shorter sequence);
+        with nothing reduced, timm's mean."""
         vit = self.vit
         reduced = tokens is not None and (tokens.size is not None or tokens.mask is not None)
         if not reduced or vit.attn_pool is not None or vit.global_pool != "avg":
@@ -241,8 +243,7 @@ class ReducedViT(nn.Module):
         weight = tokens.sizes()[:, first:]
         if tokens.mask is not None:
             weight = weight * tokens.mask[:, first:, None].to(weight.dtype)
-        original = self.context.num_tokens - first
-        pooled = (x[:, first:] * weight).sum(dim=1) / original
+        pooled = (x[:, first:] * weight).sum(dim=1) / weight.sum(dim=1)
         pooled = vit.head_drop(vit.fc_norm(pooled))
         return pooled if pre_logits else vit.head(pooled)
 

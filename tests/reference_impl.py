@@ -209,11 +209,11 @@ def head_and_sources(vit, tokens: list[torch.Tensor], sizes: list[float], source
                      p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of one image's final tokens, and the (N, N0) boolean map from output to input tokens.
 
-    Average-pool heads weight each token by its size over the original number of patches (ToMe's rule for
-    MAE); class-token heads read token 0."""
+    Average-pool heads weight each token by its size over the sum of those sizes (the original number of
+    patches after merges, ToMe's rule for MAE; fewer after pruning); class-token heads read token 0."""
     x = vit.norm(torch.stack(tokens)[None])
     if vit.global_pool == "avg":
-        pooled = sum(x[0, t] * sizes[t] for t in range(p, len(tokens))) / (n_input - p)
+        pooled = sum(x[0, t] * sizes[t] for t in range(p, len(tokens))) / sum(sizes[p:])
         logits = vit.head(vit.fc_norm(pooled[None]))[0]
     else:
         logits = vit.forward_head(x)[0]

@@ -20,7 +20,7 @@ import bench
 import methods
 import report
 import run_bench
-from bench.pipeline.config import load_experiment
+from bench.pipeline.config import RunSpec, load_experiment, run_key
 from bench.pipeline.data import DEBIAN_FMNIST, DataError, FashionMNIST, build_dataset, run_dataset
 from bench.pipeline.files import REPO
 from bench.pipeline.records import read_all
@@ -368,6 +368,11 @@ def test_backbones_config_is_valid_and_covers_every_method(tmp_path, capsys, mon
     for label, found in by_label.items():
         expected = set(methods.names()) - (CLASS_TOKEN_METHODS if label in GAP_LABELS else set())
         assert found == expected, (label, sorted(expected ^ found))
+    # the average-pool heads' rule is part of their runs' keys (changed 2026-11-26); class-token keys stay
+    assert {run.model_label for run in runs if run.pool_rule == "size-mean"} == GAP_LABELS
+    assert all(run.pool_rule is None for run in runs if run.model_label not in GAP_LABELS)
+    gap = next(run for run in runs if run.model_label in GAP_LABELS)
+    assert run_key(RunSpec.from_dict({**gap.to_dict(), "pool_rule": None})) != gap.key
     transforms = {run.model_label: run.data["transform"] for run in runs}
     assert transforms["dinov2-s-reg4"]["input_size"] == [3, 518, 518]
     assert transforms["vit-m-gap"]["crop_pct"] == 0.95

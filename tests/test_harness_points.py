@@ -191,6 +191,27 @@ def test_average_pooling_weights_tokens_by_size():
     assert (logits - plain_mean).abs().max() > 1e-3, "size weighting must differ from timm's plain mean"
 
 
+@pytest.mark.parametrize("class_token, method, params", [
+    (False, "random", {"keep_rate": 0.5, "layers": [1]}),
+    (False, "static", {"keep_rate": 0.5, "layers": [1], "not_contiguous": True}),
+    (False, "kmedoids", {"keep_rate": 0.5, "layers": [1]}),
+    (True, "topk", {"keep_rate": 0.5, "layers": [1]}),
+    (True, "pruning", {"r": 20, "layers": [1]}),
+])
+def test_average_pooling_of_pruned_tokens_is_timms_mean_of_those_left(class_token, method, params):
+    """Tokens dropped (sizes 1, their sum below the patch count): the head averages the tokens left, as timm's
+    own head does on the shorter sequence (user test 13: the sum over the original count shrank it to 5/16)."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, patch_size=8, num_classes=10,
+                            class_token=class_token, global_pool="avg", fc_norm=False).eval()
+    model = bench.apply(vit, method, **params)
+    with torch.no_grad():
+        logits = model(images(2))
+        features = model.forward_features(images(2))
+    assert features.shape[1] - int(class_token) < 64
+    torch.testing.assert_close(logits, vit.forward_head(features), atol=1e-5, rtol=1e-5)
+
+
 def test_attention_pool_heads_are_refused_with_a_reason():
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, patch_size=8, num_classes=10,
                             class_token=False, global_pool="map")

@@ -226,6 +226,10 @@ class RunSpec:
     tokens: dict[str, Any] = field(default_factory=lambda: asdict(TokensSection()))  # TokensSection
     compile: bool = False  # torch.compile for the throughput stage
     budget: dict[str, Any] | None = None  # {target, achieved, knob, value} for a run calibrated to a MAC budget
+    # an average-pool head: its rule for reduced tokens (bench.vit.ReducedViT.forward_head), part of the key; None:
+    # a class-token head. "size-mean": the size-weighted mean over the sizes (until 2026-11-26: over the original
+    # patch count, which shrank the mean where tokens were dropped)
+    pool_rule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -690,8 +694,9 @@ class Parser:
                          if k not in ("model", "method", "params") and v is not None}
         if self.check_files:
             self.local_check(lambda: self.check_data(base["data"], "finetune" in shared["stages"]))
+        pool_rule = "size-mean" if vit.global_pool == "avg" and getattr(vit, "attn_pool", None) is None else None
         run = RunSpec(**base, method=method, params=copy.deepcopy(params), **copy.deepcopy(shared),
-                      reference=reference, budget=budget)
+                      reference=reference, budget=budget, pool_rule=pool_rule)
         return RunSpec.from_dict({**run.to_dict(), "key": run_key(run), "params_label": params_label(method, params)})
 
     def check_data(self, data: dict[str, Any], needs_train: bool) -> None:
@@ -784,6 +789,8 @@ def run_key(run: RunSpec) -> str:
         del identity["weights_sha256"]  # no local file (none, URL, timm tag: the string identifies them)
     if not identity["compile"]:
         del identity["compile"]  # eager, as before the option: earlier keys stay
+    if identity.get("pool_rule") is None:
+        identity.pop("pool_rule", None)  # a class-token head: earlier keys stay
     if "tokens" not in run.stages:
         del identity["tokens"]  # only the tokens stage reads it
     for flag in ("auto", "cuda_graphs"):  # off, as before the options: earlier keys stay
