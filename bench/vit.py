@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
 from bench.attention import attention, attention_before, attention_from_probs, key_bias
@@ -117,6 +117,10 @@ class ReducedViT(nn.Module):
             raise ValueError(f"method {method.name!r} scores tokens by the class token's attention; this model has none")
         if any(step is not None for step in steps):
             check_pooling(vit, method.name)
+            if getattr(vit.patch_drop, "prob", 0) > 0:  # timm's PatchDropout: drops tokens before block 0 in training
+                raise ValueError(f"method {method.name!r}: this model drops patch tokens before the first block in "
+                                 f"training (patch_drop_rate={vit.patch_drop.prob}), which the method's token "
+                                 "counts do not expect; allowed: patch_drop_rate 0")
 
     # The timm attributes users reach for keep working on the wrapper.
     @property
@@ -295,6 +299,12 @@ def check_supported(model: nn.Module) -> None:
             raise ValueError(
                 f"block {index} of {type(model).__name__} is a {type(block).__name__}, not a timm ViT Block "
                 f"(norm1 / attn.qkv / ls1 / mlp expected; missing {missing or ['attn.qkv']})"
+            )
+        if not isinstance(attn, Attention):  # e.g. DiffAttention (attn_layer='diff'): a qkv, but another computation
+            raise ValueError(
+                f"block {index} of {type(model).__name__} attends with {type(attn).__name__}, not timm's Attention "
+                "(one softmax of q k^T over the tokens, which the harness computes itself); allowed: ViTs built "
+                "with attn_layer='attn'"
             )
 
 

@@ -212,6 +212,32 @@ def test_average_pooling_of_pruned_tokens_is_timms_mean_of_those_left(class_toke
     torch.testing.assert_close(logits, vit.forward_head(features), atol=1e-5, rtol=1e-5)
 
 
+def test_differential_attention_is_refused_in_one_line():
+    """timm's DiffAttention has a qkv but computes two softmaxes (user test 13: every method, baseline too, was a
+    reshape error at the first forward)."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10,
+                            attn_layer="diff")
+    for method, params in (("baseline", {}), ("tome", {"r": 2})):
+        with pytest.raises(ValueError) as refused:
+            bench.apply(vit, method, **params)
+        assert str(refused.value) == ("block 0 of VisionTransformer attends with DiffAttention, not timm's Attention "
+                                      "(one softmax of q k^T over the tokens, which the harness computes itself); "
+                                      "allowed: ViTs built with attn_layer='attn'")
+
+
+def test_patch_dropout_is_refused_for_a_reducing_method():
+    """timm's patch dropout drops tokens before block 0 in training (user test 13: static's layer schedule was an
+    IndexError); the dense model keeps it."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10,
+                            patch_drop_rate=0.25)
+    bench.apply(vit, "baseline")
+    with pytest.raises(ValueError) as refused:
+        bench.apply(vit, "static", layers=[1])
+    assert str(refused.value) == ("method 'static': this model drops patch tokens before the first block in training "
+                                  "(patch_drop_rate=0.25), which the method's token counts do not expect; allowed: "
+                                  "patch_drop_rate 0")
+
+
 def test_attention_pool_heads_are_refused_with_a_reason():
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, patch_size=8, num_classes=10,
                             class_token=False, global_pool="map")
