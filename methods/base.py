@@ -36,7 +36,14 @@ START, MID, END = "start", "mid", "end"
 POINTS = (START, MID, END)
 START_SIGNALS = frozenset({ATTN, METRIC, PREV_ATTN})  # what the harness can give before the attention
 
-REQUIRED = object()  # marks a parameter without a default
+class _Required:
+    """The marker of a parameter without a default (``methods.parameters`` shows it as ``REQUIRED``)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()  # marks a parameter without a default
 
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -366,6 +366,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message, more):
     assert message in err and more in err
 
 
+def test_a_refusal_unrelated_to_the_budget_knob_does_not_blame_the_budget(tmp_path, capsys):
+    """evit at a MAC budget on a model without a class token: the refusal is the class token's, not keep_rate's
+    (user test 13: it ended with "budgets.macs sets keep_rate, the method's budget knob")."""
+    cfg = config(tmp_path, budgets={"macs": [0.7]}, grid={"methods": ["baseline", {"method": "evit", "layers": [1]}]})
+    cfg["defaults"]["model"] = {**MODEL, "kwargs": {**MODEL["kwargs"], "class_token": False, "global_pool": "avg"}}
+    path = write(tmp_path, cfg)
+    assert bench_main(path, tmp_path / "results") == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "method 'evit' scores tokens by the class token's attention; this model has none (tiny-fmnist)")
+
+
 def test_cuda_without_a_gpu_is_one_line_before_any_run(tmp_path, capsys, monkeypatch):
     """In-process and local runs need the GPU here; SLURM submission from a CPU login node stays allowed (its
     --dry-run too)."""

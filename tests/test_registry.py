@@ -154,3 +154,10 @@ def test_params_labels_show_the_budget_knob_where_it_acts():
     assert label("static", not_contiguous=True, keep_rate=0.75, layers=[1]) == \
         "keep_rate=0.75, layers=[1], not_contiguous=True"  # the knob first, as the README says
     assert label("baseline") == ""
+
+
+def test_required_parameters_show_as_required():
+    """``methods.parameters`` lists a parameter without a default as ``REQUIRED`` (it printed
+    ``<object object at 0x...>``, user test 13)."""
+    assert repr(methods.parameters("tome")) == "{'r': REQUIRED, 'inflection': 0, 'prop_attn': True}"
+    assert repr(methods.parameters("ppt")["r"]) == "REQUIRED"

@@ -637,19 +637,19 @@ class Parser:
             except ValueError:  # no choice for this model: calibrating would call the budget unreachable
                 return
         for value in values:
-            self.check_method(vit, base, method, {**params, knob.name: value}, where,
-                              f"; budgets.macs sets {knob.name}, the method's budget knob")
+            self.check_method(vit, base, method, {**params, knob.name: value}, where, knob.name)
 
     def check_method(self, vit: Any, base: dict[str, Any], method: str, params: dict[str, Any], where: str,
-                     note: str = "") -> None:
+                     knob: str | None = None) -> None:
         """``method`` with ``params`` fits the model ``vit`` (a meta instance) and its budget, or one error line
-        at ``where`` naming the model (and ``note``)."""
+        at ``where`` naming the model (and, where the error is about ``knob``, that budgets.macs set it)."""
         import bench
 
         try:
             reduced = bench.apply(vit, method, **params)
             reduced.method.check_budget(reduced.context)
         except ValueError as error:
+            note = f"; budgets.macs sets {knob}, the method's budget knob" if knob and knob in str(error) else ""
             raise self.error(where, f"{error} ({base['model_label']}){note}") from None
 
     def _calibration_model(self, base: dict[str, Any], shared: dict[str, Any]):
@@ -682,8 +682,7 @@ class Parser:
                  references: list[ReferenceSection], budget: dict[str, Any] | None = None) -> RunSpec:
         vit = self.model_context(base, where)
         if budget:  # the calibrated setting (a fixed entry was checked before any calibration)
-            self.check_method(vit, base, method, params, where,
-                              f"; budgets.macs sets {budget['knob']}, the method's budget knob")
+            self.check_method(vit, base, method, params, where, budget["knob"])
         index = next((i for i, ref in enumerate(references) if ref.method == method
                       and (ref.model or base["model_label"]) == base["model_label"]
                       and (ref.params or {}).items() <= params.items()), None)
