@@ -6,10 +6,10 @@ score replaced by noise; there is no official code (the project's own definition
 Between the attention residual and the MLP of each block of ``layers``, keep ``K_i = int(P0 * keep_rate **
 (i + 1))`` patch tokens (at least one), independently per image, in ascending original order after the prefix
 tokens: those with the ``K_i`` largest keys. The key of patch position ``j`` of image ``b`` at block ``l`` is an
-integer hash (``mix32``, a bijection of 32-bit integers) of ``(seed, l, b, j)``, computed with integer tensor operations on
-the tokens' device: no generator, no copy from the host, the same tokens on every device, and a pattern that
-depends only on (seed, block, position in the batch, position among the block's patch tokens), never on the
-images, the batch size or what ran before.
+integer hash (``mix32``, a bijection of 32-bit integers) of ``(seed, l, b, j)``, computed with integer tensor
+operations on the tokens' device: no generator, no copy from the host, the same tokens on every device, and a
+pattern that depends only on (seed, block, position in the batch, position among the block's patch tokens), never
+on the images, the batch size or what ran before.
 """
 
 from __future__ import annotations
