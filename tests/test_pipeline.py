@@ -297,6 +297,9 @@ BAD_INPUTS = [
     ({"stages": ["finetune"], "finetune": {"lr": float("inf"), "batch_size": 100}}, "finetune.lr: must be a number >= 0, got inf"),
     ({"stages": ["finetune"], "finetune": {"epochs": 2, "warmup_epochs": 3, "batch_size": 100}},
      "finetune.warmup_epochs: 3 is more than the 2 epochs of training; allowed: at most finetune.epochs"),
+    ({"stages": ["finetune"], "finetune": {"batch_size": 45, "mixup": 0.8, "cutmix": 1.0}},
+     "finetune.batch_size: 45 is odd; mixup and cutmix (timm's Mixup) pair the images of each process's batch; "
+     "allowed: an even number (even per process under DDP)"),
     ({"stages": ["finetune"], "finetune": {"label_smoothing": 1.5, "batch_size": 100}},
      "finetune.label_smoothing: must be a number in [0, 1], got 1.5"),
     ({"finetune": {"epochz": 3}}, "finetune.epochz: unknown key; allowed: epochs, batch_size"),

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 import bench
+import bench.pipeline.train as train_module
 from bench.pipeline.train import EpochBatches, FinetuneOptions, finetune, lr_at
 
 
@@ -85,6 +86,28 @@ def test_resume_after_an_epoch_is_exact(tmp_path):
     assert again["history"] == resumed_result["history"] and again["resumes"] == [{"epoch": 1, "step": 0}]
     _, finished = train(tmp_path, "straight")
     assert finished["history"] == result["history"] and "resumes" not in finished
+
+
+def test_a_ctrl_c_mid_epoch_says_where_the_next_invocation_resumes(tmp_path, monkeypatch):
+    """User test 14: a Ctrl-C inside an epoch loses that epoch's steps (checkpoints are per epoch; mid-epoch only
+    at a preemption), and nothing said so. The third step of epoch 2 is interrupted: the line names epoch 2 and
+    its start, the checkpoint still holds epoch 1, and the rerun resumes there."""
+    train(tmp_path, "run", stop_after_epoch=0)
+    calls = []
+
+    def ctrl_c_at_third_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.interrupts, "check", ctrl_c_at_third_step)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model(), Toy(), OPTIONS, tmp_path / "run", torch.device("cpu"), progress=False, log=said.append)
+    assert said[-1] == ("fine-tuning interrupted in epoch 2/3 after 2 of 6 steps: the next invocation resumes at the "
+                        "start of epoch 2 (the checkpoint is written after every epoch; mid-epoch only at a SLURM "
+                        "preemption)")
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=False)["epoch"] == 1
 
 
 class Preempted(Exception):

@@ -319,6 +319,10 @@ class Parser:
                 raise self.error("finetune.warmup_epochs", f"{finetune['warmup_epochs']} is more than the "
                                  f"{finetune['epochs']} epoch{'s' * (finetune['epochs'] != 1)} of training; allowed: at "
                                  "most finetune.epochs")
+            if (finetune["mixup"] > 0 or finetune["cutmix"] > 0) and finetune["batch_size"] % 2:
+                raise self.error("finetune.batch_size", f"{finetune['batch_size']} is odd; mixup and cutmix (timm's "
+                                 "Mixup) pair the images of each process's batch; allowed: an even number (even per "
+                                 "process under DDP)")
             if subset is not None and finetune["batch_size"] > subset:
                 raise self.error("finetune.batch_size", f"{finetune['batch_size']} is larger than the training set "
                                  f"(defaults.data.subset: {subset} images): not one full batch per epoch; allowed: "

@@ -230,32 +230,42 @@ def finetune(
             model.train()
             started = time.time()
             bar = _progress(loader, f"finetune epoch {epoch + 1}/{opts.epochs}", progress and rank == 0)
-            for step, (images, targets) in enumerate(bar, start=first_step):
-                interrupts.check()
-                global_step = epoch * steps_per_epoch + step
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(global_step, total_steps, warmup_steps, opts)
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                hard_targets = targets
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                with autocast(device, dtype):
-                    logits = train_model(images)
-                    loss = criterion(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if opts.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(vit.parameters(), opts.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                totals[0] += loss.item() * images.shape[0]
-                totals[1] += (logits.argmax(-1) == hard_targets).sum().item()
-                totals[2] += images.shape[0]
-                # A preemption signal is acted on here, between two steps: the checkpoint is consistent
-                # and the requeued job continues with the next step, not from the epoch's start.
-                guard.at_step_boundary(lambda step=step, totals=totals, epoch=epoch, started=started, before=before:
-                                       save(epoch, step + 1, list(totals), before + time.time() - started))
+            done = first_step  # steps of this epoch finished
+            try:
+                for step, (images, targets) in enumerate(bar, start=first_step):
+                    interrupts.check()
+                    global_step = epoch * steps_per_epoch + step
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(global_step, total_steps, warmup_steps, opts)
+                    images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                    hard_targets = targets
+                    if mixup is not None:
+                        images, targets = mixup(images, targets)
+                    with autocast(device, dtype):
+                        logits = train_model(images)
+                        loss = criterion(logits, targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if opts.clip_grad:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(vit.parameters(), opts.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    totals[0] += loss.item() * images.shape[0]
+                    totals[1] += (logits.argmax(-1) == hard_targets).sum().item()
+                    totals[2] += images.shape[0]
+                    # A preemption signal is acted on here, between two steps: the checkpoint is consistent
+                    # and the requeued job continues with the next step, not from the epoch's start.
+                    guard.at_step_boundary(lambda step=step, totals=totals, epoch=epoch, started=started, before=before:
+                                           save(epoch, step + 1, list(totals), before + time.time() - started))
+                    done = step + 1
+            except KeyboardInterrupt:  # a Ctrl-C between two epoch checkpoints: this epoch's steps are lost
+                if rank == 0:
+                    resume = f"at step {first_step} of epoch {epoch + 1}" if first_step else f"at the start of epoch {epoch + 1}"
+                    log(f"fine-tuning interrupted in epoch {epoch + 1}/{opts.epochs} after {done} of {steps_per_epoch} "
+                        f"steps: the next invocation resumes {resume} (the checkpoint is written after every epoch; "
+                        "mid-epoch only at a SLURM preemption)")
+                raise
             loss_sum, correct, seen = reduce_totals(totals, device, world_size)
             record = {
                 "epoch": epoch + 1,
