@@ -851,6 +851,24 @@ def test_a_run_that_failed_in_this_submission_is_failed_while_slurm_still_lists_
     assert collect_status(["k-tome"], tmp_path)[0].state == "pending"
 
 
+def test_status_shows_a_run_computed_now_as_running(tmp_path):
+    """User test 14: a run being computed in process (or by the local executor) showed as 'todo': its live claim
+    (this process here) makes it 'running'; a claim of a dead process does not."""
+    import subprocess
+    import sys
+
+    from bench.pipeline.lock import claim_path, claim_run
+    from bench.pipeline.status import collect_status
+
+    with claim_run(tmp_path, "k-tome"):
+        (row,) = collect_status(["k-tome"], tmp_path)
+        assert row.state == "running" and row.detail.startswith(f"computing now: pid {os.getpid()} on ")
+    assert collect_status(["k-tome"], tmp_path)[0].state == "todo"  # the claim is gone with the block
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim_path(tmp_path, "k-tome").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert collect_status(["k-tome"], tmp_path)[0].state == "todo"
+
+
 def test_a_forced_rerun_that_fails_shows_as_failed_beside_its_earlier_record(tmp_path, capsys, monkeypatch):
     """--force recomputes a finished run; when that attempt fails (or is cut), --status said 'done' from the earlier
     record (user test 9): it now shows the attempt, and the record stays."""

@@ -171,6 +171,15 @@ def _stale(holder: Any) -> bool:
     return False
 
 
+def live_claim(results_dir: Path, key: str) -> dict[str, Any] | None:
+    """The holder of run ``key``'s claim when it is a live process on this host (an in-process or local run being
+    computed now), else None. SLURM jobs are left to ``jobs.json`` (no ``squeue`` per key here)."""
+    holder = _read_holder(claim_path(results_dir, key))
+    if isinstance(holder, dict) and holder.get("host") == socket.gethostname() and not _stale(holder):
+        return holder
+    return None
+
+
 def _slurm_job_active(job_id: str) -> bool:
     try:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,

@@ -73,6 +73,7 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
 def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
     """The state of each run key: its record, its failure note and its SLURM job (``jobs.json``). A run submitted
     again after its record was written (``--force``) shows its queued or running job, not that record."""
+    from bench.pipeline.lock import describe, live_claim
     from bench.pipeline.slurm import ACTIVE_STATES, NO_RECORD, job_states, state_message
 
     queued = job_states(results_dir)
@@ -80,6 +81,9 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
     for key in keys:
         path = record_path(results_dir, key)
         job = queued.get(key)
+        if job is None and (holder := live_claim(results_dir, key)):  # in-process or local, computing now
+            rows.append(RunStatus(key, "running", f"computing now: {describe(holder)}"))
+            continue
         if path.exists():
             try:
                 record = read_record(path)
