@@ -380,6 +380,15 @@ def test_a_refusal_unrelated_to_the_budget_knob_does_not_blame_the_budget(tmp_pa
         "method 'evit' scores tokens by the class token's attention; this model has none (tiny-fmnist)")
 
 
+def test_a_finetune_section_without_the_stage_is_warned_about(tmp_path, capsys):
+    """User test 14: the recipe was silently ignored, even by --dry-run."""
+    path = write(tmp_path, config(tmp_path, finetune={"epochs": 1, "batch_size": 100}))
+    assert bench_main(path, tmp_path / "results", "--dry-run") == 0
+    assert (f"warning: {path}: finetune: is set but stages has no finetune: the runs are evaluated without "
+            "fine-tuning (add finetune to stages to train them)") in capsys.readouterr().err.splitlines()
+    assert load_experiment(write(tmp_path, config(tmp_path))).warnings == []
+
+
 def test_cuda_without_a_gpu_is_one_line_before_any_run(tmp_path, capsys, monkeypatch):
     """In-process and local runs need the GPU here; SLURM submission from a CPU login node stays allowed (its
     --dry-run too)."""

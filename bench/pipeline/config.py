@@ -327,6 +327,9 @@ class Parser:
                 raise self.error("finetune.batch_size", f"{finetune['batch_size']} is larger than the training set "
                                  f"(defaults.data.subset: {subset} images): not one full batch per epoch; allowed: "
                                  f"at most {subset}")
+        elif "finetune" in raw:  # a recipe that would silently not run (user test 14)
+            self.warnings.append(f"warning: {self.path}: finetune: is set but stages has no finetune: the runs are "
+                                 "evaluated without fine-tuning (add finetune to stages to train them)")
         if "tokens" in stages and subset is not None and section.tokens.images > subset:  # was cut silently
             raise self.error("tokens.images", f"{section.tokens.images} is more than the eval images "
                              f"(defaults.data.subset: {subset}); allowed: at most {subset}")

@@ -189,7 +189,8 @@ def fashion_mnist_root(root: str | os.PathLike | None) -> Path:
 
 class FashionMNIST(Dataset):
     """Fashion-MNIST in memory as normalised (1, 28, 28) tensors. ``train`` adds the light augmentation
-    used to train the embedded model: random crop with 2-pixel padding and horizontal flip.
+    used to train the embedded model: random crop with 2-pixel padding and horizontal flip (probability 2/5:
+    a third draw in 0..4 that is odd, as the embedded checkpoint was trained).
 
     ``transform`` (a resolved transform): for a model whose input is not (1, 28, 28), or other statistics,
     each image is renormalised, resized to ``input_size`` (scaled to ``size / crop_pct`` and center-cropped)
