@@ -241,7 +241,7 @@ class ReducedViT(nn.Module):
         with nothing reduced, timm's mean."""
         vit = self.vit
         reduced = tokens is not None and (tokens.size is not None or tokens.mask is not None)
-        if not reduced or vit.attn_pool is not None or vit.global_pool != "avg":
+        if not reduced or not pools_by_size(vit):
             return vit.forward_head(x, pre_logits=pre_logits)
         first = 0 if getattr(vit, "pool_include_prefix", False) else vit.num_prefix_tokens
         weight = tokens.sizes()[:, first:]
@@ -306,6 +306,12 @@ def check_supported(model: nn.Module) -> None:
                 "(one softmax of q k^T over the tokens, which the harness computes itself); allowed: ViTs built "
                 "with attn_layer='attn'"
             )
+
+
+def pools_by_size(vit: nn.Module) -> bool:
+    """Whether ``vit``'s head averages the tokens (``global_pool: avg``, no attention pool), so that a reduced
+    model pools them weighted by size (``ReducedViT.forward_head``): the rule named by a run's ``pool_rule``."""
+    return getattr(vit, "attn_pool", None) is None and getattr(vit, "global_pool", None) == "avg"
 
 
 def check_pooling(vit: VisionTransformer, method: str) -> None:

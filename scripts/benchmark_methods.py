@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=at_least(0), default=3)
     parser.add_argument("--runs", type=at_least(1), default=10)
     parser.add_argument("--compile", action="store_true", help="time the three models under torch.compile")
-    parser.add_argument("--only", nargs="+", metavar="METHOD", help="time only these methods, each against the dense model (its own row: baseline); "
-                        "--model quickstart still calibrates every run first")
+    parser.add_argument("--only", nargs="+", metavar="METHOD",
+                        help="time only these methods, each against the dense model (its own row: baseline); "
+                             "--model quickstart still calibrates every run first")
     parser.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default=None,
                         help="the attention kernel of every model (default: the quickstart's, else auto)")
     args = parser.parse_args(argv)

@@ -854,9 +854,6 @@ def test_a_run_that_failed_in_this_submission_is_failed_while_slurm_still_lists_
 def test_status_shows_a_run_computed_now_as_running(tmp_path):
     """User test 14: a run being computed in process (or by the local executor) showed as 'todo': its live claim
     (this process here) makes it 'running'; a claim of a dead process does not."""
-    import subprocess
-    import sys
-
     from bench.pipeline.lock import claim_path, claim_run
     from bench.pipeline.status import collect_status
 

@@ -91,7 +91,7 @@ def test_resume_after_an_epoch_is_exact(tmp_path):
 def test_a_ctrl_c_mid_epoch_says_where_the_next_invocation_resumes(tmp_path, monkeypatch):
     """User test 14: a Ctrl-C inside an epoch loses that epoch's steps (checkpoints are per epoch; mid-epoch only
     at a preemption), and nothing said so. The third step of epoch 2 is interrupted: the line names epoch 2 and
-    its start, the checkpoint still holds epoch 1, and the rerun resumes there."""
+    its start, and the checkpoint, where the next invocation resumes, still holds epoch 1."""
     train(tmp_path, "run", stop_after_epoch=0)
     calls = []
 

@@ -700,7 +700,9 @@ class Parser:
                          if k not in ("model", "method", "params") and v is not None}
         if self.check_files:
             self.local_check(lambda: self.check_data(base["data"], "finetune" in shared["stages"]))
-        pool_rule = "size-mean" if vit.global_pool == "avg" and getattr(vit, "attn_pool", None) is None else None
+        from bench.vit import pools_by_size
+
+        pool_rule = "size-mean" if pools_by_size(vit) else None
         run = RunSpec(**base, method=method, params=copy.deepcopy(params), **copy.deepcopy(shared),
                       reference=reference, budget=budget, pool_rule=pool_rule)
         return RunSpec.from_dict({**run.to_dict(), "key": run_key(run), "params_label": params_label(method, params)})

@@ -261,7 +261,8 @@ def finetune(
                     done = step + 1
             except KeyboardInterrupt:  # a Ctrl-C between two epoch checkpoints: this epoch's steps are lost
                 if rank == 0:
-                    resume = f"at step {first_step} of epoch {epoch + 1}" if first_step else f"at the start of epoch {epoch + 1}"
+                    resume = (f"at step {first_step} of epoch {epoch + 1}" if first_step
+                              else f"at the start of epoch {epoch + 1}")
                     log(f"fine-tuning interrupted in epoch {epoch + 1}/{opts.epochs} after {done} of {steps_per_epoch} "
                         f"steps: the next invocation resumes {resume} (the checkpoint is written after every epoch; "
                         "mid-epoch only at a SLURM preemption)")
