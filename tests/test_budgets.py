@@ -405,3 +405,32 @@ def test_each_calibration_searched_is_announced_and_a_cached_one_is_not(tmp_path
         assert re.fullmatch(rf"calibrated on fmnist-vit: tome @{target} -> r=\d+ \(0\.\d{{3}}\) in \d+\.\d s", line), line
     assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
     assert "calibrated on " not in capsys.readouterr().out
+
+
+def test_a_fine_tuned_budget_run_and_an_earlier_configs_have_rows_of_their_own(budget_run, tmp_path):
+    """The same budget cell fine-tuned (this config) and off the shelf (the earlier config, report.py --all): two
+    marked rows with their own top-1, not one cell standing for both (user test 14: the table did not mark it)."""
+    path, results = budget_run
+    folder = tmp_path / "results"
+    shutil.copytree(results, folder)
+    cfg = yaml.safe_load(path.read_text())
+    cfg.update(budgets={"macs": [0.55]}, stages=["finetune", "eval", "macs"],
+               finetune={"epochs": 1, "batch_size": 64, "lr": 1e-3})
+    cfg["grid"]["methods"] = ["baseline", "tome"]
+    edited = tmp_path / "exp.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(edited), "--results", str(folder), "--quiet"]) == 0
+    assert report.main([str(folder), "--all"]) == 0
+    top1 = {(r["run"]["method"], "finetune" in r["metrics"]): r["metrics"]["eval"]["top1"] for r in read_all(folder)[0]
+            if r["run"]["method"] == "tome" and (r["run"]["budget"] or {}).get("target") == 0.55}
+    assert len(top1) == 2 and top1[("tome", True)] != top1[("tome", False)]
+    board = (folder / "leaderboard.md").read_text()
+    section = board.split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    rows = {cells[1]: cells for cells in ([cell.strip() for cell in line.split("|")[1:-1]]
+                                          for line in section.splitlines() if line.startswith("| ") and "Rank" not in line)}
+    assert {"tome [fine-tuned]", "tome [earlier config]", "evit [earlier config]"} <= set(rows), sorted(rows)
+    assert "tome" not in rows and "baseline [fine-tuned]" not in rows
+    assert float(rows["tome [fine-tuned]"][2].strip("*").split()[0]) == pytest.approx(top1[("tome", True)], abs=5e-3)
+    assert float(rows["tome [earlier config]"][2].strip("*").split()[0]) == pytest.approx(top1[("tome", False)], abs=5e-3)
+    assert rows["tome [fine-tuned]"][3] == ""  # 0.8: not run fine-tuned
+    assert "_[fine-tuned]: trained by the finetune stage before it was evaluated" in section

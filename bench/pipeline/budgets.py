@@ -31,6 +31,11 @@ def pareto_auc(fractions: Sequence[float], top1: Sequence[float]) -> float:
     return area / span
 
 
+def _unmarked(label: str) -> str:
+    """The method's name of a row label (``tome [fine-tuned]``: ``tome``)."""
+    return label.split(" [", 1)[0]
+
+
 def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], group: list[str],
                    title: Callable[..., str], table: Callable[[list[list[str]], list[str]], str]) -> list[str]:
     """Markdown lines of the matched-budget tables, one per model group that has budget runs; empty when no
@@ -39,6 +44,13 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
     runs = df[df["budget"].notna() & df["top1"].notna()]
     if runs.empty:
         return []
+    # a method fine-tuned before it was evaluated, or a run of an earlier config (report.py --all), is a row of its
+    # own, marked as in the leaderboard's tables: its cells never stand for (nor take the place of) the method off
+    # the shelf in the current config, one run per cell
+    tuned = runs["finetune_epochs"].notna()
+    earlier = runs["_earlier"]
+    runs = runs.assign(method=[method + " [fine-tuned]" * bool(t) + " [earlier config]" * bool(e)
+                               for method, t, e in zip(runs["method"], tuned, earlier, strict=True)])
     lines = ["## Matched budgets", "",
              "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile; for ATS, "
              "whose work depends on the image, the mean over the macs stage's real images); every "
@@ -53,7 +65,10 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
                        if c.get("model") == model and c.get("value") is None}
         # every budget of the group, also one that no method reached (a column of "–")
         targets = sorted({round(x, 6) for x in part["budget"]} | {t for _, t in unreachable})
-        methods = sorted(set(part["method"]) | {m for m, _ in unreachable})
+        # a method with unreachable budgets has a row ("–" there) where none of its runs has one
+        present = {_unmarked(method) for method in part["method"]}
+        methods = sorted(set(part["method"]) | {m for m, _ in unreachable if m not in present})
+        base = {method: _unmarked(method) for method in methods}  # reach: the method's, marked or not
         best = {target: part[part["budget"].round(6) == target]["top1"].max() for target in targets}
         rows = []
         for method in methods:
@@ -62,7 +77,7 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
             for target in targets:
                 hit = mine[mine["budget"].round(6) == target]
                 if hit.empty:
-                    cells.append("–" if (method, round(target, 6)) in unreachable else "")
+                    cells.append("–" if (base[method], round(target, 6)) in unreachable else "")
                     continue
                 row = hit.iloc[0]
                 shown.append(row["top1"])
@@ -83,4 +98,7 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
         body = [[str(rank), method, *cells, "" if math.isnan(auc) else f"{auc:.2f}"]
                 for rank, (_, auc, method, cells) in enumerate(rows, start=1)]
         lines += [f"### {title(*keys)}", "", table(body, headers), ""]
+        if tuned[part.index].any():
+            lines += ["_[fine-tuned]: trained by the finetune stage before it was evaluated (see this model's table "
+                      "below); not the method off the shelf._", ""]
     return lines
