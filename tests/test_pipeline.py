@@ -613,6 +613,7 @@ def test_local_executor_runs_each_run_in_a_subprocess(tmp_path, capsys):
     assert all(r["env"]["hostname"] for r in records)
     job_folders = [p for p in (results / "logs" / "local").iterdir() if p.name.isdigit()]
     assert len(job_folders) == 2  # one submitit folder per run
+    assert sorted(p.name for p in (results / "logs" / "local").iterdir() if not p.name.isdigit()) == ["controller.log"]
 
 
 def _image_folder(root: Path, classes: int = 2, per_class: int = 3) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +17,8 @@ from bench.pipeline import interrupts
 from bench.pipeline.records import last_error_line
 
 if TYPE_CHECKING:
+    import submitit
+
     from bench.pipeline.config import RunSpec
 
 EXECUTORS = ("inprocess", "local", "slurm")  # run_bench --executor
@@ -85,15 +87,25 @@ def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], 
     """Each job watches this process (``$TOKENBENCH_PARENT``) and stops when it dies (``kill -9``). submitit's
     controller processes write to ``logs/local/controller.log``, not the terminal: on Ctrl-C they get SIGINT
     (from the terminal and from ``job.cancel``) and print tracebacks of their own; the jobs' logs are apart."""
-    import time
-
     import submitit
+
+    executor = submitit.LocalExecutor(folder=str(results_dir / "logs" / "local" / "%j"))
+    executor.update_parameters(timeout_min=24 * 60)
+    try:
+        return _submit_local(executor, runs, results_dir, announce, redo)
+    finally:
+        with suppress(OSError):  # submitit's controller also makes its folder template: an empty folder named %j
+            (results_dir / "logs" / "local" / "%j").rmdir()
+
+
+def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results_dir: Path,
+                  announce: Callable[[str], None], redo: bool) -> list[Outcome]:
+    """``run_local``'s jobs, one after the other."""
+    import time
 
     from bench.pipeline.lock import PARENT_ENV, parent_marker
     from bench.pipeline.runner import run_job
 
-    executor = submitit.LocalExecutor(folder=str(results_dir / "logs" / "local" / "%j"))
-    executor.update_parameters(timeout_min=24 * 60)
     outcomes = []
     for index, run in enumerate(runs, start=1):
         previous, os.environ[PARENT_ENV] = os.environ.get(PARENT_ENV), parent_marker()
