@@ -56,6 +56,10 @@ A record (``schema: 1``), as ``build_record`` makes it::
       "started_at": "2026-11-25T15:00:00+00:00", "finished_at": "...", "wall_s": 12.3
     }
 
+``started_at`` and ``wall_s`` are those of the invocation that wrote the record: a fine-tuning resumed from a
+checkpoint counts its earlier invocations in ``metrics.finetune.history[].seconds`` (each epoch's training time,
+a resumed epoch's with the part before the cut), not in ``wall_s``.
+
 A file that is not UTF-8, does not parse, lacks the fields above or whose ``run`` / ``metrics`` is not a
 mapping is a torn write: ``read_record`` reports it, ``run_bench`` sets it aside (``<key>.json.torn.<n>``)
 and redoes that run. A failure note may say ``"state": "interrupted"`` (Ctrl-C) instead of ``"failed"``.
