@@ -831,3 +831,20 @@ def test_slurm_options_without_the_slurm_executor_are_one_line(tmp_path, capsys)
     assert "error: --wait and --profile: only with --executor slurm" in capsys.readouterr().err
     assert bench_main(path, tmp_path / "r", "--dry-run", "--profile", "local") == 0
     assert not (tmp_path / "r" / "runs").exists()
+
+
+def test_a_random_init_seed_has_its_own_dense_reference(tmp_path):
+    """weights: null with seeds 0 and 1 in one results folder: each run's agreement and feature cos compare with
+    its own seed's dense model (user test 15: the cache was keyed without the seed, so seed 1's runs were compared
+    with seed 0's model). tome r=0 is the dense model: feature cos 1 against the right reference."""
+    results = tmp_path / "results"
+    for seed in (0, 1):
+        cfg = config(tmp_path, stages=["eval"], grid={"methods": [{"method": "tome", "r": 0}]})
+        cfg["defaults"]["seed"] = seed
+        assert bench_main(write(tmp_path, cfg), results, "--no-report") == 0
+    records = read_all(results)[0]
+    assert sorted(r["run"]["seed"] for r in records) == [0, 1]
+    for record in records:
+        assert record["metrics"]["eval"]["agreement"] == 100.0
+        assert record["metrics"]["eval"]["feature_cos"] == pytest.approx(1.0, abs=1e-3), record["run"]["seed"]
+    assert len(list((results / "cache").glob("dense-*.pt"))) == 2
