@@ -245,6 +245,8 @@ def _row(record: dict) -> dict[str, Any]:
         "ref_gmacs": number(reference.get("gmacs")),
         "ref_source": reference.get("source") if reference else None,
         "budget": number(_get(run, "budget", "target")),  # the MAC budget the run was calibrated to, if any
+        # a budget run's parameters but the calibrated knob: one setting of the method, across its budgets
+        "_setting": budgets.setting(run.get("params"), _get(run, "budget", "knob")),
         "mac_fraction": NAN,
         # not CSV columns: kept for the markdown sections, dropped by write_csv
         "_reference": bool(reference),
@@ -290,7 +292,7 @@ def build_frame(recs: Sequence[dict]) -> pd.DataFrame:
     (the one run in the record's dtype where there is one; with ``--all``, the current config's)."""
     rows = _rows(recs)
     columns = CSV_COLUMNS + EXTRA_COLUMNS + ["_reference", "_tokens_out", "_method_stats", "_n_throughput",
-                                             "_slow", "_attention", "_earlier"]
+                                             "_slow", "_attention", "_earlier", "_setting"]
     df = pd.DataFrame(rows, columns=columns)
     if df.empty:
         return df
@@ -666,9 +668,11 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
             ax.annotate(text, (row["gmacs"], row["top1"]), xytext=(4, 5 if rank % 2 == 0 else -11),
                         textcoords="offset points", fontsize=6.5, color=method_colour[row["method"]])
         budgeted = group[group["budget"].notna()]
-        for method, points in budgeted.groupby("method", sort=True):  # each method's matched-budget line
+        lines = budgeted.assign(_line=budgets.row_labels(budgeted)) if len(budgeted) else budgeted.assign(_line=[])
+        for _, points in lines.groupby("_line", sort=True):  # each setting's matched-budget line
             points = points.sort_values("gmacs")
-            ax.plot(points["gmacs"], points["top1"], color=method_colour[method], alpha=0.7, linewidth=1.0, zorder=2)
+            ax.plot(points["gmacs"], points["top1"], color=method_colour[points["method"].iloc[0]], alpha=0.7,
+                    linewidth=1.0, zorder=2)
         base = group[group["method"] == "baseline"]["gmacs"].dropna()
         for target in sorted(set(budgeted["budget"])) if len(base) else []:  # the budgets, as MACs
             ax.axvline(target * base.iloc[0], color="grey", linestyle=":", linewidth=0.8, zorder=1)

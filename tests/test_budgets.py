@@ -434,3 +434,30 @@ def test_a_fine_tuned_budget_run_and_an_earlier_configs_have_rows_of_their_own(b
     assert float(rows["tome [earlier config]"][2].strip("*").split()[0]) == pytest.approx(top1[("tome", False)], abs=5e-3)
     assert rows["tome [fine-tuned]"][3] == ""  # 0.8: not run fine-tuned
     assert "_[fine-tuned]: trained by the finetune stage before it was evaluated" in section
+
+
+def test_two_settings_of_a_method_have_a_row_and_an_auc_each(tmp_path):
+    """evit at layers [1] and at layers [2], both calibrated to two budgets: two rows, each with its own cells and
+    a Pareto AUC over its own two points (user test 15: one "evit" row showed one setting's cells and an AUC
+    over all four points)."""
+    path = experiment(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["budgets"] = {"macs": [0.7, 0.85]}
+    cfg["grid"]["methods"] = ["baseline", {"method": "evit", "layers": [1]}, {"method": "evit", "layers": [2]}]
+    path.write_text(yaml.safe_dump(cfg))
+    results = tmp_path / "results"
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--quiet"]) == 0
+    top1 = {}
+    for record in read_all(results)[0]:
+        if record["run"]["method"] == "evit":
+            top1.setdefault(record["run"]["params"]["layers"][0], {})[record["run"]["budget"]["target"]] = \
+                record["metrics"]["eval"]["top1"]
+    assert sorted(top1) == [1, 2] and all(sorted(cells) == [0.7, 0.85] for cells in top1.values())
+    section = (results / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    rows = {cells[1]: cells for cells in ([cell.strip() for cell in line.split("|")[1:-1]]
+                                          for line in section.splitlines() if line.startswith("| ") and "Rank" not in line)}
+    assert sorted(rows) == ["evit [layers=[1]]", "evit [layers=[2]]"]
+    for layer, cells in top1.items():
+        row = rows[f"evit [layers=[{layer}]]"]
+        assert [float(cell.strip("*").split()[0]) for cell in row[2:4]] == pytest.approx([cells[0.7], cells[0.85]], abs=5e-3)
+        assert float(row[-1]) == pytest.approx((cells[0.7] + cells[0.85]) / 2, abs=5e-3)  # two points: their mean

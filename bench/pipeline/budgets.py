@@ -13,6 +13,7 @@ Light: pandas only (``report.py`` imports it without the model stack).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +37,37 @@ def _unmarked(label: str) -> str:
     return label.split(" [", 1)[0]
 
 
+def setting(params: Any, knob: Any) -> str | None:
+    """A budget run's parameters without its calibrated knob (canonical JSON): the runs of one setting of a
+    method across the budgets share it; None for a run without a budget."""
+    if not isinstance(params, dict) or not isinstance(knob, str):
+        return None
+    return json.dumps({name: value for name, value in params.items() if name != knob}, sort_keys=True, default=str)
+
+
+def row_labels(runs: pd.DataFrame) -> list[str]:
+    """The matched-budget row of each budget run of one model group: its method, the parameters that tell apart
+    settings of that method (``evit [layers=[1, 3, 5]]`` beside ``evit [layers=[2, 4, 6]]``: user test 15 saw them
+    merged into one row, one cell and one AUC over both), then ``[fine-tuned]`` or ``[earlier config]`` where the
+    run was trained before it was evaluated or belongs to an earlier config (report.py --all)."""
+    settings = {method: {} for method in runs["method"]}
+    for method, text in zip(runs["method"], runs["_setting"], strict=True):
+        settings[method].setdefault(text, json.loads(text) if isinstance(text, str) else {})
+    labels = []
+    for method, text, tuned, earlier in zip(runs["method"], runs["_setting"], runs["finetune_epochs"].notna(),
+                                            runs["_earlier"], strict=True):
+        known = list(settings[method].values())
+        names = sorted({name for each in known for name in each})
+        differ = [name for name in names if len({json.dumps(each.get(name), sort_keys=True, default=str)
+                                                  for each in known}) > 1]
+        mine = settings[method][text]
+        label = method
+        if differ:
+            label += " [" + ", ".join(f"{name}={mine.get(name)}" for name in differ) + "]"
+        labels.append(label + " [fine-tuned]" * bool(tuned) + " [earlier config]" * bool(earlier))
+    return labels
+
+
 def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], group: list[str],
                    title: Callable[..., str], table: Callable[[list[list[str]], list[str]], str]) -> list[str]:
     """Markdown lines of the matched-budget tables, one per model group that has budget runs; empty when no
@@ -44,13 +76,7 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
     runs = df[df["budget"].notna() & df["top1"].notna()]
     if runs.empty:
         return []
-    # a method fine-tuned before it was evaluated, or a run of an earlier config (report.py --all), is a row of its
-    # own, marked as in the leaderboard's tables: its cells never stand for (nor take the place of) the method off
-    # the shelf in the current config, one run per cell
     tuned = runs["finetune_epochs"].notna()
-    earlier = runs["_earlier"]
-    runs = runs.assign(method=[method + " [fine-tuned]" * bool(t) + " [earlier config]" * bool(e)
-                               for method, t, e in zip(runs["method"], tuned, earlier, strict=True)])
     lines = ["## Matched budgets", "",
              "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile; for ATS, "
              "whose work depends on the image, the mean over the macs stage's real images); every "
@@ -61,6 +87,9 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
              "then by the mean top-1 of the method's cells, then by name.", ""]
     for keys, part in runs.groupby(group, sort=True):
         model = keys[0]
+        # one row per setting of a method (a run per cell): fine-tuned runs and an earlier config's apart, marked as
+        # in the leaderboard's tables, so that their cells never stand for the method off the shelf
+        part = part.assign(method=row_labels(part))
         unreachable = {(c["method"], round(c["target"], 6)) for c in calibrations
                        if c.get("model") == model and c.get("value") is None}
         # every budget of the group, also one that no method reached (a column of "–")
