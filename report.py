@@ -467,6 +467,8 @@ def _leaderboard_section(df: pd.DataFrame) -> list[str]:
         lines += [f"## {_group_title(model, data, weights)}", "", _table(rows, headers), "", _conditions(group)]
         if not (group["method"] == "baseline").any():
             lines += ["", "_No baseline run in this group: Δ Top-1 and MAC reduction are left empty._"]
+        if (group["top1"].notna() & group["top5"].isna()).any():
+            lines += ["", "_Top-5 is left empty: the model has 5 classes or fewer (every true class is among its top 5)._"]
         broken = [f"{measurements.run_label(row['method'], row['params'])} {int(row['nonfinite_images'])}"
                   for _, row in sort_group(group).iterrows() if row["nonfinite_images"] > 0]
         if broken:

@@ -23,6 +23,7 @@ class Predictions:
     confidence: torch.Tensor | None = None  # (N,) softmax probability of the top-1 class
     features: torch.Tensor | None = None  # (N, D) float32 pre-logits features (``features=True``)
     nonfinite: int = 0  # images whose logits hold a NaN or an infinity
+    classes: int = 0  # the model's number of classes (its logits' width)
 
 
 @torch.inference_mode()
@@ -61,4 +62,5 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, dt
                     slot[name] = slot.get(name, 0.0) + float(value) * images.shape[0]
     stats = {str(layer): {name: total / seen for name, total in values.items()} for layer, values in stats_sum.items()}
     return Predictions(torch.cat(top_k), torch.cat(targets), loss_sum / max(seen, 1), info, stats,
-                       torch.cat(confidence), torch.cat(kept_features) if features else None, nonfinite)
+                       torch.cat(confidence), torch.cat(kept_features) if features else None, nonfinite,
+                       int(logits.shape[-1]) if seen else 0)

@@ -25,7 +25,7 @@ A record (``schema: 1``), as ``build_record`` makes it::
                                              # not checked): a rerun redoes it when the data folder holds others
       "metrics": {                           # one entry per stage that ran (bench/pipeline/stages/)
         "eval": {"top1": 89.3, "top5": 99.8, "loss": 0.31, "nll": 0.31, "ece": 0.021, "agreement": 97.2,
-                 "feature_cos": 0.993, "images": 10000},
+                 "feature_cos": 0.993, "images": 10000},  # top5 null: a model of 5 classes or fewer
         "macs": {"torchprofile": 12345678, "analytic": 12300000, "data_mean": 12345678.0,
                  "data_dependent": false},     # true (ATS): the leaderboard's GMACs is data_mean
         "throughput": [{"images_per_s": 2100.0, "batch_size": 32, "dtype": "fp32", "device": "cpu",
