@@ -558,7 +558,8 @@ def _stats_line(stats: dict) -> str:
 
 # the forward's counts: where images keep different numbers (ATS), the padded width of the batch; the tokens each
 # image keeps are the method's statistics under the table ("kept mean"), user test 11
-TOKENS_HEADER = "Tokens leaving each block (the batch's width: padded where images keep different counts)"
+TOKENS_HEADER = ("Tokens leaving each block (where images keep different counts: the padded width of the last batch "
+                 "the run computed; each image's: kept mean, below)")
 
 
 def _tokens_section(df: pd.DataFrame) -> list[str]:

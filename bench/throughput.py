@@ -79,7 +79,8 @@ def compare_throughput(
 ) -> tuple[ThroughputResult, ThroughputResult]:
     """Time ``model`` and the dense ``baseline`` in the same process on the same batch, alternating
     one timed forward of each per round, so that drifting machine load hits both alike.
-    Returns (method result, baseline result); speed-up = method.images_per_s / baseline.images_per_s."""
+    Returns (method result, baseline result); the speed-up the harness records is the median of the per-round
+    ratios of their ``times_s`` (``bench.stats.speedup``), not the ratio of their images/s (medians)."""
     return tuple(compare_many([model, baseline], batch, dtype, warmup, runs))
 
 

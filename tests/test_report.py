@@ -271,7 +271,8 @@ def test_markdown_per_layer_tokens(results, real_records):
     df, tp, problems, _, _ = report.load_all(results)
     section = _section(report.render_markdown(df, problems, tp), "## Per-layer tokens")
     assert "46, 42, 38, 34" in section  # tome r=4 on 49 patches + class token, 4 blocks
-    assert "Tokens leaving each block (the batch's width: padded where images keep different counts)" in section
+    assert ("Tokens leaving each block (where images keep different counts: the padded width of the last batch the run "
+            "computed; each image's: kept mean, below)") in section
     stats = real_records["ppt-a"]["method_stats"]
     assert sorted(stats) == ["1", "2"]
     fractions = [f"layer {layer}: {stats[layer]['pooled_fraction']:.2f}" for layer in ("1", "2")]
