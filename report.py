@@ -58,6 +58,7 @@ EXTRA_COLUMNS = [
     "ref_gmacs", "ref_source", "nonfinite_images", "finetune_epochs", "finetune_lr", "slow_rounds",
     "baseline_slow_rounds", "latency_p50_ms", "latency_p90_ms", "peak_mem_mb", "peak_mem_kind",
     "baseline_latency_p50_ms", "baseline_latency_p90_ms", "baseline_peak_mem_mb", "compile_s", "graph_breaks",
+    "gmacs_one_image",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -226,7 +227,10 @@ def _row(record: dict) -> dict[str, Any]:
         "data": _data_label(run.get("data")),
         "weights": str(weights) if weights else "random init",
         "key": str(record.get("key") or ""),
+        # the analytic count of the one-image trace, beside torchprofile's of that image (for ATS, whose work depends
+        # on the image, gmacs is the mean over real images, gmacs_data, and the one image is the fixed random one)
         "gmacs_analytic": number(_get(metrics, "macs", "analytic"), 1e9),
+        "gmacs_one_image": number(_get(metrics, "macs", "torchprofile"), 1e9),
         "gmacs_data": number(_get(metrics, "macs", "data_mean"), 1e9),
         "gmacs_extra": number(_get(metrics, "macs", "extra"), 1e9),  # work torchprofile cannot see (cdist)
         "batch_size": run.get("batch_size"),

@@ -160,6 +160,7 @@ def test_frame_values_against_group_baseline(frame):
     assert tome["gmacs"] == pytest.approx(2.7)
     assert tome["gmacs_analytic"] == pytest.approx(2.7 * 0.98)
     assert tome["gmacs_data"] == pytest.approx(2.7 * 1.01)
+    assert tome["gmacs_one_image"] == pytest.approx(2.7)  # torchprofile's count of the one traced image
     assert tome["agreement"] == pytest.approx(96.0)
     assert tome["images_per_s"] == pytest.approx(1500.0)  # first throughput entry (batch 32)
     assert tome["speedup"] == pytest.approx(1.45)  # the in-process number, not 1500 / 1000
