@@ -410,6 +410,13 @@ def test_cuda_without_a_gpu_is_one_line_before_any_run(tmp_path, capsys, monkeyp
         f"error: {path}: defaults.device: cuda, but cluster profile {REPO / 'slurm' / 'local.yaml'} gives its jobs no "
         "GPU (gpus_per_node: 0); allowed: a profile with gpus_per_node >= 1 (e.g. slurm/example_gpu.yaml), or device "
         "auto or cpu")
+    # ... nor to one that leaves gpus_per_node out: sbatch then asks for no GPU (user test 16)
+    profile = tmp_path / "nogpu.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "debug", "timeout_min": 10}))
+    assert bench_main(path, results, "--executor", "slurm", "--profile", str(profile)) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {path}: defaults.device: cuda, but cluster profile {profile} gives its jobs no GPU (no gpus_per_node); "
+        "allowed: a profile with gpus_per_node >= 1 (e.g. slurm/example_gpu.yaml), or device auto or cpu")
     assert not (results / "logs").exists() and not (results / "jobs.json").exists()
 
 

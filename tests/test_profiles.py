@@ -54,6 +54,12 @@ def test_profile_defaults_and_unset_keys():
         ({"setup": ["ok", 3]}, "setup[1]: must be a string, got 3"),
         ({"max_requeue": -1}, "max_requeue: must be an integer >= 0, got -1"),
         ({"partition": 3}, "partition: must be a string, got 3"),
+        # submitit's default limit is 5 minutes (user test 16): a profile says its own
+        ({"partition": "debug"}, "timeout_min: required: the jobs' time limit in minutes (left out, submitit asks SLURM "
+                                 "for 5); allowed: 2 or more"),
+        ({"timeout_min": 1}, "timeout_min: 1 minute(s) leaves no time to run: a job is signalled 90 s before its limit "
+                             "to checkpoint and requeue; allowed: 2 or more"),
+        ({"cpus_per_task": 0, "timeout_min": 10}, "cpus_per_task: must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_profiles_are_one_line_errors(tmp_path, capsys, content, message):

@@ -889,3 +889,27 @@ def test_a_forced_rerun_that_fails_shows_as_failed_beside_its_earlier_record(tmp
     assert row.startswith("failed   tiny-fmnist-tome-r4-") and "RuntimeError: injected (a later attempt; the record of " in row
     assert out[-1] == "1 done, 1 failed"
     assert len(list((results / "runs").glob("*.json"))) == 2  # the earlier records stay
+
+
+def test_a_claim_from_another_host_outside_slurm_names_its_file_and_is_the_jobs_error_line(tmp_path):
+    """User test 16: a dead in-process run on a login node leaves a claim that no compute node can prove dead;
+    the refusal names the claim file to delete, and a job's log gives that refusal as its one-line error (the
+    last line naming an Error was srun's, or none: RunClaimed names neither)."""
+    import traceback
+
+    from bench.pipeline.lock import RunClaimed, claim_path, claim_run, holder_info
+    from bench.pipeline.records import last_error_line
+
+    claim = claim_path(tmp_path, "k-tome")
+    claim.parent.mkdir(parents=True)
+    claim.write_text(json.dumps({**holder_info(), "host": "login01", "slurm_job_id": None, "slurm_job": None}))
+    with pytest.raises(RunClaimed) as raised, claim_run(tmp_path, "k-tome"):
+        pass
+    message = str(raised.value)
+    assert "is being computed by pid" in message and "on login01" in message
+    assert message.endswith(f"(its host is not this one: if that process is gone, delete {claim})")
+    log = "".join(traceback.format_exception(raised.value)) + "srun: error: vm: task 0: Exited with exit code 1\n"
+    assert last_error_line(log) == f"bench.pipeline.lock.RunClaimed: {message}"[:300]
+    claim.write_text(json.dumps({**holder_info(), "slurm_job_id": "478", "slurm_job": "475_2"}))  # this host, live
+    with pytest.raises(RunClaimed, match=r"SLURM job 475_2 since .*not run twice$"), claim_run(tmp_path, "k-tome"):
+        pass

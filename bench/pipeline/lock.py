@@ -75,15 +75,19 @@ def process_alive(pid: int, start: str | None = None) -> bool:
 
 
 def holder_info() -> dict[str, Any]:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return {"pid": os.getpid(), "start": process_start(os.getpid()), "host": socket.gethostname(),
             "command": " ".join(sys.argv)[:300], "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # SLURM's own id (squeue -j), also of an array task
+            # the job as jobs.json, --status and the log folders name it: <array>_<task> for an array task
+            "slurm_job": f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")}
 
 
 def describe(holder: Any) -> str:
     if not isinstance(holder, dict):
         return "another process (holder unknown)"
-    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    name = holder.get("slurm_job") or holder.get("slurm_job_id")
+    job = f", SLURM job {name}" if name else ""
     command = f" ({holder['command']})" if holder.get("command") else ""
     return f"pid {holder.get('pid')} on {holder.get('host')}{job} since {holder.get('since')}{command}"
 
@@ -171,6 +175,14 @@ def _stale(holder: Any) -> bool:
     return False
 
 
+def _unprovable(holder: Any, path: Path) -> str:
+    """What to do about a claim whose holder no one here can prove dead: a process on another host outside SLURM
+    (an in-process run on a login node, seen from a compute node; user test 16: every resubmission failed)."""
+    if isinstance(holder, dict) and holder.get("host") != socket.gethostname() and not holder.get("slurm_job_id"):
+        return f" (its host is not this one: if that process is gone, delete {path})"
+    return ""
+
+
 def live_claim(results_dir: Path, key: str) -> dict[str, Any] | None:
     """The holder of run ``key``'s claim when it is a live process on this host (an in-process or local run being
     computed now), else None. SLURM jobs are left to ``jobs.json`` (no ``squeue`` per key here)."""
@@ -201,7 +213,8 @@ def claim_run(results_dir: Path, key: str) -> Iterator[Path]:
         except FileExistsError:
             holder = _read_holder(path)
             if not _stale(holder):
-                raise RunClaimed(f"run {key} is being computed by {describe(holder)}; not run twice") from None
+                raise RunClaimed(f"run {key} is being computed by {describe(holder)}; not run twice"
+                                 f"{_unprovable(holder, path)}") from None
             path.unlink()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w") as handle:

@@ -1,6 +1,7 @@
 """Cluster profiles: ``slurm/<name>.yaml`` (or a path to a .yaml file), validated against ``Profile``.
 
-Every key is optional. A profile describes the fine-tuning job's node: ``tasks_per_node`` DDP processes
+Every key is optional but ``timeout_min`` (minutes, at least 2: submitit writes a limit into every job, 5 minutes
+where none is given, and signals the job 90 s before it). A profile describes the fine-tuning job's node: ``tasks_per_node`` DDP processes
 (one per GPU, so at most ``gpus_per_node``), each with ``cpus_per_task`` CPUs, ``mem_gb`` per node. An
 evaluation run uses one GPU, so its job asks for one task, one GPU and one GPU's share of the node: the
 node's CPUs (``tasks_per_node * cpus_per_task``) and memory divided by ``gpus_per_node`` (by
@@ -17,6 +18,9 @@ from bench.pipeline.files import REPO
 from bench.pipeline.schema import FileError, SchemaError, option, parse
 from bench.pipeline.yamlload import load_yaml
 
+# submitit signals a job 90 s before its time limit (USR2: checkpoint and requeue); a limit must leave time to run
+SIGNAL_LEAD_MIN = 2
+
 
 class ProfileError(FileError):
     """One bad value in a cluster profile: ``<file>: <key>: <problem>``."""
@@ -29,9 +33,9 @@ class Profile:
     qos: str | None = None
     gpus_per_node: int | None = option(None, minimum=0)
     tasks_per_node: int = option(1, minimum=1)
-    cpus_per_task: int | None = option(None, minimum=0)
+    cpus_per_task: int | None = option(None, minimum=1)
     mem_gb: int | None = option(None, minimum=1)
-    timeout_min: int | None = option(None, minimum=0)
+    timeout_min: int | None = option(None, minimum=0)  # required, at least SIGNAL_LEAD_MIN: load_profile
     constraint: str | None = None
     array_parallelism: int | None = option(None, minimum=1)
     max_requeue: int = option(3, minimum=0)
@@ -61,6 +65,13 @@ def load_profile(name: str) -> Profile:
     if profile.gpus_per_node and profile.tasks_per_node > profile.gpus_per_node:
         raise ProfileError(path, "tasks_per_node", f"{profile.tasks_per_node} exceeds gpus_per_node "
                            f"{profile.gpus_per_node}; allowed: 1 to {profile.gpus_per_node} (one DDP process per GPU)")
+    if profile.timeout_min is None:  # submitit writes a time limit into every job: its default is 5 minutes
+        raise ProfileError(path, "timeout_min", "required: the jobs' time limit in minutes (left out, submitit asks "
+                           f"SLURM for 5); allowed: {SIGNAL_LEAD_MIN} or more")
+    if profile.timeout_min < SIGNAL_LEAD_MIN:
+        raise ProfileError(path, "timeout_min", f"{profile.timeout_min} minute(s) leaves no time to run: a job is "
+                           "signalled 90 s before its limit to checkpoint and requeue; allowed: "
+                           f"{SIGNAL_LEAD_MIN} or more")
     return profile
 
 

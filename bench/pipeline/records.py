@@ -265,9 +265,10 @@ def read_failure(results_dir: Path, key: str) -> dict[str, Any] | None:
 
 def last_error_line(text: str, default: str | None = None) -> str | None:
     """The line of a log or exception text that says what went wrong: the last one naming an Error or
-    Exception, else the last non-empty one, else ``default``."""
+    Exception (or ``RunClaimed``: another process computes the run), else the last non-empty one, else
+    ``default``."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
-        if "Error" in line or "Exception" in line:
+        if any(word in line for word in ("Error", "Exception", "RunClaimed")):
             return line[:300]
     return lines[-1][:300] if lines else default

@@ -127,9 +127,10 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     ``SubmitError`` when sbatch refuses (e.g. the controller is down)."""
     name = profile or experiment.slurm.profile or "local"
     settings = load_profile(name)
-    if settings.gpus_per_node == 0 and any(run.device == "cuda" for run in runs):  # every job would fail on its node
+    if not settings.gpus_per_node and any(run.device == "cuda" for run in runs):  # every job would fail on its node
+        given = "gpus_per_node: 0" if settings.gpus_per_node == 0 else "no gpus_per_node"
         raise SubmitError(f"{experiment.file}: defaults.device: cuda, but cluster profile {profile_path(name)} gives "
-                          "its jobs no GPU (gpus_per_node: 0); allowed: a profile with gpus_per_node >= 1 (e.g. "
+                          f"its jobs no GPU ({given}); allowed: a profile with gpus_per_node >= 1 (e.g. "
                           "slurm/example_gpu.yaml), or device auto or cpu")
     ensure_slurm_conf()
     results_dir = Path(results_dir).resolve()
@@ -168,14 +169,15 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     ids = sorted({job.job_id.split("_")[0] for job in jobs_by_key.values()})
     if jobs_by_key:
         print(f"submitted {len(jobs_by_key)} run(s) as job array(s) {', '.join(ids)}; logs in {log_folder}")
+    follow = f"python run_bench.py --config {experiment.file} --results {results_dir} --status"
     if not wait:
-        print(f"follow with: python run_bench.py --config {experiment.file} --status")
+        print(f"follow with: {follow}")
         return 0
     try:
         return _wait_all(jobs_by_key, results_dir, flying, submitted_at)
     except KeyboardInterrupt:  # only the waiting stops: the jobs are SLURM's (not "the run in progress")
         print(f"stopped waiting (Ctrl-C): the {len(jobs_by_key) + len(flying)} job(s) go on in SLURM; follow them with "
-              f"python run_bench.py --config {experiment.file} --status (scancel stops them)", file=sys.stderr)
+              f"{follow} (scancel stops them)", file=sys.stderr)
         return 130
 
 
