@@ -644,7 +644,16 @@ def test_resubmission_skips_jobs_in_flight_and_keeps_their_ids(slurm_env, scance
     assert slurm(path, results, profile=held) == 0  # the tasks stay pending until released
     first = json.loads((results / "jobs.json").read_text())
     assert len(first) == 2
-    capsys.readouterr()
+    assert f"follow with: python run_bench.py --config {path} --results {results.resolve()} --status" in \
+        capsys.readouterr().out  # the folder given, not the config's default (user test 16)
+    # --status says why SLURM holds them (user test 16: a plain "pending" looked like a queue to wait out)
+    run_bench.main(["--config", str(path), "--results", str(results), "--status"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pending ")]
+    held_for = ("PartitionTimeLimit: its time limit (timeout_min) is above the partition's",  # SLURM names either
+                "PartitionConfig: it asks for more CPUs, memory or GPUs than the partition's nodes have")
+    assert len(rows) == 2 and all(any(f"PENDING ({reason}; SLURM does not start it until it is changed: scancel it "
+                                      "and resubmit with a profile that fits the partition)" in row for reason in held_for)
+                                  for row in rows), rows
 
     assert slurm(path, results, profile=held) == 0  # again while they are pending: nothing sent twice
     out = capsys.readouterr().out
@@ -913,3 +922,13 @@ def test_a_claim_from_another_host_outside_slurm_names_its_file_and_is_the_jobs_
     claim.write_text(json.dumps({**holder_info(), "slurm_job_id": "478", "slurm_job": "475_2"}))  # this host, live
     with pytest.raises(RunClaimed, match=r"SLURM job 475_2 since .*not run twice$"), claim_run(tmp_path, "k-tome"):
         pass
+
+
+def test_status_rows_keep_their_keys_in_one_column(capsys):
+    """An "interrupted" row is wider than the 8 characters of the state column (user test 16): every key still
+    starts in the same column."""
+    from bench.pipeline.status import RunStatus, print_status
+
+    print_status([RunStatus("m-tome-1", "interrupted", "KeyboardInterrupt"), RunStatus("m-base-2", "done")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.index("m-") for line in lines[:2]] == [12, 12] and lines[2] == "1 done, 1 interrupted"

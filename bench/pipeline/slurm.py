@@ -24,6 +24,15 @@ from bench.pipeline.records import failure_path, last_error_line, now
 # An array task that neither squeue nor sacct lists while they list its array: cancelled before it started.
 NO_RECORD = "NO_ACCOUNTING_RECORD"
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+# squeue's reasons for a pending job that SLURM holds until someone changes it (scontrol update, scancel): the job
+# asks for more than its partition allows or names what the cluster does not know
+HELD_REASONS = {
+    "PartitionTimeLimit": "its time limit (timeout_min) is above the partition's",
+    "PartitionConfig": "it asks for more CPUs, memory or GPUs than the partition's nodes have",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows",
+    "InvalidAccount": "its account is not valid here", "InvalidQOS": "its qos is not valid here",
+    "BadConstraints": "no node has its constraint",
+}
 # profile key -> submitit parameter (max_requeue and setup are handled apart)
 SUBMITIT_NAMES = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
                   "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
@@ -247,15 +256,43 @@ class JobGone(RuntimeError):
 
 def _await(job: submitit.Job, interval: float = 2.0, checks: int = 3) -> None:
     """Until submitit sees ``job`` end; ``JobGone`` when the task is in neither squeue nor sacct (while
-    sacct lists its array) at ``checks`` polls in a row: submitit would wait for it forever."""
-    missing = 0
+    sacct lists its array) at ``checks`` polls in a row: submitit would wait for it forever. A job SLURM holds
+    (``HELD_REASONS``) is said once: it waits until someone releases or cancels it."""
+    missing, said = 0, False
     while not job.done():
         time.sleep(interval)
         states, answered = _live_states(job.job_id.split("_")[0])
+        if not said and _task_state(states, job.job_id) == "PENDING":
+            reason = pending_reasons(job.job_id.split("_")[0]).get(job.job_id)
+            if reason in HELD_REASONS:
+                said = True
+                print(f"warning: job {job.job_id} PENDING{pending_note(reason)}", file=sys.stderr, flush=True)
         gone = answered and _task_state(states, job.job_id) == NO_RECORD  # SLURM cannot say now: keep waiting
         missing = missing + 1 if gone else 0
         if missing >= checks:
             raise JobGone(f"job {job.job_id}: no accounting record (cancelled before it started?)")
+
+
+def pending_reasons(ids: str) -> dict[str, str]:
+    """squeue's reason of each pending task of the job arrays ``ids`` (comma-separated); empty when SLURM
+    cannot be asked."""
+    try:
+        out = subprocess.run(["squeue", "-r", "-h", "-t", "PENDING", "-j", ids, "-o", "%i|%r"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return _parse_states(out)
+
+
+def pending_note(reason: str | None) -> str:
+    """`` (Priority)``, or for a job SLURM holds `` (PartitionTimeLimit: ...; scancel it ...)``; empty without a
+    reason."""
+    if not reason or reason in ("None", "(null)", "UNKNOWN"):
+        return ""
+    if reason not in HELD_REASONS:
+        return f" ({reason})"
+    return (f" ({reason}: {HELD_REASONS[reason]}; SLURM does not start it until it is changed: scancel it and "
+            "resubmit with a profile that fits the partition)")
 
 
 def _sacct(job_ids: str) -> str:
@@ -321,8 +358,14 @@ def job_states(results_dir: Path) -> dict[str, dict[str, Any]]:
     ensure_slurm_conf()
     ids = ",".join(sorted({job["job_id"].split("_")[0] for job in jobs.values()}))
     states, answered = _live_states(ids, warn=lambda line: print(line, file=sys.stderr))
-    return {key: {**job, "state": _task_state(states, job["job_id"]) if answered else
-                  states.get(job["job_id"], "UNKNOWN")} for key, job in jobs.items()}
+    found = {key: {**job, "state": _task_state(states, job["job_id"]) if answered else
+                   states.get(job["job_id"], "UNKNOWN")} for key, job in jobs.items()}
+    if any(job["state"] == "PENDING" for job in found.values()):  # why: SLURM's reason (held for good, or queued)
+        reasons = pending_reasons(ids)
+        for job in found.values():
+            if job["state"] == "PENDING" and job["job_id"] in reasons:
+                job["reason"] = reasons[job["job_id"]]
+    return found
 
 
 def _live_states(ids: str, warn: Callable[[str], None] | None = None) -> tuple[dict[str, str], bool]:

@@ -74,7 +74,7 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
     """The state of each run key: its record, its failure note and its SLURM job (``jobs.json``). A run submitted
     again after its record was written (``--force``) shows its queued or running job, not that record."""
     from bench.pipeline.lock import describe, live_claim
-    from bench.pipeline.slurm import ACTIVE_STATES, NO_RECORD, job_states, state_message
+    from bench.pipeline.slurm import ACTIVE_STATES, NO_RECORD, job_states, pending_note, state_message
 
     queued = job_states(results_dir)
     rows = []
@@ -108,7 +108,8 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
         elif job and job["state"] in ACTIVE_STATES and not (  # a requeued (preempted) job is pending again
                 failure and failure.get("state") == "failed" and str(failure.get("time")) >= str(job.get("submitted_at"))):
             # (a run that failed in this submission has failed, while SLURM still lists its job as ending)
-            rows.append(RunStatus(key, _active(job), f"job {job['job_id']} {job['state']}", job.get("log")))
+            rows.append(RunStatus(key, _active(job), f"job {job['job_id']} {job['state']}{pending_note(job.get('reason'))}",
+                                  job.get("log")))
         elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):
             error = (failure or {}).get("error") or (job and _log_error(job.get("log"))) or "no record written"
             log = (job or {}).get("log") or (failure or {}).get("log")
@@ -135,8 +136,9 @@ def _log_error(log: str | None) -> str | None:
 
 def print_status(rows: list[RunStatus]) -> None:
     width = max(len(row.key) for row in rows)
+    states = max(8, *(len(row.state) for row in rows))  # "interrupted" too keeps the keys in one column
     for row in rows:
-        line = f"{row.state:8s} {row.key:{width}s}"
+        line = f"{row.state:{states}s} {row.key:{width}s}"
         if row.detail:
             line += f"  {row.detail}"
         if row.log and row.state != "done":
