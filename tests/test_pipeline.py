@@ -855,3 +855,16 @@ def test_a_random_init_seed_has_its_own_dense_reference(tmp_path):
         assert record["metrics"]["eval"]["agreement"] == 100.0
         assert record["metrics"]["eval"]["feature_cos"] == pytest.approx(1.0, abs=1e-3), record["run"]["seed"]
     assert len(list((results / "cache").glob("dense-*.pt"))) == 2
+
+
+def test_a_profile_path_in_the_experiment_file_is_relative_to_that_file(tmp_path, capsys, monkeypatch):
+    """slurm.profile: mine.yaml beside the experiment file works from any folder, as weights do (user test 16: it
+    was read from the current folder)."""
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"partition": "short", "timeout_min": 7}))
+    path = write(tmp_path, config(tmp_path, grid={"methods": ["baseline"]}, slurm={"profile": "mine.yaml"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert bench_main(path, tmp_path / "results", "--dry-run", "--executor", "slurm") == 0
+    out = capsys.readouterr().out
+    assert "partition=short" in out and "time=7" in out, out

@@ -27,7 +27,7 @@
         - {method: ppt, sweep: {r: [4, 8]}, layers: [2, 4, 6]}   # sweep: one run per value (cartesian)
     reference:                             # optional published numbers, matched by model label + method + params
       - {model: deit-s, method: tome, params: {r: 13}, top1: 79.4, gmacs: 2.7, source: "ToMe, table 1"}
-    slurm: {profile: local}                # cluster profile for --executor slurm
+    slurm: {profile: local}                # cluster profile for --executor slurm (a .yaml path: relative to this file)
 
 Each section's keys, types and defaults are the frozen dataclasses below (``bench.pipeline.schema``).
 An unknown key, unknown method or parameter, a value impossible for the model, a missing data folder or
@@ -43,7 +43,7 @@ import itertools
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +333,8 @@ class Parser:
         if "tokens" in stages and subset is not None and section.tokens.images > subset:  # was cut silently
             raise self.error("tokens.images", f"{section.tokens.images} is more than the eval images "
                              f"(defaults.data.subset: {subset}); allowed: at most {subset}")
+        if (section.slurm.profile or "").endswith((".yaml", ".yml")):  # a path: relative to this file, as weights are
+            section = replace(section, slurm=replace(section.slurm, profile=self.resolve(section.slurm.profile)))
         self.check_profile(section.slurm.profile)
         self.check_sdpa(section.defaults)
         for flag, what in (("auto", "doubling the batch size until out of memory needs"), ("cuda_graphs", "CUDA graphs need")):
