@@ -27,7 +27,7 @@ def test_profile_maps_onto_submitit_parameters():
     assert finetune["tasks_per_node"] == 4 and evaluation["tasks_per_node"] == 1
     assert finetune["gpus_per_node"] == 4 and finetune["timeout_min"] == 720 and finetune["mem_gb"] == 240
     assert finetune["slurm_setup"][0].startswith("export PYTHONPATH=")
-    assert finetune["slurm_setup"][1:] == ["module load cuda/12.4", "source ~/venvs/tokenbench/bin/activate"]
+    assert finetune["slurm_setup"][1:] == ["module load cuda/12.4", "export OMP_NUM_THREADS=10"]
 
 
 def test_max_requeue_becomes_submitits_timeout_budget(tmp_path):
