@@ -448,7 +448,8 @@ def test_a_run_submitted_again_shows_its_queued_job_not_its_earlier_record(slurm
     out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 130, (out, err)
     assert err.strip().splitlines()[-1] == (f"stopped waiting (Ctrl-C): the 2 job(s) go on in SLURM; follow them with "
-                                            f"python run_bench.py --config {config} --status (scancel stops them)")
+                                            f"python run_bench.py --config {config} --results {results.resolve()} --status "
+                                            "(scancel stops them)")
     wait_for(lambda: all(key in (now := records_by_key(results)) and now[key]["finished_at"] > earlier[key]["finished_at"]
                          for key in earlier), 120, "the jobs to finish on their own")
     assert [row.state for row in collect_status(list(earlier), results)] == ["done", "done"]
