@@ -868,3 +868,20 @@ def test_a_profile_path_in_the_experiment_file_is_relative_to_that_file(tmp_path
     assert bench_main(path, tmp_path / "results", "--dry-run", "--executor", "slurm") == 0
     out = capsys.readouterr().out
     assert "partition=short" in out and "time=7" in out, out
+
+
+def test_runs_with_more_threads_than_their_jobs_cpus_are_noted(tmp_path, capsys):
+    """threads: 2 with a profile of cpus_per_task 1: --dry-run says the threads share one CPU (user test 16: the
+    quickstart on the local profile timed two threads on one core, silently); threads 1: no note."""
+    profile = tmp_path / "one.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "debug", "cpus_per_task": 1, "timeout_min": 10}))
+    for threads in (2, 1):
+        cfg = config(tmp_path, grid={"methods": ["baseline"]})
+        cfg["defaults"]["threads"] = threads
+        assert bench_main(write(tmp_path, cfg), tmp_path / "r", "--dry-run", "--executor", "slurm", "--profile",
+                          str(profile)) == 0
+        notes = [line.strip() for line in capsys.readouterr().out.splitlines() if "note: runs set threads" in line]
+        assert notes == ([] if threads == 1 else [
+            "note: runs set threads: 2, but each evaluation job (task) gets cpus_per_task=1: their threads share 1 "
+            "CPU(s) and throughput reads low; give the profile at least that many cpus_per_task, or the runs fewer "
+            "threads"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.pipeline.profiles import load_profile, profile_path
-from bench.pipeline.slurm import executor_parameters
+from bench.pipeline.slurm import executor_parameters, thread_notes
 
 # (submitit parameter, label) in the order they are printed
 _FIELDS = (("slurm_partition", "partition"), ("slurm_account", "account"), ("slurm_qos", "qos"),
@@ -46,4 +46,4 @@ def describe(runs: list[Any], profile_name: str) -> list[str]:
         if entry["array_parallelism"]:
             parts.append(f"at most {entry['array_parallelism']} at once")
         lines.append(f"  {entry['shape']:9s} " + " ".join(parts))
-    return lines
+    return lines + [f"  {note}" for note in thread_notes(runs, load_profile(profile_name))]

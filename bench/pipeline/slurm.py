@@ -56,6 +56,21 @@ def executor_parameters(profile: Profile, finetune: bool) -> dict[str, Any]:
     return params
 
 
+def thread_notes(runs: list, profile: Profile) -> list[str]:
+    """A line per job shape whose runs set more ``threads`` than a job of that shape gets CPUs (``cpus_per_task``):
+    their threads would share fewer cores, and timed forwards read slow (user test 16)."""
+    notes = []
+    for shape, finetune in (("evaluation", False), ("fine-tuning", True)):
+        cpus = executor_parameters(profile, finetune).get("cpus_per_task")
+        over = sorted({run.threads for run in runs if ("finetune" in run.stages) == finetune
+                       and run.threads and cpus and run.threads > cpus})
+        if over:
+            notes.append(f"note: runs set threads: {', '.join(map(str, over))}, but each {shape} job (task) gets "
+                         f"cpus_per_task={cpus}: their threads share {cpus} CPU(s) and throughput reads low; give "
+                         "the profile at least that many cpus_per_task, or the runs fewer threads")
+    return notes
+
+
 def make_executor(log_folder: Path, profile: Profile, finetune: bool, name: str) -> submitit.AutoExecutor:
     """A SLURM executor for one job array. ``max_requeue`` is submitit's ``max_num_timeout`` (default 3): how
     often a job may be requeued after its time limit. submitit counts a preemption signal (USR2) as such a
@@ -141,6 +156,8 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
         raise SubmitError(f"{experiment.file}: defaults.device: cuda, but cluster profile {profile_path(name)} gives "
                           f"its jobs no GPU ({given}); allowed: a profile with gpus_per_node >= 1 (e.g. "
                           "slurm/example_gpu.yaml), or device auto or cpu")
+    for note in thread_notes(runs, settings):
+        print(note, file=sys.stderr)
     ensure_slurm_conf()
     results_dir = Path(results_dir).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
