@@ -166,6 +166,14 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
         if not torch.cuda.is_available():  # said once, before anything runs (each run failed on its own before)
             return fail(f"{experiment.file}: defaults.device: cuda, but CUDA is not available on this machine "
                         f"({len(todo)} run(s) to do); allowed here: cpu or auto, or --executor slurm for GPU nodes")
+    if args.executor == "slurm":  # a bad profile, or jobs that would all fail: refused before anything is written
+        from bench.pipeline.profiles import ProfileError
+        from bench.pipeline.slurm import SubmitError, check_submission
+
+        try:
+            check_submission(experiment, todo, args.profile)
+        except (ProfileError, SubmitError) as error:
+            return fail(str(error))
     from bench.pipeline.records import ExperimentFileError, experiment_path, read_experiment, write_experiment
 
     try:

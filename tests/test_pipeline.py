@@ -418,6 +418,7 @@ def test_cuda_without_a_gpu_is_one_line_before_any_run(tmp_path, capsys, monkeyp
         f"error: {path}: defaults.device: cuda, but cluster profile {profile} gives its jobs no GPU (no gpus_per_node); "
         "allowed: a profile with gpus_per_node >= 1 (e.g. slurm/example_gpu.yaml), or device auto or cpu")
     assert not (results / "logs").exists() and not (results / "jobs.json").exists()
+    assert not (results / "experiment.json").exists()  # refused before anything is written (user test 16)
 
 
 def test_an_export_onto_the_starting_weights_is_refused(tmp_path):

@@ -141,6 +141,20 @@ def _write_jobs(results_dir: Path, jobs: dict[str, dict[str, Any]]) -> None:
     atomic_write_json(jobs_file(results_dir), jobs)
 
 
+def check_submission(experiment, runs, profile: str | None = None) -> Profile:
+    """The cluster profile of a submission of ``runs`` (``--profile``, the experiment's, else ``local``), checked
+    before anything is written or submitted: ``ProfileError`` for a bad profile, ``SubmitError`` where every job
+    would fail on its node."""
+    name = profile or experiment.slurm.profile or "local"
+    settings = load_profile(name)
+    if not settings.gpus_per_node and any(run.device == "cuda" for run in runs):  # every job would fail on its node
+        given = "gpus_per_node: 0" if settings.gpus_per_node == 0 else "no gpus_per_node"
+        raise SubmitError(f"{experiment.file}: defaults.device: cuda, but cluster profile {profile_path(name)} gives "
+                          f"its jobs no GPU ({given}); allowed: a profile with gpus_per_node >= 1 (e.g. "
+                          "slurm/example_gpu.yaml), or device auto or cpu")
+    return settings
+
+
 def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait: bool = False,
            redo: bool = False) -> int:
     """Submit ``runs`` as SLURM job arrays (one per resource shape: evaluation, fine-tuning); print the
@@ -149,13 +163,7 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     (``jobs.json`` keeps their ids; a resubmitted run keeps its earlier ids in ``previous_job_ids``).
     ``redo`` (``--force``): a job recomputes its run even if a record appeared since submission.
     ``SubmitError`` when sbatch refuses (e.g. the controller is down)."""
-    name = profile or experiment.slurm.profile or "local"
-    settings = load_profile(name)
-    if not settings.gpus_per_node and any(run.device == "cuda" for run in runs):  # every job would fail on its node
-        given = "gpus_per_node: 0" if settings.gpus_per_node == 0 else "no gpus_per_node"
-        raise SubmitError(f"{experiment.file}: defaults.device: cuda, but cluster profile {profile_path(name)} gives "
-                          f"its jobs no GPU ({given}); allowed: a profile with gpus_per_node >= 1 (e.g. "
-                          "slurm/example_gpu.yaml), or device auto or cpu")
+    settings = check_submission(experiment, runs, profile)
     for note in thread_notes(runs, settings):
         print(note, file=sys.stderr)
     ensure_slurm_conf()
