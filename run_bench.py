@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def calibration_line(calibration: dict) -> str:
     from bench.pipeline.calibrate import Calibration
 
-    return Calibration(**{k: v for k, v in calibration.items() if k != "model"}).describe()
+    return Calibration(**{k: v for k, v in calibration.items() if k not in ("model", "setting")}).describe()
 
 
 def fail(message: str) -> int:

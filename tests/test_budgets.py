@@ -461,3 +461,33 @@ def test_two_settings_of_a_method_have_a_row_and_an_auc_each(tmp_path):
         row = rows[f"evit [layers=[{layer}]]"]
         assert [float(cell.strip("*").split()[0]) for cell in row[2:4]] == pytest.approx([cells[0.7], cells[0.85]], abs=5e-3)
         assert float(row[-1]) == pytest.approx((cells[0.7] + cells[0.85]) / 2, abs=5e-3)  # two points: their mean
+
+
+def test_a_setting_out_of_reach_keeps_its_row_and_a_failed_run_is_blank(tmp_path, monkeypatch):
+    """evit at layers [1] and at layers [7] (one block from the end: it cannot reach 0.7): [7] keeps a row of `–`
+    where its own calibrations say out of reach, and [1]'s run that failed is blank, not `–` (user test 17: the
+    calibrations named the method only, so [7] had no row and a failed cell read as out of reach)."""
+    from bench.pipeline.config import load_experiment
+
+    path = experiment(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["budgets"] = {"macs": [0.7, 0.85]}
+    cfg["grid"]["methods"] = ["baseline", {"method": "evit", "layers": [1]}, {"method": "evit", "layers": [7]}]
+    path.write_text(yaml.safe_dump(cfg))
+    failing = next(run.key for run in load_experiment(path).runs
+                   if run.method == "evit" and run.params["layers"] == [1] and run.budget["target"] == 0.85)
+    monkeypatch.setenv("TOKENBENCH_FAIL_KEYS", failing)
+    results = tmp_path / "results"
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--quiet"]) == 1
+    calibrations = json.loads((results / "experiment.json").read_text())["calibrations"]
+    out_of_reach = {(json.loads(c["setting"])["layers"][0], c["target"]) for c in calibrations if c["value"] is None}
+    assert (7, 0.7) in out_of_reach and (1, 0.7) not in out_of_reach and (1, 0.85) not in out_of_reach
+    section = (results / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    rows = {cells[1]: cells for cells in ([cell.strip() for cell in line.split("|")[1:-1]]
+                                          for line in section.splitlines() if line.startswith("| ") and "Rank" not in line)}
+    assert sorted(rows) == ["evit [layers=[1]]", "evit [layers=[7]]"]
+    for column, target in ((2, 0.7), (3, 0.85)):
+        seven = rows["evit [layers=[7]]"][column]
+        assert (seven == "–") == ((7, target) in out_of_reach), (target, seven)
+    assert rows["evit [layers=[1]]"][3] == ""  # its run failed: not out of reach
+    assert re.fullmatch(r"\*{0,2}\d+\.\d\d .*", rows["evit [layers=[1]]"][2])

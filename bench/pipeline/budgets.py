@@ -32,40 +32,44 @@ def pareto_auc(fractions: Sequence[float], top1: Sequence[float]) -> float:
     return area / span
 
 
-def _unmarked(label: str) -> str:
-    """The method's name of a row label (``tome [fine-tuned]``: ``tome``)."""
-    return label.split(" [", 1)[0]
-
-
 def setting(params: Any, knob: Any) -> str | None:
     """A budget run's parameters without its calibrated knob (canonical JSON): the runs of one setting of a
-    method across the budgets share it; None for a run without a budget."""
+    method across the budgets share it, and so does the calibration of a budget out of that setting's reach (its
+    ``setting``); None for a run without a budget."""
     if not isinstance(params, dict) or not isinstance(knob, str):
         return None
     return json.dumps({name: value for name, value in params.items() if name != knob}, sort_keys=True, default=str)
 
 
-def row_labels(runs: pd.DataFrame) -> list[str]:
-    """The matched-budget row of each budget run of one model group: its method, the parameters that tell apart
-    settings of that method (``evit [layers=[1, 3, 5]]`` beside ``evit [layers=[2, 4, 6]]``: user test 15 saw them
-    merged into one row, one cell and one AUC over both), then ``[fine-tuned]`` or ``[earlier config]`` where the
-    run was trained before it was evaluated or belongs to an earlier config (report.py --all)."""
-    settings = {method: {} for method in runs["method"]}
-    for method, text in zip(runs["method"], runs["_setting"], strict=True):
-        settings[method].setdefault(text, json.loads(text) if isinstance(text, str) else {})
-    labels = []
-    for method, text, tuned, earlier in zip(runs["method"], runs["_setting"], runs["finetune_epochs"].notna(),
-                                            runs["_earlier"], strict=True):
-        known = list(settings[method].values())
+def labeller(settings: dict[str, set]) -> Callable[[str, str | None], str]:
+    """The row label of a setting of a method: the method, then the parameters that tell apart its settings
+    (``settings``: method -> its settings) in this table (``evit [layers=[1, 3, 5]]`` beside ``evit [layers=[2, 4,
+    6]]``: user test 15 saw them merged into one row, one cell and one AUC over both)."""
+    parsed = {method: {text: json.loads(text) if isinstance(text, str) else {} for text in texts}
+              for method, texts in settings.items()}
+
+    def label(method: str, text: str | None) -> str:
+        known = list(parsed.get(method, {}).values())
         names = sorted({name for each in known for name in each})
         differ = [name for name in names if len({json.dumps(each.get(name), sort_keys=True, default=str)
                                                   for each in known}) > 1]
-        mine = settings[method][text]
-        label = method
-        if differ:
-            label += " [" + ", ".join(f"{name}={mine.get(name)}" for name in differ) + "]"
-        labels.append(label + " [fine-tuned]" * bool(tuned) + " [earlier config]" * bool(earlier))
-    return labels
+        mine = parsed.get(method, {}).get(text, {})
+        return method + (" [" + ", ".join(f"{name}={mine.get(name)}" for name in differ) + "]" if differ else "")
+
+    return label
+
+
+def row_labels(runs: pd.DataFrame, settings: dict[str, set] | None = None) -> list[str]:
+    """The matched-budget row of each budget run of one model group: ``labeller``'s label of its setting (among
+    those of its runs and ``settings``), then ``[fine-tuned]`` or ``[earlier config]`` where the run was trained
+    before it was evaluated or belongs to an earlier config (report.py --all)."""
+    known = {method: set(texts) for method, texts in (settings or {}).items()}
+    for method, text in zip(runs["method"], runs["_setting"], strict=True):
+        known.setdefault(method, set()).add(text)
+    label = labeller(known)
+    return [label(method, text) + " [fine-tuned]" * bool(tuned) + " [earlier config]" * bool(earlier)
+            for method, text, tuned, earlier in zip(runs["method"], runs["_setting"], runs["finetune_epochs"].notna(),
+                                                    runs["_earlier"], strict=True)]
 
 
 def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], group: list[str],
@@ -77,6 +81,7 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
     if runs.empty:
         return []
     tuned = runs["finetune_epochs"].notna()
+    runs = runs.assign(_base=runs["method"])
     lines = ["## Matched budgets", "",
              "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile; for ATS, "
              "whose work depends on the image, the mean over the macs stage's real images); every "
@@ -87,17 +92,30 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
              "then by the mean top-1 of the method's cells, then by name.", ""]
     for keys, part in runs.groupby(group, sort=True):
         model = keys[0]
+        # budgets out of reach: of one setting of a method (its calibration's ``setting``), or of every setting
+        # (calibrations written before settings were told apart)
+        unreachable = {(c["method"], c.get("setting"), round(c["target"], 6)) for c in calibrations
+                       if c.get("model") == model and c.get("value") is None}
+        extra: dict[str, set] = {}
+        for method, text, _ in unreachable:
+            if text is not None:
+                extra.setdefault(method, set()).add(text)
         # one row per setting of a method (a run per cell): fine-tuned runs and an earlier config's apart, marked as
         # in the leaderboard's tables, so that their cells never stand for the method off the shelf
-        part = part.assign(method=row_labels(part))
-        unreachable = {(c["method"], round(c["target"], 6)) for c in calibrations
-                       if c.get("model") == model and c.get("value") is None}
+        part = part.assign(method=row_labels(part, extra))
+        label = labeller({method: extra.get(method, set()) | set(part.loc[part["_base"] == method, "_setting"])
+                          for method in set(part["_base"]) | set(extra)})
+        # each row's (method, setting), also a setting out of reach at every budget (a row of "–")
+        setting_of = {row: (method, text) for row, method, text in zip(part["method"], part["_base"], part["_setting"],
+                                                                      strict=True)}
+        for method, text, _ in unreachable:
+            if text is not None:
+                setting_of.setdefault(label(method, text), (method, text))
+            elif method not in set(part["_base"]):
+                setting_of.setdefault(method, (method, None))
         # every budget of the group, also one that no method reached (a column of "–")
-        targets = sorted({round(x, 6) for x in part["budget"]} | {t for _, t in unreachable})
-        # a method with unreachable budgets has a row ("–" there) where none of its runs has one
-        present = {_unmarked(method) for method in part["method"]}
-        methods = sorted(set(part["method"]) | {m for m, _ in unreachable if m not in present})
-        base = {method: _unmarked(method) for method in methods}  # reach: the method's, marked or not
+        targets = sorted({round(x, 6) for x in part["budget"]} | {t for _, _, t in unreachable})
+        methods = sorted(setting_of)
         best = {target: part[part["budget"].round(6) == target]["top1"].max() for target in targets}
         rows = []
         for method in methods:
@@ -106,7 +124,9 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
             for target in targets:
                 hit = mine[mine["budget"].round(6) == target]
                 if hit.empty:
-                    cells.append("–" if (base[method], round(target, 6)) in unreachable else "")
+                    name, text = setting_of[method]
+                    out = (name, text, round(target, 6)) in unreachable or (name, None, round(target, 6)) in unreachable
+                    cells.append("–" if out else "")  # blank: not run, or its run failed
                     continue
                 row = hit.iloc[0]
                 shown.append(row["top1"])

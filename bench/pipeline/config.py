@@ -618,7 +618,8 @@ class Parser:
                                      f"({error}); calibrated when the run's data is present")
                 return params, None
             raise self.error(where, f"{method} @{target:.2f}: calibration failed: {error} ({base['model_label']})") from None
-        self.calibrations.append({"model": base["model_label"], **result.__dict__})
+        self.calibrations.append({"model": base["model_label"], **result.__dict__,
+                                  "setting": self.setting(method, params, result.knob)})
         if not result.reachable:
             self.warnings.append(f"warning: {self.path}: {where}: {base['model_label']}: {result.describe()}")
             return params, None
@@ -627,6 +628,24 @@ class Parser:
         except ValueError as error:
             raise self.error(where, str(error)) from None
         return built.params, result.budget()
+
+    @staticmethod
+    def setting(method: str, params: dict[str, Any], knob: str) -> str | None:
+        """The setting a calibration belongs to, as its runs' records give it (``bench.pipeline.budgets.setting``
+        of the built parameters): the leaderboard's matched-budget table puts a budget out of a setting's reach in
+        that setting's row (user test 17). Built with the knob at the least reduction (0, the top of a float range);
+        a choice knob, or a value the method refuses: the parameters as written."""
+        import methods
+        from bench.pipeline.budgets import setting
+
+        spec = methods.registered()[method].budget_knob
+        value = {"int": 0, "float": spec.high}.get(spec.kind)
+        try:
+            if value is None:
+                raise ValueError(f"{knob}: a choice")
+            return setting(methods.build(method, **{**params, knob: value}).params, knob)
+        except ValueError:
+            return setting(params, knob)
 
     def check_uncalibrated(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str) -> None:
         """A budget entry's other parameters, validated as a calibrated run's would be before any calibration (and
