@@ -154,11 +154,15 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
             print(line)  # the eval transform timm resolved for each model (run.data.transform)
         from bench.pipeline.profiles import ProfileError
         from bench.pipeline.resources import describe
+        from bench.pipeline.slurm import SubmitError, check_submission
 
         try:  # the SLURM resources per job shape (profile: --profile, the config's, else local)
             print("\n".join(describe(todo, args.profile or experiment.slurm.profile or "local")))
+            check_submission(experiment, todo, args.profile)
         except ProfileError as error:
             return fail(str(error))
+        except SubmitError as error:  # what --executor slurm would refuse (user test 17: the dry run said nothing)
+            print(f"  note: --executor slurm refuses this: {error}")
         return 0
     if args.executor != "slurm" and any(run.device == "cuda" for run in todo):
         import torch

@@ -403,7 +403,10 @@ def test_cuda_without_a_gpu_is_one_line_before_any_run(tmp_path, capsys, monkeyp
             "allowed here: cpu or auto, or --executor slurm for GPU nodes"]
     assert not (results / "runs").exists() and not (results / "failed").exists()
     assert bench_main(path, results, "--dry-run", "--executor", "slurm") == 0
-    capsys.readouterr()
+    assert capsys.readouterr().out.splitlines()[-1] == (  # the dry run says what a submission would refuse
+        f"  note: --executor slurm refuses this: {path}: defaults.device: cuda, but cluster profile "
+        f"{REPO / 'slurm' / 'local.yaml'} gives its jobs no GPU (gpus_per_node: 0); allowed: a profile with "
+        "gpus_per_node >= 1 (e.g. slurm/example_gpu.yaml), or device auto or cpu")
     # ... but not to a cluster profile whose jobs get no GPU: every job would fail on its node (nothing submitted)
     assert bench_main(path, results, "--executor", "slurm", "--profile", "local") == 2
     assert capsys.readouterr().err.splitlines()[-1] == (

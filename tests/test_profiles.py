@@ -57,8 +57,8 @@ def test_profile_defaults_and_unset_keys():
         # submitit's default limit is 5 minutes (user test 16): a profile says its own
         ({"partition": "debug"}, "timeout_min: required: the jobs' time limit in minutes (left out, submitit asks SLURM "
                                  "for 5); allowed: 2 or more"),
-        ({"timeout_min": 1}, "timeout_min: 1 minute(s) leaves no time to run: a job is signalled 90 s before its limit "
-                             "to checkpoint and requeue; allowed: 2 or more"),
+        ({"timeout_min": 1}, "timeout_min: must be an integer >= 2, got 1"),  # a job is signalled 90 s before its limit
+        ({"timeout_min": 2.5}, "timeout_min: must be an integer >= 2, got 2.5"),  # user test 17: said ">= 0"
         ({"cpus_per_task": 0, "timeout_min": 10}, "cpus_per_task: must be an integer >= 1, got 0"),
     ],
 )

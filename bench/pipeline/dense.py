@@ -1,6 +1,6 @@
 """The dense model's top-1 predictions and pre-logits features on a run's eval images, for the agreement
-and feature-similarity metrics: computed once per (model, weights and their content hash, or the seed of a
-random init, data and the images it holds, dtype) and shared by all runs of a results folder
+and feature-similarity metrics: computed once per (model, weights and their content hash, the seed, data and
+the images it holds, dtype) and shared by all runs of a results folder
 (``<results>/cache/``, ``{"top1": (N,), "features": (N, D) float16}``)."""
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from bench.pipeline.predict import predict
 
 
 def cache_path(ctx: StageContext) -> Path:
-    """The cache file of the run's dense reference: keyed by the model, its weights (and their content; the seed
-    where they are a random init), the data section, the images the eval set holds (``data_digest``: a folder
+    """The cache file of the run's dense reference: keyed by the model, its weights (and their content), the seed
+    (a random init, a new head), the data section, the images the eval set holds (``data_digest``: a folder
     edited in place gets its own) and the dtype."""
     run = ctx.run
     identity = [run.model, run.model_kwargs, run.weights, run.data, run.dtype, data_digest(run.data)]
     if run.weights_sha256:  # a checkpoint changed at the same path gets its own cache
         identity.append(run.weights_sha256)
-    if not run.weights:  # random init: the seed makes the weights (user test 15: seeds 0 and 1 shared one cache)
-        identity.append(["seed", run.seed])
+    # the seed: it makes a random init, and the new head of pretrained weights (timm:<tag> with other num_classes);
+    # user test 15: seeds 0 and 1 of a random init shared one cache
+    identity.append(["seed", run.seed])
     return Path(ctx.results_dir) / "cache" / f"dense-{digest(identity, 12)}.pt"
 
 

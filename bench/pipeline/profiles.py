@@ -35,7 +35,7 @@ class Profile:
     tasks_per_node: int = option(1, minimum=1)
     cpus_per_task: int | None = option(None, minimum=1)
     mem_gb: int | None = option(None, minimum=1)
-    timeout_min: int | None = option(None, minimum=0)  # required, at least SIGNAL_LEAD_MIN: load_profile
+    timeout_min: int | None = option(None, minimum=SIGNAL_LEAD_MIN)  # required: load_profile
     constraint: str | None = None
     array_parallelism: int | None = option(None, minimum=1)
     max_requeue: int = option(3, minimum=0)
@@ -68,10 +68,6 @@ def load_profile(name: str) -> Profile:
     if profile.timeout_min is None:  # submitit writes a time limit into every job: its default is 5 minutes
         raise ProfileError(path, "timeout_min", "required: the jobs' time limit in minutes (left out, submitit asks "
                            f"SLURM for 5); allowed: {SIGNAL_LEAD_MIN} or more")
-    if profile.timeout_min < SIGNAL_LEAD_MIN:
-        raise ProfileError(path, "timeout_min", f"{profile.timeout_min} minute(s) leaves no time to run: a job is "
-                           "signalled 90 s before its limit to checkpoint and requeue; allowed: "
-                           f"{SIGNAL_LEAD_MIN} or more")
     return profile
 
 

@@ -8,6 +8,7 @@ inside the same job, so they always share a node and a GPU.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -203,7 +204,7 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     ids = sorted({job.job_id.split("_")[0] for job in jobs_by_key.values()})
     if jobs_by_key:
         print(f"submitted {len(jobs_by_key)} run(s) as job array(s) {', '.join(ids)}; logs in {log_folder}")
-    follow = f"python run_bench.py --config {experiment.file} --results {results_dir} --status"
+    follow = f"python run_bench.py --config {shlex.quote(str(experiment.file))} --results {shlex.quote(str(results_dir))} --status"
     if not wait:
         print(f"follow with: {follow}")
         return 0
@@ -357,10 +358,14 @@ def _wait_in_flight(results_dir: Path, flying: dict[str, dict[str, Any]], interv
     from bench.pipeline.executors import Outcome
     from bench.pipeline.records import RecordError, read_failure, read_record, record_path
 
-    pending = dict(flying)
+    pending, said = dict(flying), set()
     while pending:
         time.sleep(interval)
         states = job_states(results_dir)
+        for key, job in states.items():  # held by SLURM for good: said once, as for the jobs submitted now
+            if key in pending and job.get("reason") in HELD_REASONS and key not in said:
+                said.add(key)
+                print(f"warning: job {job['job_id']} PENDING{pending_note(job['reason'])}", file=sys.stderr, flush=True)
         pending = {key: job for key, job in pending.items() if states.get(key, {}).get("state") in ACTIVE_STATES}
     outcomes = []
     for key, job in flying.items():
