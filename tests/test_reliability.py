@@ -681,6 +681,7 @@ def test_resubmission_skips_jobs_in_flight_and_keeps_their_ids(slurm_env, scance
     row = next(line for line in status.splitlines() if tome_key in line)
     assert row.startswith("failed ") and (f"job {cancelled} CANCELLED" in row or
                                           f"job {cancelled}: no accounting record" in row), status
+    assert "log:" not in row  # cancelled before it started: it has no log (user test 16: a path that never existed)
     assert "Error stream" not in status
 
     assert slurm(path, results, "--wait") == 0  # the cancelled run is resubmitted, the released one not

@@ -230,7 +230,8 @@ def _wait_all(jobs_by_key: dict, results_dir: Path, flying: dict[str, dict[str, 
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
             message = str(error) if isinstance(error, JobGone) else \
                 state_message(job.job_id, _final_state(job)) or last_error_line(str(error), "unknown error")
-            outcomes.append(Outcome(key, False, error=message, log=str(job.paths.stderr)))
+            log = str(job.paths.stderr) if job.paths.stderr.exists() else None  # a task cancelled before it started
+            outcomes.append(Outcome(key, False, error=message, log=log))
     outcomes += _wait_in_flight(results_dir, flying)
     print(f"all {len(jobs_by_key) + len(flying)} job(s) ended {time.time() - submitted_at:.1f} s after submission")
     return summary(outcomes)

@@ -104,7 +104,8 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
         if failure and failure.get("state") == "interrupted" and not (job and job["state"] in ACTIVE_STATES):
             rows.append(RunStatus(key, "interrupted", failure.get("error") or "", failure.get("log")))
         elif job and job["state"] in ("CANCELLED", NO_RECORD):  # scancel: no error of the run's own to show
-            rows.append(RunStatus(key, "failed", state_message(job["job_id"], job["state"]), job.get("log")))
+            log = job.get("log") if job.get("log") and Path(job["log"]).exists() else None  # none if it never started
+            rows.append(RunStatus(key, "failed", state_message(job["job_id"], job["state"]), log))
         elif job and job["state"] in ACTIVE_STATES and not (  # a requeued (preempted) job is pending again
                 failure and failure.get("state") == "failed" and str(failure.get("time")) >= str(job.get("submitted_at"))):
             # (a run that failed in this submission has failed, while SLURM still lists its job as ending)
