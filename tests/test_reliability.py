@@ -711,6 +711,7 @@ def test_cancelled_task_under_wait_says_cancelled(slurm_env, scancel_afterwards,
     out = capsys.readouterr().out
     failed = next(line for line in out.splitlines() if line.startswith("FAILED "))
     assert f"job {job['job_id']} CANCELLED" in failed and "Error stream" not in out
+    assert f"submitted 1 run(s) as job(s) {job['job_id']}; logs in " in out  # one run: a plain job, not an array
 
 
 @pytest.mark.slurm

@@ -203,7 +203,9 @@ def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait
     _write_jobs(results_dir, known)
     ids = sorted({job.job_id.split("_")[0] for job in jobs_by_key.values()})
     if jobs_by_key:
-        print(f"submitted {len(jobs_by_key)} run(s) as job array(s) {', '.join(ids)}; logs in {log_folder}")
+        arrays = any("_" in job.job_id for job in jobs_by_key.values())  # submitit sends a single run as a plain job
+        print(f"submitted {len(jobs_by_key)} run(s) as {'job array(s)' if arrays else 'job(s)'} {', '.join(ids)}; "
+              f"logs in {log_folder}")
     follow = f"python run_bench.py --config {shlex.quote(str(experiment.file))} --results {shlex.quote(str(results_dir))} --status"
     if not wait:
         print(f"follow with: {follow}")
