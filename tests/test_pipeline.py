@@ -889,3 +889,13 @@ def test_runs_with_more_threads_than_their_jobs_cpus_are_noted(tmp_path, capsys)
             "note: runs set threads: 2, but each evaluation job (task) gets cpus_per_task=1: their threads share 1 "
             "CPU(s) and throughput reads low; give the profile at least that many cpus_per_task, or the runs fewer "
             "threads"])
+
+
+def test_a_tokens_only_run_records_its_token_counts(tmp_path):
+    """stages: [tokens] alone: the record's tokens_per_layer come from the token maps' forward (user test 18: it
+    was null, only eval and macs noted them). tome r=4 on 49 patches and a class token, 4 blocks."""
+    cfg = config(tmp_path, stages=["tokens"], grid={"methods": [{"method": "tome", "r": 4}]}, tokens={"images": 2})
+    assert bench_main(write(tmp_path, cfg), tmp_path / "results", "--no-report") == 0
+    (record,), _ = read_all(tmp_path / "results")
+    assert record["tokens_per_layer"]["out"] == [46, 42, 38, 34]
+    assert record["tokens_per_layer"]["in"] == [50, 46, 42, 38]

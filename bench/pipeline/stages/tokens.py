@@ -6,6 +6,7 @@ shows the same images). One forward with source tracking on gives the map after 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,13 +31,16 @@ def patch_grid(model: Any) -> tuple[int, int]:
     return height // context.patch_size[0], width // context.patch_size[1]
 
 
-def token_maps(model: Any, batch: torch.Tensor, dtype: str) -> tuple[list[int], np.ndarray]:
+def token_maps(model: Any, batch: torch.Tensor, dtype: str,
+               note: Callable[[Any], None] | None = None) -> tuple[list[int], np.ndarray]:
     """``(layers, labels (K, L, gh, gw))``: the maps after each reducing block of ``model``'s method (the
-    final map, at the last block, when it never reduces)."""
+    final map, at the last block, when it never reduces). ``note``: given the forward's ``ForwardInfo``."""
     tracked = bench.apply(model.vit, model.method, track_source=True).eval()
     with torch.inference_mode(), autocast(batch.device, dtype):
         tracked(batch)
     info = tracked.last_forward
+    if note is not None:
+        note(info)
     layers = sorted(info.layer_sources) or [len(info.tokens_out) - 1]
     sources = [info.layer_sources[layer] for layer in layers] if info.layer_sources else [(info.source, info.mask)]
     grid, prefix = patch_grid(tracked), tracked.context.num_prefix
@@ -50,7 +54,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     val = ctx.val_set()
     indices = draw_indices(len(val), run.tokens["images"], run.seed)
     images = [val[index][0] for index in indices]
-    layers, labels = token_maps(ctx.model, torch.stack(images).to(ctx.device), run.dtype)
+    # its counts are the record's tokens_per_layer where no stage before it ran a forward (user test 18)
+    layers, labels = token_maps(ctx.model, torch.stack(images).to(ctx.device), run.dtype, note=ctx.note_tokens)
     maps = {"images": np.stack([display_image(image.numpy()) for image in images]), "labels": labels,
             "layers": np.asarray(layers), "indices": np.asarray(indices)}
     folder = ctx.results_dir / "tokens"
