@@ -74,13 +74,18 @@ def process_alive(pid: int, start: str | None = None) -> bool:
     return now is None or now == start
 
 
-def holder_info() -> dict[str, Any]:
+def slurm_job() -> str | None:
+    """The job id as jobs.json, ``--status`` and the log folders name it: ``<array>_<task>`` for an array
+    task (SLURM_JOB_ID is the task's own internal id), else SLURM_JOB_ID; None outside SLURM."""
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def holder_info() -> dict[str, Any]:
     return {"pid": os.getpid(), "start": process_start(os.getpid()), "host": socket.gethostname(),
             "command": " ".join(sys.argv)[:300], "since": time.strftime("%Y-%m-%d %H:%M:%S"),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # SLURM's own id (squeue -j), also of an array task
-            # the job as jobs.json, --status and the log folders name it: <array>_<task> for an array task
-            "slurm_job": f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")}
+            "slurm_job": slurm_job()}  # as --status names it
 
 
 def describe(holder: Any) -> str:

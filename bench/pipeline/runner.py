@@ -25,7 +25,7 @@ from bench.pipeline.data import data_digest
 from bench.pipeline.distributed import rank_device
 from bench.pipeline.files import REPO, atomic_write_json
 from bench.pipeline.fingerprint import check_unchanged
-from bench.pipeline.lock import run_guard
+from bench.pipeline.lock import run_guard, slurm_job
 from bench.pipeline.models import load_model
 from bench.pipeline.records import build_record, failure_path, now, record_path, write_record
 from bench.pipeline.stages import stage
@@ -104,13 +104,6 @@ def environment(device: torch.device, sdpa_backend: str = "auto") -> dict[str, A
         "slurm_job": slurm_job(),
         **cuda_environment(device, sdpa_backend),
     }
-
-
-def slurm_job() -> str | None:
-    """The job id as jobs.json, ``--status`` and the log folders name it: ``<array>_<task>`` for an array
-    task (SLURM_JOB_ID is the task's own internal id), else SLURM_JOB_ID; None outside SLURM."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str, Any] | None:
