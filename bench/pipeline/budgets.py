@@ -59,14 +59,15 @@ def labeller(settings: dict[str, set]) -> Callable[[str, str | None], str]:
     return label
 
 
-def row_labels(runs: pd.DataFrame, settings: dict[str, set] | None = None) -> list[str]:
-    """The matched-budget row of each budget run of one model group: ``labeller``'s label of its setting (among
-    those of its runs and ``settings``), then ``[fine-tuned]`` or ``[earlier config]`` where the run was trained
-    before it was evaluated or belongs to an earlier config (report.py --all)."""
-    known = {method: set(texts) for method, texts in (settings or {}).items()}
-    for method, text in zip(runs["method"], runs["_setting"], strict=True):
-        known.setdefault(method, set()).add(text)
-    label = labeller(known)
+def row_labels(runs: pd.DataFrame, label: Callable[[str, str | None], str] | None = None) -> list[str]:
+    """The matched-budget row of each budget run of one model group: the label of its setting (``label``, by
+    default ``labeller`` of the runs' own settings), then ``[fine-tuned]`` or ``[earlier config]`` where the run
+    was trained before it was evaluated or belongs to an earlier config (report.py --all)."""
+    if label is None:
+        known: dict[str, set] = {}
+        for method, text in zip(runs["method"], runs["_setting"], strict=True):
+            known.setdefault(method, set()).add(text)
+        label = labeller(known)
     return [label(method, text) + " [fine-tuned]" * bool(tuned) + " [earlier config]" * bool(earlier)
             for method, text, tuned, earlier in zip(runs["method"], runs["_setting"], runs["finetune_epochs"].notna(),
                                                     runs["_earlier"], strict=True)]
@@ -80,7 +81,6 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
     runs = df[df["budget"].notna() & df["top1"].notna()]
     if runs.empty:
         return []
-    tuned = runs["finetune_epochs"].notna()
     runs = runs.assign(_base=runs["method"])
     lines = ["## Matched budgets", "",
              "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile; for ATS, "
@@ -96,15 +96,14 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
         # (calibrations written before settings were told apart)
         unreachable = {(c["method"], c.get("setting"), round(c["target"], 6)) for c in calibrations
                        if c.get("model") == model and c.get("value") is None}
-        extra: dict[str, set] = {}
-        for method, text, _ in unreachable:
-            if text is not None:
-                extra.setdefault(method, set()).add(text)
+        known: dict[str, set] = {}  # each method's settings: of its runs and of its budgets out of reach
+        for method, text in [*zip(part["method"], part["_setting"], strict=True),
+                             *((method, text) for method, text, _ in unreachable if text is not None)]:
+            known.setdefault(method, set()).add(text)
+        label = labeller(known)
         # one row per setting of a method (a run per cell): fine-tuned runs and an earlier config's apart, marked as
         # in the leaderboard's tables, so that their cells never stand for the method off the shelf
-        part = part.assign(method=row_labels(part, extra))
-        label = labeller({method: extra.get(method, set()) | set(part.loc[part["_base"] == method, "_setting"])
-                          for method in set(part["_base"]) | set(extra)})
+        part = part.assign(method=row_labels(part, label))
         # each row's (method, setting), also a setting out of reach at every budget (a row of "–")
         setting_of = {row: (method, text) for row, method, text in zip(part["method"], part["_base"], part["_setting"],
                                                                       strict=True)}
@@ -147,7 +146,7 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
         body = [[str(rank), method, *cells, "" if math.isnan(auc) else f"{auc:.2f}"]
                 for rank, (_, auc, method, cells) in enumerate(rows, start=1)]
         lines += [f"### {title(*keys)}", "", table(body, headers), ""]
-        if tuned[part.index].any():
+        if part["finetune_epochs"].notna().any():
             lines += ["_[fine-tuned]: trained by the finetune stage before it was evaluated (see this model's table "
                       "below); not the method off the shelf._", ""]
     return lines

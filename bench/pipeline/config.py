@@ -36,6 +36,7 @@ unreadable weights raise ``ConfigError`` naming the file, the key and what is al
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import fnmatch
@@ -639,13 +640,11 @@ class Parser:
         from bench.pipeline.budgets import setting
 
         spec = methods.registered()[method].budget_knob
-        value = {"int": 0, "float": spec.high}.get(spec.kind)
-        try:
-            if value is None:
-                raise ValueError(f"{knob}: a choice")
-            return setting(methods.build(method, **{**params, knob: value}).params, knob)
-        except ValueError:
-            return setting(params, knob)
+        if spec.kind in ("int", "float"):
+            with contextlib.suppress(ValueError):
+                return setting(methods.build(method, **{**params, knob: 0 if spec.kind == "int" else spec.high}).params,
+                               knob)
+        return setting(params, knob)
 
     def check_uncalibrated(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str) -> None:
         """A budget entry's other parameters, validated as a calibrated run's would be before any calibration (and
