@@ -175,7 +175,7 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
         from bench.pipeline.slurm import SubmitError, check_submission
 
         try:
-            check_submission(experiment, todo, args.profile)
+            cluster = check_submission(experiment, todo, args.profile)
         except (ProfileError, SubmitError) as error:
             return fail(str(error))
     from bench.pipeline.records import ExperimentFileError, experiment_path, read_experiment, write_experiment
@@ -205,12 +205,11 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
     except WeightsError as error:
         return fail(str(error))
     if args.executor == "slurm":
-        from bench.pipeline.profiles import ProfileError
         from bench.pipeline.slurm import SubmitError, submit
 
-        try:
-            code = submit(experiment, todo, results_dir, profile=args.profile, wait=args.wait, redo=args.force)
-        except (ProfileError, SubmitError) as error:
+        try:  # with the profile checked above
+            code = submit(experiment, todo, results_dir, cluster, wait=args.wait, redo=args.force)
+        except SubmitError as error:
             return fail(str(error))
         if args.wait and not args.no_report:
             write_report(results_dir)

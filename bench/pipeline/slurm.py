@@ -156,15 +156,14 @@ def check_submission(experiment, runs, profile: str | None = None) -> Profile:
     return settings
 
 
-def submit(experiment, runs, results_dir: Path, profile: str | None = None, wait: bool = False,
-           redo: bool = False) -> int:
+def submit(experiment, runs, results_dir: Path, settings: Profile, wait: bool = False, redo: bool = False) -> int:
     """Submit ``runs`` as SLURM job arrays (one per resource shape: evaluation, fine-tuning); print the
     job ids and the log folder; with ``wait``, wait and summarise. Exit code as ``run_bench``'s.
     Runs whose job from an earlier submission is still pending or running are not submitted again
     (``jobs.json`` keeps their ids; a resubmitted run keeps its earlier ids in ``previous_job_ids``).
     ``redo`` (``--force``): a job recomputes its run even if a record appeared since submission.
-    ``SubmitError`` when sbatch refuses (e.g. the controller is down)."""
-    settings = check_submission(experiment, runs, profile)
+    ``SubmitError`` when sbatch refuses (e.g. the controller is down). ``settings``: the cluster profile, as
+    ``check_submission`` returned it."""
     for note in thread_notes(runs, settings):
         print(note, file=sys.stderr)
     ensure_slurm_conf()
@@ -292,10 +291,7 @@ def _await(job: submitit.Job, interval: float = 2.0, checks: int = 3) -> None:
         time.sleep(interval)
         states, answered = _live_states(job.job_id.split("_")[0])
         if not said and _task_state(states, job.job_id) == "PENDING":
-            reason = pending_reasons(job.job_id.split("_")[0]).get(job.job_id)
-            if reason in HELD_REASONS:
-                said = True
-                print(f"warning: job {job.job_id} PENDING{pending_note(reason)}", file=sys.stderr, flush=True)
+            said = _warn_held(job.job_id, pending_reasons(job.job_id.split("_")[0]).get(job.job_id))
         gone = answered and _task_state(states, job.job_id) == NO_RECORD  # SLURM cannot say now: keep waiting
         missing = missing + 1 if gone else 0
         if missing >= checks:
@@ -322,6 +318,14 @@ def pending_note(reason: str | None) -> str:
         return f" ({reason})"
     return (f" ({reason}: {HELD_REASONS[reason]}; SLURM does not start it until it is changed: scancel it and "
             "resubmit with a profile that fits the partition)")
+
+
+def _warn_held(job_id: str, reason: str | None) -> bool:
+    """Warn (stderr) that SLURM holds pending job ``job_id`` for good (``HELD_REASONS``); whether it does."""
+    if reason not in HELD_REASONS:
+        return False
+    print(f"warning: job {job_id} PENDING{pending_note(reason)}", file=sys.stderr, flush=True)
+    return True
 
 
 def _sacct(job_ids: str) -> str:
@@ -366,9 +370,8 @@ def _wait_in_flight(results_dir: Path, flying: dict[str, dict[str, Any]], interv
         time.sleep(interval)
         states = job_states(results_dir)
         for key, job in states.items():  # held by SLURM for good: said once, as for the jobs submitted now
-            if key in pending and job.get("reason") in HELD_REASONS and key not in said:
+            if key in pending and key not in said and _warn_held(job["job_id"], job.get("reason")):
                 said.add(key)
-                print(f"warning: job {job['job_id']} PENDING{pending_note(job['reason'])}", file=sys.stderr, flush=True)
         pending = {key: job for key, job in pending.items() if states.get(key, {}).get("state") in ACTIVE_STATES}
     outcomes = []
     for key, job in flying.items():
