@@ -1,12 +1,13 @@
 """Cluster profiles: ``slurm/<name>.yaml`` (or a path to a .yaml file), validated against ``Profile``.
 
-Every key is optional but ``timeout_min`` (minutes, at least 2: submitit writes a limit into every job, 5 minutes
-where none is given, and signals the job 90 s before it). A profile describes the fine-tuning job's node:
-``tasks_per_node`` DDP processes (one per GPU, so at most ``gpus_per_node``), each with ``cpus_per_task`` CPUs, ``mem_gb`` per node. An
-evaluation run uses one GPU, so its job asks for one task, one GPU and one GPU's share of the node: the
-node's CPUs (``tasks_per_node * cpus_per_task``) and memory divided by ``gpus_per_node`` (by
-``tasks_per_node`` on a CPU-only profile), rounded down, at least 1 (``eval_resources``). ``max_requeue`` is how often a job may be requeued after its time limit,
-``setup`` shell lines run before the job (e.g. module loads).
+Every key is optional but ``timeout_min`` (minutes, at least 2: submitit writes a limit into every job, 5
+minutes where none is given, and signals the job 90 s before it). A profile describes the fine-tuning job's
+node: ``tasks_per_node`` DDP processes (one per GPU, so at most ``gpus_per_node``), each with ``cpus_per_task``
+CPUs, ``mem_gb`` per node. An evaluation run uses one GPU, so its job asks for one task, one GPU and one GPU's
+share of the node: the node's CPUs (``tasks_per_node * cpus_per_task``) and memory divided by ``gpus_per_node``
+(by ``tasks_per_node`` on a CPU-only profile), rounded down, at least 1 (``eval_resources``). ``max_requeue`` is
+how often a job may be requeued after its time limit, ``setup`` shell lines run before the job (e.g. module
+loads).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""``eval``: top-1 / top-5 (None for a model of 5 classes or fewer) / loss on the eval images, the calibration
-of the top-1 confidence (``ece``: expected calibration error over 15 equal-width bins, a fraction; ``nll``: mean negative log-likelihood of
-the true class, nats) and, with ``eval.agreement``, the comparison with the dense model (original weights)
-on the same images: ``agreement``, the share whose top-1 class equals the dense model's, and
-``feature_cos``, the mean cosine similarity of the pre-logits features to the dense model's;
+"""``eval``: top-1 / top-5 (None for a model of 5 classes or fewer) / loss on the eval images, the calibration of
+the top-1 confidence (``ece``: expected calibration error over 15 equal-width bins, a fraction; ``nll``: mean
+negative log-likelihood of the true class, nats) and, with ``eval.agreement``, the comparison with the dense
+model (original weights) on the same images: ``agreement``, the share whose top-1 class equals the dense
+model's, and ``feature_cos``, the mean cosine similarity of the pre-logits features to the dense model's;
 ``nonfinite_images``: how many images gave NaN or infinite logits (a warning line, and a note in the report)."""
 
 from __future__ import annotations
