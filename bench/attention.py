@@ -81,10 +81,26 @@ def probabilities(
         if real is not None:
             probs = probs.masked_fill(~real, 0.0)
         return probs.to(work)  # kept in float32 (or float64) for the signals, also under autocast
+    if bias is not None and q.device.type == "cpu" and torch.compiler.is_compiling():
+        return biased_logits(q, k, bias.to(q.dtype), scale).softmax(dim=-1)
     logits = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     return logits.softmax(dim=-1)
+
+
+def biased_logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(q k^T) * scale + bias`` (B, H, Nq, Nk) by one ``baddbmm``: the product's own epilogue scales it and adds
+    the bias (rounded once there, where eager rounds the scaled product and the sum: ~1e-6 on the logits). Used
+    compiled for the CPU, where inductor fuses the written-out ``+ bias`` and softmax into a kernel that makes
+    three passes over the logits instead of one per row: 0.55 against 0.43 ms per attention at batch 64, 3 heads,
+    40 tokens (a block without a bias: 0.42); compiled ToMe r=5 on the quickstart's model 3.5 % faster."""
+    batch, heads, queries, width = q.shape
+    keys = k.shape[2]
+    logits = torch.baddbmm(bias.expand(batch, heads, queries, keys).reshape(batch * heads, queries, keys),
+                           q.reshape(batch * heads, queries, width),
+                           k.reshape(batch * heads, keys, width).transpose(-2, -1), alpha=scale)
+    return logits.view(batch, heads, queries, keys)
 
 
 def output(attn: nn.Module, x: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,30 @@ def test_a_pooling_compiled_for_the_cpu_keeps_atens_index_add():
     torch._dynamo.reset()
 
 
+def test_compiled_proportional_attention_on_the_cpu_is_one_baddbmm_with_the_same_probabilities():
+    """Compiled for the CPU, a written-out attention with a key bias (ToMe's ``log(size)``, padding's -inf) takes
+    its logits from one ``baddbmm`` (scale and bias in the product's epilogue); the probabilities are eager's up to
+    float rounding, for every query and key (including a padded key: exactly 0), and a block without a bias keeps
+    the written-out product. Eager runs the reference arithmetic, which this checks against."""
+    from bench.attention import key_bias, probabilities
+
+    q, k = _batch(30, 3, 2, 7, 4), _batch(31, 3, 2, 7, 4)
+    size = torch.randint(1, 5, (3, 7, 1), generator=torch.Generator().manual_seed(32)).float()
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 6] = False
+    bias = key_bias(size, mask)
+    eager = probabilities(q, k, bias, 0.5)
+    compiled, ops = _captured_graph(lambda a, b, c: probabilities(a, b, c, 0.5), q, k, bias)
+    assert any("baddbmm" in op for op in ops)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+    assert torch.equal(compiled[1, :, :, 6], torch.zeros(2, 7))
+    reference = ((q @ k.transpose(-2, -1)) * 0.5 + size.log()[:, None, None, :, 0]).masked_fill(
+        ~mask[:, None, None, :], float("-inf")).softmax(dim=-1)  # the official arithmetic, written here
+    torch.testing.assert_close(compiled, reference, rtol=0, atol=1e-6)
+    _, plain = _captured_graph(lambda a, b: probabilities(a, b, None, 0.5), q, k)
+    assert not any("baddbmm" in op for op in plain)
+
+
 def test_the_compiled_pooling_backpropagates_like_scatter_add():
     t, src = _batch(24, 3, 5, 4).requires_grad_(), _batch(25, 3, 7, 4).requires_grad_()
     index, weight = _index(26, 3, 7, 5), _batch(27, 3, 5, 4)
