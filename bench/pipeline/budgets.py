@@ -47,14 +47,15 @@ def labeller(settings: dict[str, set]) -> Callable[[str, str | None], str]:
     6]]``: user test 15 saw them merged into one row, one cell and one AUC over both)."""
     parsed = {method: {text: json.loads(text) if isinstance(text, str) else {} for text in texts}
               for method, texts in settings.items()}
+    differ = {}  # method -> the parameters whose values differ between its settings
+    for method, known in parsed.items():
+        names = sorted({name for each in known.values() for name in each})
+        differ[method] = [name for name in names if len({json.dumps(each.get(name), sort_keys=True, default=str)
+                                                          for each in known.values()}) > 1]
 
     def label(method: str, text: str | None) -> str:
-        known = list(parsed.get(method, {}).values())
-        names = sorted({name for each in known for name in each})
-        differ = [name for name in names if len({json.dumps(each.get(name), sort_keys=True, default=str)
-                                                  for each in known}) > 1]
-        mine = parsed.get(method, {}).get(text, {})
-        return method + (" [" + ", ".join(f"{name}={mine.get(name)}" for name in differ) + "]" if differ else "")
+        mine, names = parsed.get(method, {}).get(text, {}), differ.get(method, [])
+        return method + (" [" + ", ".join(f"{name}={mine.get(name)}" for name in names) + "]" if names else "")
 
     return label
 

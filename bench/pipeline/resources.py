@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.pipeline.profiles import load_profile, profile_path
+from bench.pipeline.profiles import Profile, load_profile, profile_path
 from bench.pipeline.slurm import executor_parameters, thread_notes
 
 # (submitit parameter, label) in the order they are printed
@@ -19,9 +19,8 @@ _FIELDS = (("slurm_partition", "partition"), ("slurm_account", "account"), ("slu
            ("slurm_constraint", "constraint"))
 
 
-def job_shapes(runs: list[Any], profile_name: str) -> list[dict[str, Any]]:
+def job_shapes(runs: list[Any], profile: Profile) -> list[dict[str, Any]]:
     """One entry per shape (eval, finetune): the array size and the resources of each of its jobs."""
-    profile = load_profile(profile_name)
     shapes = []
     for shape, finetune in (("eval", False), ("finetune", True)):
         params = executor_parameters(profile, finetune)
@@ -33,9 +32,10 @@ def job_shapes(runs: list[Any], profile_name: str) -> list[dict[str, Any]]:
 
 
 def describe(runs: list[Any], profile_name: str) -> list[str]:
-    """Printable lines: the profile, then one line per job shape."""
+    """Printable lines: the profile, then one line per job shape, then any note on the runs' threads."""
+    profile = load_profile(profile_name)
     lines = [f"SLURM job arrays (--executor slurm) with profile {profile_name} ({profile_path(profile_name)}):"]
-    for entry in job_shapes(runs, profile_name):
+    for entry in job_shapes(runs, profile):
         parts = [f"{entry['array_size']} job(s)"]
         for _, label in _FIELDS:
             value = entry[label]
@@ -46,4 +46,4 @@ def describe(runs: list[Any], profile_name: str) -> list[str]:
         if entry["array_parallelism"]:
             parts.append(f"at most {entry['array_parallelism']} at once")
         lines.append(f"  {entry['shape']:9s} " + " ".join(parts))
-    return lines + [f"  {note}" for note in thread_notes(runs, load_profile(profile_name))]
+    return lines + [f"  {note}" for note in thread_notes(runs, profile)]
