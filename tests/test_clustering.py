@@ -188,6 +188,40 @@ def test_kmedoids_equal_weight_draws_numpy_once_per_layer():
     assert after == np.random.rand()
 
 
+def _masked_argmin(assignment, row_cost, outside, clusters):
+    """The reference's medoid update, written out: argmin over the (B, K, Np) costs, a non-member's cost ``outside``."""
+    slots = torch.arange(clusters)[None, :, None]
+    return torch.where(assignment[:, None, :] == slots, row_cost[:, None, :], outside).argmin(dim=-1)
+
+
+def test_kmedoids_update_is_the_references_masked_argmin_without_the_cost_matrix():
+    """``cheapest_members`` (two segment minima) picks the indices of the reference's (B, K, Np) argmin: ties to the
+    first member, empty slots to token 0, members costlier than ``outside`` (the reference then picks a
+    non-member), costs equal to it, every token in one slot."""
+    from methods.kmedoids import cheapest_members
+
+    gen = torch.Generator().manual_seed(3)
+    outside = torch.tensor(40.0)
+    cases = 0
+    for trial in range(300):
+        batch, count = 4, int(torch.randint(2, 12, (1,), generator=gen))
+        clusters = int(torch.randint(1, count + 1, (1,), generator=gen))
+        used = int(torch.randint(1, clusters + 1, (1,), generator=gen))  # fewer used slots: empty ones
+        assignment = torch.randint(0, used, (batch, count), generator=gen)
+        if trial % 7 == 0:
+            assignment[1] = assignment[1, 0]  # every token in one slot
+        row_cost = torch.randint(0, 8, (batch, count), generator=gen).float() * 10  # ties; 40 = outside; 50+ above
+        got = cheapest_members(assignment, row_cost, outside, clusters)
+        assert torch.equal(got, _masked_argmin(assignment, row_cost, outside, clusters)), (assignment, row_cost)
+        cases += bool((row_cost > outside).any())
+    assert cases > 200
+    # a slot whose members all cost more than outside: the reference takes its first non-member
+    assignment, row_cost = torch.tensor([[0, 0, 1, 1]]), torch.tensor([[1.0, 2.0, 50.0, 60.0]])
+    assert cheapest_members(assignment, row_cost, outside, 3).tolist() == [[0, 0, 0]]
+    assignment = torch.tensor([[1, 1, 0, 1]])
+    assert cheapest_members(assignment, torch.tensor([[50.0, 60.0, 70.0, 45.0]]), outside, 2).tolist() == [[0, 2]]
+
+
 def test_kmedoids_validation():
     with pytest.raises(ValueError, match=">= 1"):
         methods.build("kmedoids", layers=[0, 3])

@@ -145,6 +145,27 @@ def test_compiled_proportional_attention_on_the_cpu_is_one_baddbmm_with_the_same
     assert not any("baddbmm" in op for op in plain)
 
 
+def test_dpcknn_nearest_distances_compiled_for_the_cpu_are_topks_values_without_topk():
+    """Compiled for the CPU, DPC-KNN's k smallest distances per row come from passes inductor fuses, not ATen's
+    ``topk``; the values are topk's bit for bit, ascending, a repeated distance counted as often as it occurs."""
+    from methods.dpcknn import smallest_values
+
+    dist = torch.cdist(_batch(40, 3, 9, 4), _batch(40, 3, 9, 4))
+    dist[0, 2, [1, 4, 6]] = dist[0, 2, 3].item()  # a distance four times in one row
+    dist[1, 5] = 0.25  # a row of equal entries
+    dist[2, 7, :5] = torch.tensor([0.5, 0.5, 0.1, 0.5, 0.1])
+    for k in (1, 3, 5, 9):
+        expected = dist.topk(k, dim=-1, largest=False).values
+        assert torch.equal(smallest_values(dist, k), expected)
+        compiled, ops = _captured_graph(lambda d, k=k: smallest_values(d, k), dist)
+        assert torch.equal(compiled, expected)
+        assert not any("topk" in op for op in ops)
+    torch._dynamo.reset()
+    inductor = torch.compile(lambda d: smallest_values(d, 5) * 2.0, fullgraph=True)
+    assert torch.equal(inductor(dist), dist.topk(5, dim=-1, largest=False).values * 2.0)
+    torch._dynamo.reset()
+
+
 def test_the_compiled_pooling_backpropagates_like_scatter_add():
     t, src = _batch(24, 3, 5, 4).requires_grad_(), _batch(25, 3, 7, 4).requires_grad_()
     index, weight = _index(26, 3, 7, 5), _batch(27, 3, 5, 4)
