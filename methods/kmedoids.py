@@ -65,6 +65,9 @@ def cheapest_members(assignment: torch.Tensor, row_cost: torch.Tensor, outside: 
     first index at the slot's minimum is its cheapest member, or its first non-member where ``outside`` is
     not above every member's cost (an empty slot: token 0)."""
     batch, count = assignment.shape
+    if assignment.device.type != "cpu":  # on a GPU the matrix is one fused kernel, fewer launches than the minima
+        slots = torch.arange(clusters, device=assignment.device)[None, :, None]
+        return torch.where(assignment[:, None, :] == slots, row_cost[:, None, :], outside).argmin(dim=-1)
     position = torch.arange(count, device=assignment.device).expand(batch, -1)
     # the first non-member of each slot: token 0, unless it is a member; then the first token assigned elsewhere
     # (none: Np, when every token is in that slot)
