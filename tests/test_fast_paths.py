@@ -269,6 +269,21 @@ def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
         assert ideal > 1.1  # from MACs; the timings at batch 4 get no bound (a loaded machine moves them anywhere)
         assert float(of_ceiling) == pytest.approx(ceiling / ideal, abs=0.015)  # of the 2-decimal printed values
         assert math.isfinite(float(own_ms)) and math.isfinite(float(of_ideal))
+        assert len(of_ideal.split(".")[1]) == 3 and len(of_ceiling.split(".")[1]) == 3
+    shares = {f"{row[0]} {row[1]}": float(row[-6]) for row in rows}
+    summary = out.splitlines()[-1]
+    assert summary.startswith("at 0.9 of the MAC-ideal speed-up: ")
+    reached = int(summary.split(": ")[1].split(" of ")[0])
+    # the line counts unrounded shares; a printed 0.900 may be either side
+    assert sum(share >= 0.9005 for share in shares.values()) <= reached <= sum(share >= 0.8995 for share in shares.values())
+    assert summary.split(": ")[1].split(" runs")[0].endswith("of 4")
+
+
+def test_benchmark_share_summary_counts_unrounded_shares_and_names_the_others():
+    script = benchmark_script()
+    line = script.share_summary({"tome r=5": 0.8996, "pruning r=12": 0.9, "mctf r=6": 0.78049})
+    assert line == "at 0.9 of the MAC-ideal speed-up: 1 of 3 runs; below: tome r=5 0.900; mctf r=6 0.780"
+    assert script.share_summary({"static": 1.02}) == "at 0.9 of the MAC-ideal speed-up: 1 of 1 runs"
 
 
 def benchmark_script():
