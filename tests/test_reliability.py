@@ -862,6 +862,32 @@ def test_a_run_that_failed_in_this_submission_is_failed_while_slurm_still_lists_
     assert collect_status(["k-tome"], tmp_path)[0].state == "pending"
 
 
+def test_status_of_a_submitted_run_is_unknown_while_slurm_cannot_be_asked(tmp_path, monkeypatch, capsys):
+    """With sacct and squeue unreachable, a submitted run without a record showed as 'todo' (as if never
+    submitted; it may still be queued or running): it is 'unknown', naming its job. A run whose failure note the
+    job wrote stays 'failed'."""
+    from types import SimpleNamespace
+
+    from bench.pipeline import runner, slurm
+    from bench.pipeline.status import collect_status, print_status
+
+    (tmp_path / "nobin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "nobin"))  # neither sacct nor squeue can be started
+    slurm._write_jobs(tmp_path, {key: {"job_id": f"7_{i}", "log": None, "submitted_at": "2026-01-01T00:00:00+00:00",
+                                       "previous_job_ids": []} for i, key in enumerate(("k-tome", "k-evit"))})
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as raised:
+        runner._write_failure(tmp_path, SimpleNamespace(key="k-evit"), raised)
+    rows = collect_status(["k-tome", "k-evit"], tmp_path)
+    assert [row.state for row in rows] == ["unknown", "failed"]
+    assert rows[0].detail.startswith("job 7_0: SLURM gives no state for it")
+    assert "boom" in rows[1].detail
+    assert "sacct unavailable" in capsys.readouterr().err
+    print_status(rows)
+    assert capsys.readouterr().out.splitlines()[-1] == "1 failed, 1 unknown"
+
+
 def test_status_shows_a_run_computed_now_as_running(tmp_path):
     """User test 14: a run being computed in process (or by the local executor) showed as 'todo': its live claim
     (this process here) makes it 'running'; a claim of a dead process does not."""

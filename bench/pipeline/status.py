@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the report reads states too, without the model stack that t
 @dataclass
 class RunStatus:
     key: str
-    state: str  # done | failed | interrupted | pending | running | todo
+    state: str  # done | failed | interrupted | pending | running | todo | unknown (SLURM gives no job state)
     detail: str = ""
     log: str | None = None
 
@@ -111,6 +111,9 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
             # (a run that failed in this submission has failed, while SLURM still lists its job as ending)
             rows.append(RunStatus(key, _active(job), f"job {job['job_id']} {job['state']}{pending_note(job.get('reason'))}",
                                   job.get("log")))
+        elif job and job["state"] == "UNKNOWN" and not failure:  # it may still be queued or running: not "todo"
+            rows.append(RunStatus(key, "unknown", f"job {job['job_id']}: SLURM gives no state for it (sacct or squeue "
+                                  f"unreachable, or the job is gone from its accounting)", job.get("log")))
         elif failure or (job and job["state"] not in ("COMPLETED", "UNKNOWN")):
             error = (failure or {}).get("error") or (job and _log_error(job.get("log"))) or "no record written"
             log = (job or {}).get("log") or (failure or {}).get("log")
