@@ -154,10 +154,10 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
             print(line)  # the eval transform timm resolved for each model (run.data.transform)
         from bench.pipeline.profiles import ProfileError
         from bench.pipeline.resources import describe
-        from bench.pipeline.slurm import SubmitError, check_submission
+        from bench.pipeline.slurm import SubmitError, check_submission, profile_name
 
         try:  # the SLURM resources per job shape (profile: --profile, the config's, else local)
-            print("\n".join(describe(todo, args.profile or experiment.slurm.profile or "local")))
+            print("\n".join(describe(todo, profile_name(experiment, args.profile))))
             check_submission(experiment, todo, args.profile)
         except ProfileError as error:
             return fail(str(error))
@@ -205,10 +205,12 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
     except WeightsError as error:
         return fail(str(error))
     if args.executor == "slurm":
-        from bench.pipeline.slurm import SubmitError, submit
+        from bench.pipeline.profiles import profile_path
+        from bench.pipeline.slurm import SubmitError, profile_name, submit
 
         try:  # with the profile checked above
-            code = submit(experiment, todo, results_dir, cluster, wait=args.wait, redo=args.force)
+            code = submit(experiment, todo, results_dir, cluster, wait=args.wait, redo=args.force,
+                          profile_file=profile_path(profile_name(experiment, args.profile)))
         except SubmitError as error:
             return fail(str(error))
         if args.wait and not args.no_report:

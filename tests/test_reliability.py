@@ -715,6 +715,25 @@ def test_cancelled_task_under_wait_says_cancelled(slurm_env, scancel_afterwards,
 
 
 @pytest.mark.slurm
+def test_an_sbatch_refusal_names_the_profile_file_and_key(slurm_env, tmp_path, capsys):
+    """sbatch refuses a partition the cluster lacks, or GPUs its nodes lack: the one line names the cluster
+    profile's file and the key (with the cluster's partitions for a bad partition), and nothing is submitted."""
+    settings = yaml.safe_load((REPO / "slurm" / "local.yaml").read_text())
+    cases = {"partition": ({"partition": "nosuch"}, "Invalid partition name specified"),
+             "gpus_per_node": ({"gpus_per_node": 1}, "Invalid generic resource (gres) specification")}
+    for key, (change, words) in cases.items():
+        profile = tmp_path / f"bad-{key}.yaml"
+        profile.write_text(yaml.safe_dump({**settings, **change}))
+        path, results = config(tmp_path, name=f"refused-{key}"), tmp_path / f"results-{key}"
+        assert slurm(path, results, profile=str(profile)) == 2
+        line = one_line(capsys.readouterr().err)
+        assert line.startswith(f"error: {profile}: {key}: SLURM refused the submission ("), line
+        assert words in line and "nothing was submitted" in line
+        assert line.endswith("; allowed here: debug, short") == (key == "partition"), line
+        assert not (results / "jobs.json").exists()
+
+
+@pytest.mark.slurm
 def test_submitting_with_the_controller_down_is_one_line_exit_2(slurm_env, tmp_path, capsys, monkeypatch):
     conf = Path(slurm_env["SLURM_CONF"]).read_text()
     down = tmp_path / "slurm.conf"

@@ -118,6 +118,40 @@ class SubmitError(RuntimeError):
     """sbatch refused the submission (controller down, bad partition, ...): one line, exit 2."""
 
 
+# sbatch's refusals that one cluster-profile key decides (its words on SLURM 22-24), and that key
+REFUSAL_KEYS = (
+    ("invalid partition", "partition"),
+    ("invalid account", "account"),
+    ("invalid qos", "qos"),
+    ("invalid feature", "constraint"),
+    ("invalid generic resource", "gpus_per_node"),
+    ("requested node configuration is not available", "cpus_per_task, mem_gb, gpus_per_node or tasks_per_node"),
+    ("time limit", "timeout_min"),
+)
+
+
+def profile_name(experiment, profile: str | None = None) -> str:
+    """The cluster profile a submission uses: ``--profile``, else the experiment's ``slurm.profile``, else ``local``."""
+    return profile or experiment.slurm.profile or "local"
+
+
+def refusal(reason: str, profile_file: Path | None) -> str:
+    """The one line of an sbatch refusal: the profile file and the key it points at where sbatch's words name one
+    (with the cluster's partitions for a bad partition), else SLURM's reason alone (e.g. the controller down)."""
+    line = f"SLURM refused the submission ({reason}); nothing was submitted"
+    key = next((key for words, key in REFUSAL_KEYS if words in reason.lower()), None)
+    if key is None or profile_file is None:
+        return line
+    if key == "partition":
+        try:
+            names = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30,
+                                   check=True).stdout.split()
+            line += f"; allowed here: {', '.join(name.rstrip('*') for name in names)}" if names else ""
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"{profile_file}: {key}: {line}"
+
+
 def _read_jobs(results_dir: Path, set_aside: bool = False) -> dict[str, dict[str, Any]]:
     """``jobs.json`` ({key: {job_id, log, submitted_at, previous_job_ids}}); an unreadable one is reported,
     and set aside as ``jobs.json.torn.<n>`` when ``set_aside`` (the submitter, under the folder's lock)."""
@@ -146,7 +180,7 @@ def check_submission(experiment, runs, profile: str | None = None) -> Profile:
     """The cluster profile of a submission of ``runs`` (``--profile``, the experiment's, else ``local``), checked
     before anything is written or submitted: ``ProfileError`` for a bad profile, ``SubmitError`` where every job
     would fail on its node."""
-    name = profile or experiment.slurm.profile or "local"
+    name = profile_name(experiment, profile)
     settings = load_profile(name)
     if not settings.gpus_per_node and any(run.device == "cuda" for run in runs):  # every job would fail on its node
         given = "gpus_per_node: 0" if settings.gpus_per_node == 0 else "no gpus_per_node"
@@ -156,14 +190,15 @@ def check_submission(experiment, runs, profile: str | None = None) -> Profile:
     return settings
 
 
-def submit(experiment, runs, results_dir: Path, settings: Profile, wait: bool = False, redo: bool = False) -> int:
+def submit(experiment, runs, results_dir: Path, settings: Profile, wait: bool = False, redo: bool = False,
+           profile_file: Path | None = None) -> int:
     """Submit ``runs`` as SLURM job arrays (one per resource shape: evaluation, fine-tuning); print the
     job ids and the log folder; with ``wait``, wait and summarise. Exit code as ``run_bench``'s.
     Runs whose job from an earlier submission is still pending or running are not submitted again
     (``jobs.json`` keeps their ids; a resubmitted run keeps its earlier ids in ``previous_job_ids``).
     ``redo`` (``--force``): a job recomputes its run even if a record appeared since submission.
     ``SubmitError`` when sbatch refuses (e.g. the controller is down). ``settings``: the cluster profile, as
-    ``check_submission`` returned it."""
+    ``check_submission`` returned it; ``profile_file``: its file, named in a refusal that points at one of its keys."""
     for note in thread_notes(runs, settings):
         print(note, file=sys.stderr)
     ensure_slurm_conf()
@@ -188,7 +223,7 @@ def submit(experiment, runs, results_dir: Path, settings: Profile, wait: bool = 
         if not group:
             continue
         executor = make_executor(log_folder, settings, finetune, name=f"tokenbench-{experiment.name}")
-        submitted = _submit_group(executor, group, results_dir, redo, log_folder)
+        submitted = _submit_group(executor, group, results_dir, redo, log_folder, profile_file)
         for run, job in zip(group, submitted, strict=True):
             jobs_by_key[run.key] = job
     known = _read_jobs(results_dir, set_aside=True)
@@ -239,7 +274,7 @@ def _wait_all(jobs_by_key: dict, results_dir: Path, flying: dict[str, dict[str, 
 
 
 def _submit_group(executor: submitit.AutoExecutor, group: list, results_dir: Path, redo: bool,
-                  log_folder: Path) -> list:
+                  log_folder: Path, profile_file: Path | None = None) -> list:
     """One job array; sbatch's refusal becomes ``SubmitError`` with its last line (submitit would print
     sbatch's stderr and raise with a traceback), and the files submitit wrote for it in ``log_folder`` (the
     pickled runs, ``.submission_file_*.sh``) are removed: they belong to no job."""
@@ -256,7 +291,7 @@ def _submit_group(executor: submitit.AutoExecutor, group: list, results_dir: Pat
             if path.is_file():
                 path.unlink(missing_ok=True)
         reason = last_error_line(f"{captured.getvalue()}\n{error}", "no reason given")
-        raise SubmitError(f"SLURM refused the submission ({reason}); nothing was submitted") from None
+        raise SubmitError(refusal(reason, profile_file)) from None
 
 
 def _final_state(job: submitit.Job, tries: int = 5, interval: float = 1.0) -> str:
