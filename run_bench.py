@@ -10,8 +10,11 @@ write one JSON record per run, then the leaderboard.
 
 ``tokenbench-run`` (installed with the project) is the same command.
 
-Exit codes: 0 every run succeeded; 1 some runs failed (their errors are listed, the others' records
-kept); 2 bad input (the message names the file, the key and what is allowed), an unusable or busy results
+A run that an earlier SLURM submission's job is still on (pending or running) is left to that job by the
+``inprocess`` and ``local`` executors (one line each), not computed twice.
+
+Exit codes: 0 every run succeeded (runs left to their SLURM jobs aside); 1 some runs failed (their errors
+are listed, the others' records kept); 2 bad input (the message names the file, the key and what is allowed), an unusable or busy results
 folder, or SLURM refusing the submission; 130 interrupted (Ctrl-C).
 """
 
@@ -164,6 +167,12 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
         except SubmitError as error:  # what --executor slurm would refuse (user test 17: the dry run said nothing)
             print(f"  note: --executor slurm refuses this: {error}")
         return 0
+    if args.executor != "slurm":  # a run an earlier submission's job is on is left to that job
+        from bench.pipeline.slurm import leave_to_jobs
+
+        todo, left = leave_to_jobs(todo, results_dir)
+        for line in left:
+            print(line, file=sys.stderr)
     if args.executor != "slurm" and any(run.device == "cuda" for run in todo):
         import torch
 

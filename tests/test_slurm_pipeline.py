@@ -453,3 +453,40 @@ def test_a_run_submitted_again_shows_its_queued_job_not_its_earlier_record(slurm
     wait_for(lambda: all(key in (now := records_by_key(results)) and now[key]["finished_at"] > earlier[key]["finished_at"]
                          for key in earlier), 120, "the jobs to finish on their own")
     assert [row.state for row in collect_status(list(earlier), results)] == ["done", "done"]
+
+
+def test_an_inprocess_run_leaves_a_run_to_its_queued_slurm_job(slurm_env, tmp_path, capsys):
+    """A run that an earlier submission's job is still queued on is not computed in this process too (it was: the
+    job then failed on the run's claim, or computed it a second time). One line names the job; the other runs are
+    computed here, and the job stays queued."""
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.records import failure_path
+
+    def squeue(job_id: str) -> list[str]:
+        return subprocess.run(["squeue", "-r", "-h", "-j", job_id, "-o", "%T"], env=slurm_env, capture_output=True,
+                              text=True, timeout=30, check=True).stdout.split()
+
+    cpus = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%c"], env=slurm_env, capture_output=True, text=True,
+                          timeout=30, check=True).stdout.split()[0]
+    blocker = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-c", cpus.rstrip("+"), "-o", "/dev/null",
+                              "--wrap", "sleep 300"], env=slurm_env, capture_output=True, text=True, timeout=30,
+                             check=True).stdout.strip().split(";")[0]
+    job = None
+    try:
+        wait_for(lambda: squeue(blocker) == ["RUNNING"], 60, "the job that fills the node")
+        config = experiment(tmp_path, "left", stages=["macs"], grid={"methods": EVAL_METHODS[:2]})
+        keys = [run.key for run in load_experiment(config).runs]
+        results = tmp_path / "results"
+        assert on_slurm(config, results, "--only", "baseline") == 0
+        ((key, entry),) = jobs(results).items()
+        job = entry["job_id"]
+        assert squeue(job) == ["PENDING"]  # the node is full
+        capsys.readouterr()
+        assert bench(config, results) == 0
+        out, err = capsys.readouterr()
+        assert (f"left to SLURM: {key} (job {job} PENDING, submitted {entry['submitted_at']}); its job computes it "
+                f"(scancel {job} to run it here)") in err.splitlines(), err
+        assert set(records_by_key(results)) == set(keys) - {key} and len(keys) == 2, out
+        assert not failure_path(results, key).exists() and squeue(job) == ["PENDING"]
+    finally:
+        subprocess.run(["scancel", blocker, *([job] if job else [])], env=slurm_env, timeout=30)

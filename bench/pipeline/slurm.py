@@ -394,6 +394,19 @@ def in_flight(results_dir: Path, keys: list[str]) -> dict[str, dict[str, Any]]:
             if key in wanted and job["state"] in ACTIVE_STATES}
 
 
+def leave_to_jobs(runs: list, results_dir: Path) -> tuple[list, list[str]]:
+    """For an invocation that computes runs itself (``inprocess``, ``local``): the runs to compute, and one line
+    per run left to the job an earlier SLURM submission has pending or running on it. Computing such a run here
+    too would do it twice, and the job would fail on the run's claim if it started meanwhile. No ``jobs.json``:
+    SLURM is not asked."""
+    if not jobs_file(results_dir).exists():
+        return runs, []
+    flying = in_flight(results_dir, [run.key for run in runs])
+    lines = [f"left to SLURM: {key} (job {job['job_id']} {job['state']}, submitted {job.get('submitted_at')}); "
+             f"its job computes it (scancel {job['job_id']} to run it here)" for key, job in flying.items()]
+    return [run for run in runs if run.key not in flying], lines
+
+
 def _wait_in_flight(results_dir: Path, flying: dict[str, dict[str, Any]], interval: float = 2.0) -> list:
     """``--wait`` for runs not resubmitted because an earlier job is still on them: poll until those jobs
     end; each one's outcome from its record (or failure note / final state)."""
