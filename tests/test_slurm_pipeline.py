@@ -490,3 +490,22 @@ def test_an_inprocess_run_leaves_a_run_to_its_queued_slurm_job(slurm_env, tmp_pa
         assert not failure_path(results, key).exists() and squeue(job) == ["PENDING"]
     finally:
         subprocess.run(["scancel", blocker, *([job] if job else [])], env=slurm_env, timeout=30)
+
+
+def test_a_failing_setup_line_fails_the_job_with_its_line(slurm_env, tmp_path, capsys):
+    """A cluster profile whose setup line fails (a module the cluster lacks): the job stops there, and --wait and
+    --status give the line that failed, with the profile's file. Before, the job went on without it and succeeded
+    or failed later on something else; the line was only in the job's log."""
+    profile = tmp_path / "bad_setup.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "debug", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10,
+                                       "setup": ["export TOKENBENCH_SETUP_STEP=1", "module load cuda/99"]}))
+    config = experiment(tmp_path, "setup", stages=["macs"], grid={"methods": EVAL_METHODS[:1]})
+    results = tmp_path / "slurm"
+    line = f"SetupError: {profile}: setup[1]: 'module load cuda/99' failed (exit 127); the job stopped before its run"
+    assert on_slurm(config, results, "--wait", profile=str(profile)) == 1
+    out = capsys.readouterr().out
+    assert f": {line} (log: " in out and "0 run(s) succeeded, 1 failed" in out, out
+    assert not (results / "runs").exists() or not list((results / "runs").iterdir())
+    assert run_bench.main(["--config", str(config), "--results", str(results), "--status"]) == 1
+    (row,) = [row for row in capsys.readouterr().out.splitlines() if row.startswith("failed ")]
+    assert f"FAILED: {line}  log: " in row, row

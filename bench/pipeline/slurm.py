@@ -41,9 +41,9 @@ SUBMITIT_NAMES = {"partition": "slurm_partition", "account": "slurm_account", "q
                   "timeout_min": "timeout_min"}
 
 
-def executor_parameters(profile: Profile, finetune: bool) -> dict[str, Any]:
+def executor_parameters(profile: Profile, finetune: bool, profile_file: Path | None = None) -> dict[str, Any]:
     """submitit's ``update_parameters`` arguments for a profile (``max_requeue`` is a constructor argument
-    of the executor instead: see ``make_executor``)."""
+    of the executor instead: see ``make_executor``). ``profile_file`` is named by a failing setup line."""
     values = {key: getattr(profile, key) for key in SUBMITIT_NAMES}
     if not finetune:
         values.update(eval_resources(profile))  # one GPU and its share of the node's CPUs and memory
@@ -53,8 +53,22 @@ def executor_parameters(profile: Profile, finetune: bool) -> dict[str, Any]:
     params["tasks_per_node"] = profile.tasks_per_node if finetune else 1
     params["nodes"] = 1
     # The job imports this repository's packages wherever the user submitted from.
-    params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}", *profile.setup]
+    params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}", *guarded_setup(profile.setup, profile_file)]
     return params
+
+
+def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
+    """The profile's ``setup`` lines as the job script runs them: a line that fails stops the job, its log ending
+    in one line that names the profile's file, the line and its exit status (``--wait`` and ``--status`` show it).
+    A job script goes on after a failing line: a failed ``module load`` surfaced later as some other error of the
+    run, or not at all. Each line runs in a brace group, so what it sets (``source``, ``export``) stays."""
+    where = f"{profile_file}: " if profile_file else ""
+    guarded = []
+    for number, line in enumerate(lines):
+        said = shlex.quote(f"SetupError: {where}setup[{number}]: {line!r} failed (exit ")
+        guarded.append(f"{{ {line}\n}} || {{ printf '%s%d%s\\n' {said} \"$?\" '); the job stopped before its run' >&2; "
+                       "exit 1; }")
+    return guarded
 
 
 def thread_notes(runs: list, profile: Profile) -> list[str]:
@@ -72,14 +86,15 @@ def thread_notes(runs: list, profile: Profile) -> list[str]:
     return notes
 
 
-def make_executor(log_folder: Path, profile: Profile, finetune: bool, name: str) -> submitit.AutoExecutor:
+def make_executor(log_folder: Path, profile: Profile, finetune: bool, name: str,
+                  profile_file: Path | None = None) -> submitit.AutoExecutor:
     """A SLURM executor for one job array. ``max_requeue`` is submitit's ``max_num_timeout`` (default 3): how
     often a job may be requeued after its time limit. submitit counts a preemption signal (USR2) as such a
     timeout once the job has run min(80 %, limit - 10 min) of its limit: with ``timeout_min`` <= 10, every
     preemption counts."""
     executor = submitit.AutoExecutor(folder=str(Path(log_folder) / "%j"), cluster="slurm",
                                      slurm_max_num_timeout=profile.max_requeue)
-    executor.update_parameters(name=name, **executor_parameters(profile, finetune))
+    executor.update_parameters(name=name, **executor_parameters(profile, finetune, profile_file))
     return executor
 
 
@@ -222,7 +237,8 @@ def submit(experiment, runs, results_dir: Path, settings: Profile, wait: bool = 
         group = [run for run in runs if ("finetune" in run.stages) == finetune]
         if not group:
             continue
-        executor = make_executor(log_folder, settings, finetune, name=f"tokenbench-{experiment.name}")
+        executor = make_executor(log_folder, settings, finetune, name=f"tokenbench-{experiment.name}",
+                                 profile_file=profile_file)
         submitted = _submit_group(executor, group, results_dir, redo, log_folder, profile_file)
         for run, job in zip(group, submitted, strict=True):
             jobs_by_key[run.key] = job
