@@ -749,6 +749,37 @@ def test_submitting_with_the_controller_down_is_one_line_exit_2(slurm_env, tmp_p
     assert [path.name for path in (results / "logs" / "slurm").rglob("*")] == []  # the pickles, the sbatch script
 
 
+def test_a_ctrl_c_python_drops_while_a_local_job_runs_stops_that_job_and_starts_no_other(tmp_path):
+    """``--executor local``: a Ctrl-C that run_bench's Python drops in a finalizer while a job computes stops that
+    job (its run marked interrupted) and submits no other. Before, the loop went on: every run was computed, and
+    only run_bench's exit status (130, at its end) said so."""
+    from bench.pipeline import executors, interrupts
+    from bench.pipeline.config import load_experiment
+
+    slow = {**MODEL, "label": "slow", "kwargs": {**MODEL["kwargs"], "patch_size": 1, "depth": 4}}  # 784 tokens
+    path = config(tmp_path, grid={"models": [slow], "methods": ["baseline", {"method": "tome", "r": 2}]},
+                  stages=["throughput"], throughput={"batch_sizes": [64], "warmup": 1, "runs": 20})  # ~30 s a run
+    results = tmp_path / "results"
+    first, second = load_experiment(path).runs
+    announced = []
+
+    def announce(line: str) -> None:  # called once a job is submitted: the first one computing, a Ctrl-C dropped
+        announced.append(line)
+        if len(announced) == 1:
+            wait_for(lambda: (results / "claims" / f"{first.key}.json").exists(), 180, "the first run to start")
+            _DropsCtrlC()
+
+    with interrupts.remembered(), pytest.raises(KeyboardInterrupt):
+        executors.run_local([first, second], results, announce=announce)
+    logs = "\n".join(f"{path}:\n{path.read_text(errors='replace')[-2000:]}" for path in (results / "logs").rglob("*.*")
+                     if path.is_file())
+    assert len(announced) == 1 and first.key in announced[0], (announced, logs)  # the second was never submitted
+    note = results / "failed" / f"{first.key}.json"
+    assert note.exists() and json.loads(note.read_text())["state"] == "interrupted", logs
+    assert keys(results) == set() and not (results / "failed" / f"{second.key}.json").exists()
+    assert not (results / "claims" / f"{first.key}.json").exists()
+
+
 @pytest.mark.parametrize("target", ["parent", "group"])
 def test_ctrl_c_of_local_executor_is_one_line_without_submitit_tracebacks(tmp_path, capsys, target):
     """``--executor local``: submitit's controller gets SIGINT too (from ``job.cancel``, and from the terminal

@@ -100,7 +100,8 @@ def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], 
 
 def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results_dir: Path,
                   announce: Callable[[str], None], redo: bool) -> list[Outcome]:
-    """``run_local``'s jobs, one after the other."""
+    """``run_local``'s jobs, one after the other. A Ctrl-C that Python dropped in this process
+    (``bench.pipeline.interrupts``) stops them as one it raised: the job in progress is stopped, none starts."""
     import time
 
     from bench.pipeline.lock import PARENT_ENV, parent_marker
@@ -108,6 +109,7 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
 
     outcomes = []
     for index, run in enumerate(runs, start=1):
+        interrupts.check()  # a Ctrl-C this process dropped while the last job ran: no next job
         previous, os.environ[PARENT_ENV] = os.environ.get(PARENT_ENV), parent_marker()
         try:  # submitit's controller and the job inherit this environment, the controller also fds 1 and 2
             with output_to(results_dir / "logs" / "local" / "controller.log"):
@@ -116,6 +118,7 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
             os.environ.pop(PARENT_ENV) if previous is None else os.environ.update({PARENT_ENV: previous})
         announce(f"[{index}/{len(runs)}] {run.key} (local job {job.job_id}, log {job.paths.stderr})")
         try:
+            interrupts.check()  # dropped since (in a finalizer): the job is stopped as for a Ctrl-C raised here
             job.result()
             outcomes.append(Outcome(run.key, True, log=str(job.paths.stderr)))
         except KeyboardInterrupt:
