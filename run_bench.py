@@ -21,6 +21,7 @@ folder, or SLURM refusing the submission; 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,12 @@ def calibration_line(calibration: dict) -> str:
     from bench.pipeline.calibrate import Calibration
 
     return Calibration(**{k: v for k, v in calibration.items() if k not in ("model", "setting")}).describe()
+
+
+def calibration_identity(calibration: dict) -> tuple:
+    """What one calibration of ``experiment.json`` is for: model, method, setting and budget."""
+    return (calibration.get("model"), calibration.get("method"), json.dumps(calibration.get("setting"), sort_keys=True),
+            round(calibration.get("target") or 0.0, 6))
 
 
 def fail(message: str) -> int:
@@ -104,7 +111,7 @@ def _main(argv: list[str] | None) -> int:
 
     try:
         experiment = load_experiment(args.config, check_files=not args.status, data_required=not args.dry_run,
-                                     calibrate=not args.no_calibrate)
+                                     calibrate=not args.no_calibrate, only=args.only)
     except ConfigError as error:
         return fail(str(error))
     for warning in experiment.warnings:
@@ -114,7 +121,9 @@ def _main(argv: list[str] | None) -> int:
         return fail("--only: an empty GLOB; give a method name or a key glob (e.g. --only tome --only 'deit-s-*')")
     runs = select(experiment.runs, args.only)
     if not experiment.runs:  # e.g. every run a MAC budget no setting reaches (the warnings above say which)
-        why = "without its MAC-budget runs (--no-calibrate)" if not experiment.complete else "(no MAC budget is reachable)"
+        why = ("without its MAC-budget runs (--no-calibrate)" if args.no_calibrate else
+               "of the methods --only selects (no MAC budget of theirs is reachable)" if not experiment.complete else
+               "(no MAC budget is reachable)")
         return fail(f"{args.config}: grid: makes no run {why}")
     unmatched = [pattern for pattern in args.only or () if not select(experiment.runs, [pattern])]
     if unmatched:  # each glob, not only all together: a typo beside a good one is not silently ignored
@@ -198,8 +207,12 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
         print(f"note: {results_dir} holds the results of experiment {previous['name']!r} ({previous['config']}); "
               f"those runs are now listed under 'Records of earlier configs' (report.py --all shows them)",
               file=sys.stderr)
-    # --no-calibrate: the calibrations of the last calibrated invocation stay
-    calibrations = experiment.calibrations if experiment.complete else previous["calibrations"] if previous else []
+    # --no-calibrate: the calibrations of the last calibrated invocation stay; --only METHOD: those of the other
+    # methods stay, its own are replaced
+    calibrations = experiment.calibrations
+    if not experiment.complete and previous:
+        redone = {calibration_identity(calibration) for calibration in calibrations}
+        calibrations = [c for c in previous["calibrations"] if calibration_identity(c) not in redone] + calibrations
     try:  # the report shows the runs this config makes (and unreachable budgets as "-")
         write_experiment(results_dir, experiment.name, experiment.file, [run.key for run in experiment.runs],
                          calibrations, budget_runs=experiment.complete)

@@ -302,6 +302,34 @@ def test_no_calibrate_keeps_the_budget_runs_current_and_a_fixed_twin_of_a_budget
     assert f"r={budget_r} [budget.target=0.8]" in labels and f"r={budget_r} [budget.target=None]" in labels, labels
 
 
+def test_only_a_method_calibrates_that_methods_budgets_and_keeps_the_others_calibrations(budget_run, tmp_path,
+                                                                                          capsys):
+    """``--only tome`` on an experiment with MAC budgets searches ToMe's budgets only (with an empty cache: it
+    searched every method's, minutes on a large model), finds the same runs done, and experiment.json keeps
+    the other methods' calibrations beside ToMe's; the leaderboard keeps every method's budget cells."""
+    path, results = budget_run
+    folder = tmp_path / "results"
+    shutil.copytree(results, folder)
+    full = json.loads((results / "experiment.json").read_text())
+    # an earlier experiment.json without ToMe's calibrations: --only tome adds them, the others' stay
+    (folder / "experiment.json").write_text(json.dumps({**full, "calibrations": [
+        c for c in full["calibrations"] if c["method"] != "tome"]}))
+    capsys.readouterr()
+    assert run_bench.main(["--config", str(path), "--results", str(folder), "--quiet", "--only", "tome"]) == 0
+    out = capsys.readouterr().out
+    searched = [line.split(": ", 1)[1].split(" @")[0] for line in out.splitlines() if line.startswith("calibrated on ")]
+    assert searched == ["tome", "tome"], out  # the cache is empty: each search is announced
+    assert "budgets: 3 run(s), 3 already done, 0 to run" in out, out  # tome r=1 and its two budgets: the same keys
+    written = json.loads((folder / "experiment.json").read_text())
+    assert written["budget_runs"] is False
+    key = run_bench.calibration_identity
+    assert sorted(map(key, written["calibrations"])) == sorted(map(key, full["calibrations"])), written["calibrations"]
+    assert len(full["calibrations"]) == 8
+    board = (folder / "leaderboard.md").read_text()
+    assert board.split("## Matched budgets", 1)[1] == (results / "leaderboard.md").read_text().split(
+        "## Matched budgets", 1)[1]
+
+
 def test_ats_budget_is_calibrated_on_the_images_its_record_averages_and_the_cache_tells_image_sets_apart(tmp_path,
                                                                                                       monkeypatch):
     """ATS's MACs depend on the image: its budget run's achieved fraction is the mean over the very images the

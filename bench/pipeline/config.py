@@ -252,17 +252,20 @@ class Experiment:
     warnings: list[str] = field(default_factory=list)
     # every budget calibration, reachable or not: [{"model": label, **Calibration fields}]
     calibrations: list[dict[str, Any]] = field(default_factory=list)
-    complete: bool = True  # False: MAC-budget runs left out (--no-calibrate)
+    complete: bool = True  # False: MAC-budget runs left out (--no-calibrate, or of methods --only does not select)
 
 
 # --------------------------------------------------------------------------------------------------
 def load_experiment(path: str | Path, check_files: bool = True, data_required: bool = True,
-                    calibrate: bool = True) -> Experiment:
+                    calibrate: bool = True, only: list[str] | None = None) -> Experiment:
     """Parse, validate and expand an experiment file. ``check_files``: also check that local weights
     exist and fit the model, and that data folders exist (an error when ``data_required``, else a
     warning in ``Experiment.warnings``: ``--dry-run`` validates a cluster config on a laptop).
     ``calibrate``: find the knob of every MAC-budget run (``bench.pipeline.calibrate``); without it those
-    runs are left out (a warning counts them): a quick validation of a large experiment."""
+    runs are left out (a warning counts them): a quick validation of a large experiment. ``only``: run_bench's
+    ``--only`` globs; where each is a method's name, the MAC-budget runs of other methods are left out
+    uncalibrated (they could not match: a run key holds its method's name and more), so ``--only tome`` on a
+    large experiment calibrates ToMe's budgets only. Other globs may match any key: every budget is calibrated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "", "is a folder, not an experiment file" if path.is_dir() else "experiment file not found")
@@ -271,6 +274,11 @@ def load_experiment(path: str | Path, check_files: bool = True, data_required: b
         raise ConfigError(path, "", "an experiment file must be a YAML mapping (name, defaults, grid, ...)")
     parser = Parser(path, check_files, data_required)
     parser.calibrate_budgets = calibrate
+    if only:
+        import methods
+
+        if all(pattern in methods.names() for pattern in only):
+            parser.only_methods = set(only)
     try:
         return parser.experiment(raw)
     except SchemaError as error:
@@ -288,6 +296,8 @@ class Parser:
         self.calibrations: list[dict[str, Any]] = []
         self.calibrate_budgets = True
         self.uncalibrated = 0
+        self.only_methods: set[str] | None = None  # --only: the methods whose budget runs are calibrated
+        self.unselected = 0  # budget runs of methods --only leaves out
         self.matched_references: set[int] = set()  # indices of the reference entries some run matched
 
     def error(self, key: str, message: str) -> ConfigError:
@@ -390,6 +400,9 @@ class Parser:
             if target is not None and not self.calibrate_budgets:
                 self.uncalibrated += 1
                 continue
+            if target is not None and self.only_methods is not None and method not in self.only_methods:
+                self.unselected += 1
+                continue
             if target is not None:
                 params, budget = self.calibrate(base, method, params, target, shared, method_where)
                 if budget is None:
@@ -422,7 +435,7 @@ class Parser:
                              "calibrate to one setting, or an entry listed twice); allowed: each run once")
         return Experiment(name=name, file=self.path, runs=runs, slurm=section.slurm,
                           warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations,
-                          complete=not self.uncalibrated)
+                          complete=not (self.uncalibrated or self.unselected))
 
     def check_label(self, base: dict[str, Any], labelled: dict[tuple, tuple[str, str]], where: str) -> None:
         """One model per label (with the same weights): the leaderboard groups and compares runs by label."""
