@@ -509,3 +509,26 @@ def test_a_failing_setup_line_fails_the_job_with_its_line(slurm_env, tmp_path, c
     assert run_bench.main(["--config", str(config), "--results", str(results), "--status"]) == 1
     (row,) = [row for row in capsys.readouterr().out.splitlines() if row.startswith("failed ")]
     assert f"FAILED: {line}  log: " in row, row
+
+
+def test_wait_asks_slurm_less_often_as_the_wait_grows(slurm_env, tmp_path, capsys, monkeypatch):
+    """--wait on a job of about 23 s (its profile's setup sleeps 20 s): squeue, counted by a shim on PATH ahead of
+    the real one, is asked at 2, 4, 6, 9, 13.5 and 20 s (``poll_delay``: half the time waited, at most a minute
+    apart). Every 2 s, as before, it was asked 11 times for this job, and 1,800 times an hour for a long one."""
+    import shutil
+
+    real = shutil.which("squeue", path=slurm_env["PATH"])
+    shim, log = tmp_path / "bin", tmp_path / "squeue.log"
+    shim.mkdir()
+    (shim / "squeue").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
+    (shim / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}:{slurm_env['PATH']}")
+    profile = tmp_path / "slow_setup.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "debug", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10,
+                                       "setup": ["sleep 20"]}))
+    config = experiment(tmp_path, "poll", stages=["macs"], grid={"methods": EVAL_METHODS[:1]})
+    started = time.monotonic()
+    assert on_slurm(config, tmp_path / "slurm", "--wait", profile=str(profile)) == 0
+    waited = time.monotonic() - started
+    calls = log.read_text().splitlines()
+    assert waited > 20 and 4 <= len(calls) <= 8, (waited, calls)  # 6 here; every 2 s: 11 for 23.5 s of waiting

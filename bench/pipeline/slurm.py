@@ -24,6 +24,7 @@ from bench.pipeline.records import failure_path, last_error_line, now
 
 # An array task that neither squeue nor sacct lists while they list its array: cancelled before it started.
 NO_RECORD = "NO_ACCOUNTING_RECORD"
+MAX_POLL_S = 60.0  # the longest pause between two looks of --wait at SLURM (at first 2 s: poll_delay)
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
 # squeue's reasons for a pending job that SLURM holds until someone changes it (scontrol update, scancel): the job
 # asks for more than its partition allows or names what the cluster does not know
@@ -333,13 +334,21 @@ class JobGone(RuntimeError):
     """SLURM dropped an array task without a trace (cancelled while pending): it will never end."""
 
 
+def poll_delay(started: float, interval: float = 2.0) -> float:
+    """Seconds to the next look at SLURM while waiting since ``started`` (``time.monotonic()``): ``interval``
+    at first, then half the time waited so far, at most ``MAX_POLL_S`` (a wait of hours asks the controller
+    every minute, not every 2 s). submitit's own ``done()`` refreshes on a like schedule (at most every 10
+    minutes), so waiting longer between looks does not make ``--wait`` notice the end later."""
+    return min(MAX_POLL_S, max(interval, (time.monotonic() - started) / 2))
+
+
 def _await(job: submitit.Job, interval: float = 2.0, checks: int = 3) -> None:
     """Until submitit sees ``job`` end; ``JobGone`` when the task is in neither squeue nor sacct (while
     sacct lists its array) at ``checks`` polls in a row: submitit would wait for it forever. A job SLURM holds
-    (``HELD_REASONS``) is said once: it waits until someone releases or cancels it."""
-    missing, said = 0, False
+    (``HELD_REASONS``) is said once: it waits until someone releases or cancels it. Polls ``poll_delay`` apart."""
+    missing, said, started = 0, False, time.monotonic()
     while not job.done():
-        time.sleep(interval)
+        time.sleep(poll_delay(started, interval))
         states, answered = _live_states(job.job_id.split("_")[0])
         if not said and _task_state(states, job.job_id) == "PENDING":
             said = _warn_held(job.job_id, pending_reasons(job.job_id.split("_")[0]).get(job.job_id))
@@ -429,9 +438,9 @@ def _wait_in_flight(results_dir: Path, flying: dict[str, dict[str, Any]], interv
     from bench.pipeline.executors import Outcome
     from bench.pipeline.records import RecordError, read_failure, read_record, record_path
 
-    pending, said = dict(flying), set()
+    pending, said, started = dict(flying), set(), time.monotonic()
     while pending:
-        time.sleep(interval)
+        time.sleep(poll_delay(started, interval))
         states = job_states(results_dir)
         for key, job in states.items():  # held by SLURM for good: said once, as for the jobs submitted now
             if key in pending and key not in said and _warn_held(job["job_id"], job.get("reason")):
