@@ -48,8 +48,9 @@ def test_a_failing_setup_line_stops_the_job_script_with_one_line_naming_it(tmp_p
     assert (done.returncode, done.stdout) == (1, "50% set\n"), done
     assert done.stderr == ("SetupError: slurm/gpu.yaml: setup[3]: '(exit 3)' failed (exit 3); the job stopped before its "
                            "run\n"), done.stderr
-    passing = tmp_path / "fine.sh"
-    passing.write_text("\n".join([*guarded_setup(lines[:3], None), "echo \"reached the run with $STEP\""]))
+    passing = tmp_path / "fine.sh"  # a blank line and a comment too: an empty brace group would be a syntax error
+    passing.write_text("\n".join([*guarded_setup([*lines[:3], "", "  # a note"], None),
+                                   "echo \"reached the run with $STEP\""]))
     done = subprocess.run(["bash", str(passing)], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout, done.stderr) == (0, "50% set\nreached the run with set\n", ""), done
 
