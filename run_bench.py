@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    args.began = time.monotonic()  # the wall-time line also says what came before the runs (calibrating)
     if args.executor != "slurm" and not (args.dry_run or args.status):  # not silently ignored
         given = [flag for flag, value in (("--wait", args.wait), ("--profile", args.profile)) if value]
         if given:
@@ -241,13 +242,14 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
 
     from bench.pipeline.executors import run_inprocess, run_local, summary
 
-    started = time.time()
+    started, before = time.time(), time.monotonic() - args.began
     if args.executor == "local":
         outcomes = run_local(todo, results_dir, redo=args.force)
     else:
         outcomes = run_inprocess(todo, results_dir, progress=not args.quiet and sys.stderr.isatty(), redo=args.force)
     code = summary(outcomes)
-    print(f"wall time {time.time() - started:.1f} s")
+    print(f"wall time {time.time() - started:.1f} s ({before:.1f} s before the runs: the experiment read, its MAC "
+          "budgets calibrated, weights checked)")
     if not args.no_report:
         write_report(results_dir)
     return code
