@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -97,6 +98,15 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    """Ctrl-C is part of what the suite tests: a ``KeyboardInterrupt`` raised in this process, SIGINT sent to the
+    run_bench processes it starts. Started with SIGINT ignored (a script's background job without job control,
+    ``cmd &``, or ``nohup``), Python raises no ``KeyboardInterrupt`` and its children inherit the ignored signal:
+    those tests then failed, or passed when an earlier test had put a handler in place. Put Python's own back."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_teststatus(report, config):
