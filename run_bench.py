@@ -14,8 +14,8 @@ A run that an earlier SLURM submission's job is still on (pending or running) is
 ``inprocess`` and ``local`` executors (one line each), not computed twice.
 
 Exit codes: 0 every run succeeded (runs left to their SLURM jobs aside); 1 some runs failed (their errors
-are listed, the others' records kept); 2 bad input (the message names the file, the key and what is allowed), an unusable or busy results
-folder, or SLURM refusing the submission; 130 interrupted (Ctrl-C).
+are listed, the others' records kept); 2 bad input (the message names the file, the key and what is
+allowed), an unusable or busy results folder, or SLURM refusing the submission; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
     where = f"{profile_file}: " if profile_file else ""
     guarded = []
     for number, line in enumerate(lines):
-        if not line.strip() or line.lstrip().startswith("#"):  # does nothing; an empty brace group is bash's syntax error
+        if not line.strip() or line.lstrip().startswith("#"):  # does nothing; an empty brace group: a syntax error
             guarded.append(line)
             continue
         said = shlex.quote(f"SetupError: {where}setup[{number}]: {line!r} failed (exit ")
