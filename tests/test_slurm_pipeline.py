@@ -92,6 +92,12 @@ def sacct_rows(env: dict[str, str], job_id: str, *flags: str) -> list[dict[str, 
     return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines() if line.strip()]
 
 
+def queue_states(env: dict[str, str], job_id: str) -> list[str]:
+    """squeue's states of ``job_id``'s tasks (one per task still queued or running; none once it has left)."""
+    return subprocess.run(["squeue", "-r", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True,
+                          timeout=30, check=True).stdout.split()
+
+
 def sacct_final(env: dict[str, str], job_id: str, *flags: str, timeout: float = 60) -> list[dict[str, str]]:
     """sacct rows once the job has ended (a job is still ending for a moment after its result file)."""
 
@@ -394,8 +400,7 @@ def test_a_task_cancelled_while_pending_is_failed_with_its_job(slurm_env, tmp_pa
     waiter, codes = in_background(on_slurm, config, results, "--wait", profile=str(profile))
     wait_for(lambda: (results / "jobs.json").exists() and len(jobs(results)) == 2, 60, "the submission")
     first, second = sorted(job["job_id"] for job in jobs(results).values())
-    queued = subprocess.run(["squeue", "-r", "-h", "-j", second, "-o", "%T"], env=slurm_env, capture_output=True,
-                            text=True, timeout=30, check=True).stdout.split()
+    queued = queue_states(slurm_env, second)
     assert second.endswith("_1") and queued == ["PENDING"], queued  # array_parallelism 1: waits for task 0
     subprocess.run(["scancel", second], env=slurm_env, check=True, timeout=30)
     waiter.join(120)
@@ -438,8 +443,7 @@ def test_a_run_submitted_again_shows_its_queued_job_not_its_earlier_record(slurm
                                stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (results / "jobs.json").exists() and len(jobs(results)) == 2, 60, "the submission")
     second_key, second = max(((key, job["job_id"]) for key, job in jobs(results).items()), key=lambda item: item[1])
-    queued = subprocess.run(["squeue", "-r", "-h", "-j", second, "-o", "%T"], env=slurm_env, capture_output=True,
-                            text=True, timeout=30, check=True).stdout.split()
+    queued = queue_states(slurm_env, second)
     (row,) = collect_status([second_key], results)
     assert second.endswith("_1") and queued == ["PENDING"], queued  # array_parallelism 1: waits for task 0
     assert (row.state, row.detail) == ("pending", f"job {second} PENDING (submitted again: the record of "
@@ -462,10 +466,6 @@ def test_an_inprocess_run_leaves_a_run_to_its_queued_slurm_job(slurm_env, tmp_pa
     from bench.pipeline.config import load_experiment
     from bench.pipeline.records import failure_path
 
-    def squeue(job_id: str) -> list[str]:
-        return subprocess.run(["squeue", "-r", "-h", "-j", job_id, "-o", "%T"], env=slurm_env, capture_output=True,
-                              text=True, timeout=30, check=True).stdout.split()
-
     cpus = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%c"], env=slurm_env, capture_output=True, text=True,
                           timeout=30, check=True).stdout.split()[0]
     blocker = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-c", cpus.rstrip("+"), "-o", "/dev/null",
@@ -473,21 +473,21 @@ def test_an_inprocess_run_leaves_a_run_to_its_queued_slurm_job(slurm_env, tmp_pa
                              check=True).stdout.strip().split(";")[0]
     job = None
     try:
-        wait_for(lambda: squeue(blocker) == ["RUNNING"], 60, "the job that fills the node")
+        wait_for(lambda: queue_states(slurm_env, blocker) == ["RUNNING"], 60, "the job that fills the node")
         config = experiment(tmp_path, "left", stages=["macs"], grid={"methods": EVAL_METHODS[:2]})
         keys = [run.key for run in load_experiment(config).runs]
         results = tmp_path / "results"
         assert on_slurm(config, results, "--only", "baseline") == 0
         ((key, entry),) = jobs(results).items()
         job = entry["job_id"]
-        assert squeue(job) == ["PENDING"]  # the node is full
+        assert queue_states(slurm_env, job) == ["PENDING"]  # the node is full
         capsys.readouterr()
         assert bench(config, results) == 0
         out, err = capsys.readouterr()
         assert (f"left to SLURM: {key} (job {job} PENDING, submitted {entry['submitted_at']}); its job computes it "
                 f"(scancel {job} to run it here)") in err.splitlines(), err
         assert set(records_by_key(results)) == set(keys) - {key} and len(keys) == 2, out
-        assert not failure_path(results, key).exists() and squeue(job) == ["PENDING"]
+        assert not failure_path(results, key).exists() and queue_states(slurm_env, job) == ["PENDING"]
     finally:
         subprocess.run(["scancel", blocker, *([job] if job else [])], env=slurm_env, timeout=30)
 
