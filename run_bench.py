@@ -140,14 +140,16 @@ def _main(argv: list[str] | None) -> int:
         return run(args, experiment, runs, results_dir)
     from bench.pipeline.lock import FolderError, results_lock
 
-    try:  # the folder is checked usable and held for the whole invocation (nothing computed twice)
-        with results_lock(results_dir, wait=args.wait_lock, announce=lambda line: print(line, file=sys.stderr)):
-            return run(args, experiment, runs, results_dir)
+    try:  # the folder is checked usable and held for the whole invocation (nothing computed twice), but the
+        # wait of --executor slurm --wait (its jobs are submitted and in jobs.json: SLURM's now)
+        with results_lock(results_dir, wait=args.wait_lock,
+                          announce=lambda line: print(line, file=sys.stderr)) as release:
+            return run(args, experiment, runs, results_dir, release)
     except FolderError as error:
         return fail(str(error))
 
 
-def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> int:
+def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, release=None) -> int:
     from bench.pipeline.status import todo_runs
 
     todo, notes = todo_runs(runs, results_dir, force=args.force, set_aside=not args.dry_run)
@@ -233,7 +235,7 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path) -> 
 
         try:  # with the profile checked above
             code = submit(experiment, todo, results_dir, cluster, wait=args.wait, redo=args.force,
-                          profile_file=profile_path(profile_name(experiment, args.profile)))
+                          profile_file=profile_path(profile_name(experiment, args.profile)), before_wait=release)
         except SubmitError as error:
             return fail(str(error))
         if args.wait and not args.no_report:

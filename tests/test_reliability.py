@@ -224,6 +224,7 @@ def test_second_invocation_refuses_naming_the_holder_or_waits(tmp_path, capsys):
         line = one_line(capsys.readouterr().err)
         assert f"is in use by pid {holder.pid} on {socket.gethostname()}" in line and "--wait-lock" in line
         assert not (results / "runs").exists()  # refused before any run
+        assert json.loads((results / ".lock.holder").read_text())["pid"] == holder.pid  # the refused left it
 
         import threading
 

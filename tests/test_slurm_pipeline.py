@@ -511,11 +511,15 @@ def test_a_failing_setup_line_fails_the_job_with_its_line(slurm_env, tmp_path, c
     assert f"FAILED: {line}  log: " in row, row
 
 
-def test_wait_asks_slurm_less_often_as_the_wait_grows(slurm_env, tmp_path, capsys, monkeypatch):
+def test_wait_asks_slurm_less_often_and_leaves_the_folder_to_others(slurm_env, tmp_path, capsys, monkeypatch):
     """--wait on a job of about 23 s (its profile's setup sleeps 20 s): squeue, counted by a shim on PATH ahead of
     the real one, is asked at 2, 4, 6, 9, 13.5 and 20 s (``poll_delay``: half the time waited, at most a minute
-    apart). Every 2 s, as before, it was asked 11 times for this job, and 1,800 times an hour for a long one."""
+    apart). Every 2 s, as before, it was asked 11 times for this job, and 1,800 times an hour for a long one.
+    While it waits, the results folder's lock is free: another invocation can submit or compute other runs of the
+    folder (before, it was refused as "in use" until the wait ended, for hours behind a long job)."""
     import shutil
+
+    from bench.pipeline.lock import LockBusy, results_lock
 
     real = shutil.which("squeue", path=slurm_env["PATH"])
     shim, log = tmp_path / "bin", tmp_path / "squeue.log"
@@ -527,8 +531,21 @@ def test_wait_asks_slurm_less_often_as_the_wait_grows(slurm_env, tmp_path, capsy
     profile.write_text(yaml.safe_dump({"partition": "debug", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10,
                                        "setup": ["sleep 20"]}))
     config = experiment(tmp_path, "poll", stages=["macs"], grid={"methods": EVAL_METHODS[:1]})
+    results = tmp_path / "slurm"
     started = time.monotonic()
-    assert on_slurm(config, tmp_path / "slurm", "--wait", profile=str(profile)) == 0
+    waiter, returned = in_background(on_slurm, config, results, "--wait", profile=str(profile))
+
+    def lock_taken() -> str | None:
+        if not (results / "jobs.json").exists():
+            return None
+        try:
+            with results_lock(results):
+                return "during the wait" if waiter.is_alive() else "only after the wait"
+        except LockBusy:
+            return None
+
+    assert wait_for(lock_taken, 60, "the results folder's lock") == "during the wait"
+    waiter.join(timeout=120)
     waited = time.monotonic() - started
     calls = log.read_text().splitlines()
-    assert waited > 20 and 4 <= len(calls) <= 8, (waited, calls)  # 6 here; every 2 s: 11 for 23.5 s of waiting
+    assert returned == [0] and waited > 20 and 4 <= len(calls) <= 8, (returned, waited, calls)  # 6 here

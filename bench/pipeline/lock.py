@@ -1,7 +1,8 @@
 """Nothing computed twice: one invocation per results folder, one process per run.
 
 - ``results_lock``: checks that the results folder is usable (a folder, writable, not full) and holds
-  ``fcntl.flock`` on ``<results>/.lock`` for the whole invocation. A second invocation on the same folder
+  ``fcntl.flock`` on ``<results>/.lock`` for the whole invocation, or until it calls the ``release`` it was
+  given (``--executor slurm --wait``, once its jobs are submitted). A second invocation on the same folder
   refuses with one line naming the holder (pid, host, command; from ``.lock.holder``), or waits for it
   (``--wait-lock``). The kernel drops the lock when its process dies, even by ``kill -9``.
 - ``claim_run``: before computing a run, its job creates ``<results>/claims/<key>.json`` with
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,9 @@ def check_usable(results_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def results_lock(results_dir: Path, wait: bool = False, announce=print) -> Iterator[None]:
-    """Check the folder, then hold its lock until the block ends (see the module docstring)."""
+def results_lock(results_dir: Path, wait: bool = False, announce=print) -> Iterator[Callable[[], None]]:
+    """Check the folder, then hold its lock until the block ends or until the ``release`` it yields is called
+    (see the module docstring)."""
     results_dir = Path(results_dir)
     check_usable(results_dir)
     lock_path, holder_path = results_dir / ".lock", results_dir / ".lock.holder"
@@ -124,6 +126,18 @@ def results_lock(results_dir: Path, wait: bool = False, announce=print) -> Itera
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
         raise FolderError(f"cannot open {lock_path} ({error.strerror})") from None
+    acquired = False
+
+    def release() -> None:
+        nonlocal fd
+        if fd < 0:
+            return
+        if acquired:  # the holder note goes first: a holder it names still holds the lock
+            with contextlib.suppress(OSError):
+                holder_path.unlink()
+        os.close(fd)  # releases the flock
+        fd = -1
+
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -134,14 +148,11 @@ def results_lock(results_dir: Path, wait: bool = False, announce=print) -> Itera
                                "finish (or pass --wait-lock)") from None
             announce(f"waiting for results folder {results_dir}, in use by {describe(holder)}")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        acquired = True
         atomic_write_json(holder_path, holder_info())
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                holder_path.unlink()
+        yield release
     finally:
-        os.close(fd)  # releases the flock
+        release()
 
 
 def _read_holder(path: Path) -> Any:

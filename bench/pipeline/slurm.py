@@ -210,14 +210,16 @@ def check_submission(experiment, runs, profile: str | None = None) -> Profile:
 
 
 def submit(experiment, runs, results_dir: Path, settings: Profile, wait: bool = False, redo: bool = False,
-           profile_file: Path | None = None) -> int:
+           profile_file: Path | None = None, before_wait: Callable[[], None] | None = None) -> int:
     """Submit ``runs`` as SLURM job arrays (one per resource shape: evaluation, fine-tuning); print the
     job ids and the log folder; with ``wait``, wait and summarise. Exit code as ``run_bench``'s.
     Runs whose job from an earlier submission is still pending or running are not submitted again
     (``jobs.json`` keeps their ids; a resubmitted run keeps its earlier ids in ``previous_job_ids``).
     ``redo`` (``--force``): a job recomputes its run even if a record appeared since submission.
     ``SubmitError`` when sbatch refuses (e.g. the controller is down). ``settings``: the cluster profile, as
-    ``check_submission`` returned it; ``profile_file``: its file, named in a refusal that points at one of its keys."""
+    ``check_submission`` returned it; ``profile_file``: its file, named in a refusal that points at one of its keys.
+    ``before_wait``: called once the jobs are in ``jobs.json``, before waiting (run_bench: gives up the results
+    folder's lock, so another invocation can submit or compute other runs of the folder meanwhile)."""
     for note in thread_notes(runs, settings):
         print(note, file=sys.stderr)
     ensure_slurm_conf()
@@ -264,6 +266,8 @@ def submit(experiment, runs, results_dir: Path, settings: Profile, wait: bool = 
     if not wait:
         print(f"follow with: {follow}")
         return 0
+    if before_wait is not None:
+        before_wait()
     try:
         return _wait_all(jobs_by_key, results_dir, flying, submitted_at)
     except KeyboardInterrupt:  # only the waiting stops: the jobs are SLURM's (not "the run in progress")
