@@ -27,32 +27,43 @@ def test_profile_maps_onto_submitit_parameters():
     assert finetune["tasks_per_node"] == 4 and evaluation["tasks_per_node"] == 1
     assert finetune["gpus_per_node"] == 4 and finetune["timeout_min"] == 720 and finetune["mem_gb"] == 240
     assert finetune["slurm_setup"][0].startswith("export PYTHONPATH=")
-    # each setup line in the job script as the line itself, then what runs if it fails (test below)
-    assert [line.split("\n")[0] for line in finetune["slurm_setup"][1:]] == ["{ module load cuda/12.4",
-                                                                            "{ export OMP_NUM_THREADS=10"]
+    # each setup line in the job script as the line itself, between the guard's trap and its removal (test below)
+    assert [line.split("\n")[0].partition("; ")[2] for line in finetune["slurm_setup"][2:-1]] == [
+        "{ module load cuda/12.4", "{ export OMP_NUM_THREADS=10"]
+    assert finetune["slurm_setup"][1].startswith("trap ") and finetune["slurm_setup"][-1].startswith("trap - EXIT")
 
 
 def test_a_failing_setup_line_stops_the_job_script_with_one_line_naming_it(tmp_path):
     """The setup lines as submitit writes them into the job script, run by bash: what a line sets stays for the
-    lines after it; the first line that fails (its exit status, as a shell line's: its last command's) ends the
-    script with exit 1 and one line naming the profile's file, the line's index, the line and its status. Before,
-    the script went on after it (a failed ``module load`` surfaced later as some other error, or not at all)."""
+    lines after it; the first line that fails (its exit status, as a shell line's: its last command's), or that
+    ends the script itself (``exit``, also in a script it sources), ends the script with that status and one line
+    naming the profile's file, the line's index, the line and its status. Before, the script went on after a
+    failing line (a failed ``module load`` surfaced later as some other error, or not at all), and an ``exit``
+    ended it with nothing said."""
     import subprocess
 
     from bench.pipeline.slurm import guarded_setup
 
+    def job(name: str, setup: list[str], profile: Path | None = Path("slurm/gpu.yaml")) -> subprocess.CompletedProcess:
+        script = tmp_path / f"{name}.sh"
+        script.write_text("\n".join(["set -u", *guarded_setup(setup, profile), "echo \"reached the run with $STEP\"",
+                                      "exit 0"]))
+        return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
+
+    def said(index: int, line: str, status: int) -> str:
+        return f"SetupError: slurm/gpu.yaml: setup[{index}]: {line!r} failed (exit {status}); the job stopped before its run\n"
+
     lines = ["export STEP=set", "echo \"50% $STEP\" # a comment", "false; test -n \"$STEP\"", "(exit 3)", "echo after"]
-    script = tmp_path / "job.sh"
-    script.write_text("\n".join(["set -u", *guarded_setup(lines, Path("slurm/gpu.yaml")), "echo reached the run"]))
-    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
-    assert (done.returncode, done.stdout) == (1, "50% set\n"), done
-    assert done.stderr == ("SetupError: slurm/gpu.yaml: setup[3]: '(exit 3)' failed (exit 3); the job stopped before its "
-                           "run\n"), done.stderr
-    passing = tmp_path / "fine.sh"  # a blank line and a comment too: an empty brace group would be a syntax error
-    passing.write_text("\n".join([*guarded_setup([*lines[:3], "", "  # a note"], None),
-                                   "echo \"reached the run with $STEP\""]))
-    done = subprocess.run(["bash", str(passing)], capture_output=True, text=True, timeout=30)
+    done = job("failing", lines)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "50% set\n", said(3, "(exit 3)", 3)), done
+    (tmp_path / "env.sh").write_text("echo sourced\nexit 4\n")  # e.g. an environment script that gives up
+    done = job("exiting", [*lines[:3], f"source {tmp_path / 'env.sh'}", "echo after"])
+    assert (done.returncode, done.stdout, done.stderr) == (4, "50% set\nsourced\n",
+                                                           said(3, f"source {tmp_path / 'env.sh'}", 4)), done
+    # a blank line and a comment too: an empty brace group would be a syntax error; the run's own exit says nothing
+    done = job("fine", [*lines[:3], "", "  # a note"], None)
     assert (done.returncode, done.stdout, done.stderr) == (0, "50% set\nreached the run with set\n", ""), done
+    assert guarded_setup(["", "# only a note"], None) == ["", "# only a note"]
 
 
 def test_max_requeue_becomes_submitits_timeout_budget(tmp_path):

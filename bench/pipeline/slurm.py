@@ -24,6 +24,7 @@ from bench.pipeline.records import failure_path, last_error_line, now
 
 # An array task that neither squeue nor sacct lists while they list its array: cancelled before it started.
 NO_RECORD = "NO_ACCOUNTING_RECORD"
+SETUP_LINE = "TOKENBENCH_SETUP_LINE"  # the job script's variable: the setup line running, as its SetupError starts
 MAX_POLL_S = 60.0  # the longest pause between two looks of --wait at SLURM (at first 2 s: poll_delay)
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
 # squeue's reasons for a pending job that SLURM holds until someone changes it (scontrol update, scancel): the job
@@ -59,10 +60,12 @@ def executor_parameters(profile: Profile, finetune: bool, profile_file: Path | N
 
 
 def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
-    """The profile's ``setup`` lines as the job script runs them: a line that fails stops the job, its log ending
-    in one line that names the profile's file, the line and its exit status (``--wait`` and ``--status`` show it).
-    A job script goes on after a failing line: a failed ``module load`` surfaced later as some other error of the
-    run, or not at all. Each line runs in a brace group, so what it sets (``source``, ``export``) stays."""
+    """The profile's ``setup`` lines as the job script runs them: a line that fails, or calls ``exit`` (itself or
+    a script it sources), stops the job with that status, its log ending in one line that names the profile's file,
+    the line and its exit status (``--wait`` and ``--status`` show it). A job script goes on after a failing line:
+    a failed ``module load`` surfaced later as some other error of the run, or not at all; an ``exit`` ended it
+    with nothing said. Each line runs in a brace group, so what it sets (``source``, ``export``) stays; the line
+    is said by an ``EXIT`` trap, set for the setup lines only."""
     where = f"{profile_file}: " if profile_file else ""
     guarded = []
     for number, line in enumerate(lines):
@@ -70,9 +73,11 @@ def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
             guarded.append(line)
             continue
         said = shlex.quote(f"SetupError: {where}setup[{number}]: {line!r} failed (exit ")
-        guarded.append(f"{{ {line}\n}} || {{ printf '%s%d%s\\n' {said} \"$?\" '); the job stopped before its run' >&2; "
-                       "exit 1; }")
-    return guarded
+        guarded.append(f"{SETUP_LINE}={said}; {{ {line}\n}} || exit")
+    if guarded == lines:
+        return guarded  # blank and comment lines only
+    trap = f'printf \'%s%d%s\\n\' "${SETUP_LINE}" "$?" \'); the job stopped before its run\' >&2'
+    return [f"trap {shlex.quote(trap)} EXIT", *guarded, f"trap - EXIT; unset {SETUP_LINE}"]
 
 
 def thread_notes(runs: list, profile: Profile) -> list[str]:
