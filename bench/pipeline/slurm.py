@@ -60,11 +60,11 @@ def executor_parameters(profile: Profile, finetune: bool, profile_file: Path | N
 
 
 def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
-    """The profile's ``setup`` lines as the job script runs them: a line that fails, or calls ``exit`` (itself or
-    a script it sources), stops the job with that status, its log ending in one line that names the profile's file,
-    the line and its exit status (``--wait`` and ``--status`` show it). A job script goes on after a failing line:
-    a failed ``module load`` surfaced later as some other error of the run, or not at all; an ``exit`` ended it
-    with nothing said. Each line runs in a brace group, so what it sets (``source``, ``export``) stays; the line
+    """The profile's ``setup`` lines as the job script runs them: a line that fails, or calls ``exit`` with a
+    non-zero status (itself or a script it sources), stops the job with that status, its log ending in one line
+    that names the profile's file, the line and its exit status (``--wait`` and ``--status`` show it). A job script
+    goes on after a failing line: a failed ``module load`` surfaced later as some other error of the run, or not at
+    all; an ``exit`` ended it with nothing said. Each line runs in a brace group, so what it sets (``source``, ``export``) stays; the line
     is said by an ``EXIT`` trap, set for the setup lines only."""
     where = f"{profile_file}: " if profile_file else ""
     guarded = []
@@ -76,7 +76,8 @@ def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
         guarded.append(f"{SETUP_LINE}={said}; {{ {line}\n}} || exit")
     if guarded == lines:
         return guarded  # blank and comment lines only
-    trap = f'printf \'%s%d%s\\n\' "${SETUP_LINE}" "$?" \'); the job stopped before its run\' >&2'
+    trap = (f'code=$?; [ "$code" -eq 0 ] || printf \'%s%d%s\\n\' "${SETUP_LINE}" "$code" '
+            '\'); the job stopped before its run\' >&2')  # exit 0, or a signal to bash itself (scancel): not a line's
     return [f"trap {shlex.quote(trap)} EXIT", *guarded, f"trap - EXIT; unset {SETUP_LINE}"]
 
 
