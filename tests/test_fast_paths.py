@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import bench
 from bench.pipeline.files import REPO
 from bench.throughput import ScheduleOnly
-from methods.base import add_at, take
+from methods.base import FEW_ROWS, add_at, take
 from methods.pitome import elu
 from tests.helpers import images, small_vit
 
@@ -104,7 +104,8 @@ def _captured_graph(fn, *args) -> tuple[torch.Tensor, list[str]]:
 def test_a_pooling_compiled_for_the_cpu_keeps_atens_index_add():
     """Under torch.compile on the CPU, ``add_at`` of a pooling (as many rows added as the result has: MCTF,
     DPC-KNN) calls the opaque ``tokenbench::add_rows`` (ATen's index_add), not an index_add inductor would
-    decompose into per-element atomic adds; a few merged rows (ToMe) stay inductor's to fuse. Same values."""
+    decompose into per-element atomic adds; a few merged rows (ToMe) are selections inductor fuses (next test).
+    Same values."""
     t, src = _batch(20, 4, 6, 8), _batch(21, 4, 9, 8) * 1e3
     pool_index, merge_index = _index(22, 4, 9, 6), _index(23, 4, 2, 6)
     expected = t.scatter_add(1, pool_index[..., None].expand(-1, -1, 8), src)
@@ -112,12 +113,35 @@ def test_a_pooling_compiled_for_the_cpu_keeps_atens_index_add():
     assert "tokenbench.add_rows.default" in ops and not any("index_add" in op for op in ops)
     assert torch.equal(pooled, expected)
     merged, ops = _captured_graph(lambda a, i, b: add_at(a, i, b), t, merge_index, src[:, :2])
-    assert "tokenbench.add_rows.default" not in ops and any("index_add" in op for op in ops)
+    assert "tokenbench.add_rows.default" not in ops and not any("index_add" in op for op in ops)
     assert torch.equal(merged, t.scatter_add(1, merge_index[..., None].expand(-1, -1, 8), src[:, :2]))
     # inductor itself: the operator runs as ATen's kernel, the sums in eager's order (bit for bit)
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, i, b: add_at(a, i, b) * 2.0, fullgraph=True)
     assert torch.equal(compiled(t, pool_index, src), expected * 2.0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("rows", [1, 5, FEW_ROWS, FEW_ROWS + 1])
+def test_a_few_rows_added_compiled_for_the_cpu_are_index_adds_sums_in_order(rows):
+    """Compiled for the CPU (inductor), ``add_at`` of up to ``FEW_ROWS`` rows is a chain of selections, not an
+    ``index_add`` (inductor's atomic adds, which end the loop nest); beyond it, the ``index_add``. Either way every
+    row gets eager ``index_add``'s sums bit for bit: several rows into one target, added in k order (values whose
+    sum depends on the order: 1e8, 1, -1e8), and a NaN or an infinity of ``src`` only in its own target's row."""
+    batch, count, width = 3, rows + 4, 8
+    t, src = _batch(50, batch, count, width), _batch(51, batch, rows, width)
+    index = _index(52, batch, rows, count)
+    index[0, : min(rows, 3)] = 2  # the first three rows of image 0 into one target, in this order
+    src[0, : min(rows, 3)] = torch.tensor([1e8, 1.0, -1e8][: min(rows, 3)])[:, None]
+    src[1, 0, 3], src[2, 0, 5] = float("nan"), float("inf")
+    expected = t.reshape(-1, width).index_add(0, (index + torch.arange(batch)[:, None] * count).flatten(),
+                                              src.reshape(-1, width)).view(batch, count, width)
+    _, ops = _captured_graph(lambda a, i, b: add_at(a, i, b), t, index, src)
+    assert any("index_add" in op for op in ops) == (rows > FEW_ROWS), ops
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, i, b: add_at(a, i, b) * 2.0, fullgraph=True)
+    assert torch.equal(compiled(t, index, src).nan_to_num(), (expected * 2.0).nan_to_num())
+    assert compiled(t, index, src).isnan().sum() == expected.isnan().sum() == 1
     torch._dynamo.reset()
 
 
