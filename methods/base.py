@@ -185,7 +185,7 @@ def _add_few_rows(t: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> to
     merge, the residual add and the LayerNorm after a ToMe merge took three passes over the tokens, 0.11-0.23 ms a
     block on the quickstart's model against 0.04-0.10 without the merge. The selections are pointwise and fuse
     with them: compiled forwards, alternating in one process, ToMe r=5 2.9 % faster, r=3 1.3 %, PPT, PiToMe,
-    pooling, ToFu and MCTF 0.3-2.1 %."""
+    ToFu, MCTF and pooling r=12 0.3-2.1 % (docs/benchmark.md), logits identical."""
     slots = torch.arange(t.shape[1], device=t.device).view(1, -1, *([1] * (t.dim() - 2)))
     for k in range(index.shape[1]):
         hit = index[:, k].view(-1, *([1] * (t.dim() - 1))) == slots
