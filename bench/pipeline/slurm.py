@@ -64,8 +64,8 @@ def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
     non-zero status (itself or a script it sources), stops the job with that status, its log ending in one line
     that names the profile's file, the line and its exit status (``--wait`` and ``--status`` show it). A job script
     goes on after a failing line: a failed ``module load`` surfaced later as some other error of the run, or not at
-    all; an ``exit`` ended it with nothing said. Each line runs in a brace group, so what it sets (``source``, ``export``) stays; the line
-    is said by an ``EXIT`` trap, set for the setup lines only."""
+    all; an ``exit`` ended it with nothing said. Each line runs in a brace group, so what it sets (``source``,
+    ``export``) stays; the line is said by an ``EXIT`` trap, set for the setup lines only."""
     where = f"{profile_file}: " if profile_file else ""
     guarded = []
     for number, line in enumerate(lines):
