@@ -436,9 +436,7 @@ def leave_to_jobs(runs: list, results_dir: Path) -> tuple[list, list[str]]:
     """For an invocation that computes runs itself (``inprocess``, ``local``): the runs to compute, and one line
     per run left to the job an earlier SLURM submission has pending or running on it. Computing such a run here
     too would do it twice, and the job would fail on the run's claim if it started meanwhile. No ``jobs.json``:
-    SLURM is not asked."""
-    if not jobs_file(results_dir).exists():
-        return runs, []
+    SLURM is not asked (``job_states``)."""
     flying = in_flight(results_dir, [run.key for run in runs])
     lines = [f"left to SLURM: {key} (job {job['job_id']} {job['state']}, submitted {job.get('submitted_at')}); "
              f"its job computes it (scancel {job['job_id']} to run it here)" for key, job in flying.items()]
