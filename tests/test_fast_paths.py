@@ -322,13 +322,39 @@ def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
     # the line counts unrounded shares; a printed 0.900 may be either side
     assert sum(share >= 0.9005 for share in shares.values()) <= reached <= sum(share >= 0.8995 for share in shares.values())
     assert summary.split(": ")[1].split(" runs")[0].endswith("of 4")
+    # the share's interval: the speed-up's printed interval over the MAC-ideal speed-up (2 decimals each)
+    tops = [float(row[-8].split("-")[1].rstrip(")")) / float(row[-7].rstrip("x")) for row in rows]
+    within = int(summary.split(" runs (")[1].split(" whose")[0])
+    assert sum(top >= 0.91 for top in tops) <= within <= sum(top >= 0.89 for top in tops)
+    for part in summary.split("; below: ")[1].split("; ") if "; below: " in summary else []:
+        share, interval = part.split()[-2:]
+        low, high = (float(value) for value in interval.strip("()").split("-"))
+        assert low <= float(share) <= high
+
+
+def test_benchmark_quickstart_times_30_rounds_unless_told(monkeypatch, capsys):
+    """--model quickstart: 30 timed rounds by default (a row's interval about +-1% of its speed-up); --runs
+    still sets them."""
+    script = benchmark_script()
+    rounds = []
+    monkeypatch.setattr(script, "time_method", lambda *args: rounds.append(args[-1].runs) or (1.0, 1.0, 1.0))
+    assert script.main(["--model", "quickstart", "--only", "tome"]) == 0
+    assert script.main(["--model", "quickstart", "--only", "tome", "--runs", "7"]) == 0
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quickstart, ")]
+    assert rounds == [30, 30, 7, 7]  # baseline and tome's two budgets: the baseline row is one of them
+    assert [line.split(", ")[5] for line in headers] == ["30 timed runs after 3 warm-up", "7 timed runs after 3 warm-up"]
 
 
 def test_benchmark_share_summary_counts_unrounded_shares_and_names_the_others():
+    """Reached: the unrounded share; within reach: the top of its 95% interval (0.9 itself counts); the others
+    listed with their share and its interval."""
     script = benchmark_script()
-    line = script.share_summary({"tome r=5": 0.8996, "pruning r=12": 0.9, "mctf r=6": 0.78049})
-    assert line == "at 0.9 of the MAC-ideal speed-up: 1 of 3 runs; below: tome r=5 0.900; mctf r=6 0.780"
-    assert script.share_summary({"static": 1.02}) == "at 0.9 of the MAC-ideal speed-up: 1 of 1 runs"
+    line = script.share_summary({"tome r=5": (0.8996, 0.8812, 0.90004), "pruning r=12": (0.9, 0.89, 0.91),
+                                 "ppt r=12": (0.8951, 0.8849, 0.9), "mctf r=6": (0.78049, 0.7701, 0.7911)})
+    assert line == ("at 0.9 of the MAC-ideal speed-up: 1 of 4 runs (3 whose 95% interval reaches it); below: "
+                    "tome r=5 0.900 (0.881-0.900); ppt r=12 0.895 (0.885-0.900); mctf r=6 0.780 (0.770-0.791)")
+    assert script.share_summary({"static": (1.02, 1.0, 1.03)}) == (
+        "at 0.9 of the MAC-ideal speed-up: 1 of 1 runs (1 whose 95% interval reaches it)")
 
 
 def benchmark_script():
