@@ -30,7 +30,7 @@ def test_profile_maps_onto_submitit_parameters():
     # each setup line in the job script as the line itself, between the guard's trap and its removal (test below)
     assert [line.split("\n")[0].partition("; ")[2] for line in finetune["slurm_setup"][2:-1]] == [
         "{ module load cuda/12.4", "{ export OMP_NUM_THREADS=10"]
-    assert finetune["slurm_setup"][1].startswith("trap ") and finetune["slurm_setup"][-1].startswith("trap - EXIT")
+    assert " trap 'code=$?; " in finetune["slurm_setup"][1] and " then trap - EXIT; " in finetune["slurm_setup"][-1]
 
 
 def test_a_failing_setup_line_stops_the_job_script_with_one_line_naming_it(tmp_path):
@@ -44,10 +44,11 @@ def test_a_failing_setup_line_stops_the_job_script_with_one_line_naming_it(tmp_p
 
     from bench.pipeline.slurm import guarded_setup
 
-    def job(name: str, setup: list[str], profile: Path | None = Path("slurm/gpu.yaml")) -> subprocess.CompletedProcess:
+    def job(name: str, setup: list[str], profile: Path | None = Path("slurm/gpu.yaml"),
+            before: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         script = tmp_path / f"{name}.sh"
-        script.write_text("\n".join(["set -u", *guarded_setup(setup, profile), "echo \"reached the run with $STEP\"",
-                                      "exit 0"]))
+        script.write_text("\n".join(["set -u", *before, *guarded_setup(setup, profile),
+                                      "echo \"reached the run with $STEP\"", "exit 0"]))
         return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
 
     def said(index: int, line: str, status: int) -> str:
@@ -64,6 +65,11 @@ def test_a_failing_setup_line_stops_the_job_script_with_one_line_naming_it(tmp_p
     done = job("fine", [*lines[:3], "", "  # a note"], None)
     assert (done.returncode, done.stdout, done.stderr) == (0, "50% set\nreached the run with set\n", ""), done
     assert guarded_setup(["", "# only a note"], None) == ["", "# only a note"]
+    # an EXIT trap the script set before the setup lines is back after them; one a setup line sets stays
+    done = job("prior", lines[:3], before=("trap 'echo \"prior trap, $?\"' EXIT",))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "50% set\nreached the run with set\nprior trap, 0\n", ""), done
+    done = job("own", [*lines[:3], "trap 'echo \"own trap, $?\"' EXIT"], before=("trap 'echo prior' EXIT",))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "50% set\nreached the run with set\nown trap, 0\n", ""), done
 
 
 def test_max_requeue_becomes_submitits_timeout_budget(tmp_path):

@@ -25,6 +25,7 @@ from bench.pipeline.records import failure_path, last_error_line, now
 # An array task that neither squeue nor sacct lists while they list its array: cancelled before it started.
 NO_RECORD = "NO_ACCOUNTING_RECORD"
 SETUP_LINE = "TOKENBENCH_SETUP_LINE"  # the job script's variable: the setup line running, as its SetupError starts
+SETUP_TRAPS = ("TOKENBENCH_PRIOR_EXIT_TRAP", "TOKENBENCH_SETUP_EXIT_TRAP")  # the EXIT trap before the guard's; the guard's
 MAX_POLL_S = 60.0  # the longest pause between two looks of --wait at SLURM (at first 2 s: poll_delay)
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
 # squeue's reasons for a pending job that SLURM holds until someone changes it (scontrol update, scancel): the job
@@ -65,7 +66,9 @@ def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
     that names the profile's file, the line and its exit status (``--wait`` and ``--status`` show it). A job script
     goes on after a failing line: a failed ``module load`` surfaced later as some other error of the run, or not at
     all; an ``exit`` ended it with nothing said. Each line runs in a brace group, so what it sets (``source``,
-    ``export``) stays; the line is said by an ``EXIT`` trap, set for the setup lines only."""
+    ``export``) stays; the line is said by an ``EXIT`` trap, set for the setup lines only. After them the script's
+    own ``EXIT`` trap from before them is back, unless a setup line set one of its own, which then stays (and the
+    lines after it are no longer said)."""
     where = f"{profile_file}: " if profile_file else ""
     guarded = []
     for number, line in enumerate(lines):
@@ -78,7 +81,9 @@ def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
         return guarded  # blank and comment lines only
     trap = (f'code=$?; [ "$code" -eq 0 ] || printf \'%s%d%s\\n\' "${SETUP_LINE}" "$code" '
             '\'); the job stopped before its run\' >&2')  # exit 0, or a signal to bash itself (scancel): not a line's
-    return [f"trap {shlex.quote(trap)} EXIT", *guarded, f"trap - EXIT; unset {SETUP_LINE}"]
+    prior, ours = SETUP_TRAPS
+    return [f"{prior}=$(trap -p EXIT); trap {shlex.quote(trap)} EXIT; {ours}=$(trap -p EXIT)", *guarded,
+            f'if [ "$(trap -p EXIT)" = "${ours}" ]; then trap - EXIT; eval "${prior}"; fi; unset {SETUP_LINE} {prior} {ours}']
 
 
 def thread_notes(runs: list, profile: Profile) -> list[str]:
