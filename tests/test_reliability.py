@@ -750,7 +750,7 @@ def test_submitting_with_the_controller_down_is_one_line_exit_2(slurm_env, tmp_p
     assert [path.name for path in (results / "logs" / "slurm").rglob("*")] == []  # the pickles, the sbatch script
 
 
-def test_a_ctrl_c_python_drops_while_a_local_job_runs_stops_that_job_and_starts_no_other(tmp_path):
+def test_a_ctrl_c_python_drops_while_a_local_job_runs_stops_that_job_and_starts_no_other(tmp_path, monkeypatch):
     """``--executor local``: a Ctrl-C that run_bench's Python drops in a finalizer while a job computes stops that
     job (its run marked interrupted) and submits no other. Before, the loop went on: every run was computed, and
     only run_bench's exit status (130, at its end) said so."""
@@ -770,8 +770,11 @@ def test_a_ctrl_c_python_drops_while_a_local_job_runs_stops_that_job_and_starts_
             wait_for(lambda: (results / "claims" / f"{first.key}.json").exists(), 180, "the first run to start")
             _DropsCtrlC()
 
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
     with interrupts.remembered(), pytest.raises(KeyboardInterrupt):
         executors.run_local([first, second], results, announce=announce)
+    assert dropped == [KeyboardInterrupt]  # Python dropped it ("Exception ignored in ... __del__")
     logs = "\n".join(f"{path}:\n{path.read_text(errors='replace')[-2000:]}" for path in (results / "logs").rglob("*.*")
                      if path.is_file())
     assert len(announced) == 1 and first.key in announced[0], (announced, logs)  # the second was never submitted
