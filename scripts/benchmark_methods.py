@@ -20,10 +20,10 @@ it); ``room``: the own cost at which the speed-up would be 0.9 of the MAC-ideal 
 (negative: not even the ceiling reaches 0.9). Where ``own ms - fixed`` exceeds ``room``, no saving of
 per-operation overhead brings the method to 0.9 (issue 14). Under ``--compile``, ``fixed`` is not measured
 (``-``). The shares are printed to three decimals, and a closing line counts the runs whose (unrounded) share
-reached 0.9, and those whose 95% interval reaches it, and lists the others with their share's interval
-(the speed-up's interval over the MAC-ideal speed-up). DeiT-S: random weights (MACs and timings do not depend on them; no download);
-inputs are random too, so PPT's per-image branch choice is arbitrary here: its two branches remove the same
-number of tokens, and the pooled fraction is printed next to it.
+reached 0.9, and those whose 95% interval reaches it, and lists the others with their share's interval (the
+speed-up's interval over the MAC-ideal speed-up). DeiT-S: random weights (MACs and timings do not depend on
+them; no download); inputs are random too, so PPT's per-image branch choice is arbitrary here: its two
+branches remove the same number of tokens, and the pooled fraction is printed next to it.
 
 ``--model quickstart``: every run of configs/quickstart.yaml, on its model (50 tokens, 96 wide, 8 blocks)
 with its weights (configs/fmnist_vit.pth), timed on the first Fashion-MNIST test images (1x28x28), with its

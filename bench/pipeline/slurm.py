@@ -25,7 +25,8 @@ from bench.pipeline.records import failure_path, last_error_line, now
 # An array task that neither squeue nor sacct lists while they list its array: cancelled before it started.
 NO_RECORD = "NO_ACCOUNTING_RECORD"
 SETUP_LINE = "TOKENBENCH_SETUP_LINE"  # the job script's variable: the setup line running, as its SetupError starts
-SETUP_TRAPS = ("TOKENBENCH_PRIOR_EXIT_TRAP", "TOKENBENCH_SETUP_EXIT_TRAP")  # the EXIT trap before the guard's; the guard's
+# the job script's variables: its EXIT trap from before the setup lines, and the setup guard's own
+SETUP_TRAPS = ("TOKENBENCH_PRIOR_EXIT_TRAP", "TOKENBENCH_SETUP_EXIT_TRAP")
 MAX_POLL_S = 60.0  # the longest pause between two looks of --wait at SLURM (at first 2 s: poll_delay)
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
 # squeue's reasons for a pending job that SLURM holds until someone changes it (scontrol update, scancel): the job
@@ -83,7 +84,8 @@ def guarded_setup(lines: list[str], profile_file: Path | None) -> list[str]:
             '\'); the job stopped before its run\' >&2')  # exit 0, or a signal to bash itself (scancel): not a line's
     prior, ours = SETUP_TRAPS
     return [f"{prior}=$(trap -p EXIT); trap {shlex.quote(trap)} EXIT; {ours}=$(trap -p EXIT)", *guarded,
-            f'if [ "$(trap -p EXIT)" = "${ours}" ]; then trap - EXIT; eval "${prior}"; fi; unset {SETUP_LINE} {prior} {ours}']
+            f'if [ "$(trap -p EXIT)" = "${ours}" ]; then trap - EXIT; eval "${prior}"; fi; '
+            f"unset {SETUP_LINE} {prior} {ours}"]
 
 
 def thread_notes(runs: list, profile: Profile) -> list[str]:
