@@ -326,10 +326,21 @@ def test_benchmark_prints_the_ceiling_next_to_the_mac_ideal_speedup():
     tops = [float(row[-8].split("-")[1].rstrip(")")) / float(row[-7].rstrip("x")) for row in rows]
     within = int(summary.split(" runs (")[1].split(" whose")[0])
     assert sum(top >= 0.91 for top in tops) <= within <= sum(top >= 0.89 for top in tops)
-    for part in summary.split("; below: ")[1].split("; ") if "; below: " in summary else []:
+    below, _, overhead = summary.partition("; below: ")[2].partition("; of these, ")
+    for part in below.split("; ") if below else []:
         share, interval = part.split()[-2:]
         low, high = (float(value) for value in interval.strip("()").split("-"))
         assert low <= float(share) <= high
+    # eager: the runs below 0.9 named as kept from it by per-operation overhead are those whose printed
+    # own ms - fixed is within their room (2 decimals each: 0.01 either way)
+    assert bool(below) == bool(overhead)
+    named = overhead.partition("): ")[2]
+    growing = {" ".join(row[:2]): (float(row[-3]) - float(row[-2]), float(row[-1])) for row in rows}
+    for label, (own, room) in growing.items():
+        if f"{label} " in below and own <= room - 0.02:
+            assert f"{label} (" in named, (label, own, room, summary)
+        elif f"{label} " in below and own >= room + 0.02:
+            assert f"{label} (" not in named, (label, own, room, summary)
 
 
 def test_benchmark_quickstart_times_30_rounds_unless_told(monkeypatch, capsys):
@@ -337,7 +348,7 @@ def test_benchmark_quickstart_times_30_rounds_unless_told(monkeypatch, capsys):
     still sets them."""
     script = benchmark_script()
     rounds = []
-    monkeypatch.setattr(script, "time_method", lambda *args: rounds.append(args[-1].runs) or (1.0, 1.0, 1.0))
+    monkeypatch.setattr(script, "time_method", lambda *args: rounds.append(args[-1].runs) or script.Reached(1.0, 1.0, 1.0))
     assert script.main(["--model", "quickstart", "--only", "tome"]) == 0
     assert script.main(["--model", "quickstart", "--only", "tome", "--runs", "7"]) == 0
     headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quickstart, ")]
@@ -345,16 +356,46 @@ def test_benchmark_quickstart_times_30_rounds_unless_told(monkeypatch, capsys):
     assert [line.split(", ")[5] for line in headers] == ["30 timed runs after 3 warm-up", "7 timed runs after 3 warm-up"]
 
 
+def test_benchmark_names_the_runs_below_whose_growing_own_cost_is_within_the_room(monkeypatch, capsys):
+    """Eager, with the clock replaced (every other step real): batch 64 rounds of 33 ms for the method, 27 for
+    its ceiling, 50 for the dense model; batch 1, 3.5 and 2 ms (fixed: 1.5). ToMe r=5 (MAC-ideal ~1.73x) is
+    then below 0.9 with 6 ms of own cost, of which 4.5 grow with the batch: within its room (50 / (0.9 x 1.73)
+    - 27, about 5 ms), so per-operation overhead, not its arithmetic, keeps it from 0.9."""
+    import bench.throughput
+
+    script = benchmark_script()
+    clock = {(64, 3): [0.033, 0.027, 0.050], (1, 2): [0.0035, 0.002]}
+    monkeypatch.setattr(bench.throughput, "_time_rounds", lambda models, batch, dtype, warmup, runs: [
+        [seconds] * runs for seconds in clock[(batch.shape[0], len(models))]])
+    assert script.main(["--model", "quickstart", "--only", "tome", "--runs", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line.split() for line in lines if line.startswith("tome ") and " r=5 " in line)
+    assert [row[-3], row[-2]] == ["6.00", "1.50"]  # own ms, fixed
+    summary = lines[-1]
+    assert "; below: tome r=5 " in summary and " r=3 " not in summary.partition("; below: ")[2]
+    named = summary.partition("per-operation overhead keeps them from 0.9): ")[2]
+    assert named.startswith("tome r=5 (4.50 of ") and 4.5 < float(named.split()[4]) < 5.5, summary
+
+
 def test_benchmark_share_summary_counts_unrounded_shares_and_names_the_others():
     """Reached: the unrounded share; within reach: the top of its 95% interval (0.9 itself counts); the others
-    listed with their share and its interval."""
+    listed with their share and its interval; measured eager, those whose own cost growing with the batch is
+    within the room (equal counts) named."""
     script = benchmark_script()
-    line = script.share_summary({"tome r=5": (0.8996, 0.8812, 0.90004), "pruning r=12": (0.9, 0.89, 0.91),
-                                 "ppt r=12": (0.8951, 0.8849, 0.9), "mctf r=6": (0.78049, 0.7701, 0.7911)})
-    assert line == ("at 0.9 of the MAC-ideal speed-up: 1 of 4 runs (3 whose 95% interval reaches it); below: "
-                    "tome r=5 0.900 (0.881-0.900); ppt r=12 0.895 (0.885-0.900); mctf r=6 0.780 (0.770-0.791)")
-    assert script.share_summary({"static": (1.02, 1.0, 1.03)}) == (
+    compiled = {"tome r=5": script.Reached(0.8996, 0.8812, 0.90004), "pruning r=12": script.Reached(0.9, 0.89, 0.91),
+                "ppt r=12": script.Reached(0.8951, 0.8849, 0.9), "mctf r=6": script.Reached(0.78049, 0.7701, 0.7911)}
+    head = ("at 0.9 of the MAC-ideal speed-up: 1 of 4 runs (3 whose 95% interval reaches it); below: "
+            "tome r=5 0.900 (0.881-0.900); ppt r=12 0.895 (0.885-0.900); mctf r=6 0.780 (0.770-0.791)")
+    assert script.share_summary(compiled) == head
+    assert script.share_summary({"static": script.Reached(1.02, 1.0, 1.03)}) == (
         "at 0.9 of the MAC-ideal speed-up: 1 of 1 runs (1 whose 95% interval reaches it)")
+    eager = {label: reached._replace(growing_ms=growing, room_ms=room) for (label, reached), (growing, room) in
+             zip(compiled.items(), [(3.26, 1.44), (0.9, 1.4), (3.671, 3.67), (3.17, 3.17)], strict=True)}
+    assert script.share_summary(eager) == head + (
+        "; of these, own cost growing with the batch within the room (per-operation overhead keeps them from "
+        "0.9): mctf r=6 (3.17 of 3.17 ms)")
+    del eager["mctf r=6"]
+    assert script.share_summary(eager).endswith("keeps them from 0.9): none")
 
 
 def benchmark_script():
