@@ -306,6 +306,54 @@ def test_preempted_finetune_resumes_mid_epoch_with_identical_results(slurm_env, 
     assert all(torch.equal(weights[name], reference_weights[name]) for name in weights)
 
 
+def test_a_two_task_job_meets_below_the_ephemeral_ports_and_a_failing_task_ends_it(slurm_env, tmp_path):
+    """The fine-tuning executor, 2 tasks. Both tasks' ``distributed_context`` export the job id's own port below
+    Linux's ephemeral ports and the gloo rendezvous completes (submitit's choice, 20000-60000, had rank 0 fail
+    with EADDRINUSE in a CI run while rank 1 waited). A task that fails ends the other (``--kill-on-bad-exit``):
+    before, rank 1 waited for the dead rank 0 until the job's time limit."""
+    from bench.pipeline.distributed import MASTER_PORTS, master_port
+    from bench.pipeline.profiles import Profile
+    from bench.pipeline.slurm import make_executor
+
+    profile = Profile(partition="debug", tasks_per_node=2, cpus_per_task=1, mem_gb=2, timeout_min=10)
+    executor = make_executor(tmp_path / "logs", profile, finetune=True, name="tokenbench-tasks")
+
+    def rendezvous():  # shipped by value; imports this repository in the job (the executor's PYTHONPATH)
+        import os
+
+        import torch
+        import torch.distributed as dist
+
+        from bench.pipeline.distributed import distributed_context
+
+        with distributed_context(torch.device("cpu")) as ctx:
+            total = torch.tensor([ctx.rank + 1.0])
+            dist.all_reduce(total)
+            return ctx.rank, ctx.world_size, int(os.environ["MASTER_PORT"]), total.item()
+
+    job = executor.submit(rendezvous)
+    port = master_port(job.job_id)
+    assert sorted(job.results()) == [(0, 2, port, 3.0), (1, 2, port, 3.0)]
+    assert MASTER_PORTS[0] <= port <= MASTER_PORTS[1] < 32768
+
+    def rank_zero_gives_up():
+        import time
+
+        import submitit
+
+        if submitit.JobEnvironment().global_rank == 0:
+            raise RuntimeError("tokenbench: rank 0 gives up")
+        time.sleep(600)
+
+    started = time.monotonic()
+    job = executor.submit(rank_zero_gives_up)
+    try:
+        (row,) = sacct_final(slurm_env, job.job_id, timeout=120)
+    finally:
+        job.cancel(check=False)  # never leave rank 1 asleep on the node for the tests after this one
+    assert row["State"] == "FAILED" and time.monotonic() - started < 120
+
+
 def test_two_task_ddp_finetune_matches_one_process(slurm_env, finetuned_inprocess, tmp_path, capsys):
     config, reference, reference_weights = finetuned_inprocess
     profile = tmp_path / "ddp2.yaml"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,6 +48,17 @@ def rank_device(device: torch.device) -> torch.device:
     return device
 
 
+MASTER_PORTS = (20000, 32767)  # below Linux's ephemeral ports (32768-60999), which the node's connections take
+
+
+def master_port(job_id: str) -> int:
+    """The rendezvous port of a multi-task job, the same in every task without any exchange: drawn from
+    ``MASTER_PORTS`` by the job id. submitit's own choice (20000-60000) falls mostly among the ephemeral ports,
+    where any outgoing connection of the node (srun's, slurmd's) may hold it: rank 0 then failed with
+    ``EADDRINUSE`` while the other tasks waited for it."""
+    return random.Random(f"tokenbench-{job_id}").randint(*MASTER_PORTS)
+
+
 @contextlib.contextmanager
 def distributed_context(device: torch.device) -> Iterator[DistributedContext]:
     rank, world_size, local_rank = job_world()
@@ -55,6 +67,8 @@ def distributed_context(device: torch.device) -> Iterator[DistributedContext]:
         return
     import submitit
 
+    if "MASTER_PORT" not in os.environ:  # one a profile's setup line exports stays
+        os.environ["MASTER_PORT"] = str(master_port(submitit.JobEnvironment().job_id))
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     device = rank_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

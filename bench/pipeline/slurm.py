@@ -56,6 +56,8 @@ def executor_parameters(profile: Profile, finetune: bool, profile_file: Path | N
         params.pop("gpus_per_node", None)  # --gpus-per-node=0 is refused by clusters without GPU gres
     params["tasks_per_node"] = profile.tasks_per_node if finetune else 1
     params["nodes"] = 1
+    if params["tasks_per_node"] > 1:  # one task failing ends the others: a DDP rank left waiting for a rank
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]  # that died held the job until its time limit
     # The job imports this repository's packages wherever the user submitted from.
     params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}", *guarded_setup(profile.setup, profile_file)]
     return params
