@@ -784,6 +784,45 @@ def test_a_ctrl_c_python_drops_while_a_local_job_runs_stops_that_job_and_starts_
     assert not (results / "claims" / f"{first.key}.json").exists()
 
 
+def test_a_local_job_killed_before_it_marks_its_run_gets_its_note_from_run_bench(tmp_path, monkeypatch):
+    """``--executor local``: submitit's controller answers a Ctrl-C with SIGINT to its job and SIGKILL a second
+    later; a job inside one long operation (here: one that ignores SIGINT) dies without its note and leaves its
+    claim. run_bench then writes the ``interrupted`` note (with the job's log) and removes the dead claim (its
+    holder may still be a zombie, which counts as gone). Before, the run had no note and a stale claim (a CI run
+    of the test above failed so)."""
+    from bench.pipeline import executors, interrupts
+    from bench.pipeline.config import load_experiment
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(  # a handler that does nothing (SIG_IGN the job itself undoes)
+        "import os, signal\n"
+        "if os.environ.get('SUBMITIT_LOCAL_JOB_ID'):  # submitit's local task, not its controller\n"
+        "    signal.signal(signal.SIGINT, lambda signum, frame: None)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    slow = {**MODEL, "label": "slow", "kwargs": {**MODEL["kwargs"], "patch_size": 1, "depth": 4}}  # 784 tokens
+    path = config(tmp_path, grid={"models": [slow], "methods": ["baseline", {"method": "tome", "r": 2}]},
+                  stages=["throughput"], throughput={"batch_sizes": [64], "warmup": 1, "runs": 20})
+    results = tmp_path / "results"
+    first, second = load_experiment(path).runs
+    announced = []
+
+    def announce(line: str) -> None:
+        announced.append(line)
+        if len(announced) == 1:
+            wait_for(lambda: (results / "claims" / f"{first.key}.json").exists(), 180, "the first run to start")
+            _DropsCtrlC()
+
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+    with interrupts.remembered(), pytest.raises(KeyboardInterrupt):
+        executors.run_local([first, second], results, announce=announce)
+    note = json.loads((results / "failed" / f"{first.key}.json").read_text())
+    assert note["state"] == "interrupted" and note["error"] == "KeyboardInterrupt"
+    assert note["log"].endswith("_0_log.err") and first.key not in keys(results)
+    assert not (results / "claims" / f"{first.key}.json").exists()
+    assert len(announced) == 1 and not (results / "failed" / f"{second.key}.json").exists()
+
+
 @pytest.mark.parametrize("target", ["parent", "group"])
 def test_ctrl_c_of_local_executor_is_one_line_without_submitit_tracebacks(tmp_path, capsys, target):
     """``--executor local``: submitit's controller gets SIGINT too (from ``job.cancel``, and from the terminal
@@ -906,11 +945,11 @@ def test_a_run_that_failed_in_this_submission_is_failed_while_slurm_still_lists_
         try:
             raise error
         except BaseException as raised:  # noqa: BLE001 - as the runner records it
-            runner._write_failure(tmp_path, run, raised)
+            runner.write_failure(tmp_path, run, raised)
         (row,) = collect_status(["k-tome"], tmp_path)
         assert row.state == state, row
     assert collect_status(["k-tome"], tmp_path)[0].detail == "job 5_0 RUNNING"
-    runner._write_failure(tmp_path, run, RuntimeError("boom"))
+    runner.write_failure(tmp_path, run, RuntimeError("boom"))
     monkeypatch.setattr(slurm, "job_states", lambda results: {"k-tome": {  # submitted again after that failure
         "job_id": "6_0", "state": "PENDING", "submitted_at": "2999-01-01T00:00:00+00:00", "log": None}})
     assert collect_status(["k-tome"], tmp_path)[0].state == "pending"
@@ -932,7 +971,7 @@ def test_status_of_a_submitted_run_is_unknown_while_slurm_cannot_be_asked(tmp_pa
     try:
         raise RuntimeError("boom")
     except RuntimeError as raised:
-        runner._write_failure(tmp_path, SimpleNamespace(key="k-evit"), raised)
+        runner.write_failure(tmp_path, SimpleNamespace(key="k-evit"), raised)
     rows = collect_status(["k-tome", "k-evit"], tmp_path)
     assert [row.state for row in rows] == ["unknown", "failed"]
     assert rows[0].detail.startswith("job 7_0: SLURM gives no state for it")

@@ -104,8 +104,8 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
     (``bench.pipeline.interrupts``) stops them as one it raised: the job in progress is stopped, none starts."""
     import time
 
-    from bench.pipeline.lock import PARENT_ENV, parent_marker
-    from bench.pipeline.runner import run_job
+    from bench.pipeline.lock import PARENT_ENV, parent_marker, release_dead_claim
+    from bench.pipeline.runner import run_job, write_failure
 
     outcomes = []
     for index, run in enumerate(runs, start=1):
@@ -126,6 +126,10 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
             deadline = time.monotonic() + 30  # the controller stops its job within ~1 s (then SIGKILL)
             while not job.done() and time.monotonic() < deadline:  # marked when this process returns
                 time.sleep(0.05)
+            # Killed before it could mark its run (SIGKILL 1 s after the SIGINT, the job inside one long
+            # operation): its claim is left behind a dead process. The note the job would have written, here.
+            if job.done() and release_dead_claim(results_dir, run.key):
+                write_failure(results_dir, run, KeyboardInterrupt(), log=str(job.paths.stderr))
             raise
         except Exception as error:  # noqa: BLE001
             message = last_error_line(str(error), "unknown error")

@@ -63,12 +63,19 @@ def process_start(pid: int) -> str | None:
 
 
 def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether ``pid`` (started at ``start``, where given) still runs: a zombie, exited but not yet reaped by its
+    parent (a killed local job until submitit's controller or init collects it), does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # alive, another user's
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+    except (OSError, IndexError):
+        pass
     if start is None:
         return True
     now = process_start(pid)
@@ -206,6 +213,18 @@ def live_claim(results_dir: Path, key: str) -> dict[str, Any] | None:
     if isinstance(holder, dict) and holder.get("host") == socket.gethostname() and not _stale(holder):
         return holder
     return None
+
+
+def release_dead_claim(results_dir: Path, key: str) -> bool:
+    """Remove run ``key``'s claim where its holder is a process on this host that is gone (a job killed before it
+    could release it); True when it did."""
+    path = claim_path(results_dir, key)
+    with _claims_guard(path.parent):
+        holder = _read_holder(path)
+        if not isinstance(holder, dict) or holder.get("host") != socket.gethostname() or not _stale(holder):
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
 
 def _slurm_job_active(job_id: str) -> bool:

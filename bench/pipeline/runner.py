@@ -56,18 +56,20 @@ def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True, redo:
         except SystemExit:
             raise
         except BaseException as error:
-            _write_failure(Path(results_dir), run, error)
+            write_failure(Path(results_dir), run, error)
             raise
     return str(record_path(Path(results_dir), run.key))
 
 
-def _write_failure(results_dir: Path, run: RunSpec, error: BaseException) -> None:
+def write_failure(results_dir: Path, run: RunSpec, error: BaseException, log: str | None = None) -> None:
+    """The run's failure note (``interrupted`` for a Ctrl-C). ``log``: the job's log, where the process writing
+    the note is not the job (default: the job's own ``$TOKENBENCH_LOG``)."""
     atomic_write_json(failure_path(results_dir, run.key), {
         "key": run.key,
         "error": f"{type(error).__name__}: {error}".strip().rstrip(":").splitlines()[0][:500],  # no ": " for ""
         "state": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
         "traceback": traceback.format_exc(),
-        "log": os.environ.get("TOKENBENCH_LOG"),
+        "log": log or os.environ.get("TOKENBENCH_LOG"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "time": now(),
     })
