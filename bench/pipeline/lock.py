@@ -52,14 +52,20 @@ class RunClaimed(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------- processes
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (``[0]``: state, ``[19]``: start time); ``None``
+    when unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def process_start(pid: int) -> str | None:
     """The start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22); ``None`` when
     unknown. Together with the pid it names one process: a reused pid has another start time."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    stat = _stat(pid)
+    return None if stat is None else stat[19]
 
 
 def process_alive(pid: int, start: str | None = None) -> bool:
@@ -71,15 +77,10 @@ def process_alive(pid: int, start: str | None = None) -> bool:
         return False
     except PermissionError:
         pass  # alive, another user's
-    try:
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-            return False
-    except (OSError, IndexError):
-        pass
-    if start is None:
-        return True
-    now = process_start(pid)
-    return now is None or now == start
+    stat = _stat(pid)
+    if stat is None:
+        return True  # alive as far as anyone here can tell
+    return stat[0] not in ("Z", "X") and (start is None or stat[19] == start)
 
 
 def slurm_job() -> str | None:
