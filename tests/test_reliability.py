@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -208,6 +209,7 @@ def test_a_job_refuses_weights_changed_after_planning(tmp_path):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
+from typing import Any
 from bench.pipeline.lock import results_lock
 with results_lock(Path(sys.argv[1])):
     print("held", flush=True)
@@ -750,19 +752,19 @@ def test_submitting_with_the_controller_down_is_one_line_exit_2(slurm_env, tmp_p
     assert [path.name for path in (results / "logs" / "slurm").rglob("*")] == []  # the pickles, the sbatch script
 
 
-def test_a_ctrl_c_python_drops_while_a_local_job_runs_stops_that_job_and_starts_no_other(tmp_path, monkeypatch):
-    """``--executor local``: a Ctrl-C that run_bench's Python drops in a finalizer while a job computes stops that
-    job (its run marked interrupted) and submits no other. Before, the loop went on: every run was computed, and
-    only run_bench's exit status (130, at its end) said so."""
+def _local_job_gets_a_dropped_ctrl_c(tmp_path: Path, monkeypatch) -> tuple[Path, Any, Any, list[str], list]:
+    """``run_local`` of two slow runs (784 tokens, ~30 s a run), with a Ctrl-C Python drops in a finalizer once the
+    first run's job has claimed it; KeyboardInterrupt raised. Returns (results, first run, second run, the
+    announced lines, the exception types Python dropped)."""
     from bench.pipeline import executors, interrupts
     from bench.pipeline.config import load_experiment
 
     slow = {**MODEL, "label": "slow", "kwargs": {**MODEL["kwargs"], "patch_size": 1, "depth": 4}}  # 784 tokens
     path = config(tmp_path, grid={"models": [slow], "methods": ["baseline", {"method": "tome", "r": 2}]},
-                  stages=["throughput"], throughput={"batch_sizes": [64], "warmup": 1, "runs": 20})  # ~30 s a run
+                  stages=["throughput"], throughput={"batch_sizes": [64], "warmup": 1, "runs": 20})
     results = tmp_path / "results"
     first, second = load_experiment(path).runs
-    announced = []
+    announced, dropped = [], []
 
     def announce(line: str) -> None:  # called once a job is submitted: the first one computing, a Ctrl-C dropped
         announced.append(line)
@@ -770,10 +772,17 @@ def test_a_ctrl_c_python_drops_while_a_local_job_runs_stops_that_job_and_starts_
             wait_for(lambda: (results / "claims" / f"{first.key}.json").exists(), 180, "the first run to start")
             _DropsCtrlC()
 
-    dropped = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
     with interrupts.remembered(), pytest.raises(KeyboardInterrupt):
         executors.run_local([first, second], results, announce=announce)
+    return results, first, second, announced, dropped
+
+
+def test_a_ctrl_c_python_drops_while_a_local_job_runs_stops_that_job_and_starts_no_other(tmp_path, monkeypatch):
+    """``--executor local``: a Ctrl-C that run_bench's Python drops in a finalizer while a job computes stops that
+    job (its run marked interrupted) and submits no other. Before, the loop went on: every run was computed, and
+    only run_bench's exit status (130, at its end) said so."""
+    results, first, second, announced, dropped = _local_job_gets_a_dropped_ctrl_c(tmp_path, monkeypatch)
     assert dropped == [KeyboardInterrupt]  # Python dropped it ("Exception ignored in ... __del__")
     logs = "\n".join(f"{path}:\n{path.read_text(errors='replace')[-2000:]}" for path in (results / "logs").rglob("*.*")
                      if path.is_file())
@@ -790,9 +799,6 @@ def test_a_local_job_killed_before_it_marks_its_run_gets_its_note_from_run_bench
     claim. run_bench then writes the ``interrupted`` note (with the job's log) and removes the dead claim (its
     holder may still be a zombie, which counts as gone). Before, the run had no note and a stale claim (a CI run
     of the test above failed so)."""
-    from bench.pipeline import executors, interrupts
-    from bench.pipeline.config import load_experiment
-
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(  # a handler that does nothing (SIG_IGN the job itself undoes)
@@ -800,22 +806,7 @@ def test_a_local_job_killed_before_it_marks_its_run_gets_its_note_from_run_bench
         "if os.environ.get('SUBMITIT_LOCAL_JOB_ID'):  # submitit's local task, not its controller\n"
         "    signal.signal(signal.SIGINT, lambda signum, frame: None)\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
-    slow = {**MODEL, "label": "slow", "kwargs": {**MODEL["kwargs"], "patch_size": 1, "depth": 4}}  # 784 tokens
-    path = config(tmp_path, grid={"models": [slow], "methods": ["baseline", {"method": "tome", "r": 2}]},
-                  stages=["throughput"], throughput={"batch_sizes": [64], "warmup": 1, "runs": 20})
-    results = tmp_path / "results"
-    first, second = load_experiment(path).runs
-    announced = []
-
-    def announce(line: str) -> None:
-        announced.append(line)
-        if len(announced) == 1:
-            wait_for(lambda: (results / "claims" / f"{first.key}.json").exists(), 180, "the first run to start")
-            _DropsCtrlC()
-
-    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
-    with interrupts.remembered(), pytest.raises(KeyboardInterrupt):
-        executors.run_local([first, second], results, announce=announce)
+    results, first, second, announced, _ = _local_job_gets_a_dropped_ctrl_c(tmp_path, monkeypatch)
     note = json.loads((results / "failed" / f"{first.key}.json").read_text())
     assert note["state"] == "interrupted" and note["error"] == "KeyboardInterrupt"
     assert note["log"].endswith("_0_log.err") and first.key not in keys(results)
