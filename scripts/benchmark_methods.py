@@ -23,8 +23,8 @@ per-operation overhead brings the method to 0.9 (issue 14). Under ``--compile``,
 reached 0.9, and those whose 95% interval reaches it, and lists the others with their share's interval (the
 speed-up's interval over the MAC-ideal speed-up) and, measured eager, those of them whose ``own ms - fixed`` is
 within their ``room`` (the runs per-operation overhead keeps from 0.9). DeiT-S: random weights (MACs and
-timings do not depend on them; no download); inputs are random too, so PPT's per-image branch choice is arbitrary here: its two
-branches remove the same number of tokens, and the pooled fraction is printed next to it.
+timings do not depend on them; no download); inputs are random too, so PPT's per-image branch choice is
+arbitrary here: its two branches remove the same number of tokens, and the pooled fraction is printed next to it.
 
 ``--model quickstart``: every run of configs/quickstart.yaml, on its model (50 tokens, 96 wide, 8 blocks)
 with its weights (configs/fmnist_vit.pth), timed on the first Fashion-MNIST test images (1x28x28), with its
