@@ -141,11 +141,15 @@ def prune_by_score(tokens: TokenState, patch_scores: torch.Tensor, r: int, num_p
     Prefix tokens get scores above any patch score (PPT gives the class token 2; patch scores sum to 1),
     so they survive and come first, in their original order.
     """
-    batch, num_tokens = tokens.x.shape[:2]
+    return tokens.gather(prune_order(patch_scores, r, num_prefix))
+
+
+def prune_order(patch_scores: torch.Tensor, r: int, num_prefix: int) -> torch.Tensor:
+    """The positions (B, N - r) ``prune_by_score`` keeps, in its output order."""
+    batch, num_tokens = patch_scores.shape[0], patch_scores.shape[1] + num_prefix
     prefix_scores = 2.0 + torch.arange(num_prefix - 1, -1, -1, device=patch_scores.device, dtype=patch_scores.dtype)
     scores = torch.cat([prefix_scores.expand(batch, num_prefix), patch_scores], dim=1)
-    keep = torch.sort(scores, dim=1, descending=True)[1][:, : num_tokens - r]
-    return tokens.gather(keep)
+    return torch.sort(scores, dim=1, descending=True)[1][:, : num_tokens - r]
 
 
 def keep_top_attentive(tokens: TokenState, cls_attn: torch.Tensor, keep: int, num_prefix: int, fuse: bool) -> TokenState:

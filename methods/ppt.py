@@ -20,11 +20,14 @@ from methods.base import (
     BudgetKnob,
     Method,
     ReductionContext,
+    Rows,
     TokenState,
+    add_at,
     register,
+    take,
     threshold_value,
 )
-from methods.ops import bipartite_soft_matching, max_merge, merge_tokens, prune_by_score
+from methods.ops import bipartite_soft_matching, max_merge, merge_tokens, prune_by_score, prune_order
 
 
 @register("ppt")
@@ -79,17 +82,32 @@ class PPT(Method):
 
 
 def ppt_step(tokens: TokenState, metric, scores, pool: torch.Tensor, r: int, num_prefix: int) -> TokenState:
-    """Pool the images flagged in ``pool``, prune the others. Both branches are computed for the whole batch
-    and selected per image (no data-dependent branch, so no host synchronisation); every image loses exactly
-    ``r`` tokens and is reduced only with its own tensors, so its result does not depend on its batch."""
-    pooled = merge_tokens(tokens, bipartite_soft_matching(metric, r, num_prefix))
-    pruned = prune_by_score(tokens, scores, r, num_prefix)
+    """Pool the images flagged in ``pool``, prune the others. Both branches are planned for the whole batch and
+    applied as one merge (no data-dependent branch, so no host synchronisation); every image loses exactly
+    ``r`` tokens and is reduced only with its own tensors, so its result does not depend on its batch.
 
-    def choose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.where(pool.view(-1, *([1] * (a.dim() - 1))), a, b)
-
-    return TokenState(
-        x=choose(pooled.x, pruned.x),
-        size=choose(pooled.size, pruned.size),
-        source=None if tokens.source is None else choose(pooled.source, pruned.source),
-    )
+    A pooled image keeps the matching's rows and adds its merged rows into their targets (``merge_tokens``); a
+    pruned image keeps the rows ``prune_by_score`` keeps, and its merged rows are added as exact zeros with
+    weight 1, so its rows come out unchanged (a NaN or an infinity in a dropped row stays dropped). The same
+    values as computing each branch in full and selecting per image, with one pass over the tokens for both
+    instead of one per branch and one for the selection."""
+    plan = bipartite_soft_matching(metric, r, num_prefix)
+    flag = pool.view(-1, 1, 1)
+    order, merged, into = Rows(torch.where(pool[:, None], plan.order, prune_order(scores, r, num_prefix))), *plan.rows[1:]
+    kept, moved = take(tokens.x, order), take(tokens.x, merged)
+    if tokens.size is None:  # every size is 1: the merged rows weigh 1 where the image pools, 0 where it prunes
+        size = add_at(kept.new_ones(*kept.shape[:2], 1), into, flag.to(kept.dtype).expand(-1, r, 1), inplace=True)
+        x = add_at(kept, into, torch.where(flag, moved, 0.0), inplace=True) / size
+        out_size = size
+    else:
+        kept_size, moved_size = take(tokens.size, order), take(tokens.size, merged)
+        size = add_at(torch.where(flag, kept_size, 1.0), into, torch.where(flag, moved_size, 0.0))
+        x = add_at(kept * torch.where(flag, kept_size, 1.0), into, torch.where(flag, moved * moved_size, 0.0),
+                   inplace=True) / size
+        out_size = torch.where(flag, size, kept_size)
+    source = None
+    if tokens.source is not None:  # sources are 0 or 1: a pruned image's zeros leave its rows as they are
+        moved_source = torch.where(flag, take(tokens.source, merged), 0.0)
+        source = take(tokens.source, order).scatter_reduce(1, plan.into[..., None].expand_as(moved_source),
+                                                           moved_source, reduce="amax")
+    return TokenState(x=x, size=out_size, source=source)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import METRIC, Rows, TokenState, add_at, register, take
+from methods.base import METRIC, TokenState, add_at, register, take
 from methods.ops import bipartite_soft_matching, max_merge
 from methods.pitome import RatioMerging, merged_count
 
@@ -21,21 +21,24 @@ def tofu_reduce(tokens: TokenState, metric: torch.Tensor, r: int, num_prefix: in
     """One ToFu step with ``r`` (already capped): prune (``fuse`` False) or MLERP-merge the selected A tokens.
     Output: ToMe's order (``MergePlan.order``)."""
     plan = bipartite_soft_matching(metric, r, num_prefix)
-    x, source = tokens.x, tokens.source
-    order, merged, _ = plan.rows  # order: prefix, kept A (by position when there is a prefix, else in matching
-    # order), B; merged: the A tokens merged away
-    if fuse:
-        src, dst = plan.merged, plan.order.gather(1, plan.into)  # (B, r) positions: merged A, their B
-        moved, dst_rows = take(x, merged), Rows(dst)
-        count = add_at(torch.ones_like(x[..., :1]), dst_rows, torch.ones_like(moved[..., :1]), inplace=True)
-        mean = add_at(x, dst_rows, moved) / count  # scatter_reduce "mean" with the destination included
-        norm = x.norm(dim=-1)
-        largest = norm.scatter_reduce(1, dst, norm.gather(1, src), reduce="amax")
-        x = mean / norm[..., None] * largest[..., None]  # divided by the destination's norm before merging
-        if source is not None:
-            source = source.scatter_reduce(1, dst[..., None].expand(-1, -1, source.shape[-1]), take(source, merged),
-                                           reduce="amax")
-    return TokenState(x=take(x, order), size=None, source=None if source is None else take(source, order))
+    order, merged, into = plan.rows  # order: prefix, kept A (by position when there is a prefix, else in matching
+    # order), B; merged: the A tokens merged away; into: each one's output row
+    x, source = take(tokens.x, order), tokens.source
+    if source is not None:
+        source = take(source, order)
+    if not fuse:
+        return TokenState(x=x, size=None, source=source)
+    # The output rows first, then the fusion on them alone: the same values per row as fusing all N rows and
+    # keeping N - r of them, with fewer rows to pass over.
+    moved = take(tokens.x, merged)
+    count = add_at(torch.ones_like(x[..., :1]), into, torch.ones_like(moved[..., :1]), inplace=True)
+    norm = x.norm(dim=-1)  # each destination's norm before merging
+    largest = norm.scatter_reduce(1, plan.into, moved.norm(dim=-1), reduce="amax")
+    x = add_at(x, into, moved) / count / norm[..., None] * largest[..., None]  # the mean, destination included
+    if source is not None:
+        moved_source = take(tokens.source, merged)
+        source = source.scatter_reduce(1, plan.into[..., None].expand_as(moved_source), moved_source, reduce="amax")
+    return TokenState(x=x, size=None, source=source)
 
 
 @register("tofu")
