@@ -29,7 +29,7 @@ from methods.base import (
     add_at,
     register,
 )
-from methods.ops import ascending
+from methods.ops import survivors
 
 MIN_TOKENS = 10  # the reference never fuses below 10 tokens (its ``N - 10`` term)
 
@@ -86,7 +86,7 @@ def mctf_groups(
     kept_a, src_a = order[:, r1:], order[:, :r1]
     dst_b = target.gather(1, src_a)
     if num_prefix:
-        kept_a = ascending(kept_a, num_a)
+        kept_a = survivors(order, r1)
     num_kept_a, num_kept_b = num_a - r1, num_b - r2
 
     b_slot = torch.empty(batch, num_b, dtype=torch.long, device=device)

@@ -61,20 +61,24 @@ def max_merge(num_tokens: int, num_prefix: int) -> int:
     return max(num_tokens - num_prefix, 0) // 2
 
 
-def ascending(values: torch.Tensor, total: int) -> torch.Tensor:
-    """``values.sort(dim=1).values`` for distinct integers in ``[0, total)`` (B, K): the surviving tokens of a
-    matching back in their original order. Compiled for the CPU by counting, which inductor fuses with its
-    neighbours where ATen's sort is a call of its own: a value's place is the number of the row's values below it.
-    The same integers (exact); compiled, alternating in one process: PPT r=12 1.6 % faster, ToFu 0.9-1.1 %, ToMe
-    0.3-0.6 %."""
-    if not (values.device.type == "cpu" and torch.compiler.is_compiling()):
-        return values.sort(dim=1).values
-    slots = torch.arange(total, device=values.device)
-    present = (values[:, :, None] == slots).any(dim=1)  # (B, total): which integers the row holds
-    place = (present[:, None, :] & (slots[None, None, :] < slots[None, :, None])).sum(dim=-1)  # how many below each
-    wanted = torch.arange(values.shape[1], device=values.device)
-    hit = present[:, None, :] & (place[:, None, :] == wanted[None, :, None])  # (B, K, total): the k-th smallest
-    return torch.where(hit, slots, 0).sum(dim=-1)
+def survivors(order: torch.Tensor, r: int) -> torch.Tensor:
+    """``order[:, r:].sort(dim=1).values`` for a permutation ``order`` of ``[0, T)`` per row (B, T): the tokens a
+    matching keeps (all but its first ``r``) back in their original order. Compiled for the CPU by counting from the
+    ``r`` removed ones, which inductor fuses with its neighbours where ATen's sort is a call of its own: with
+    ``rank_i`` the number of removed values below removed value ``m_i``, ``m_i - rank_i`` kept values lie below
+    it, so the k-th kept value is ``k`` plus the number of removed values with ``m_i - rank_i <= k``. The same
+    integers (exact), from (B, r, r) and (B, T - r, r) comparisons; compiled, alternating in one process, against
+    counting the kept values themselves ((B, T, T) comparisons): ToMe 2.0-2.2 % faster, ToFu 2.3-2.9 %,
+    pooling 0.9-1.4 %, PPT 0.5-0.7 %, MCTF 0-0.8 %. Before that, against the sort:
+    PPT r=12 1.6 % faster, ToFu 0.9-1.1 %, ToMe 0.3-0.6 %."""
+    kept = order[:, r:]
+    if not (order.device.type == "cpu" and torch.compiler.is_compiling()):
+        return kept.sort(dim=1).values
+    removed = order[:, :r]
+    rank = (removed[:, None, :] < removed[:, :, None]).sum(dim=-1)  # (B, r): removed values below each
+    free_below = removed - rank  # kept values below each removed value
+    slots = torch.arange(kept.shape[1], device=order.device)
+    return slots + (free_below[:, None, :] <= slots[None, :, None]).sum(dim=-1)
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> MergePlan:
@@ -94,7 +98,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Me
     targets = best_target.gather(1, merged)
     if num_prefix:
         # Keep the surviving A tokens in their original order, so the class token stays first.
-        unmerged = ascending(unmerged, a.shape[1])
+        unmerged = survivors(order, r)
     # Positions: A token i sits at 2i, B token j at 2j + 1. Prefix tokens (never merged; the first A ones
     # survive first after the sort) go first, interleaved as they were.
     batch, num_tokens = metric.shape[:2]

@@ -148,21 +148,23 @@ def test_a_few_rows_added_compiled_for_the_cpu_are_index_adds_sums_in_order(rows
 @pytest.mark.parametrize("kept", [1, 7, 24, 25])
 def test_surviving_tokens_compiled_for_the_cpu_are_sorted_without_a_sort(kept):
     """Compiled for the CPU, the surviving tokens of a matching are put back in their original order by counting
-    (``methods.ops.ascending``), not by ATen's sort: the values of ``sort(dim=1).values`` exactly, for every
-    row (the smallest and largest integers included, and a row that keeps them all)."""
-    from methods.ops import ascending
+    (``methods.ops.survivors``), not by ATen's sort: the values of ``order[:, r:].sort(dim=1).values`` exactly, for
+    every row (the smallest and largest kept, the removed ones at either end, and a row that keeps them all)."""
+    from methods.ops import survivors
 
     generator = torch.Generator().manual_seed(60 + kept)
-    values = torch.stack([torch.randperm(25, generator=generator)[:kept] for _ in range(9)])
-    values[0] = torch.arange(25 - kept, 25).flip(0)  # the largest, in reverse
-    values[1, :] = torch.arange(kept)  # the smallest, already in order
-    expected = values.sort(dim=1).values
-    assert torch.equal(ascending(values, 25), expected)  # eager: the sort itself
-    compiled, ops = _captured_graph(lambda v: ascending(v, 25), values)
+    order = torch.stack([torch.randperm(25, generator=generator) for _ in range(9)])
+    r = 25 - kept
+    order[0] = torch.cat([torch.arange(r), torch.arange(r, 25).flip(0)])  # the largest kept, in reverse
+    order[1] = torch.cat([torch.arange(kept, 25), torch.arange(kept)])  # the smallest kept, in order
+    order[2] = torch.cat([torch.arange(kept, 25).flip(0), torch.arange(kept).flip(0)])  # both in reverse
+    expected = torch.stack([row[r:].sort().values for row in order])
+    assert torch.equal(survivors(order, r), expected)  # eager: the sort itself
+    compiled, ops = _captured_graph(lambda o: survivors(o, r), order)
     assert torch.equal(compiled, expected) and not any("sort" in op for op in ops), ops
     torch._dynamo.reset()
-    inductor = torch.compile(lambda v: ascending(v, 25) * 2, fullgraph=True)
-    assert torch.equal(inductor(values), expected * 2)
+    inductor = torch.compile(lambda o: survivors(o, r) * 2, fullgraph=True)
+    assert torch.equal(inductor(order), expected * 2)
     torch._dynamo.reset()
 
 
