@@ -35,8 +35,8 @@ class PPT(Method):
     """docs/methods.md#ppt"""
 
     defaults = {"r": REQUIRED, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}
-    # Which tokens go depends on the image, but every image does the same work (both branches are computed
-    # and selected per image, to keep the forward free of host synchronisation): MACs do not vary.
+    # Which tokens go depends on the image, but every image does the same work (both branches are planned and
+    # applied as one merge, to keep the forward free of host synchronisation): MACs do not vary.
     data_dependent = False
     budget_knob = BudgetKnob("r", kind="int", cheaper="higher")
     paper_params = {"r": 50}  # PPT, DeiT-S at [3, 6, 9]: 2.944 GMACs
