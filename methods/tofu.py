@@ -23,11 +23,9 @@ def tofu_reduce(tokens: TokenState, metric: torch.Tensor, r: int, num_prefix: in
     plan = bipartite_soft_matching(metric, r, num_prefix)
     order, merged, into = plan.rows  # order: prefix, kept A (by position when there is a prefix, else in matching
     # order), B; merged: the A tokens merged away; into: each one's output row
-    x, source = take(tokens.x, order), tokens.source
-    if source is not None:
-        source = take(source, order)
+    x = take(tokens.x, order)
     if not fuse:
-        return TokenState(x=x, size=None, source=source)
+        return TokenState(x=x, size=None, source=None if tokens.source is None else take(tokens.source, order))
     # The output rows first, then the fusion on them alone: the same values per row as fusing all N rows and
     # keeping N - r of them, with fewer rows to pass over.
     moved = take(tokens.x, merged)
@@ -35,9 +33,7 @@ def tofu_reduce(tokens: TokenState, metric: torch.Tensor, r: int, num_prefix: in
     norm = x.norm(dim=-1)  # each destination's norm before merging
     largest = norm.scatter_reduce(1, plan.into, moved.norm(dim=-1), reduce="amax")
     x = add_at(x, into, moved) / count / norm[..., None] * largest[..., None]  # the mean, destination included
-    if source is not None:
-        moved_source = take(tokens.source, merged)
-        source = source.scatter_reduce(1, plan.into[..., None].expand_as(moved_source), moved_source, reduce="amax")
+    source = None if tokens.source is None else plan.merge(tokens.source, "amax")  # sources are united
     return TokenState(x=x, size=None, source=source)
 
 

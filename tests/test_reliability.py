@@ -209,7 +209,6 @@ def test_a_job_refuses_weights_changed_after_planning(tmp_path):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from typing import Any
 from bench.pipeline.lock import results_lock
 with results_lock(Path(sys.argv[1])):
     print("held", flush=True)
