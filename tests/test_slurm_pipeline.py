@@ -306,15 +306,18 @@ def test_preempted_finetune_resumes_mid_epoch_with_identical_results(slurm_env, 
     assert all(torch.equal(weights[name], reference_weights[name]) for name in weights)
 
 
-def test_a_two_task_job_meets_below_the_ephemeral_ports_and_a_failing_task_ends_it(slurm_env, tmp_path):
+def test_a_two_task_job_meets_below_the_ephemeral_ports_and_a_failing_task_ends_it(slurm_env, tmp_path, monkeypatch):
     """The fine-tuning executor, 2 tasks. Both tasks' ``distributed_context`` export the job id's own port below
     Linux's ephemeral ports and the gloo rendezvous completes (submitit's choice, 20000-60000, had rank 0 fail
-    with EADDRINUSE in a CI run while rank 1 waited). A task that fails ends the other (``--kill-on-bad-exit``):
-    before, rank 1 waited for the dead rank 0 until the job's time limit."""
+    with EADDRINUSE in a CI run while rank 1 waited), also with a ``MASTER_PORT`` exported in the submitting shell
+    (sbatch hands it to the job: it was every job's port); one a profile's setup line exports is the job's. A task
+    that fails ends the other (``--kill-on-bad-exit``): before, rank 1 waited for the dead rank 0 until the job's
+    time limit."""
     from bench.pipeline.distributed import MASTER_PORTS, master_port
     from bench.pipeline.profiles import Profile
     from bench.pipeline.slurm import make_executor
 
+    monkeypatch.setenv("MASTER_PORT", "40404")  # left behind in the submitting shell (outside MASTER_PORTS)
     profile = Profile(partition="debug", tasks_per_node=2, cpus_per_task=1, mem_gb=2, timeout_min=10)
     executor = make_executor(tmp_path / "logs", profile, finetune=True, name="tokenbench-tasks")
 
@@ -335,6 +338,11 @@ def test_a_two_task_job_meets_below_the_ephemeral_ports_and_a_failing_task_ends_
     port = master_port(job.job_id)
     assert sorted(job.results()) == [(0, 2, port, 3.0), (1, 2, port, 3.0)]
     assert MASTER_PORTS[0] <= port <= MASTER_PORTS[1] < 32768
+
+    chosen = Profile(partition="debug", tasks_per_node=2, cpus_per_task=1, mem_gb=2, timeout_min=10,
+                     setup=["export MASTER_PORT=23456"])
+    job = make_executor(tmp_path / "logs", chosen, finetune=True, name="tokenbench-tasks").submit(rendezvous)
+    assert sorted(job.results()) == [(0, 2, 23456, 3.0), (1, 2, 23456, 3.0)]
 
     def rank_zero_gives_up():
         import time

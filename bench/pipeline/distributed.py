@@ -67,7 +67,7 @@ def distributed_context(device: torch.device) -> Iterator[DistributedContext]:
         return
     import submitit
 
-    if "MASTER_PORT" not in os.environ:  # one a profile's setup line exports stays
+    if "MASTER_PORT" not in os.environ:  # one a profile's setup line exports stays (the submitting shell's is unset)
         os.environ["MASTER_PORT"] = str(master_port(submitit.JobEnvironment().job_id))
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     device = rank_device(device)

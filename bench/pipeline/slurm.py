@@ -58,8 +58,12 @@ def executor_parameters(profile: Profile, finetune: bool, profile_file: Path | N
     params["nodes"] = 1
     if params["tasks_per_node"] > 1:  # one task failing ends the others: a DDP rank left waiting for a rank
         params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]  # that died held the job until its time limit
-    # The job imports this repository's packages wherever the user submitted from.
-    params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}", *guarded_setup(profile.setup, profile_file)]
+    # The job imports this repository's packages wherever the user submitted from. sbatch hands the job the
+    # submitting shell's environment: a MASTER_PORT exported there would be every multi-task job's rendezvous port
+    # (two jobs sharing a node then collide); unset, each job draws its own (``distributed.master_port``), unless
+    # a setup line of the profile exports one.
+    params["slurm_setup"] = [f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}; unset MASTER_PORT",
+                             *guarded_setup(profile.setup, profile_file)]
     return params
 
 
