@@ -132,6 +132,12 @@ def attention(
         bias = bias.to(q.dtype)  # autocast runs q/k in half precision; the mask must match
     probs = None
     if mode != "fused" or ATTN in needs or written_out():
+        # The keys as their own (B, H, N, d) tensor, in every written-out block (dense ones too): ``q @ k^T``
+        # multiplies them as a transposed view instead of copying them transposed itself (same products, same
+        # values), and ToMe's metric (their mean over heads) reads them contiguous: 44 against 70 us at batch 64,
+        # 3 heads, 50 tokens. Eager forwards, alternating in one process: ToMe 2.5 %, pooling r=12 1.2 %, ToFu
+        # 0.8-1.2 % faster, dense equal (docs/benchmark.md); logits identical.
+        k = k.contiguous()
         probs = probabilities(q, k, bias, attn.scale, "explicit" if mode == "fused" else mode, mask)
         heads_out = attn.attn_drop(probs).to(v.dtype) @ v
     else:
@@ -164,6 +170,7 @@ def attention_before(
         bias = bias.to(q.dtype)
     signals: dict[str, torch.Tensor] = {}
     if ATTN in needs:
+        k = k.contiguous()  # as in ``attention``'s written-out blocks
         signals[ATTN] = probabilities(q, k, bias, attn.scale, "explicit" if mode == "fused" else mode, mask)
     if METRIC in needs:
         signals[METRIC] = k.mean(dim=1)
