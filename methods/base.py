@@ -138,7 +138,9 @@ class Rows:
         """Row numbers (B * K,) of ``index`` in the flattening of a (B, ``count``, ...) tensor."""
         flat = self._flat.get(count)
         if flat is None:
-            offsets = torch.arange(self.index.shape[0], device=self.index.device) * count
+            # the image offsets by one stepped arange (an arange times count was two operations: eager, each one
+            # between the blocks costs far more than on its own, see docs/benchmark.md)
+            offsets = torch.arange(0, self.index.shape[0] * count, count, device=self.index.device)
             flat = self._flat[count] = (self.index + offsets[:, None]).reshape(-1)
         return flat
 
