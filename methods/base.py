@@ -128,20 +128,30 @@ class Rows:
     a (B, N, ...) tensor computed once per N: every ``take``/``add_at`` given the same ``Rows`` reuses them
     (on a GPU each tensor op is a kernel launch, on either device a dispatch)."""
 
-    __slots__ = ("index", "_flat")
+    __slots__ = ("index", "_flat", "_offsets")
 
     def __init__(self, index: torch.Tensor) -> None:
         self.index = index
         self._flat: dict[int, torch.Tensor] = {}
+        self._offsets: dict[int, torch.Tensor] = {}  # count -> image offsets (B, 1), shared by ``sharing``
+
+    def sharing(self, index: torch.Tensor) -> Rows:
+        """``Rows(index)`` for the same batch, sharing this one's image offsets: built once for all of a plan's."""
+        rows = Rows(index)
+        rows._offsets = self._offsets
+        return rows
 
     def flat(self, count: int) -> torch.Tensor:
         """Row numbers (B * K,) of ``index`` in the flattening of a (B, ``count``, ...) tensor."""
         flat = self._flat.get(count)
         if flat is None:
-            # the image offsets by one stepped arange (an arange times count was two operations: eager, each one
-            # between the blocks costs far more than on its own, see docs/benchmark.md)
-            offsets = torch.arange(0, self.index.shape[0] * count, count, device=self.index.device)
-            flat = self._flat[count] = (self.index + offsets[:, None]).reshape(-1)
+            offsets = self._offsets.get(count)
+            if offsets is None:
+                # one stepped arange (an arange times count was two operations: eager, each one between the
+                # blocks costs far more than on its own, see docs/benchmark.md)
+                offsets = self._offsets[count] = torch.arange(0, self.index.shape[0] * count, count,
+                                                              device=self.index.device)[:, None]
+            flat = self._flat[count] = (self.index + offsets).reshape(-1)
         return flat
 
 

@@ -79,7 +79,7 @@ def diffrate_reduce(tokens: TokenState, cls_attn: torch.Tensor, prune_kept: int,
     metric = x.detach()
     metric = metric / metric.norm(dim=-1, keepdim=True)
     similarity = metric[:, merge_kept:] @ metric[:, :merge_kept].transpose(-1, -2)
-    similarity[..., :num_prefix] = -math.inf
+    similarity[..., :num_prefix].fill_(-math.inf)
     best, target = similarity.max(dim=-1)  # (B, S): value c_t and destination of every source
     dst = target[..., None]
 

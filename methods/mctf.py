@@ -75,9 +75,9 @@ def mctf_groups(
         scores = scores * (small[:, ::2, None] * small[:, None, 1::2]) ** (1 / tau_size)
     a_prefix, b_prefix = (num_prefix + 1) // 2, num_prefix // 2
     if a_prefix:
-        scores[:, :a_prefix] = -math.inf
+        scores[:, :a_prefix].fill_(-math.inf)
     if b_prefix:
-        scores[:, :, :b_prefix] = -math.inf
+        scores[:, :, :b_prefix].fill_(-math.inf)
 
     r1, r2 = (r // 2, r - r // 2) if bidirection else (r, 0)
     # A -> B: the r1 A tokens with the best matches fuse into their best B.

@@ -39,7 +39,8 @@ class MergePlan:
 
     def __post_init__(self) -> None:
         # ``order``, ``merged`` and ``into`` as ``Rows``: flattened once for every tensor the plan moves
-        object.__setattr__(self, "rows", (Rows(self.order), Rows(self.merged), Rows(self.into)))
+        order = Rows(self.order)
+        object.__setattr__(self, "rows", (order, order.sharing(self.merged), order.sharing(self.into)))
 
     def merge(self, t: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Apply the plan to any (B, N, D) tensor: the merged tokens are reduced into their target with
@@ -89,9 +90,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Me
     scores = a @ b.transpose(-1, -2)
     a_prefix, b_prefix = _prefix_split(num_prefix)
     if a_prefix:
-        scores[:, :a_prefix, :] = -math.inf
+        scores[:, :a_prefix].fill_(-math.inf)  # fill_: no scalar tensor to lift (one dispatch fewer)
     if b_prefix:
-        scores[:, :, :b_prefix] = -math.inf
+        scores[:, :, :b_prefix].fill_(-math.inf)
     best_value, best_target = scores.max(dim=-1)
     order = best_value.argsort(dim=-1, descending=True)
     unmerged, merged = order[:, r:], order[:, :r]

@@ -20,7 +20,6 @@ from methods.base import (
     BudgetKnob,
     Method,
     ReductionContext,
-    Rows,
     TokenState,
     add_at,
     register,
@@ -93,7 +92,8 @@ def ppt_step(tokens: TokenState, metric, scores, pool: torch.Tensor, r: int, num
     instead of one per branch and one for the selection."""
     plan = bipartite_soft_matching(metric, r, num_prefix)
     flag = pool.view(-1, 1, 1)
-    order, merged, into = Rows(torch.where(pool[:, None], plan.order, prune_order(scores, r, num_prefix))), *plan.rows[1:]
+    merged, into = plan.rows[1:]
+    order = merged.sharing(torch.where(pool[:, None], plan.order, prune_order(scores, r, num_prefix)))
     kept, moved = take(tokens.x, order), take(tokens.x, merged)
     if tokens.size is None:  # every size is 1: the merged rows weigh 1 where the image pools, 0 where it prunes
         size = add_at(kept.new_ones(*kept.shape[:2], 1), into, flag.to(kept.dtype).expand(-1, r, 1), inplace=True)
