@@ -24,12 +24,18 @@ POLICY_EPS = 1e-6  # ATS's softmax epsilon (docs/methods.md#ats)
 def key_bias(size: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The additive mask (B, 1, 1, N): ``log(size)`` (proportional attention) and ``-inf`` for padded keys;
     None when neither applies (the dense path stays exactly timm's)."""
-    bias = None if size is None else size.log()[:, None, None, :, 0]
+    bias = None if size is None else size.log().reshape(size.shape[0], 1, 1, size.shape[1])
     if mask is not None:
         pad = torch.zeros(mask.shape, dtype=torch.float32 if bias is None else bias.dtype, device=mask.device)
         pad = pad.masked_fill(~mask, float("-inf"))[:, None, None, :]
         bias = pad if bias is None else bias + pad
     return bias
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where ``t`` already has it: every block's no-op conversions were dispatches
+    of their own, which eager between the blocks cost more than their nothing (docs/benchmark.md)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 _PARTS = {"qkv": (0, 3), "qk": (0, 2), "v": (2, 3)}  # which thirds of timm's fused qkv weight
@@ -85,7 +91,7 @@ def probabilities(
         return biased_logits(q, k, bias.to(q.dtype), scale).softmax(dim=-1)
     logits = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
-        logits = logits + bias.to(logits.dtype)
+        logits = logits + cast(bias, logits.dtype)
     return logits.softmax(dim=-1)
 
 
@@ -129,7 +135,7 @@ def attention(
     tokens, for the policy softmax."""
     q, k, v = project(attn, x)
     if bias is not None:
-        bias = bias.to(q.dtype)  # autocast runs q/k in half precision; the mask must match
+        bias = cast(bias, q.dtype)  # autocast runs q/k in half precision; the mask must match
     probs = None
     if mode != "fused" or ATTN in needs or written_out():
         # The keys as their own (B, H, N, d) tensor, in every written-out block (dense ones too): ``q @ k^T``
@@ -139,7 +145,7 @@ def attention(
         # 0.8-1.2 % faster, dense equal (docs/benchmark.md); logits identical.
         k = k.contiguous()
         probs = probabilities(q, k, bias, attn.scale, "explicit" if mode == "fused" else mode, mask)
-        heads_out = attn.attn_drop(probs).to(v.dtype) @ v
+        heads_out = cast(attn.attn_drop(probs), v.dtype) @ v
     else:
         dropout = attn.attn_drop.p if attn.training else 0.0
         heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
@@ -167,7 +173,7 @@ def attention_before(
     the full post-softmax attention; ``METRIC``: keys averaged over heads)."""
     q, k = project(attn, x, "qk")
     if bias is not None:
-        bias = bias.to(q.dtype)
+        bias = cast(bias, q.dtype)
     signals: dict[str, torch.Tensor] = {}
     if ATTN in needs:
         k = k.contiguous()  # as in ``attention``'s written-out blocks
