@@ -95,19 +95,20 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Me
         scores[:, :, :b_prefix].fill_(-math.inf)
     best_value, best_target = scores.max(dim=-1)
     order = best_value.argsort(dim=-1, descending=True)
-    unmerged, merged = order[:, r:], order[:, :r]
+    merged = order[:, :r]
     targets = best_target.gather(1, merged)
-    if num_prefix:
-        # Keep the surviving A tokens in their original order, so the class token stays first.
-        unmerged = survivors(order, r)
-    # Positions: A token i sits at 2i, B token j at 2j + 1. Prefix tokens (never merged; the first A ones
-    # survive first after the sort) go first, interleaved as they were.
+    # The A tokens kept: in matching order, or by position when there is a prefix (its A tokens, never merged,
+    # then come first, the class token first of all).
+    unmerged = survivors(order, r) if num_prefix else order[:, r:]
+    # Positions: A token i sits at 2i, B token j at 2j + 1. Prefix tokens go first, interleaved as they were.
     batch, num_tokens = metric.shape[:2]
-    positions = torch.arange(num_tokens, device=metric.device)
-    kept_a = unmerged[:, a_prefix:] * 2
-    kept_b = positions[1 + 2 * b_prefix :: 2].expand(batch, -1)
-    out = torch.cat([positions[:num_prefix].expand(batch, -1), kept_a, kept_b], dim=1)
-    into = targets + (num_prefix + kept_a.shape[1] - b_prefix)  # B token j's slot among the output tokens
+    kept_b = torch.arange(1 + 2 * b_prefix, num_tokens, 2, device=metric.device).expand(batch, -1)
+    if b_prefix:  # prefix tokens on both sides (class and distillation tokens): their positions, then the rest
+        prefix = torch.arange(num_prefix, device=metric.device).expand(batch, -1)
+        out = torch.cat([prefix, unmerged[:, a_prefix:] * 2, kept_b], dim=1)
+    else:  # a prefix on the A side only (a class token) already leads ``unmerged``, at its own positions
+        out = torch.cat([unmerged * 2, kept_b], dim=1)
+    into = targets + (out.shape[1] - kept_b.shape[1] - b_prefix)  # B token j's slot among the output tokens
     return MergePlan(order=out, merged=merged * 2, into=into)
 
 
