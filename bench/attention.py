@@ -141,8 +141,7 @@ def attention(
         # The keys as their own (B, H, N, d) tensor, in every written-out block (dense ones too): ``q @ k^T``
         # multiplies them as a transposed view instead of copying them transposed itself (same products, same
         # values), and ToMe's metric (their mean over heads) reads them contiguous: 44 against 70 us at batch 64,
-        # 3 heads, 50 tokens. Eager forwards, alternating in one process: ToMe 2.5 %, pooling r=12 1.2 %, ToFu
-        # 0.8-1.2 % faster, dense equal (docs/benchmark.md); logits identical.
+        # 3 heads, 50 tokens (docs/benchmark.md, "Fewer dispatches between the blocks").
         k = k.contiguous()
         probs = probabilities(q, k, bias, attn.scale, "explicit" if mode == "fused" else mode, mask)
         heads_out = cast(attn.attn_drop(probs), v.dtype) @ v

@@ -71,7 +71,8 @@ def survivors(order: torch.Tensor, r: int) -> torch.Tensor:
     integers (exact), from (B, r, r) and (B, T - r, r) comparisons; compiled, alternating in one process, against
     counting the kept values themselves ((B, T, T) comparisons): ToMe 2.0-2.2 % faster, ToFu 2.3-2.9 %,
     pooling 0.9-1.4 %, PPT 0.5-0.7 %, MCTF 0-0.8 %. Before that, against the sort:
-    PPT r=12 1.6 % faster, ToFu 0.9-1.1 %, ToMe 0.3-0.6 %."""
+    PPT r=12 1.6 % faster, ToFu 0.9-1.1 %, ToMe 0.3-0.6 % (both measured in an order that favoured the new variant
+    by 1.5-2.6 % eager: docs/benchmark.md)."""
     kept = order[:, r:]
     if not (order.device.type == "cpu" and torch.compiler.is_compiling()):
         return kept.sort(dim=1).values
