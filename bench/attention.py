@@ -88,7 +88,7 @@ def probabilities(
             probs = probs.masked_fill(~real, 0.0)
         return probs.to(work)  # kept in float32 (or float64) for the signals, also under autocast
     if bias is not None and q.device.type == "cpu" and torch.compiler.is_compiling():
-        return biased_logits(q, k, bias.to(q.dtype), scale).softmax(dim=-1)
+        return biased_logits(q, k, cast(bias, q.dtype), scale).softmax(dim=-1)
     logits = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
         logits = logits + cast(bias, logits.dtype)
@@ -186,7 +186,7 @@ def attention_from_probs(attn: nn.Module, x: torch.Tensor, probs: torch.Tensor) 
     """A block's attention output with given post-softmax probabilities (B, H, N, N) (MCTF's one-step-ahead:
     the attention merged along with the tokens): only the values of ``x`` are projected."""
     (v,) = project(attn, x, "v")
-    return output(attn, x, attn.attn_drop(probs.to(v.dtype)) @ v)
+    return output(attn, x, attn.attn_drop(cast(probs, v.dtype)) @ v)
 
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
