@@ -101,10 +101,14 @@ class ReducedViT(nn.Module):
             num_prefix=vit.num_prefix_tokens,
             num_tokens=vit.patch_embed.num_patches + vit.num_prefix_tokens,
             img_size=tuple(vit.patch_embed.img_size),
-            patch_size=tuple(vit.patch_embed.patch_size),
+            patch_size=patch_stride(vit.patch_embed),
+            grid=tuple(vit.patch_embed.grid_size),
             embed_dim=vit.embed_dim,
         )
         method.check(self.context)
+        size = method.input_size(self.context)
+        if size is not None:  # the method feeds the blocks images of its own size: refused now, not at the forward
+            check_embeds(vit.patch_embed, size)
         # the method's constant tensors, as non-persistent buffers (moved with the model, not in checkpoints)
         device = next(vit.parameters()).device
         self._constant_names = []
@@ -153,7 +157,7 @@ class ReducedViT(nn.Module):
         x = vit.norm_pre(vit.patch_drop(embed(vit, images)))
         ctx = ReductionContext(depth=self.context.depth, num_prefix=self.context.num_prefix, num_tokens=x.shape[1],
                                img_size=self.context.img_size, patch_size=self.context.patch_size,
-                               embed_dim=self.context.embed_dim,
+                               grid=input_grid(vit.patch_embed, images.shape[-2:]), embed_dim=self.context.embed_dim,
                                constants={name: getattr(self, f"constant_{name}") for name in self._constant_names})
         steps = self._steps(ctx)
         source = None
@@ -230,7 +234,9 @@ class ReducedViT(nn.Module):
         return tokens
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The normalised output tokens (B, N', C) of the reduced model."""
+        """The normalised output tokens (B, N', C) of the reduced model. On an average-pool model whose method
+        gives tokens sizes or padding, ``forward_head`` of these alone pools them unweighted (timm's mean); the
+        model's own pooling (``forward``, ``forward_with_features``) weights them by size."""
         return self._run(images)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, tokens: TokenState | None = None) -> torch.Tensor:
@@ -268,9 +274,7 @@ def embed(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     patch = vit.patch_embed
     if tuple(images.shape[-2:]) == tuple(patch.img_size):
         return vit._pos_embed(patch(images))
-    height, width = images.shape[-2:]
-    if height % patch.patch_size[0] or width % patch.patch_size[1]:
-        raise ValueError(f"input {height}x{width} is not a multiple of the patch size {tuple(patch.patch_size)}")
+    check_embeds(patch, images.shape[-2:])
     grid = patch.proj(images)
     x = patch.norm(grid.flatten(2).transpose(1, 2))
     tokens = (vit.cls_token, getattr(vit, "dist_token", None), getattr(vit, "reg_token", None))
@@ -284,6 +288,35 @@ def embed(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     else:
         x = torch.cat([*prefix, x], dim=1) + pos
     return vit.pos_drop(x)
+
+
+def check_embeds(patch: nn.Module, size: Any) -> None:
+    """Refuse an input size (H, W) other than the model's that ``embed`` cannot embed: one that is not a multiple
+    of the patch size, or any other size for a hybrid embedding (a CNN backbone before the projection)."""
+    height, width = size
+    if (height, width) == tuple(patch.img_size):
+        return
+    if hasattr(patch, "backbone"):
+        raise ValueError(f"input {height}x{width}: this model's {type(patch).__name__} runs a CNN backbone before "
+                         f"its patch projection; the harness embeds inputs of other sizes for plain patch embeddings "
+                         f"only; allowed here: {patch.img_size[0]}x{patch.img_size[1]}")
+    if height % patch.patch_size[0] or width % patch.patch_size[1]:
+        raise ValueError(f"input {height}x{width} is not a multiple of the patch size {tuple(patch.patch_size)}")
+
+
+def patch_stride(patch: nn.Module) -> tuple[int, int]:
+    """Input pixels per patch token (H, W): the patch size; for a hybrid embedding (a CNN backbone before the
+    projection) the model's input size over its grid of tokens."""
+    if hasattr(patch, "backbone"):
+        return tuple(size // count for size, count in zip(patch.img_size, patch.grid_size, strict=True))
+    return tuple(patch.patch_size)
+
+
+def input_grid(patch: nn.Module, size: Any) -> tuple[int, int]:
+    """(rows, cols) of patch tokens ``embed`` makes of an input of ``size`` (H, W)."""
+    if tuple(size) == tuple(patch.img_size):
+        return tuple(patch.grid_size)
+    return size[0] // patch.patch_size[0], size[1] // patch.patch_size[1]
 
 
 def check_supported(model: nn.Module) -> None:

@@ -57,7 +57,8 @@ class ReductionContext:
     num_prefix: int  # class (+ distillation / register) tokens, never reduced
     num_tokens: int  # tokens entering the first block (prefix + patches)
     img_size: tuple[int, int] = (224, 224)  # the input (H, W) the model was built for
-    patch_size: tuple[int, int] = (16, 16)
+    patch_size: tuple[int, int] = (16, 16)  # input pixels per patch token (H, W)
+    grid: tuple[int, int] = (14, 14)  # (rows, cols) of patch tokens: the model's; in a forward, its input's
     embed_dim: int = 0  # the token width C
     scratch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     # ``Method.constants`` of this model, already on the model's device (buffers of the ``bench.apply`` model)

@@ -39,10 +39,10 @@ def grid_distances(side: int, pattern: str) -> torch.Tensor:
     return z.reshape(-1)
 
 
-def radii(patches: int, pattern: str, layers: tuple[int, ...], not_contiguous: bool, keep_rate: float,
+def radii(side: int, pattern: str, layers: tuple[int, ...], not_contiguous: bool, keep_rate: float,
           min_radius: float | None) -> dict[int, torch.Tensor]:
-    """The radius (fp32 0-d tensor) of every reducing block."""
-    side = math.isqrt(patches)
+    """The radius (fp32 0-d tensor) of every reducing block on a ``side`` x ``side`` grid."""
+    patches = side * side
     z = grid_distances(side, pattern)
     if not_contiguous:
         values = torch.unique(z)  # ascending
@@ -61,20 +61,26 @@ def radii(patches: int, pattern: str, layers: tuple[int, ...], not_contiguous: b
 
 
 @lru_cache(maxsize=64)
-def keep_plan(patches: int, pattern: str, layers: tuple[int, ...], not_contiguous: bool, keep_rate: float,
+def keep_plan(side: int, pattern: str, layers: tuple[int, ...], not_contiguous: bool, keep_rate: float,
               min_radius: float | None) -> dict[int, tuple[int, ...]]:
-    """Per reducing block, the positions (among the patch tokens entering it) of the patches it keeps; blocks
-    that keep all their patches are left out. Kept sets only shrink: a patch pruned once never returns."""
-    z = grid_distances(math.isqrt(patches), pattern)
-    present = list(range(patches))  # original indices of the patch tokens, ascending
+    """Per reducing block, the positions (among the patch tokens entering it) of the patches it keeps on a
+    ``side`` x ``side`` grid; blocks that keep all their patches are left out. Kept sets only shrink: a patch
+    pruned once never returns."""
+    z = grid_distances(side, pattern)
+    present = list(range(side * side))  # original indices of the patch tokens, ascending
     plan = {}
-    for block, radius in sorted(radii(patches, pattern, layers, not_contiguous, keep_rate, min_radius).items()):
+    for block, radius in sorted(radii(side, pattern, layers, not_contiguous, keep_rate, min_radius).items()):
         inside = (z <= radius).tolist()
         positions = tuple(pos for pos, original in enumerate(present) if inside[original])
         if len(positions) < len(present):
             plan[block] = positions
             present = [present[pos] for pos in positions]
     return plan
+
+
+def grid_name(ctx: ReductionContext) -> str:
+    """The grid of patch tokens in a constant's name: a kept set holds for that grid only."""
+    return f"{ctx.grid[0]}x{ctx.grid[1]}"
 
 
 @register("static")
@@ -105,9 +111,7 @@ class Static(Method):
 
     def check(self, ctx: ReductionContext) -> None:
         self._check_layers(ctx)
-        patches = ctx.num_tokens - ctx.num_prefix
-        if math.isqrt(patches) ** 2 != patches:
-            raise self._error(f"needs a square grid of patch tokens, this model has {patches}")
+        self._side(ctx)
 
     def check_budget(self, ctx: ReductionContext) -> None:
         # The reference ignores the other mode's knob; in an experiment file that is a silent no-op.
@@ -118,21 +122,28 @@ class Static(Method):
         if mode and self.params["min_radius"] != self.defaults["min_radius"]:
             raise self._error("parameter 'min_radius' acts only with not_contiguous: false (with true, use keep_rate)")
 
+    def _side(self, ctx: ReductionContext) -> int:
+        """The side of the square grid of patch tokens (the model's, or in a forward its input's)."""
+        rows, cols = ctx.grid
+        if rows != cols:
+            raise self._error(f"needs a square grid of patch tokens, got {rows}x{cols} (rows x columns)")
+        return rows
+
     def _plan(self, ctx: ReductionContext) -> dict[int, tuple[int, ...]]:
         p = self.params
-        return keep_plan(ctx.num_tokens - ctx.num_prefix, p["heuristic_pattern"], tuple(p["layers"]),
-                         p["not_contiguous"], p["keep_rate"], p["min_radius"])
+        return keep_plan(self._side(ctx), p["heuristic_pattern"], tuple(p["layers"]), p["not_contiguous"],
+                         p["keep_rate"], p["min_radius"])
 
     def constants(self, ctx: ReductionContext) -> dict[str, torch.Tensor]:
-        """Per reducing block, the token indices it keeps (prefix first), for the model's own token count."""
-        return {f"keep{layer}_{ctx.num_tokens}": self._keep(layer, ctx) for layer in self._plan(ctx)}
+        """Per reducing block, the token indices it keeps (prefix first), for the model's own grid."""
+        return {f"keep{layer}_{grid_name(ctx)}": self._keep(layer, ctx) for layer in self._plan(ctx)}
 
     def _keep(self, layer: int, ctx: ReductionContext) -> torch.Tensor:
         positions = torch.tensor(self._plan(ctx)[layer], dtype=torch.long) + ctx.num_prefix
         return torch.cat([torch.arange(ctx.num_prefix), positions])
 
     def step(self, layer: int, ctx: ReductionContext) -> Step | None:
-        suffix = f"_{ctx.num_tokens}"
+        suffix = f"_{grid_name(ctx)}"
         if any(name.endswith(suffix) for name in ctx.constants):
             # in a forward at the model's size: the reducing blocks are those with a kept set among the constants
             # (the plan itself is built with tensor operations that torch.compile would break its graph on)
@@ -140,7 +151,7 @@ class Static(Method):
         return Step(START) if layer in self._plan(ctx) else None
 
     def reduce(self, layer, tokens, signals, ctx):
-        keep = ctx.constants.get(f"keep{layer}_{ctx.num_tokens}")
+        keep = ctx.constants.get(f"keep{layer}_{grid_name(ctx)}")
         if keep is None:  # images of another size than the model's: built here, a copy from the host
             keep = self._keep(layer, ctx).to(tokens.x.device)
         return tokens.gather(keep.expand(tokens.x.shape[0], -1)), None

@@ -260,17 +260,39 @@ def test_static_patterns_are_buffers_that_move_with_the_model_and_stay_out_of_ch
     vit, x = copy.deepcopy(model()), images(2)  # a copy: this test moves it to the meta device
     reduced = bench.apply(vit, "static", track_source=True, not_contiguous=True, keep_rate=0.5, layers=[2, 7])
     constants = {name: buffer for name, buffer in reduced.named_buffers() if name.startswith("constant_")}
-    assert sorted(constants) == ["constant_keep2_65", "constant_keep7_65"]
+    assert sorted(constants) == ["constant_keep2_8x8", "constant_keep7_8x8"]
     assert not any(name.startswith("constant_") for name in reduced.state_dict())  # checkpoints unchanged
     with torch.no_grad():
         reduced(x)
     info = bench.forward_stats(reduced)
-    first, second = constants["constant_keep2_65"], constants["constant_keep7_65"]
+    first, second = constants["constant_keep2_8x8"], constants["constant_keep7_8x8"]
     assert info.tokens_attn == [65] * 2 + [len(first)] * 5 + [len(second)] * 5 and 65 > len(first) > len(second) > 1
     kept = info.source[:, 1:].argmax(dim=-1)  # original token index of every kept patch, both images alike
     assert first[0] == 0 and torch.equal(kept, first[1:][second[1:] - 1].expand(2, -1))
     reduced.to("meta")
     assert all(reduced.get_buffer(name).device.type == "meta" for name in constants)
+
+
+def test_static_at_another_input_size_prunes_that_grid_and_refuses_a_non_square_one():
+    """Images of another size than the model's: the kept patches are those of a model built for that grid (a
+    64-token 4 x 16 grid is not the 8 x 8 one of the same count), and a non-square grid is one error."""
+    params = {"not_contiguous": True, "keep_rate": 0.5, "layers": [1, 4], "track_source": True}
+    def tiny(**kwargs):
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, patch_size=8, **kwargs).eval()
+
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    kept = []
+    for vit in (tiny(img_size=64, dynamic_img_size=True), tiny(img_size=96)):  # built for 8 x 8 and for 12 x 12
+        reduced = bench.apply(vit, "static", **params)
+        with torch.no_grad():
+            reduced(x)
+        kept.append(reduced.last_forward.source[0, 1:, 1:].argmax(dim=-1))  # original patch of each kept token
+    assert len(kept[1]) < 144 // 2 and torch.equal(kept[0], kept[1])
+    reduced = bench.apply(tiny(img_size=64, dynamic_img_size=True), "static", **params)
+    for height, width in ((32, 128), (24, 40)):  # 4 x 16 (64 patches, as the model's 8 x 8) and 3 x 5
+        with pytest.raises(ValueError, match=rf"method 'static': needs a square grid of patch tokens, got "
+                                             rf"{height // 8}x{width // 8}"):
+            reduced(torch.randn(1, 3, height, width))
 
 
 def test_static_budget_knob_only_in_its_mode():

@@ -64,3 +64,25 @@ def test_resize_refuses_a_non_square_model_and_its_budgets_are_unreachable():
         bench.apply(wide, "resize", img_size=32)
     result = Calibrator(wide, identity=["wide"]).calibrate("resize", {}, 0.6)
     assert not result.reachable and "needs a square input (this model's: 48x64)" in result.reason
+
+
+def test_a_hybrid_vit_is_refused_at_another_input_size_and_maps_its_own_grid():
+    """A hybrid embedding (a ResNet before the patch projection: 4 x 4 tokens at 128 px, stride 32, although its
+    projection's patch is 8) embeds its own input size only: ``resize`` is refused when it is applied, another
+    input size at the forward; at its own size methods run, and the token map has the real grid."""
+    from bench.pipeline.stages.tokens import patch_grid, token_maps
+
+    torch.manual_seed(0)
+    hybrid = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=128, num_classes=10).eval()
+    with pytest.raises(ValueError, match=r"input 64x64: this model's HybridEmbed runs a CNN backbone .* allowed "
+                                         r"here: 128x128"):
+        bench.apply(hybrid, "resize", img_size=64)
+    tome = bench.apply(hybrid, "tome", r=4)
+    x = images(2, size=128)
+    with torch.no_grad():
+        assert tome(x).shape == (2, 10) and tome.last_forward.tokens_out[-1] < 17
+        with pytest.raises(ValueError, match="input 96x96: this model's HybridEmbed"):
+            tome(images(2, size=96))
+    assert tome.context.patch_size == (32, 32) and patch_grid(tome) == (4, 4)
+    layers, labels = token_maps(tome, x, "fp32")
+    assert labels.shape == (2, len(layers), 4, 4)
