@@ -57,8 +57,8 @@ EXTRA_COLUMNS = [
     "throughput_cuda_graphs", "throughput_cuda_graphs_error", "throughput_compile", "ref_top1", "ref_top5",
     "ref_gmacs", "ref_source", "nonfinite_images", "finetune_epochs", "finetune_lr", "slow_rounds",
     "baseline_slow_rounds", "latency_p50_ms", "latency_p90_ms", "peak_mem_mb", "peak_mem_kind",
-    "baseline_latency_p50_ms", "baseline_latency_p90_ms", "baseline_peak_mem_mb", "compile_s", "graph_breaks",
-    "gmacs_one_image",
+    "baseline_images_per_s", "baseline_latency_p50_ms", "baseline_latency_p90_ms", "baseline_peak_mem_mb",
+    "compile_s", "graph_breaks", "gmacs_one_image",
 ]
 THROUGHPUT_COLUMNS = [
     "key", "model", "data", "weights", "method", "params", "batch_size", "dtype", "device", "device_name",
@@ -261,10 +261,12 @@ def _row(record: dict) -> dict[str, Any]:
         # timed forwards of the main batch size slowed from outside (method, dense): the throughput entry's counts
         "slow_rounds": number(first.get("slow_rounds")),
         "baseline_slow_rounds": number(first.get("baseline_slow_rounds")),
-        # latency and peak memory of the main batch size, the method's and the dense baseline's (other batch
-        # sizes: the records and the leaderboard's latency / memory table)
+        # latency and peak memory of the main batch size, the method's and the dense baseline's, and the dense
+        # baseline's images/s timed beside the method's (other batch sizes: the records and the leaderboard's
+        # latency / memory table)
         **{f"{who}{field}": number(first.get(f"{who}{field}")) for who in ("", "baseline_")
            for field in ("latency_p50_ms", "latency_p90_ms", "peak_mem_mb")},
+        "baseline_images_per_s": number(first.get("baseline_images_per_s")),
         "peak_mem_kind": first.get("peak_mem_kind"),
         # compile: true: both models' compilation time at the main batch size, the method's graph breaks
         "compile_s": number(first.get("compile_s")),
@@ -733,6 +735,26 @@ def _not_a_file(path: str | Path) -> str | None:
     return None
 
 
+def figure_files(folder: Path) -> list[Path]:
+    """The figures report.py writes into ``folder`` besides the Pareto plot: ``throughput.png``, ``tokens*.png``."""
+    return sorted({folder / "throughput.png", folder / "tokens.png", *folder.glob("tokens_*.png")})
+
+
+def remove_outputs(paths: Sequence[Path], why: str) -> bool:
+    """Remove the report's outputs among ``paths`` that the records shown no longer give (one stderr line each,
+    saying ``why``), so that none is left looking current; ``False`` after one error line naming a file that
+    cannot be removed."""
+    for path in dict.fromkeys(paths):
+        try:
+            if path.is_file():
+                os.unlink(path)
+                print(f"report.py: removed {path}: {why}", file=sys.stderr)
+        except OSError as error:
+            print(f"report.py: error: cannot remove {path} ({error.strerror or error})", file=sys.stderr)
+            return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -749,6 +771,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     older = (f"{len(earlier)} record{'s' if len(earlier) != 1 else ''} of runs that the current config "
              f"({experiment['config']}) no longer makes" if earlier and experiment else "")
+    beside = Path(args.out).parent if args.out else folder  # every output goes beside the markdown by default
+    paths = (args.out or folder / "leaderboard.md", args.csv or beside / "leaderboard.csv",
+             args.plot or beside / "pareto.png")
+    out, csv, plot = (Path(path) for path in paths)
     if df.empty:
         extra = f" ({len(problems)} unreadable file{'s' if len(problems) != 1 else ''})" if problems else ""
         what = f"no record of a run the current config makes ({older}: --all shows them)" if older else \
@@ -756,6 +782,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report.py: error: {what} in {folder / 'runs'}{extra}", file=sys.stderr)
         for line in unrecorded_runs(folder, experiment, set()):  # what became of the experiment's runs
             print(f"report.py:   {line}", file=sys.stderr)
+        if (folder / "runs").is_dir():  # a results folder: its leaderboard, CSV and figures showed other records
+            remove_outputs([out, csv, plot, *figure_files(out.parent)], "no record to show now (it showed " + (
+                "runs the current config does not make; their records stay in runs/)" if older else
+                "records that no longer read or are gone)"))
         return 2
     for problem in problems:
         print(f"report.py: skipped {problem}", file=sys.stderr)
@@ -766,15 +796,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report.py: {len(unrecorded)} run(s) of the experiment have no record (listed in the leaderboard)",
               file=sys.stderr)
 
-    beside = Path(args.out).parent if args.out else folder  # every output goes beside the markdown by default
-    paths = (args.out or folder / "leaderboard.md", args.csv or beside / "leaderboard.csv",
-             args.plot or beside / "pareto.png")
     for path in paths:
         reason = _not_a_file(path)
         if reason:
             print(f"report.py: error: cannot write {path} ({reason})", file=sys.stderr)
             return 2
-    out, csv, plot = (Path(path) for path in paths)
     calibrations = experiment["calibrations"] if experiment else []
     target = f"figures in {out.parent}"  # beside the markdown: a read-only results folder is fine
     try:  # every file atomic: a failed write leaves the previous file (or none) and no temporary file
@@ -791,14 +817,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = str(csv)
         write_csv(df, csv)
         print(csv)
-        # A figure the records no longer give must not stay behind showing earlier runs
-        figure_names = {"throughput.png", "tokens.png"} | {path.name for path in out.parent.glob("tokens_*.png")}
-        stale = [out.parent / name for name in sorted(figure_names - {path.name for _, _, path in figures})]
-        for target in [str(path) for path in stale + ([] if plotted else [plot]) if path.is_file()]:
-            os.unlink(target)
-            print(f"report.py: removed {target}: the records shown give no such figure now", file=sys.stderr)
     except OSError as error:
         print(f"report.py: error: cannot write {target} ({error.strerror or error})", file=sys.stderr)
+        return 2
+    shown = {path.name for _, _, path in figures}  # a figure the records no longer give: not left showing earlier runs
+    if not remove_outputs([path for path in figure_files(out.parent) if path.name not in shown] + ([] if plotted else [plot]),
+                          "the records shown give no such figure now"):
         return 2
     if not plotted:
         print("report.py: no record has both top-1 and GMACs; plot skipped", file=sys.stderr)

@@ -129,12 +129,11 @@ def _main(argv: list[str] | None) -> int:
         return fail(f"{args.config}: grid: makes no run {why}")
     unmatched = [pattern for pattern in args.only or () if not select(experiment.runs, [pattern])]
     if unmatched:  # each glob, not only all together: a typo beside a good one is not silently ignored
-        return fail(f"{args.config}: --only {unmatched[0]!r} matches no run (methods: "
-                    f"{', '.join(dict.fromkeys(run.method for run in experiment.runs))}; keys: "
-                    f"{experiment.runs[0].key}, ...)")
+        return fail(f"{args.config}: --only {unmatched[0]!r} matches no run (methods: {', '.join(experiment.methods)}; "
+                    f"keys: {experiment.runs[0].key}, ...)")
 
     if args.status:
-        rows = collect_status([run.key for run in runs], results_dir)
+        rows = collect_status([run.key for run in runs], results_dir, {run.key: run.data for run in runs})
         print_status(rows)
         return 0 if all(row.state == "done" for row in rows) else 1
     if args.dry_run:  # reads only
@@ -148,6 +147,26 @@ def _main(argv: list[str] | None) -> int:
             return run(args, experiment, runs, results_dir, release)
     except FolderError as error:
         return fail(str(error))
+
+
+def here_problem(experiment, todo: list) -> str | None:
+    """Why the runs ``todo`` cannot run on this machine (``--executor inprocess`` / ``local``), in one line: a
+    CUDA device, or a CUDA-only attention kernel on ``device: auto``, where CUDA is not available."""
+    import torch
+
+    from bench.sdpa import CPU_BACKENDS
+
+    if not todo or torch.cuda.is_available():
+        return None
+    if any(run.device == "cuda" for run in todo):
+        return (f"{experiment.file}: defaults.device: cuda, but CUDA is not available on this machine "
+                f"({len(todo)} run(s) to do); allowed here: cpu or auto, or --executor slurm for GPU nodes")
+    kernels = [run.sdpa_backend for run in todo if run.sdpa_backend not in CPU_BACKENDS]
+    if kernels:  # device: cpu with such a kernel is refused when the file is read
+        return (f"{experiment.file}: defaults.sdpa_backend: {kernels[0]!r} needs CUDA, and device: auto is the CPU "
+                f"on this machine (no CUDA); allowed here: {', '.join(CPU_BACKENDS)}, or --executor slurm for "
+                "GPU nodes")
+    return None
 
 
 def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, release=None) -> int:
@@ -179,6 +198,9 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
             return fail(str(error))
         except SubmitError as error:  # what --executor slurm would refuse (user test 17: the dry run said nothing)
             print(f"  note: --executor slurm refuses this: {error}")
+        problem = here_problem(experiment, todo) if args.executor != "slurm" else None
+        if problem:  # what a run here would refuse (a config for GPU nodes may be dry-run on a login node)
+            print(f"  note: --executor {args.executor} refuses this: {problem}")
         return 0
     if args.executor != "slurm":  # a run an earlier submission's job is on is left to that job
         from bench.pipeline.slurm import leave_to_jobs
@@ -186,12 +208,9 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
         todo, left = leave_to_jobs(todo, results_dir)
         for line in left:
             print(line, file=sys.stderr)
-    if args.executor != "slurm" and any(run.device == "cuda" for run in todo):
-        import torch
-
-        if not torch.cuda.is_available():  # said once, before anything runs (each run failed on its own before)
-            return fail(f"{experiment.file}: defaults.device: cuda, but CUDA is not available on this machine "
-                        f"({len(todo)} run(s) to do); allowed here: cpu or auto, or --executor slurm for GPU nodes")
+    problem = here_problem(experiment, todo) if args.executor != "slurm" else None
+    if problem:  # said once, before anything runs (each run failed on its own before)
+        return fail(problem)
     if args.executor == "slurm":  # a bad profile, or jobs that would all fail: refused before anything is written
         from bench.pipeline.profiles import ProfileError
         from bench.pipeline.slurm import SubmitError, check_submission
@@ -211,15 +230,16 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
         print(f"note: {results_dir} holds the results of experiment {previous['name']!r} ({previous['config']}); "
               f"those runs are now listed under 'Records of earlier configs' (report.py --all shows them)",
               file=sys.stderr)
-    # --no-calibrate: the calibrations of the last calibrated invocation stay; --only METHOD: those of the other
-    # methods stay, its own are replaced
+    # not every MAC-budget run keyed: --no-calibrate keys none, --only METHOD... those of its methods (the only ones
+    # load_experiment calibrates then). The other methods' calibrations of the last invocation stay (and their
+    # budget records count as current); the keyed methods' calibrations and budget runs are this config's alone
+    keyed = [] if experiment.complete or args.no_calibrate else sorted(set(args.only or ()))
     calibrations = experiment.calibrations
     if not experiment.complete and previous:
-        redone = {calibration_identity(calibration) for calibration in calibrations}
-        calibrations = [c for c in previous["calibrations"] if calibration_identity(c) not in redone] + calibrations
+        calibrations = [c for c in previous["calibrations"] if c.get("method") not in keyed] + calibrations
     try:  # the report shows the runs this config makes (and unreachable budgets as "-")
         write_experiment(results_dir, experiment.name, experiment.file, [run.key for run in experiment.runs],
-                         calibrations, budget_runs=experiment.complete)
+                         calibrations, budget_runs=experiment.complete, budget_methods=keyed)
     except OSError as error:
         return fail(f"cannot write {experiment_path(results_dir)} ({error.strerror or error})")
     from bench.pipeline.fetch import prefetch_weights

@@ -205,6 +205,37 @@ def test_only_given_twice_selects_the_runs_of_either_and_an_empty_glob_is_refuse
             capsys.readouterr().err
 
 
+def test_only_a_method_after_its_budgets_changed_shows_its_current_budget_cells_only(tmp_path, capsys, monkeypatch):
+    """--only tome after the config's budgets changed (0.6, 0.8 -> 0.5, 0.7): ToMe's budget rows (tables, CSV,
+    ranking) and calibrations are the new config's alone, and its records at 0.6 and 0.8 are listed as records of
+    earlier configs (kept in runs/). EViT, not selected and so not recalibrated, keeps its budget records and
+    calibrations as the README says."""
+    monkeypatch.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = config(tmp_path, stages=["eval", "macs"], budgets={"macs": [0.6, 0.8]},
+                 grid={"methods": ["baseline", "tome", {"method": "evit", "layers": [1]}]})
+    results = tmp_path / "results"
+    assert bench_main(write(tmp_path, cfg), results) == 0
+    old = {(r["run"]["method"], r["run"]["budget"]["target"]): r["key"] for r in read_all(results)[0] if r["run"]["budget"]}
+    assert sorted(old) == [("evit", 0.6), ("evit", 0.8), ("tome", 0.6), ("tome", 0.8)]
+    cfg["budgets"] = {"macs": [0.5, 0.7]}
+    path = write(tmp_path, cfg)
+    assert bench_main(path, results, "--only", "tome") == 0
+    assert len(read_all(results)[0]) == 7  # nothing computed is lost
+    written = json.loads((results / "experiment.json").read_text())
+    assert written["budget_runs"] is False and written["budget_methods"] == ["tome"]
+    assert sorted((c["method"], c["target"]) for c in written["calibrations"]) == [
+        ("evit", 0.6), ("evit", 0.8), ("tome", 0.5), ("tome", 0.7)]
+    budgets = pd.read_csv(results / "leaderboard.csv").dropna(subset=["budget"]).groupby("method")["budget"]
+    assert {method: sorted(values) for method, values in budgets} == {"evit": [0.6, 0.8], "tome": [0.5, 0.7]}
+    board = (results / "leaderboard.md").read_text()
+    tables, earlier = board.split("## Records of earlier configs")
+    assert all(old[("tome", target)] in earlier and old[("tome", target)] not in tables for target in (0.6, 0.8))
+    assert all(old[("evit", target)] not in earlier for target in (0.6, 0.8))
+    matched = tables.split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    (tome,) = [line.split("|") for line in matched.splitlines() if line.startswith("|") and line.split("|")[2].strip() == "tome"]
+    assert [cell.strip() != "" for cell in tome[3:-3]] == [True, False, True, False], tome  # ≤ 0.50 and ≤ 0.70 only
+
+
 def test_a_config_whose_every_run_is_an_unreachable_budget_is_one_line(tmp_path, capsys):
     cfg = config(tmp_path, stages=["macs"], budgets={"macs": [0.05]}, grid={"methods": ["tome"]})
     path = write(tmp_path, cfg)
@@ -272,6 +303,10 @@ def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, monkeypatch, ca
         record.unlink()
     assert report.main([str(results)]) == 2
     err = capsys.readouterr().err.splitlines()
+    removed = [line for line in err if line.startswith("report.py: removed ")]  # the leaderboard of the gone records
+    assert removed == [f"report.py: removed {results / name}: no record to show now (it showed records that no longer "
+                       "read or are gone)" for name in ("leaderboard.md", "leaderboard.csv")]
+    err = [line for line in err if line not in removed]
     assert err[0].startswith("report.py: error: no readable run record in ") and len(err) == 5, err
     assert sum(line.startswith("report.py:   tiny-fmnist-") and line.endswith(": todo") for line in err) == 3
     assert any(line.endswith(": failed, RuntimeError: injected failure in the macs stage") for line in err)
@@ -817,6 +852,29 @@ def test_figures_the_current_records_no_longer_give_are_removed(tmp_path, capsys
     err = capsys.readouterr().err.splitlines()
     assert not (results / "throughput.png").exists()
     assert f"report.py: removed {results / 'throughput.png'}: the records shown give no such figure now" in err
+
+
+def test_outputs_of_another_config_are_removed_when_no_current_record_is_left(tmp_path, capsys, monkeypatch):
+    """Every run of an edited config fails: report.py exits 2 with its error line, and the leaderboard, CSV and
+    figures of the earlier config's runs are removed (not left looking current); every record stays in runs/."""
+    cfg = config(tmp_path, stages=["eval", "macs", "throughput"], grid={"methods": ["baseline", {"method": "tome", "r": 4}]})
+    results = tmp_path / "results"
+    assert bench_main(write(tmp_path, cfg), results) == 0
+    outputs = [results / name for name in ("leaderboard.md", "leaderboard.csv", "pareto.png", "throughput.png")]
+    assert all(path.is_file() for path in outputs)
+    cfg["defaults"]["data"]["subset"] = 100  # every run another one
+    path = write(tmp_path, cfg)
+    monkeypatch.setenv("TOKENBENCH_FAIL_KEYS", "*")
+    capsys.readouterr()
+    assert bench_main(path, results) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert (f"report.py: error: no record of a run the current config makes (2 records of runs that the current config "
+            f"({path}) no longer makes: --all shows them) in {results / 'runs'}") in err
+    assert [path for path in outputs if path.exists()] == [], err
+    assert f"report.py: removed {results / 'leaderboard.md'}: no record to show now (it showed runs the current " \
+           "config does not make; their records stay in runs/)" in err
+    assert len(read_all(results)[0]) == 2  # nothing computed is lost
+    assert report.main([str(results)]) == 2 and report.main([str(results), "--all"]) == 0  # --all shows them
 
 
 def test_a_closed_pipe_stops_quietly(tmp_path):

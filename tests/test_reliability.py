@@ -242,6 +242,26 @@ def test_second_invocation_refuses_naming_the_holder_or_waits(tmp_path, capsys):
     assert "waiting for results folder" in capsys.readouterr().err
 
 
+def test_invocations_starting_together_do_not_remove_each_others_write_probe(tmp_path, monkeypatch):
+    """Every invocation wrote and removed the same <results>/.write-probe: one starting together with another could
+    have its probe removed by the other between its write and its unlink, and refused a writable folder ("not
+    writable (No such file or directory)", also with --wait-lock). The other's check runs exactly there here:
+    both pass, and no probe is left behind."""
+    from bench.pipeline import lock
+
+    results, write, between = tmp_path / "results", lock.atomic_write, []
+
+    def write_then_the_other_checks(path, content):
+        write(path, content)
+        if not between:  # the other invocation's whole check, between this one's write and its unlink
+            between.append(path)
+            lock.check_usable(results)
+
+    monkeypatch.setattr(lock, "atomic_write", write_then_the_other_checks)
+    lock.check_usable(results)
+    assert between and list(results.iterdir()) == []
+
+
 SLEEPER = "import time; time.sleep(120)"
 
 
@@ -984,6 +1004,36 @@ def test_status_shows_a_run_computed_now_as_running(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     claim_path(tmp_path, "k-tome").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     assert collect_status(["k-tome"], tmp_path)[0].state == "todo"
+
+
+def test_status_says_todo_for_a_record_of_eval_images_edited_since_as_the_rerun_redoes_it(tmp_path, capsys):
+    """The eval folder edited in place after the runs: --status said 'done' from their records while the next
+    invocation set them aside and redid them. One rule (status.read_current) now decides both: --status and the
+    report's collect_status say todo and why, the rerun redoes the runs, and --status then says done."""
+    import shutil
+
+    from bench.pipeline.status import collect_status
+    from tests.test_pipeline import _image_folder
+
+    _image_folder(tmp_path / "imgs")
+    defaults = {"model": MODEL, "weights": None, "data": {"name": "folder", "root": "imgs", "split": "val"},
+                "batch_size": 8, "device": "cpu", "threads": 1}
+    path, results = config(tmp_path, defaults=defaults, stages=["eval"]), tmp_path / "results"
+    assert bench(path, results) == 0
+    val = tmp_path / "imgs" / "val" / "n00000001"
+    shutil.copy(val / "img_0.JPEG", val / "img_9.JPEG")  # grown in place
+    capsys.readouterr()
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 1
+    rows = capsys.readouterr().out.splitlines()
+    why = (f"its record was computed on other eval images than {tmp_path / 'imgs'} holds now (changed in place, or "
+           "another folder of the same name): the next invocation sets it aside and redoes the run")
+    assert [row.split()[0] for row in rows[:-1]] == ["todo", "todo"] and all(row.endswith(why) for row in rows[:-1]), rows
+    assert rows[-1] == "2 todo"
+    assert [(row.state, row.detail) for row in collect_status(sorted(keys(results)), results)] == [("todo", why)] * 2
+    assert bench(path, results) == 0
+    assert capsys.readouterr().err.count(", the run is redone") == 2
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 done"
 
 
 def test_a_forced_rerun_that_fails_shows_as_failed_beside_its_earlier_record(tmp_path, capsys, monkeypatch):

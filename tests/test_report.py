@@ -232,6 +232,19 @@ def test_csv_columns_and_numbers(results, tmp_path, names):
     assert len(csv) == len(VALUES)
 
 
+def test_csv_has_the_baseline_twin_of_every_main_batch_throughput_column(results, tmp_path, names, real_records):
+    """The README: the CSV's main-batch throughput columns "and the same with baseline_"; baseline_images_per_s
+    (the dense model's rate timed beside the method's) was missing."""
+    assert report.main([str(results), "--out", str(tmp_path / "lb.md")]) == 0
+    csv = pd.read_csv(tmp_path / "leaderboard.csv").set_index("key")
+    for name in ("images_per_s", "latency_p50_ms", "latency_p90_ms", "peak_mem_mb"):
+        assert name in csv.columns and f"baseline_{name}" in csv.columns
+    tome = real_records["tome-a"]["metrics"]["throughput"][0]
+    assert csv.loc[names["tome-a"], "baseline_images_per_s"] == pytest.approx(1034.5)  # controlled(): batch 32's
+    assert csv.loc[names["tome-a"], "baseline_latency_p50_ms"] == pytest.approx(tome["baseline_latency_p50_ms"])
+    assert math.isnan(csv.loc[names["evit-a"], "baseline_images_per_s"])  # no throughput stage
+
+
 def _section(markdown: str, heading: str) -> str:
     start = markdown.index(heading + "\n")
     end = markdown.find("\n## ", start + 1)

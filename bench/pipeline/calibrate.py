@@ -77,6 +77,28 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
+def read_cache() -> dict[str, Any]:
+    """The calibration cache: a mapping of keys to ``Calibration`` fields; ``{}`` where it is missing, unreadable or
+    of another shape (``[1]``, a string): unusable, so rebuilt (as ``bench.pipeline.fingerprint`` treats its own)."""
+    cache = read_json_or_none(cache_path())
+    return cache if isinstance(cache, dict) else {}
+
+
+_FIELDS = ("method", "knob", "target", "value", "achieved", "macs", "dense_macs")  # Calibration's, but reason
+
+
+def cached_calibration(entry: Any) -> Calibration | None:
+    """A cache entry as a ``Calibration``; None where it is not one (another shape, a field missing or of another
+    type, an unknown field): that calibration is searched again and the entry replaced."""
+    if not isinstance(entry, dict) or not set(_FIELDS) <= set(entry) or not set(entry) <= {*_FIELDS, "reason"}:
+        return None
+    numbers = ("target", "dense_macs") + tuple(k for k in ("achieved", "macs") if entry[k] is not None)
+    if not all(isinstance(entry[k], str) for k in ("method", "knob")) or not isinstance(entry.get("reason", ""), str) \
+            or not all(isinstance(entry[k], (int, float)) and not isinstance(entry[k], bool) for k in numbers):
+        return None
+    return Calibration(**entry)
+
+
 def imported_modules(text: str) -> list[str]:
     """The names a module's source imports from the ``methods`` package: ``from methods.x import ...``,
     ``import methods.x``, ``from methods import x, y`` (also parenthesised over several lines)."""
@@ -153,15 +175,15 @@ class Calibrator:
             raise ValueError(f"method {method!r} has no budget knob")
         key = digest(canonical([code_version(method), self.identity, self.data_id if cls.data_dependent else None, method,
                                 {k: v for k, v in params.items() if k != knob.name}, round(target, 6)]))
-        cache = read_json_or_none(cache_path()) or {}
-        if key in cache:
-            return Calibration(**cache[key])
+        cached = cached_calibration(read_cache().get(key))
+        if cached is not None:
+            return cached
         started = time.perf_counter()
         result = self._search(method, params, target, knob, cls.data_dependent)
         if self.announce and result.reachable:  # a search takes seconds to minutes on a large model: said as each
             # one ends (an unreachable budget is the caller's warning)
             self.announce(f"{result.describe()} in {time.perf_counter() - started:.1f} s")
-        cache = read_json_or_none(cache_path()) or {}
+        cache = read_cache()
         cache[key] = asdict(result)
         try:
             atomic_write_json(cache_path(), cache)

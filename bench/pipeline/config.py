@@ -20,7 +20,8 @@
     macs: {images: 16}                     # real images for data-averaged MACs
     finetune: {epochs: 30, lr: 1.0e-5, ...}
     grid:                                  # models x methods; a list of such blocks is allowed too
-      models: [{name: ..., label: ...}]    # optional; each entry overrides defaults.model (and weights)
+      models: [{name: ..., label: ...}]    # optional; each entry overrides defaults.model (and weights); one
+                                           # naming another model takes none of its label, kwargs, transform
       methods:
         - baseline
         - {method: tome, r: 4}
@@ -59,6 +60,8 @@ from bench.sdpa import CPU_BACKENDS, SDPA_BACKENDS
 from bench.throughput import DTYPES
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_THREADS = 4096  # torch.set_num_threads takes a C int; no machine has more cores than this
+FMNIST_SPLITS = ("test", "train")  # data.split / data.train_split of fashion_mnist: its t10k and train IDX files
 WEIGHTS = "null, a path, a URL or timm:<tag>"
 
 
@@ -110,8 +113,8 @@ class DefaultsSection:
     batch_size: int = option(128, minimum=1)
     dtype: str = option("fp32", choices=tuple(DTYPES))
     device: str = option("auto", choices=DEVICES)
-    threads: int | None = option(None, minimum=1)
-    seed: int = option(0, minimum=0)
+    threads: int | None = option(None, minimum=1, maximum=MAX_THREADS)
+    seed: int = option(0, minimum=0)  # at most 2**63-1, as every integer key (schema.INT64_MAX)
     workers: int = option(0, minimum=0)
     sdpa_backend: str = option("auto", choices=SDPA_BACKENDS)  # pin the attention kernel (bench/sdpa.py)
 
@@ -253,6 +256,7 @@ class Experiment:
     # every budget calibration, reachable or not: [{"model": label, **Calibration fields}]
     calibrations: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = True  # False: MAC-budget runs left out (--no-calibrate, or of methods --only does not select)
+    methods: tuple[str, ...] = ()  # every method the grid names, in its order (budget runs left out or not)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,34 +372,36 @@ class Parser:
         shared = {"stages": stages, "throughput": asdict(section.throughput), "macs": asdict(section.macs),
                   "eval": asdict(section.eval), "finetune": finetune, "tokens": asdict(section.tokens),
                   "compile": section.compile}
-        entries = []  # (model base, method, params, budget target or None, where), in the file's order
+        entries = []  # (model base, method, params, budget target or None, where, origin), in the file's order
         labelled: dict[tuple, tuple[str, str]] = {}  # (label, weights) -> (model, where): the report's groups
         for block_index, block in enumerate(blocks):
             where = f"grid[{block_index}]" if isinstance(section.grid, list) else "grid"  # as the file has it
             block = parse(GridSection, block, where)
-            models = block.models or [{}]
+            models = block.models or [None]  # None: defaults.model alone (its keys are named as defaults.model.*)
             method_entries = block.methods
             if not method_entries:
                 raise self.error(f"{where}.methods", "must be a non-empty list (e.g. [baseline, {method: tome, r: 4}])")
             for model_index, model_entry in enumerate(models):
-                base = self.run_base(section.defaults, model_entry, f"{where}.models[{model_index}]", name)
-                self.check_label(base, labelled, f"{where}.models[{model_index}]")
+                model_where = f"{where}.models[{model_index}]" if block.models else None
+                base = self.run_base(section.defaults, model_entry, model_where, name)
+                self.check_label(base, labelled, model_where or "defaults.model")
                 for method_index, entry in enumerate(method_entries):
                     method_where = f"{where}.methods[{method_index}]"
-                    entries += [(base, method, params, target, method_where)
-                                for method, params, target in self.expand_method(entry, method_where, budgets)]
+                    entries += [(base, method, params, target, method_where, (model_where, method_where, swept))
+                                for method, params, target, swept in self.expand_method(entry, method_where, budgets,
+                                                                                        detail=True)]
         # every entry is checked against its model before any budget is calibrated (minutes on a large model):
         # a mistake in the last entry is one line at once, not after the others' calibrations
         checked = set()
-        for base, method, params, target, where in entries:
+        for base, method, params, target, where, _ in entries:
             if target is None:
                 self.check_method(self.model_context(base, where), base, method, params, where)
             elif (identity := canonical([id(base), method, params])) not in checked:
                 checked.add(identity)
                 self.check_uncalibrated(base, method, params, where)
         runs: list[RunSpec] = []
-        origins: list[str] = []  # where each run comes from: grid.methods[1] at budget 0.6
-        for base, method, params, target, method_where in entries:
+        origins: list[tuple] = []  # where each run comes from: (model entry, grid.methods[1], sweep value, budget)
+        for base, method, params, target, method_where, origin in entries:
             budget = None
             if target is not None and not self.calibrate_budgets:
                 self.uncalibrated += 1
@@ -408,7 +414,7 @@ class Parser:
                 if budget is None:
                     continue  # unreachable: said in the warnings, shown as "-" in the report
             runs.append(self.make_run(base, method, params, method_where, shared, references, budget))
-            origins.append(method_where + (f" at budget {target!r}" if target is not None else ""))
+            origins.append((*origin, f" at budget {target!r}" if target is not None else ""))
         for index, ref in enumerate(references):
             if index not in self.matched_references:
                 self.warnings.append(f"warning: {self.path}: reference[{index}]: matches no run (model "
@@ -430,12 +436,13 @@ class Parser:
         keys = [run.key for run in runs]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:
-            first, second = [origins[i] for i, key in enumerate(keys) if key == duplicates[0]][:2]
+            first, second = describe_origins(*[origins[i] for i, key in enumerate(keys) if key == duplicates[0]][:2])
             raise self.error("grid", f"{first} and {second} make the same run {duplicates[0]} (budgets that "
                              "calibrate to one setting, or an entry listed twice); allowed: each run once")
         return Experiment(name=name, file=self.path, runs=runs, slurm=section.slurm,
                           warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations,
-                          complete=not (self.uncalibrated or self.unselected))
+                          complete=not (self.uncalibrated or self.unselected),
+                          methods=tuple(dict.fromkeys(entry[1] for entry in entries)))
 
     def check_label(self, base: dict[str, Any], labelled: dict[tuple, tuple[str, str]], where: str) -> None:
         """One model per label (with the same weights): the leaderboard groups and compares runs by label."""
@@ -455,22 +462,44 @@ class Parser:
                              f"{', '.join(available_profiles()) or 'none'} (or a path to a .yaml file)")
 
     def check_sdpa(self, defaults: DefaultsSection) -> None:
+        """A CUDA-only attention kernel with ``device: cpu``. ``auto`` is resolved where the runs run (run_bench.py
+        refuses it there before anything runs; ``--executor slurm`` submits from CPU login nodes)."""
         if defaults.device == "cpu" and defaults.sdpa_backend not in CPU_BACKENDS:
             raise self.error("defaults.sdpa_backend", f"{defaults.sdpa_backend!r} needs CUDA (device: cpu); "
                              f"allowed on CPU: {', '.join(CPU_BACKENDS)}")
 
-    def run_base(self, defaults: DefaultsSection, model_entry: Any, where: str, experiment: str) -> dict[str, Any]:
+    def run_base(self, defaults: DefaultsSection, model_entry: Any, where: str | None, experiment: str) -> dict[str, Any]:
+        """The run fields of one model: ``model_entry`` (a ``grid.models`` entry at ``where``; None: the file has no
+        grid.models) over ``defaults.model``. An entry naming another model than ``defaults.model.name`` takes
+        none of the defaults' label, kwargs and transform (they describe that other model; its label is its own
+        name unless it gives one); its weights follow the usual rule. Every problem names the key it came from."""
         model_defaults = check_keys(ModelSection, defaults.model, "defaults.model")
+        parse(ModelSection, model_defaults, "defaults.model")  # a bad value there is named there
         if isinstance(model_entry, str):
             model_entry = {"name": model_entry}
-        model_entry = check_keys(ModelSection, model_entry, where)
-        merged = {**model_defaults, **model_entry}
+        model_entry = check_keys(ModelSection, model_entry, where) if where else {}
+        parse(ModelSection, model_entry, where)
+        if "name" in model_entry and model_entry["name"] != model_defaults.get("name"):  # another model
+            inherited = {k: v for k, v in model_defaults.items() if k not in ("label", "kwargs", "transform")}
+        else:
+            inherited = model_defaults
+        merged = {**inherited, **model_entry}
         if "kwargs" in model_entry and "name" not in model_entry and isinstance(model_entry["kwargs"], dict):
             merged["kwargs"] = {**(model_defaults.get("kwargs") or {}), **model_entry["kwargs"]}
-        model = parse(ModelSection, merged, where)
+        model = parse(ModelSection, merged, where or "defaults.model")
+
+        def origin(key: str) -> str:  # the key a value of the model came from
+            return f"{where}.{key}" if key in model_entry else f"defaults.model.{key}"
+
         if model.name is None:
-            raise self.error(f"{where}.name", "missing: a timm model name (e.g. deit_small_patch16_224)")
+            raise self.error(f"{where}.name" if where else "defaults.model", "missing: a timm model name (e.g. "
+                             "deit_small_patch16_224); give defaults.model: {name: ...} or grid.models")
+        weights_key = next((key for key, section in ((f"{where}.weights", model_entry),
+                                                     ("defaults.model.weights", model_defaults))
+                            if "weights" in section), "defaults.weights")
         weights = model.weights if "weights" in merged else defaults.weights
+        if weights is not None and not weights.strip():  # '' meant random weights, silently
+            raise self.error(weights_key, f"must be {WEIGHTS}, got {weights!r}")
         data = defaults.data or parse(DataSection, None, "defaults.data")
         base = {
             "experiment": experiment,
@@ -490,11 +519,10 @@ class Parser:
             "sdpa_backend": defaults.sdpa_backend,
             "config_file": str(self.path),
         }
-        weights_key = next((key for key, section in ((f"{where}.weights", model_entry),
-                                                     ("defaults.model.weights", model_defaults))
-                            if "weights" in section), "defaults.weights")
-        vit = self.model_context(base, where, weights_key)
-        base["data"]["transform"] = self.transform(vit, data, model, where)
+        vit = self.model_context(base, where or "defaults.model", weights_key,
+                                 keys={"name": origin("name"), "kwargs": origin("kwargs")})
+        transform_key = origin("transform") if model.transform else "defaults.data.transform"
+        base["data"]["transform"] = self.transform(vit, data, model, transform_key)
         return base
 
     def local_check(self, check: Callable[[], None]) -> None:
@@ -526,25 +554,62 @@ class Parser:
         problem = dataset_problem(data.name)
         if problem:
             raise self.error("defaults.data.name", problem)
+        if data.name == "fashion_mnist":
+            data = self.fashion_mnist_keys(data)
         spec = {"name": data.name, "root": self.resolve(data.root) if data.root else None, "subset": data.subset}
         extra = {"split": data.split, "train_split": data.train_split if data.train_split != "train" else None,
                  "class_map": self.resolve(data.class_map) if data.class_map else None,
                  "download": data.download or None}
         return {**spec, **{k: v for k, v in extra.items() if v is not None}}  # unset keys: no change of run keys
 
-    def transform(self, vit: Any, data: DataSection, model: ModelSection, where: str) -> dict[str, Any]:
-        """The eval transform, resolved by timm from the (meta) model's pretrained config (``run.data.transform``)."""
-        from bench.pipeline.data import DataError, resolve_transform
+    def fashion_mnist_keys(self, data: DataSection) -> DataSection:
+        """The data keys Fashion-MNIST honours: ``split`` and ``train_split`` name its IDX files (``test``: t10k, the
+        default eval split, written as unset so the run keys stay; ``train``: the 60,000 training images), ``root``.
+        ``class_map`` (its ten labels are the files') and ``download: true`` (it is read from root, Debian's package,
+        or fetched by torchvision into the cache where root is null) are refused, as anything else would be ignored."""
+        allowed = f"{', '.join(FMNIST_SPLITS)} (fashion_mnist's IDX files: test is t10k)"
+        if data.split is not None and data.split not in FMNIST_SPLITS:
+            raise self.error("defaults.data.split", f"{data.split!r} not allowed for fashion_mnist; allowed: null "
+                             f"(test), {allowed}")
+        if data.train_split not in FMNIST_SPLITS:
+            raise self.error("defaults.data.train_split", f"{data.train_split!r} not allowed for fashion_mnist; "
+                             f"allowed: {allowed}")
+        if data.class_map is not None:
+            raise self.error("defaults.data.class_map", "fashion_mnist has its own ten labels; allowed: null (class_map "
+                             "applies to folder, imagenet and timm datasets)")
+        if data.download:
+            raise self.error("defaults.data.download", "fashion_mnist is read from data.root, else Debian's package, "
+                             "else torchvision's one-time download into the cache ($TOKENBENCH_DATA); allowed: false")
+        return replace(data, split=None if data.split == "test" else data.split)
+
+    def transform(self, vit: Any, data: DataSection, model: ModelSection, key: str) -> dict[str, Any]:
+        """The eval transform, resolved by timm from the (meta) model's pretrained config (``run.data.transform``);
+        a problem is reported at ``key`` (the model's transform where it has one, else ``defaults.data.transform``).
+        Tensor datasets (fashion_mnist) are adapted with tensor operations: what they cannot do is refused here, as
+        the run would refuse it."""
+        from bench.pipeline.data import DataError, resolve_transform, tensor_transform_problem
 
         overrides = [asdict(t) if t else None for t in (data.transform, model.transform)]
         try:
-            return resolve_transform(vit, data.name, *overrides)
+            transform = resolve_transform(vit, data.name, *overrides)
         except DataError as error:
-            raise self.error(f"{where}.transform" if model.transform else "defaults.data.transform", str(error)) from None
+            raise self.error(key, str(error)) from None
+        if data.name == "fashion_mnist":
+            problem = tensor_transform_problem(transform)
+            if problem:
+                name, message = problem  # the transform key refused: named where the file sets it
+                if not (model.transform and getattr(model.transform, name) is not None) and data.transform \
+                        and getattr(data.transform, name) is not None:
+                    key = "defaults.data.transform"
+                raise self.error(f"{key}.{name}", message)
+        return transform
 
-    def model_context(self, base: dict[str, Any], where: str, weights_key: str | None = None):
+    def model_context(self, base: dict[str, Any], where: str, weights_key: str | None = None,
+                      keys: dict[str, str] | None = None):
         """Depth and token count of the model, from a weightless (meta) instance; checks weights files
-        (a problem is reported at ``weights_key``, where the weights were given)."""
+        (a problem is reported at ``weights_key``, where the weights were given; one of the model's name or kwargs
+        at ``keys["name"]`` / ``keys["kwargs"]``, where they were given; else under ``where``)."""
+        keys = keys or {"name": f"{where}.name", "kwargs": f"{where}.kwargs"}
         import timm
 
         signature = model_signature(base)
@@ -552,13 +617,13 @@ class Parser:
             if not timm.is_model(base["model"]):
                 close = difflib.get_close_matches(base["model"], timm.list_models(), n=5, cutoff=0.8)
                 hint = f"; similar: {', '.join(close)}" if close else ""
-                raise self.error(f"{where}.name", f"unknown timm model {base['model']!r}{hint}")
+                raise self.error(keys["name"], f"unknown timm model {base['model']!r}{hint}")
             from bench.pipeline.models import create_model
 
             try:
                 vit = create_model(timm_name(base), base["model_kwargs"], meta=True)
             except Exception as error:  # noqa: BLE001 - timm raises many kinds for bad kwargs
-                raise self.error(f"{where}.kwargs", f"timm.create_model({base['model']!r}) failed: {error}") from None
+                raise self.error(keys["kwargs"], f"timm.create_model({base['model']!r}) failed: {error}") from None
             self._contexts[signature] = vit
         vit = self._contexts[signature]
         if self.check_files and base["weights_path"]:
@@ -573,10 +638,11 @@ class Parser:
                 self._checked_weights.add(marker)
         return vit
 
-    def expand_method(self, entry: Any, where: str, budgets: list[float] = ()) -> list[tuple[str, dict, float | None]]:
+    def expand_method(self, entry: Any, where: str, budgets: list[float] = (), detail: bool = False) -> list[tuple]:
         """``(method, params, budget)`` per run of a grid entry: one per sweep value, and, for an entry that
         leaves its method's budget knob unset, one per MAC budget (params then still lack the knob: it is
-        calibrated by ``calibrate``)."""
+        calibrated by ``calibrate``). ``detail``: a fourth item names the sweep values of the run
+        (``sweep.r[1]``; None without a sweep), for messages about two runs of one entry."""
         import methods
 
         if isinstance(entry, str):
@@ -597,17 +663,19 @@ class Parser:
         knob = methods.registered()[name].budget_knob
         budgeted = bool(budgets) and knob is not None and knob.name not in entry and knob.name not in sweep
         expanded = []
-        for values in itertools.product(*sweep.values()):
+        for positions in itertools.product(*(range(len(v)) for v in sweep.values())):
+            values = [sweep[key][i] for key, i in zip(sweep, positions, strict=True)]
+            swept = ", ".join(f"sweep.{key}[{i}]" for key, i in zip(sweep, positions, strict=True)) or None
             params = {**entry, **dict(zip(sweep, values, strict=True))}
             if budgeted:
-                expanded += [(name, params, target) for target in budgets]
+                expanded += [(name, params, target, swept) for target in budgets]
                 continue
             try:
                 method = methods.build(name, **params)
             except ValueError as error:
                 raise self.error(where, str(error)) from None
-            expanded.append((name, method.params, None))
-        return expanded
+            expanded.append((name, method.params, None, swept))
+        return expanded if detail else [run[:3] for run in expanded]
 
     def calibrate(self, base: dict[str, Any], method: str, params: dict[str, Any], target: float,
                   shared: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -761,7 +829,8 @@ class Parser:
         elif data["name"].startswith("torch/") and root is None:
             raise self.error("defaults.data.root", f"{data['name']} needs a folder to read (or, with download: "
                              "true, to download) it")
-        elif root is not None and not data.get("download") and not Path(root).is_dir():
+        elif root is not None and (data["name"] == "fashion_mnist" or not data.get("download")) \
+                and not Path(root).is_dir():  # Fashion-MNIST never downloads into a given root: the run needs it
             raise self.error("defaults.data.root", f"{root} does not exist")
         if data.get("class_map"):
             from bench.pipeline.data import DataError, load_class_map
@@ -772,6 +841,22 @@ class Parser:
                 raise self.error("defaults.data.class_map", str(error)) from None
         elif root is None and not DEBIAN_FMNIST.is_dir():
             pass  # torchvision's downloader fetches it at run time where there is network
+
+
+def describe_origins(first: tuple, second: tuple) -> tuple[str, str]:
+    """Two runs' origins ``(model entry or None, method entry, sweep values or None, budget)`` in as few words as
+    tell them apart: ``grid.methods[0] and grid.methods[1]``, ``grid.methods[0] sweep.r[0] and ... sweep.r[1]``,
+    ``grid.models[0] grid.methods[0] and grid.models[1] grid.methods[0]``."""
+
+    def words(origin: tuple, model: bool, sweep: bool) -> str:
+        model_where, method_where, swept, budget = origin
+        text = f"{method_where} {swept}" if sweep and swept else method_where
+        return (f"{model_where} with {text}" if model and model_where else text) + budget
+
+    for model, sweep in ((False, False), (False, True), (True, True)):
+        if words(first, model, sweep) != words(second, model, sweep):
+            return words(first, model, sweep), words(second, model, sweep)
+    return words(first, True, True), words(second, True, True)
 
 
 def model_signature(base: dict[str, Any]) -> str:
@@ -818,7 +903,8 @@ def params_label(method: str, params: dict[str, Any]) -> str:
 
 def run_key(run: RunSpec) -> str:
     """Stable across machines: model label, method, compact parameters and a hash of everything that
-    changes the result (paths as written, not as resolved)."""
+    changes the result (paths as written, not as resolved), and of the experiment's name (a run belongs to its
+    experiment: a renamed one starts afresh, in results/<name>)."""
     identity = {k: v for k, v in run.to_dict().items()
                 if k not in ("key", "params_label", "weights_path", "config_file", "reference")}
     identity["data"] = {**run.data, "root": Path(run.data["root"]).name if run.data["root"] else None}

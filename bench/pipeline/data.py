@@ -2,7 +2,7 @@
 
 Datasets (``data.name``): ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``folder`` (any
 ImageFolder tree: ``root`` and an optional ``split`` sub-folder; ``class_map`` maps folder names to class
-indices), ``fashion_mnist`` (IDX files, adapted to the model's input) and timm's ``create_dataset`` names
+indices), ``fashion_mnist`` (IDX files, adapted to the model's input; splits ``test``, t10k, and ``train``) and timm's ``create_dataset`` names
 (``torch/cifar10``, ``hfds/...``, ``hfids/...``, ``tfds/...``, ``wds/...``; downloads only with
 ``download: true``).
 
@@ -201,7 +201,7 @@ class FashionMNIST(Dataset):
         base = fashion_mnist_root(root)
         prefix = {"train": "train", "val": "t10k", "test": "t10k"}.get(split)
         if prefix is None:
-            raise DataError(f"fashion_mnist split {split!r} unknown; allowed: train, val")
+            raise DataError(f"fashion_mnist split {split!r} unknown; allowed: test (t10k, also called val), train")
         images = read_idx(_find_idx(base, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find_idx(base, f"{prefix}-labels-idx1-ubyte"))
         self.images = (torch.from_numpy(images.copy()).float().div_(255) - FMNIST_MEAN) / FMNIST_STD
@@ -210,11 +210,9 @@ class FashionMNIST(Dataset):
         self.augment = augment
         self.epoch = 0
         self.adapt = transform if transform and not _native_fmnist(transform) else None
-        if self.adapt and self.adapt["interpolation"] not in ("bicubic", "bilinear", "nearest"):
-            raise DataError(f"fashion_mnist: transform.interpolation {self.adapt['interpolation']!r} is not "
-                            "available for tensors; allowed: bicubic, bilinear, nearest")
-        if self.adapt and self.adapt["crop_mode"] == "border":
-            raise DataError("fashion_mnist: transform.crop_mode 'border' not supported; allowed: center, squash")
+        problem = tensor_transform_problem(transform)
+        if problem:
+            raise DataError(f"fashion_mnist: transform.{problem[0]} {problem[1]}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -235,6 +233,23 @@ class FashionMNIST(Dataset):
         if self.adapt:
             image = _adapt_fmnist(image, self.adapt)
         return image, int(self.targets[index])
+
+
+TENSOR_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # torch.nn.functional.interpolate's, for tensor datasets
+
+
+def tensor_transform_problem(transform: dict[str, Any] | None) -> tuple[str, str] | None:
+    """``(transform key, what is wrong; allowed ...)`` where Fashion-MNIST's tensors cannot be adapted as the resolved
+    ``transform`` says (the native 1x28x28 input is never resized: anything goes there); else None. The experiment
+    loader asks it too, so a dry run refuses what every run would."""
+    if not transform or _native_fmnist(transform):
+        return None
+    if transform["interpolation"] not in TENSOR_INTERPOLATIONS:
+        return "interpolation", (f"{transform['interpolation']!r} is not available for tensors; allowed: "
+                                 f"{', '.join(TENSOR_INTERPOLATIONS)}")
+    if transform["crop_mode"] == "border":
+        return "crop_mode", "'border' not supported for tensors; allowed: center, squash"
+    return None
 
 
 def _native_fmnist(transform: dict[str, Any]) -> bool:
@@ -380,8 +395,9 @@ def build_dataset(name: str, split: str, root: str | None = None, subset: int | 
     if problem:
         raise DataError(problem)
     training = split == "train"
-    if name == "fashion_mnist":
-        dataset: Dataset = FashionMNIST(root, split, augment=augment, transform=transform)
+    if name == "fashion_mnist":  # its IDX files: test (t10k, the default eval split) and train
+        sub = train_split if training else (eval_split or "test")
+        dataset: Dataset = FashionMNIST(root, sub, augment=augment, transform=transform)
     else:
         images = train_transform(transform) if augment else eval_transform(transform)
         if name in ("imagenet", "folder"):

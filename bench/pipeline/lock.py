@@ -22,6 +22,7 @@ import faulthandler
 import fcntl
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -115,7 +116,8 @@ def check_usable(results_dir: Path) -> None:
         results_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise FolderError(f"cannot create results folder {results_dir} ({error.strerror})") from None
-    probe = results_dir / ".write-probe"
+    # a name of this call's own: invocations starting together must not write or remove each other's probe
+    probe = results_dir / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         atomic_write(probe, b"\0" * PROBE_BYTES)
         probe.unlink()

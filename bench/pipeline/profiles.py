@@ -44,9 +44,12 @@ class Profile:
 
 
 def profile_path(name: str) -> Path:
+    """A path ending in .yaml / .yml as it is (existing or not: a missing one is named as given), else the
+    profile ``slurm/<name>.yaml``."""
     candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
-        return candidate
+    if candidate.suffix in (".yaml", ".yml"):
+        shipped = REPO / "slurm" / name  # a bare file name of a profile: example_gpu.yaml
+        return shipped if not candidate.exists() and candidate.name == name and shipped.is_file() else candidate
     return REPO / "slurm" / f"{name}.yaml"
 
 

@@ -68,6 +68,7 @@ and redoes that run. A failure note may say ``"state": "interrupted"`` (Ctrl-C) 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,8 @@ def experiment_path(results_dir: Path) -> Path:
     return Path(results_dir) / "experiment.json"
 
 
-EXPERIMENT_SHAPE = ('a JSON object with "config" (a path), "runs" (a list of run keys), "calibrations" (a list) '
-                    'and "budget_runs" (true or false), as run_bench writes it')
+EXPERIMENT_SHAPE = ('a JSON object with "config" (a path), "runs" (a list of run keys), "calibrations" (a list), '
+                    '"budget_runs" (true or false) and "budget_methods" (a list of method names), as run_bench writes it')
 
 
 class ExperimentFileError(ValueError):
@@ -192,13 +193,14 @@ class ExperimentFileError(ValueError):
 
 
 def write_experiment(results_dir: Path, name: str, config: Path, keys: list[str], calibrations: list[dict[str, Any]],
-                     budget_runs: bool = True) -> None:
-    """``budget_runs`` False (``--no-calibrate``): the MAC-budget runs are not among ``keys`` (not known without
-    calibrating); their records count as current (the caller passes the last calibrated invocation's
-    ``calibrations``)."""
+                     budget_runs: bool = True, budget_methods: Sequence[str] = ()) -> None:
+    """``budget_runs`` False: not every MAC-budget run is among ``keys``, only those of ``budget_methods``
+    (``--only tome``: ToMe's, calibrated; ``--no-calibrate``: none, not known without calibrating). The budget
+    records of the other methods count as current (the caller passes their last calibrations); those of
+    ``budget_methods`` are current where ``keys`` lists them, like every other record."""
     atomic_write_json(experiment_path(results_dir), {
         "name": name, "config": str(Path(config).resolve()), "written_at": now(), "runs": keys, "calibrations": calibrations,
-        "budget_runs": budget_runs})
+        "budget_runs": budget_runs, "budget_methods": [] if budget_runs else sorted(budget_methods)})
 
 
 def read_experiment(results_dir: Path) -> dict[str, Any] | None:
@@ -216,8 +218,10 @@ def read_experiment(results_dir: Path) -> dict[str, Any] | None:
     shapes = {"config": lambda v: isinstance(v, str) and v,
               "runs": lambda v: isinstance(v, list) and all(isinstance(key, str) for key in v),
               "calibrations": lambda v: isinstance(v, list) and all(isinstance(c, dict) for c in v),
-              "budget_runs": lambda v: isinstance(v, bool)}
+              "budget_runs": lambda v: isinstance(v, bool),
+              "budget_methods": lambda v: isinstance(v, list) and all(isinstance(method, str) for method in v)}
     value.setdefault("budget_runs", True)
+    value.setdefault("budget_methods", [])  # written before --only kept its methods' budget runs apart
     value.setdefault("name", None)
     for name, valid in shapes.items():
         if name not in value:
@@ -231,15 +235,17 @@ def current_runs(records: list[dict[str, Any]], experiment: dict[str, Any] | Non
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """``(kept, earlier, lines)``: the records whose run the experiment's current config still makes, the
     records it no longer does (its parameters, models or settings were edited since, or another config wrote
-    the folder; the files stay), and one line per such record."""
+    the folder; the files stay), and one line per such record. Where ``experiment.json`` does not list every
+    MAC-budget run (``budget_runs`` false), the budget records of the methods outside its ``budget_methods``
+    count as current (``--no-calibrate``: every method's; ``--only tome``: the other methods')."""
     if experiment is None:
         return records, [], []
-    keys, budgets_unknown = set(experiment["runs"]), not experiment["budget_runs"]
-    config = experiment["config"]
+    keys, config = set(experiment["runs"]), experiment["config"]
+    listed = None if experiment["budget_runs"] else set(experiment["budget_methods"])  # None: every method's
     kept, earlier, lines = [], [], []
     for record in records:
         run = record["run"]
-        if record["key"] in keys or (budgets_unknown and run.get("budget")):
+        if record["key"] in keys or (listed is not None and run.get("budget") and run.get("method") not in listed):
             kept.append(record)
             continue
         earlier.append(record)

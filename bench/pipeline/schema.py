@@ -21,6 +21,7 @@ from typing import Any, TypeVar, Union
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
+INT64_MAX = 2**63 - 1  # every integer key's ceiling where its field gives none: torch, numpy and islice take int64
 
 
 class SchemaError(ValueError):
@@ -118,6 +119,9 @@ def check(value: Any, kind: Any, key: str, meta: typing.Mapping[str, Any] | None
         return value
     if not _is(value, origin or kind) or not _in_range(value, meta):
         raise SchemaError(key, f"must be {meta.get('expect') or _describe(kind, meta)}, got {value!r}")
+    if (origin or kind) is int and meta.get("maximum") is None and abs(value) > INT64_MAX:  # 1e23 overflowed at run time
+        raise SchemaError(key, f"must be {meta.get('expect') or _describe(kind, meta)} and at most 2**63-1 "
+                          f"({INT64_MAX}), got {value!r}")
     return value
 
 
@@ -140,8 +144,11 @@ def _is(value: Any, kind: type) -> bool:
 def _describe(kind: Any, meta: typing.Mapping[str, Any]) -> str:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (list, tuple):
+        words = f"a{' non-empty' if meta.get('nonempty') else ''} list"
+        if args[0] is Any:  # any items: a list is all there is to say ("a list of s" before)
+            return words
         first, _, rest = _describe(args[0], {**meta, "nonempty": False}).partition(" ")[2].partition(" ")
-        return f"a{' non-empty' if meta.get('nonempty') else ''} list of {first}s{' ' + rest if rest else ''}"
+        return f"{words} of {first}s{' ' + rest if rest else ''}"
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
         origin or kind, str(kind))
     if meta.get("positive"):

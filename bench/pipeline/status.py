@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.pipeline.records import (
     RecordError,
@@ -28,6 +29,28 @@ class RunStatus:
     log: str | None = None
 
 
+def read_current(path: Path, data: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, why)``: the record at ``path`` and, where it does not count as the run's result, why not (the
+    one rule of ``todo_runs``, which sets such a record aside and redoes its run, and of ``collect_status``,
+    which shows that run as todo): a record that does not read (``record`` None; ``why`` the file's error
+    line), or one computed on other eval images than the run's ``data`` section (None: the one the record
+    names) gives here now (its ``data_digest``; not checked where the record has none or the data cannot be
+    read here)."""
+    try:
+        record = read_record(path)
+    except RecordError as error:
+        return None, str(error)
+    recorded = record.get("data_digest")
+    data = data if data is not None else record["run"].get("data")
+    if recorded and isinstance(data, dict) and isinstance(data.get("name"), str):
+        from bench.pipeline.data import data_digest
+
+        if (now := data_digest(data)) and now != recorded:  # the images the folder holds now
+            return record, (f"its record was computed on other eval images than {data.get('root') or data['name']} "
+                            "holds now (changed in place, or another folder of the same name)")
+    return record, None
+
+
 def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
               set_aside: bool = True) -> tuple[list[RunSpec], list[str]]:
     """Runs without a finished record (all with ``force``). A record that does not read (cut off
@@ -36,7 +59,6 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
     published numbers are not part of the run key, so a ``reference`` entry added to or changed in the
     experiment after its runs finished reaches their records (and the report) without recomputing them.
     Likewise a changed ``finetune.export`` path gets the run's saved fine-tuned weights."""
-    from bench.pipeline.data import data_digest
     from bench.pipeline.stages.finetune import restore_export
 
     todo, notes, updated = [], [], 0
@@ -45,19 +67,13 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
         if not path.exists() or force:
             todo.append(run)
             continue
-        try:
-            record = read_record(path)
-        except RecordError as error:
-            moved = f"moved to {set_aside_file(path).name}" if set_aside else "it would be set aside"
-            notes.append(f"warning: {error}; {moved}, the run is redone")
-            todo.append(run)
-            continue
-        recorded = record.get("data_digest")
-        if recorded and (now := data_digest(run.data)) and now != recorded:  # the images the folder holds now
-            moved = f"moved to {set_aside_file(path, 'stale').name}" if set_aside else "it would be set aside"
-            notes.append(f"warning: run {run.key}: its record was computed on other eval images than "
-                         f"{run.data.get('root') or run.data['name']} holds now (changed in place, or another folder "
-                         f"of the same name); {moved}, the run is redone")
+        record, why = read_current(path, run.data)
+        if why:  # torn (no record), or computed on other eval images
+            if set_aside:
+                moved = f"moved to {set_aside_file(path, 'torn' if record is None else 'stale').name}"
+            else:
+                moved = "it would be set aside"
+            notes.append(f"warning: {why if record is None else f'run {run.key}: {why}'}; {moved}, the run is redone")
             todo.append(run)
             continue
         if set_aside and record["run"].get("reference") != run.reference:
@@ -70,9 +86,13 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
     return todo, notes
 
 
-def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
+def collect_status(keys: list[str], results_dir: Path, data: Mapping[str, dict[str, Any]] | None = None
+                   ) -> list[RunStatus]:
     """The state of each run key: its record, its failure note and its SLURM job (``jobs.json``). A run submitted
-    again after its record was written (``--force``) shows its queued or running job, not that record."""
+    again after its record was written (``--force``) shows its queued or running job, not that record. A record
+    ``read_current`` does not count (torn, or computed on other eval images than the run's data section,
+    ``data[key]``, else the one its record names, gives now) is todo: the next invocation sets it aside and
+    redoes the run."""
     from bench.pipeline.lock import describe, live_claim
     from bench.pipeline.slurm import ACTIVE_STATES, NO_RECORD, job_states, pending_note, state_message
 
@@ -85,10 +105,10 @@ def collect_status(keys: list[str], results_dir: Path) -> list[RunStatus]:
             rows.append(RunStatus(key, "running", f"computing now: {describe(holder)}"))
             continue
         if path.exists():
-            try:
-                record = read_record(path)
-            except RecordError as error:
-                rows.append(RunStatus(key, "todo", f"torn record: {error}"))
+            record, why = read_current(path, data.get(key) if data is not None else None)
+            if why:
+                rows.append(RunStatus(key, "todo", f"torn record: {why}" if record is None else
+                                      f"{why}: the next invocation sets it aside and redoes the run"))
                 continue
             if job and job["state"] in ACTIVE_STATES and str(record.get("finished_at")) < str(job.get("submitted_at")):
                 rows.append(RunStatus(key, _active(job), f"job {job['job_id']} {job['state']} (submitted again: the record "

@@ -31,6 +31,8 @@ from bench.pipeline.files import atomic_torch_save, digest
 from bench.pipeline.schema import option
 from bench.throughput import autocast
 
+SEED_MAX = 2**48  # finetune.seed's ceiling: every epoch's streams are seeded with seed * 10_007 + epoch (int64)
+
 
 @dataclass(frozen=True)
 class FinetuneOptions:
@@ -46,7 +48,7 @@ class FinetuneOptions:
     mixup: float = option(0.0, minimum=0)
     cutmix: float = option(0.0, minimum=0)
     clip_grad: float | None = option(None, minimum=0)
-    seed: int = option(0, minimum=0)
+    seed: int = option(0, minimum=0, maximum=SEED_MAX)
     workers: int = option(0, minimum=0)
     export: str | None = option(None, expect="a file path")  # a copy of the final weights (rank 0)
 

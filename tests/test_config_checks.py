@@ -1,0 +1,296 @@
+"""Experiment-file checks: each bad value is one line naming the file, the key and what is allowed (exit 2, no
+traceback), ``--dry-run`` refuses what the runs would, and what the file says is what runs (config audit 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import run_bench
+from bench.pipeline.calibrate import cache_path
+from bench.pipeline.config import ConfigError, load_experiment
+from bench.pipeline.data import run_dataset
+from bench.pipeline.profiles import ProfileError, load_profile
+
+MODEL = {
+    "name": "vit_tiny_patch16_224",
+    "label": "tiny-fmnist",
+    "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2,
+               "num_heads": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def config(**changes) -> dict:
+    cfg = {
+        "name": "checks",
+        "defaults": {"model": dict(MODEL), "weights": None, "data": {"name": "fashion_mnist", "subset": 16},
+                     "batch_size": 8, "device": "cpu", "threads": 1},
+        "stages": ["eval"],
+        "grid": {"methods": ["baseline", {"method": "tome", "r": 2}]},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def write(tmp_path: Path, cfg: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def refused(tmp_path: Path, capsys, cfg: dict, *extra: str) -> str:
+    """The one error line of run_bench on ``cfg`` (exit 2, nothing run)."""
+    path = write(tmp_path, cfg)
+    results = tmp_path / "results"
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {path}: "), err
+    assert not (results / "runs").exists() and not (results / "failed").exists()
+    return err[len(f"error: {path}: "):]
+
+
+def with_data(**data) -> dict:
+    cfg = config()
+    cfg["defaults"]["data"].update(data)
+    return cfg
+
+
+# ------------------------------------------------------------------------------ 1. fashion_mnist's data keys
+@pytest.mark.parametrize(("data", "message"), [
+    ({"split": "bogus"}, "defaults.data.split: 'bogus' not allowed for fashion_mnist; allowed: null (test), test, train"),
+    ({"split": "val"}, "defaults.data.split: 'val' not allowed for fashion_mnist; allowed: null (test), test, train"),
+    ({"train_split": "t10k"}, "defaults.data.train_split: 't10k' not allowed for fashion_mnist; allowed: test, train"),
+    ({"class_map": "classes.txt"}, "defaults.data.class_map: fashion_mnist has its own ten labels; allowed: null"),
+    ({"download": True}, "defaults.data.download: fashion_mnist is read from data.root, else Debian's package, else "
+                         "torchvision's one-time download into the cache ($TOKENBENCH_DATA); allowed: false"),
+])
+@pytest.mark.parametrize("dry", [True, False])
+def test_fashion_mnist_refuses_the_data_keys_it_would_ignore(tmp_path, capsys, data, message, dry):
+    assert refused(tmp_path, capsys, with_data(**data), *["--dry-run"] * dry).startswith(message)
+
+
+def test_fashion_mnist_evaluates_on_the_split_the_record_names(tmp_path):
+    """split: train evaluated on t10k while the record said train (audit item 1)."""
+    default = load_experiment(write(tmp_path, with_data(subset=None)), check_files=False).runs[0]
+    train = load_experiment(write(tmp_path, with_data(subset=None, split="train")), check_files=False).runs[0]
+    test = load_experiment(write(tmp_path, with_data(subset=None, split="test")), check_files=False).runs[0]
+    assert train.data["split"] == "train" and len(run_dataset(train.data, "val")) == 60000
+    assert len(run_dataset(default.data, "val")) == 10000
+    assert test.key == default.key and "split" not in test.data  # test is the default: its records stay
+    tuned = load_experiment(write(tmp_path, with_data(subset=None, train_split="test")), check_files=False).runs[0]
+    assert len(run_dataset(tuned.data, "train")) == 10000 and len(run_dataset(default.data, "train")) == 60000
+
+
+# ------------------------------------------------------------------------- 2. a model entry naming another model
+def test_an_entry_naming_another_model_takes_neither_the_defaults_label_nor_kwargs(tmp_path):
+    cfg = config(grid={"models": ["deit_tiny_patch16_224", {}, {"label": "small-10"},
+                                  {"name": "deit_tiny_patch16_224", "label": "t", "kwargs": {"num_classes": 5}}],
+                       "methods": ["baseline"]})
+    cfg["defaults"]["model"] = {"name": "deit_small_patch16_224", "label": "deit-s", "kwargs": {"num_classes": 10}}
+    runs = load_experiment(write(tmp_path, cfg), check_files=False).runs
+    assert [(run.model, run.model_label, run.model_kwargs) for run in runs] == [
+        ("deit_tiny_patch16_224", "deit_tiny_patch16_224", {}),  # was reported as deit-s, with its kwargs
+        ("deit_small_patch16_224", "deit-s", {"num_classes": 10}),
+        ("deit_small_patch16_224", "small-10", {"num_classes": 10}),
+        ("deit_tiny_patch16_224", "t", {"num_classes": 5}),
+    ]
+
+
+# --------------------------------------------------------------------------------------- 3. weights: ''
+@pytest.mark.parametrize(("where", "key"), [("defaults", "defaults.weights"), ("model", "defaults.model.weights"),
+                                            ("entry", "grid.models[0].weights")])
+def test_empty_weights_are_refused_not_random(tmp_path, capsys, where, key):
+    cfg = config()
+    if where == "defaults":
+        cfg["defaults"]["weights"] = ""
+    elif where == "model":
+        cfg["defaults"]["model"]["weights"] = ""
+    else:
+        cfg["grid"]["models"] = [{"weights": " "}]
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(
+        f"{key}: must be null, a path, a URL or timm:<tag>, got ")
+
+
+# --------------------------------------------------------------- 4. keys named where the values came from
+@pytest.mark.parametrize(("model", "message"), [
+    ({**MODEL, "name": "vit_nonexistent"}, "defaults.model.name: unknown timm model 'vit_nonexistent'"),
+    ({**MODEL, "kwargs": {"no_such_kwarg": 1}}, "defaults.model.kwargs: timm.create_model('vit_tiny_patch16_224') "
+                                                "failed"),
+    ({**MODEL, "kwargs": [1]}, "defaults.model.kwargs: must be a mapping of timm.create_model keyword arguments"),
+    (None, "defaults.model: missing: a timm model name (e.g. deit_small_patch16_224); give defaults.model: {name: "
+           "...} or grid.models"),
+])
+def test_values_of_defaults_model_are_named_there_without_grid_models(tmp_path, capsys, model, message):
+    cfg = config()
+    cfg["defaults"]["model"] = model
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(message)
+    cfg["grid"]["models"] = [{"label": "x"}]  # inherited by an entry: still the defaults' key
+    if model is None:
+        message = "grid.models[0].name: missing"
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(message)
+
+
+def test_a_bad_name_in_an_entry_is_named_in_the_entry(tmp_path, capsys):
+    cfg = config(grid={"models": [{"name": "vit_nonexistent"}], "methods": ["baseline"]})
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(
+        "grid.models[0].name: unknown timm model 'vit_nonexistent'")
+
+
+# ------------------------------------------------------------------- 5. device auto with a CUDA-only kernel
+def test_auto_device_without_cuda_refuses_cuda_only_attention_kernels_here(tmp_path, capsys, monkeypatch):
+    """``device: auto`` is the CPU where CUDA is not: a run made here with a CUDA-only kernel is refused before
+    anything runs; the dry run says so in a note (a GPU nodes' config may be dry-run on a login node), and the
+    file itself loads (``--executor slurm`` submits it from there)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = config()
+    cfg["defaults"].update(device="auto", sdpa_backend="efficient")
+    message = ("defaults.sdpa_backend: 'efficient' needs CUDA, and device: auto is the CPU on this machine (no "
+               "CUDA); allowed here: auto, math, flash, explicit, or --executor slurm for GPU nodes")
+    assert refused(tmp_path, capsys, cfg) == message
+    path = write(tmp_path, cfg)
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert f"  note: --executor inprocess refuses this: {path}: {message}" in capsys.readouterr().out
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "dry"), "--dry-run", "--executor",
+                           "slurm"]) == 0  # submitted from here, it runs on the GPU nodes
+    assert "refuses this" not in capsys.readouterr().out
+    assert [run.sdpa_backend for run in load_experiment(path).runs] == ["efficient", "efficient"]
+    cfg["defaults"]["sdpa_backend"] = "flash"  # a kernel PyTorch has on CPU
+    assert [run.sdpa_backend for run in load_experiment(write(tmp_path, cfg)).runs] == ["flash", "flash"]
+    cfg["defaults"].update(device="cpu", sdpa_backend="cudnn")  # refused when the file is read
+    assert refused(tmp_path, capsys, cfg, "--dry-run") == (
+        "defaults.sdpa_backend: 'cudnn' needs CUDA (device: cpu); allowed on CPU: auto, math, flash, explicit")
+
+
+# --------------------------------------------------------------------------- 6. tensor transforms at load time
+def test_fashion_mnist_transforms_tensors_cannot_do_are_refused_at_load_time(tmp_path, capsys):
+    cfg = with_data(transform={"interpolation": "lanczos", "crop_pct": 0.875})
+    message = "'lanczos' is not available for tensors; allowed: bicubic, bilinear, nearest"
+    assert refused(tmp_path, capsys, cfg, "--dry-run") == f"defaults.data.transform.interpolation: {message}"
+    cfg = with_data(transform={"crop_pct": 0.875})
+    cfg["grid"]["models"] = [{"transform": {"interpolation": "box"}}]
+    assert refused(tmp_path, capsys, cfg, "--dry-run") == (
+        "grid.models[0].transform.interpolation: 'box' is not available for tensors; allowed: bicubic, bilinear, "
+        "nearest")
+    cfg = with_data(transform={"crop_pct": 0.875, "crop_mode": "border"})
+    assert refused(tmp_path, capsys, cfg, "--dry-run") == (
+        "defaults.data.transform.crop_mode: 'border' not supported for tensors; allowed: center, squash")
+    cfg = with_data(transform={"interpolation": "lanczos"})  # the native 28x28 input is never resized: it runs
+    assert len(load_experiment(write(tmp_path, cfg)).runs) == 2
+
+
+# -------------------------------------------------------------------- 7. a missing root with download: true
+def test_a_missing_fashion_mnist_root_is_refused_before_the_runs_even_with_download(tmp_path, capsys):
+    cfg = with_data(root=str(tmp_path / "nope"), download=True)
+    assert refused(tmp_path, capsys, cfg).startswith("defaults.data.download: ")  # every run failed on the root
+    cfg = with_data(root=str(tmp_path / "nope"))
+    assert refused(tmp_path, capsys, cfg) == f"defaults.data.root: {tmp_path / 'nope'} does not exist"
+
+
+# ------------------------------------------------------------------------------------- 8. integer bounds
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("defaults", "batch_size", 10**23, "defaults.batch_size: must be an integer >= 1 and at most 2**63-1 "
+                                       "(9223372036854775807), got 100000000000000000000000"),
+    ("defaults", "seed", 2**64, "defaults.seed: must be an integer >= 0 and at most 2**63-1"),
+    ("defaults", "threads", 10**14, "defaults.threads: must be an integer in [1, 4096], got 100000000000000"),
+    ("defaults", "threads", 4097, "defaults.threads: must be an integer in [1, 4096], got 4097"),
+    ("defaults", "workers", 2**63, "defaults.workers: must be an integer >= 0 and at most 2**63-1"),
+    ("throughput", "batch_sizes", [10**20], "throughput.batch_sizes[0]: must be an integer >= 1 and at most 2**63-1"),
+    ("finetune", "seed", 10**30, "finetune.seed: must be an integer in [0, 281474976710656], got 10"),
+])
+def test_integers_beyond_what_the_runs_take_are_refused_naming_the_key(tmp_path, capsys, section, key, value, message):
+    cfg = config()
+    cfg.setdefault(section, {})[key] = value
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(message)
+
+
+def test_the_largest_allowed_values_load(tmp_path):
+    cfg = config()
+    cfg["defaults"].update(seed=2**63 - 1, threads=4096, batch_size=2**63 - 1)
+    assert load_experiment(write(tmp_path, cfg), check_files=False).runs[0].seed == 2**63 - 1
+
+
+# ------------------------------------------------------------------------- 9. a wrongly shaped calibration cache
+@pytest.mark.parametrize("content", ["[1]", '"text"', "null", "{}", "no value", "method 3"])
+def test_a_wrongly_shaped_calibration_cache_is_rebuilt(tmp_path, content):
+    cfg = config(budgets={"macs": [0.8]}, grid={"methods": [{"method": "tome"}]})
+    path = write(tmp_path, cfg)
+    expected = load_experiment(path).runs[0].params
+    cache = json.loads(cache_path().read_text())
+    if content == "no value":  # readable, but its entries lack a field
+        content = json.dumps({key: {k: v for k, v in entry.items() if k != "value"} for key, entry in cache.items()})
+    elif content == "method 3":  # ... or have one of another type
+        content = json.dumps({key: {**entry, "method": 3} for key, entry in cache.items()})
+    cache_path().write_text(content)
+    assert load_experiment(path).runs[0].params == expected  # was a TypeError traceback
+    rebuilt = json.loads(cache_path().read_text())
+    assert rebuilt.keys() == cache.keys() and rebuilt == cache
+
+
+# ----------------------------------------------------------------------------------------- 10. wording
+def test_a_list_of_any_items_is_described_as_a_list(tmp_path, capsys):
+    assert refused(tmp_path, capsys, config(grid={"methods": "baseline"}), "--dry-run") == (
+        "grid.methods: must be a list, got 'baseline'")
+    assert refused(tmp_path, capsys, config(grid={"models": "deit_tiny_patch16_224", "methods": ["baseline"]}),
+                   "--dry-run") == "grid.models: must be a list, got 'deit_tiny_patch16_224'"
+
+
+def test_duplicate_runs_name_the_sweep_values_and_model_entries_that_make_them(tmp_path, capsys):
+    cfg = config(grid={"methods": [{"method": "tome", "sweep": {"r": [2, 3, 2]}}]})
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(
+        "grid: grid.methods[0] sweep.r[0] and grid.methods[0] sweep.r[2] make the same run tiny-fmnist-tome-r2-")
+    cfg = config(grid={"methods": [{"method": "tome", "sweep": {"r": [2, 3], "inflection": [0, 0]}}]})
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(
+        "grid: grid.methods[0] sweep.inflection[0], sweep.r[0] and grid.methods[0] sweep.inflection[1], sweep.r[0] "
+        "make the same run")  # (safe_dump sorts the keys)
+    cfg = config(grid={"models": [{"label": "x"}, {"label": "x"}], "methods": ["baseline"]})
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(
+        "grid: grid.models[0] with grid.methods[0] and grid.models[1] with grid.methods[0] make the same run x-baseline-")
+    cfg = config(grid={"methods": ["baseline", "baseline"]})  # distinct entries: named as before
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(
+        "grid: grid.methods[0] and grid.methods[1] make the same run")
+
+
+def test_a_profile_path_is_not_given_a_second_suffix(tmp_path, capsys):
+    missing = tmp_path / "nothere.yaml"
+    with pytest.raises(ProfileError) as raised:
+        load_profile(str(missing))
+    assert str(raised.value).startswith(f"{missing}: no such cluster profile; available: ")
+    assert load_profile("local.yaml") == load_profile("local")  # a shipped profile by its file name
+    path = write(tmp_path, config())
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--dry-run", "--profile",
+                           str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {missing}: no such cluster profile; available: example_gpu, local"
+
+
+def test_config_errors_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        load_experiment(write(tmp_path, with_data(split="bogus")), check_files=False)
+    assert raised.value.key == "defaults.data.split"
+
+
+# --------------------------------------------------------------------------- --only naming the file's methods
+def test_only_matching_no_run_lists_every_method_of_the_file(tmp_path, capsys):
+    """``--only`` with a method's name calibrates that method's budgets alone: a name the file lacks is refused
+    with the methods the file names, those whose budget runs were left uncalibrated included."""
+    cfg = config(budgets={"macs": [0.7]}, grid={"methods": ["baseline", "tome", {"method": "evit", "layers": [1]}]})
+    assert refused(tmp_path, capsys, cfg, "--dry-run", "--only", "pitome").startswith(
+        "--only 'pitome' matches no run (methods: baseline, tome, evit; keys: tiny-fmnist-baseline-")
+
+
+def test_a_finetune_seed_its_epoch_streams_would_overflow_is_refused(tmp_path, capsys):
+    """Each epoch is seeded with ``seed * 10_007 + epoch``: a seed that overflows it is one line, not a crash."""
+    cfg = config(stages=["finetune", "eval"], finetune={"epochs": 1, "batch_size": 8, "seed": 2**60})
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith("finetune.seed: must be")
+    cfg["finetune"]["seed"] = 2**48
+    path = write(tmp_path, cfg)
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "dry"), "--dry-run"]) == 0
