@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import run_bench
 from bench.pipeline.calibrate import cache_path
 from bench.pipeline.config import ConfigError, load_experiment
 from bench.pipeline.data import run_dataset
 from bench.pipeline.profiles import ProfileError, load_profile
+from tests.test_pipeline import write
 
 MODEL = {
     "name": "vit_tiny_patch16_224",
@@ -39,12 +39,6 @@ def config(**changes) -> dict:
     }
     cfg.update(changes)
     return cfg
-
-
-def write(tmp_path: Path, cfg: dict, name: str = "exp.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def refused(tmp_path: Path, capsys, cfg: dict, *extra: str) -> str:
