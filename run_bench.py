@@ -132,6 +132,8 @@ def _main(argv: list[str] | None) -> int:
         return fail(f"{args.config}: --only {unmatched[0]!r} matches no run (methods: {', '.join(experiment.methods)}; "
                     f"keys: {experiment.runs[0].key}, ...)")
 
+    if (args.status or args.dry_run) and results_dir.exists() and not results_dir.is_dir():  # as the runs refuse it
+        return fail(f"results folder {results_dir} is a file, not a folder")
     if args.status:
         rows = collect_status([run.key for run in runs], results_dir, {run.key: run.data for run in runs})
         print_status(rows)

@@ -288,3 +288,18 @@ def test_a_finetune_seed_its_epoch_streams_would_overflow_is_refused(tmp_path, c
     cfg["finetune"]["seed"] = 2**48
     path = write(tmp_path, cfg)
     assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "dry"), "--dry-run"]) == 0
+
+
+def test_budgets_no_entry_uses_are_a_warning_and_a_results_file_is_refused_by_dry_run_and_status(tmp_path, capsys):
+    cfg = config(budgets={"macs": [0.7]}, grid={"methods": [{"method": "tome", "r": 2}, "baseline"]})
+    path = write(tmp_path, cfg)
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {path}: budgets: is set but no grid entry leaves its method's budget knob unset (or every method "
+        "lacks one): no run is calibrated to it (drop the knob from an entry to run it at each budget)"]
+    unset = config(budgets={"macs": [0.7]}, grid={"methods": ["baseline", "tome"]})  # tome's r is calibrated
+    assert [w for w in load_experiment(write(tmp_path, unset), calibrate=False).warnings if "budgets:" in w] == []
+    (tmp_path / "afile").write_text("x")
+    for flag in ("--dry-run", "--status"):
+        assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "afile"), flag]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: results folder {tmp_path / 'afile'} is a file, not a folder"

@@ -415,6 +415,10 @@ class Parser:
                     continue  # unreachable: said in the warnings, shown as "-" in the report
             runs.append(self.make_run(base, method, params, method_where, shared, references, budget))
             origins.append((*origin, f" at budget {target!r}" if target is not None else ""))
+        if budgets and all(entry[3] is None for entry in entries):  # a list that would silently make no run
+            self.warnings.append(f"warning: {self.path}: budgets: is set but no grid entry leaves its method's budget "
+                                 "knob unset (or every method lacks one): no run is calibrated to it (drop the knob "
+                                 "from an entry to run it at each budget)")
         for index, ref in enumerate(references):
             if index not in self.matched_references:
                 self.warnings.append(f"warning: {self.path}: reference[{index}]: matches no run (model "
