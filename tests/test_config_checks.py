@@ -303,3 +303,16 @@ def test_budgets_no_entry_uses_are_a_warning_and_a_results_file_is_refused_by_dr
     for flag in ("--dry-run", "--status"):
         assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "afile"), flag]) == 2
         assert capsys.readouterr().err.splitlines()[-1] == f"error: results folder {tmp_path / 'afile'} is a file, not a folder"
+
+
+def test_a_reference_an_earlier_entry_shadows_is_named_as_such_not_as_matching_nothing(tmp_path):
+    refs = [{"method": "tome", "top1": 70.0}, {"method": "tome", "params": {"r": 2}, "top1": 71.0},
+            {"method": "evit", "top1": 60.0}]
+    experiment = load_experiment(write(tmp_path, config(reference=refs)))
+    path = tmp_path / "exp.yaml"
+    assert [run.reference for run in experiment.runs if run.method == "tome"] == [{"top1": 70.0}]
+    assert experiment.warnings == [
+        f"warning: {path}: reference[1]: every run it matches takes reference[0] (the first matching entry wins; list "
+        "the more specific entry first)",
+        f"warning: {path}: reference[2]: matches no run (model any, method evit, params {{}}); a reference is matched "
+        "by model label, method and a subset of the parameters"]

@@ -303,6 +303,7 @@ class Parser:
         self.only_methods: set[str] | None = None  # --only: the methods whose budget runs are calibrated
         self.unselected = 0  # budget runs of methods --only leaves out
         self.matched_references: set[int] = set()  # indices of the reference entries some run matched
+        self.shadowed_references: dict[int, int] = {}  # entries a run matched that an earlier entry took first
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.path, key, message)
@@ -420,7 +421,11 @@ class Parser:
                                  "knob unset (or every method lacks one): no run is calibrated to it (drop the knob "
                                  "from an entry to run it at each budget)")
         for index, ref in enumerate(references):
-            if index not in self.matched_references:
+            if index not in self.matched_references and index in self.shadowed_references:
+                self.warnings.append(f"warning: {self.path}: reference[{index}]: every run it matches takes "
+                                     f"reference[{self.shadowed_references[index]}] (the first matching entry wins; "
+                                     "list the more specific entry first)")
+            elif index not in self.matched_references:
                 self.warnings.append(f"warning: {self.path}: reference[{index}]: matches no run (model "
                                      f"{ref.model or 'any'}, method {ref.method}, params {ref.params or {}}); a "
                                      "reference is matched by model label, method and a subset of the parameters")
@@ -795,9 +800,12 @@ class Parser:
         vit = self.model_context(base, where)
         if budget:  # the calibrated setting (a fixed entry was checked before any calibration)
             self.check_method(vit, base, method, params, where, budget["knob"])
-        index = next((i for i, ref in enumerate(references) if ref.method == method
-                      and (ref.model or base["model_label"]) == base["model_label"]
-                      and (ref.params or {}).items() <= params.items()), None)
+        matching = [i for i, ref in enumerate(references) if ref.method == method
+                    and (ref.model or base["model_label"]) == base["model_label"]
+                    and (ref.params or {}).items() <= params.items()]
+        index = matching[0] if matching else None  # the first matching entry wins
+        for later in matching[1:]:
+            self.shadowed_references.setdefault(later, index)
         reference = None
         if index is not None:
             self.matched_references.add(index)
