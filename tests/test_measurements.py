@@ -505,7 +505,11 @@ def test_report_links_figures_and_carries_the_new_columns(sweep_results, tmp_pat
     tome = [line for line in section.splitlines() if line.startswith("| tome")][0]
     cells = [cell.strip() for cell in tome.split("|")[1:-1]]
     entries = {entry["batch_size"]: entry for entry in records["tome"]["metrics"]["throughput"]}
-    assert cells[3] == f"{entries[1]['latency_p50_ms']:.2f}" and cells[8] == f"{entries[8]['latency_p50_ms']:.2f}"
+    for first_cell, batch in ((3, 1), (9, 8)):  # per batch size: p50, p90, peak MB, and the dense model's three
+        fields = ("latency_p50_ms", "latency_p90_ms", "peak_mem_mb")
+        expected = [entries[batch][who + field] for who in ("", "baseline_") for field in fields]
+        assert cells[first_cell:first_cell + 6] == [f"{value:.{1 if 'mem' in field else 2}f}" for value, field
+                                                    in zip(expected, fields * 2, strict=True)]
     found = measurements.crossover(list(entries), [entry["speedup"] for entry in entries.values()])
     assert cells[2] == (f"bs {found}" if found else "not up to bs 8")
 

@@ -99,7 +99,7 @@ def _measured(tp: pd.DataFrame) -> pd.DataFrame:
 
 def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
                   sort: Callable[[pd.DataFrame], pd.DataFrame], title: Callable[..., str]) -> list[str]:
-    """``## Speed by batch size``: per group, where each method beats dense and its latency / memory at
+    """``## Latency, memory and crossover``: per group, where each method beats dense and its latency / memory at
     the smallest and the largest measured batch size. Empty without throughput entries."""
     if tp.empty:
         return []
@@ -113,7 +113,7 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
         headers = ["Method", "Params", "Beats dense from"]
         for batch in ends:
             headers += [f"p50 ms (bs {batch})", f"p90 ms (bs {batch})", f"Peak MB (bs {batch})",
-                        f"Dense p50 ms (bs {batch})", f"Dense peak MB (bs {batch})"]
+                        f"Dense p50 ms (bs {batch})", f"Dense p90 ms (bs {batch})", f"Dense peak MB (bs {batch})"]
         rows = []
         for _, run in sort(df[df["key"].isin(group["key"])]).iterrows():
             entries = group[group["key"] == run["key"]]
@@ -126,10 +126,10 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
             for batch in ends:
                 match = entries[entries["batch_size"] == batch]
                 entry = match.iloc[0] if len(match) else None
-                row += ["", "", "", "", ""] if entry is None else [
+                row += [""] * 6 if entry is None else [
                     fixed(entry["latency_p50_ms"], 2), fixed(entry["latency_p90_ms"], 2),
                     fixed(entry["peak_mem_mb"], 1), fixed(entry["baseline_latency_p50_ms"], 2),
-                    fixed(entry["baseline_peak_mem_mb"], 1)]
+                    fixed(entry["baseline_latency_p90_ms"], 2), fixed(entry["baseline_peak_mem_mb"], 1)]
             rows.append(row)
         lines += [f"### {title(*names)}", "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True),
                   ""]
