@@ -13,6 +13,7 @@ import run_bench
 from bench.pipeline.calibrate import cache_path
 from bench.pipeline.config import ConfigError, load_experiment
 from bench.pipeline.data import run_dataset
+from bench.pipeline.files import REPO
 from bench.pipeline.profiles import ProfileError, load_profile
 from tests.test_pipeline import write
 
@@ -316,3 +317,45 @@ def test_a_reference_an_earlier_entry_shadows_is_named_as_such_not_as_matching_n
         "the more specific entry first)",
         f"warning: {path}: reference[2]: matches no run (model any, method evit, params {{}}); a reference is matched "
         "by model label, method and a subset of the parameters"]
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning checks
+def test_finetune_min_lr_above_lr_and_exports_that_would_replace_something_else_are_refused(tmp_path, capsys):
+    """The cosine goes from lr down to min_lr (above lr it rose, 10x the peak asked for); an export is written
+    atomically over its path (a link or a device there was replaced by a file); '' meant no export, silently."""
+    def finetune(**changes):  # one run: an export path is one run's
+        return config(stages=["finetune", "eval"], finetune={"epochs": 1, "batch_size": 8, **changes},
+                      grid={"methods": ["baseline"]})
+
+    assert refused(tmp_path, capsys, finetune(lr=1.0e-7), "--dry-run") == (
+        "finetune.min_lr: 1e-06 is above finetune.lr (1e-07): the schedule goes from lr down to min_lr; allowed: at "
+        "most finetune.lr")
+    assert refused(tmp_path, capsys, finetune(export=""), "--dry-run") == "finetune.export: must be null or a file path, got ''"
+    (tmp_path / "target.pth").write_bytes(b"weights")
+    (tmp_path / "link.pth").symlink_to(tmp_path / "target.pth")
+    assert refused(tmp_path, capsys, finetune(export=str(tmp_path / "link.pth"))).startswith(
+        f"finetune.export: {tmp_path / 'link.pth'} is a symbolic link, which the export would replace by a file")
+    assert refused(tmp_path, capsys, finetune(export="/dev/null")).startswith(
+        "finetune.export: /dev/null is not a regular file, which the export would replace by a file")
+    assert len(load_experiment(write(tmp_path, finetune(lr=1.0e-7, min_lr=0.0, export=str(tmp_path / "target.pth"))),
+                               data_required=False).runs) == 1
+
+
+def test_a_submission_whose_processes_cannot_share_the_finetune_batch_is_refused(tmp_path):
+    """Each fine-tuning job splits its global batch over the profile's tasks (DDP); mixup and cutmix need even
+    shares. Every rank failed on its node; now the submission is refused naming the key and the profile."""
+    from bench.pipeline.slurm import SubmitError, check_submission
+
+    profile = tmp_path / "four.yaml"
+    profile.write_text((REPO / "slurm" / "local.yaml").read_text().replace("tasks_per_node: 1", "tasks_per_node: 4"))
+    for batch, mixup, allowed in ((18, 0.0, "a multiple of 4"), (20, 0.8, "a multiple of 8")):
+        cfg = config(stages=["finetune", "eval"], finetune={"epochs": 1, "batch_size": batch, "mixup": mixup})
+        cfg["defaults"]["data"]["subset"] = 32
+        experiment = load_experiment(write(tmp_path, cfg), data_required=False)
+        with pytest.raises(SubmitError, match=rf"finetune.batch_size: {batch} is not split into (even )?shares by the "
+                                              rf"4 processes of cluster profile {profile} \(tasks_per_node: 4\); "
+                                              rf"allowed: {allowed}"):
+            check_submission(experiment, experiment.runs, str(profile))
+    cfg["finetune"]["batch_size"] = 24
+    experiment = load_experiment(write(tmp_path, cfg), data_required=False)
+    assert check_submission(experiment, experiment.runs, str(profile)).tasks_per_node == 4

@@ -65,10 +65,27 @@ def test_epoch_batches_split_one_global_batch_across_ranks():
     single = EpochBatches(30, opts, epoch=2, rank=0, world_size=1).batches
     shares = [EpochBatches(30, opts, epoch=2, rank=r, world_size=2).batches for r in (0, 1)]
     assert len(single) == 3  # the last partial batch is dropped
-    assert [a + b for a, b in zip(*shares, strict=True)] == single
+    assert [sorted(a + b) for a, b in zip(*shares, strict=True)] == [sorted(batch) for batch in single]
     assert EpochBatches(30, opts, epoch=3, rank=0, world_size=1).batches != single
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         EpochBatches(30, opts, epoch=0, rank=0, world_size=3)
+
+
+@pytest.mark.parametrize(("batch_size", "world_size"), [(8, 2), (24, 4), (12, 3), (16, 8)])
+def test_each_process_mixes_the_pairs_one_process_mixes(batch_size, world_size):
+    """timm's Mixup mixes image j of a process's batch with image n-1-j (``x.flip(0)``): under DDP every process
+    must mix the pairs of the whole global batch that one process mixes, so N tasks train as one does."""
+    opts = FinetuneOptions(batch_size=batch_size, seed=3)
+
+    def pairs(batch):
+        return {frozenset((batch[j], batch[-1 - j])) for j in range(len(batch) // 2)}
+
+    single = EpochBatches(100, opts, epoch=1, rank=0, world_size=1).batches
+    shares = [EpochBatches(100, opts, epoch=1, rank=r, world_size=world_size).batches for r in range(world_size)]
+    for step, batch in enumerate(single):
+        local = [share[step] for share in shares]
+        assert sorted(sum(local, [])) == sorted(batch) and {len(part) for part in local} == {batch_size // world_size}
+        assert set().union(*(pairs(part) for part in local)) == pairs(batch)
 
 
 def test_resume_after_an_epoch_is_exact(tmp_path):

@@ -328,9 +328,14 @@ class Parser:
         subset = section.defaults.data.subset if section.defaults.data else None  # the eval and training images
         if "finetune" in stages:
             finetune = section.finetune.to_dict()
+            if finetune["export"] is not None and not finetune["export"].strip():  # '' meant no export, silently
+                raise self.error("finetune.export", f"must be null or a file path, got {finetune['export']!r}")
             finetune["export"] = self.resolve(finetune["export"]) if finetune["export"] else None
             if finetune["export"] and self.check_files:
                 self.local_check(lambda: self.check_export(finetune["export"]))
+            if finetune["min_lr"] > finetune["lr"]:  # the cosine would rise from lr to min_lr
+                raise self.error("finetune.min_lr", f"{finetune['min_lr']} is above finetune.lr ({finetune['lr']}): the "
+                                 "schedule goes from lr down to min_lr; allowed: at most finetune.lr")
             if finetune["warmup_epochs"] > finetune["epochs"]:
                 raise self.error("finetune.warmup_epochs", f"{finetune['warmup_epochs']} is more than the "
                                  f"{finetune['epochs']} epoch{'s' * (finetune['epochs'] != 1)} of training; allowed: at "
@@ -551,6 +556,10 @@ class Parser:
         if path.is_dir():
             raise self.error("finetune.export", f"{export} is a folder; allowed: a file path (e.g. "
                              f"{path / 'weights.pth'})")
+        if path.is_symlink() or (path.exists() and not path.is_file()):  # the export would replace it by a file
+            what = "a symbolic link" if path.is_symlink() else "not a regular file"
+            raise self.error("finetune.export", f"{export} is {what}, which the export would replace by a file; "
+                             "allowed: a regular file path (written atomically)")
         ancestor = path.parent
         while not ancestor.exists():
             ancestor = ancestor.parent

@@ -225,6 +225,16 @@ def check_submission(experiment, runs, profile: str | None = None) -> Profile:
         raise SubmitError(f"{experiment.file}: defaults.device: cuda, but cluster profile {profile_path(name)} gives "
                           f"its jobs no GPU ({given}); allowed: a profile with gpus_per_node >= 1 (e.g. "
                           "slurm/example_gpu.yaml), or device auto or cpu")
+    tasks = settings.tasks_per_node
+    for run in runs:  # each fine-tuning job's global batch is split over its tasks (DDP): refused here, not on the node
+        if run.finetune and tasks > 1 and (run.finetune["batch_size"] % tasks or (
+                (run.finetune["mixup"] > 0 or run.finetune["cutmix"] > 0) and run.finetune["batch_size"] // tasks % 2)):
+            batch = run.finetune["batch_size"]
+            raise SubmitError(f"{experiment.file}: finetune.batch_size: {batch} is not split into "
+                              f"{'even ' if batch % tasks == 0 else ''}shares by the {tasks} processes of cluster "
+                              f"profile {profile_path(name)} (tasks_per_node: {tasks}); allowed: a multiple of "
+                              f"{tasks * (2 if run.finetune['mixup'] > 0 or run.finetune['cutmix'] > 0 else 1)} (mixup "
+                              "and cutmix pair the images of each process's share)")
     return settings
 
 

@@ -111,17 +111,26 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, opts: FinetuneOptions)
 
 class EpochBatches:
     """The batches of one epoch on one rank: a permutation seeded by (seed, epoch), cut into global
-    batches (last partial one dropped), each split into ``world_size`` contiguous shares."""
+    batches (last partial one dropped), each split into ``world_size`` shares. A share of an even size takes its
+    two halves from both ends of the global batch (rank r: images r*h.. and N-(r+1)*h.. of it, h = half a share):
+    timm's Mixup pairs each image of a process's batch with its mirror image (``x.flip(0)``), so every process
+    then mixes the pairs one process mixes in the whole global batch (image i with image N-1-i). With one process,
+    and for odd shares (no mixup), the shares are contiguous."""
 
     def __init__(self, size: int, opts: FinetuneOptions, epoch: int, rank: int, world_size: int) -> None:
         if opts.batch_size % world_size:
             raise ValueError(f"finetune.batch_size {opts.batch_size} is not divisible by {world_size} processes")
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(opts.seed * 10_007 + epoch))
-        share = opts.batch_size // world_size
-        self.batches = [
-            order[start + rank * share : start + (rank + 1) * share].tolist()
-            for start in range(0, size - opts.batch_size + 1, opts.batch_size)
-        ]
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(opts.seed * 10_007 + epoch)).tolist()
+        total = opts.batch_size
+        share = total // world_size
+        half = share // 2 if share % 2 == 0 else None
+        self.batches = []
+        for start in range(0, size - total + 1, total):
+            batch = order[start : start + total]
+            if half is None:
+                self.batches.append(batch[rank * share : (rank + 1) * share])
+            else:
+                self.batches.append(batch[rank * half : (rank + 1) * half] + batch[total - (rank + 1) * half : total - rank * half])
 
     def __iter__(self):
         return iter(self.batches)
