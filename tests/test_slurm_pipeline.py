@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
 import torch
 import yaml
 
@@ -548,7 +549,7 @@ def test_an_inprocess_run_leaves_a_run_to_its_queued_slurm_job(slurm_env, tmp_pa
         subprocess.run(["scancel", blocker, *([job] if job else [])], env=slurm_env, timeout=30)
 
 
-def test_a_failing_setup_line_fails_the_job_with_its_line(slurm_env, tmp_path, capsys):
+def test_a_failing_setup_line_fails_the_job_with_its_line(slurm_env, tmp_path, capsys, monkeypatch):
     """A cluster profile whose setup line fails (a module the cluster lacks): the job stops there, and --wait and
     --status give the line that failed, with the profile's file. Before, the job went on without it and succeeded
     or failed later on something else; the line was only in the job's log."""
@@ -558,7 +559,11 @@ def test_a_failing_setup_line_fails_the_job_with_its_line(slurm_env, tmp_path, c
     config = experiment(tmp_path, "setup", stages=["macs"], grid={"methods": EVAL_METHODS[:1]})
     results = tmp_path / "slurm"
     line = f"SetupError: {profile}: setup[1]: 'module load cuda/99' failed (exit 127); the job stopped before its run"
+    asked = []  # a job that left no result is not asked for one (submitit waited 15 s per such job for it)
+    results_of = submitit.core.core.Job.results
+    monkeypatch.setattr(submitit.core.core.Job, "results", lambda job: asked.append(job.job_id) or results_of(job))
     assert on_slurm(config, results, "--wait", profile=str(profile)) == 1
+    assert asked == []
     out = capsys.readouterr().out
     assert f": {line} (log: " in out and "0 run(s) succeeded, 1 failed" in out, out
     assert not (results / "runs").exists() or not list((results / "runs").iterdir())

@@ -313,6 +313,14 @@ def _wait_all(jobs_by_key: dict, results_dir: Path, flying: dict[str, dict[str, 
     for key, job in jobs_by_key.items():
         try:
             _await(job)
+            ended = None if job.paths.result_pickle.exists() else _final_state(job)
+            if ended not in (None, "COMPLETED", "UNKNOWN"):  # it ended outside Python (a setup line, scancel, the
+                # node): no result will come, where results() waited 15 s for one, job after job
+                message = state_message(job.job_id, ended) or last_error_line(job.stderr() or "",
+                                                                               f"job {job.job_id} {ended}")
+                log = str(job.paths.stderr) if job.paths.stderr.exists() else None
+                outcomes.append(Outcome(key, False, error=message, log=log))
+                continue
             # results(), not result(): a multi-task (DDP) job has one result per task (rank 0 records).
             job.results()
             outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
