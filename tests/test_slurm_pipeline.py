@@ -516,6 +516,30 @@ def test_a_run_submitted_again_shows_its_queued_job_not_its_earlier_record(slurm
     assert [row.state for row in collect_status(list(earlier), results)] == ["done", "done"]
 
 
+def test_a_forced_attempt_cancelled_on_slurm_shows_as_failed_beside_its_earlier_record(slurm_env, tmp_path, capsys):
+    """--force on SLURM, and the new job cancelled (scancel writes no failure note of the run's own): --status said
+    'done' from the earlier record; it now shows the cancelled attempt, and the record stays."""
+    profile = tmp_path / "slow_setup.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "debug", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10,
+                                       "setup": ["sleep 60"]}))
+    config = experiment(tmp_path, "cancelled", stages=["macs"], grid={"methods": EVAL_METHODS[:1]})
+    results = tmp_path / "slurm"
+    assert bench(config, results) == 0
+    (key, record), = records_by_key(results).items()
+    time.sleep(1.1)  # the record's finished_at and the submission's submitted_at are whole seconds
+    assert on_slurm(config, results, "--force", profile=str(profile)) == 0
+    job = jobs(results)[key]["job_id"]
+    wait_for(lambda: queue_states(slurm_env, job) == ["RUNNING"], 60, "the job to start its setup")
+    subprocess.run(["scancel", job], env=slurm_env, check=True, timeout=30)
+    sacct_final(slurm_env, job)
+    capsys.readouterr()
+    assert run_bench.main(["--config", str(config), "--results", str(results), "--status"]) == 1
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if key in line]
+    assert row.startswith("failed ") and f"job {job} CANCELLED (a later attempt; the record of " \
+        f"{record['finished_at']} stays)" in row, row
+    assert records_by_key(results)[key]["finished_at"] == record["finished_at"]
+
+
 def test_an_inprocess_run_leaves_a_run_to_its_queued_slurm_job(slurm_env, tmp_path, capsys):
     """A run that an earlier submission's job is still queued on is not computed in this process too (it was: the
     job then failed on the run's claim, or computed it a second time). One line names the job; the other runs are

@@ -117,6 +117,14 @@ def collect_status(keys: list[str], results_dir: Path, data: Mapping[str, dict[s
                 # redone (--force) since the record, and that attempt failed or was cut: the record stays
                 rows.append(RunStatus(key, failure.get("state") or "failed", f"{failure.get('error') or ''} (a later "
                                       f"attempt; the record of {record.get('finished_at')} stays)", failure.get("log")))
+            elif job and job["state"] not in (*ACTIVE_STATES, "COMPLETED", "UNKNOWN") and \
+                    str(record.get("finished_at")) < str(job.get("submitted_at")):
+                # redone (--force) since the record, and that job ended without a note of its own (scancel, a
+                # setup line, the node): the record stays
+                detail = state_message(job["job_id"], job["state"]) or \
+                    f"job {job['job_id']} {job['state']}: {_log_error(job.get('log')) or 'no record written'}"
+                rows.append(RunStatus(key, "failed", f"{detail} (a later attempt; the record of "
+                                      f"{record.get('finished_at')} stays)", job.get("log")))
             else:
                 rows.append(RunStatus(key, "done", log=(job or {}).get("log")))
             continue
