@@ -21,7 +21,6 @@ allowed), an unusable or busy results folder, or SLURM refusing the submission; 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -61,12 +60,6 @@ def calibration_line(calibration: dict) -> str:
     from bench.pipeline.calibrate import Calibration
 
     return Calibration(**{k: v for k, v in calibration.items() if k not in ("model", "setting")}).describe()
-
-
-def calibration_identity(calibration: dict) -> tuple:
-    """What one calibration of ``experiment.json`` is for: model, method, setting and budget."""
-    return (calibration.get("model"), calibration.get("method"), json.dumps(calibration.get("setting"), sort_keys=True),
-            round(calibration.get("target") or 0.0, 6))
 
 
 def fail(message: str) -> int:
@@ -232,10 +225,10 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
         print(f"note: {results_dir} holds the results of experiment {previous['name']!r} ({previous['config']}); "
               f"those runs are now listed under 'Records of earlier configs' (report.py --all shows them)",
               file=sys.stderr)
-    # not every MAC-budget run keyed: --no-calibrate keys none, --only METHOD... those of its methods (the only ones
-    # load_experiment calibrates then). The other methods' calibrations of the last invocation stay (and their
-    # budget records count as current); the keyed methods' calibrations and budget runs are this config's alone
-    keyed = [] if experiment.complete or args.no_calibrate else sorted(set(args.only or ()))
+    # not every MAC-budget run keyed (--no-calibrate: none; --only METHOD...: those of its methods,
+    # ``experiment.budget_methods``): the other methods' calibrations of the last invocation stay (and their budget
+    # records count as current); the keyed methods' calibrations and budget runs are this config's alone
+    keyed = experiment.budget_methods
     calibrations = experiment.calibrations
     if not experiment.complete and previous:
         calibrations = [c for c in previous["calibrations"] if c.get("method") not in keyed] + calibrations

@@ -257,6 +257,8 @@ class Experiment:
     calibrations: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = True  # False: MAC-budget runs left out (--no-calibrate, or of methods --only does not select)
     methods: tuple[str, ...] = ()  # every method the grid names, in its order (budget runs left out or not)
+    # not complete: the methods whose MAC-budget runs are among ``runs`` all the same (--only METHOD: calibrated)
+    budget_methods: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,7 +458,8 @@ class Parser:
         return Experiment(name=name, file=self.path, runs=runs, slurm=section.slurm,
                           warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations,
                           complete=not (self.uncalibrated or self.unselected),
-                          methods=tuple(dict.fromkeys(entry[1] for entry in entries)))
+                          methods=tuple(dict.fromkeys(entry[1] for entry in entries)),
+                          budget_methods=tuple(sorted(self.only_methods)) if self.unselected else ())
 
     def check_label(self, base: dict[str, Any], labelled: dict[tuple, tuple[str, str]], where: str) -> None:
         """One model per label (with the same weights): the leaderboard groups and compares runs by label."""

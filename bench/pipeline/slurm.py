@@ -227,14 +227,15 @@ def check_submission(experiment, runs, profile: str | None = None) -> Profile:
                           "slurm/example_gpu.yaml), or device auto or cpu")
     tasks = settings.tasks_per_node
     for run in runs:  # each fine-tuning job's global batch is split over its tasks (DDP): refused here, not on the node
-        if run.finetune and tasks > 1 and (run.finetune["batch_size"] % tasks or (
-                (run.finetune["mixup"] > 0 or run.finetune["cutmix"] > 0) and run.finetune["batch_size"] // tasks % 2)):
-            batch = run.finetune["batch_size"]
+        if not run.finetune or tasks == 1:
+            continue
+        batch, pairs = run.finetune["batch_size"], run.finetune["mixup"] > 0 or run.finetune["cutmix"] > 0
+        step = tasks * (2 if pairs else 1)  # mixup and cutmix pair the images of each process's share
+        if batch % step:
             raise SubmitError(f"{experiment.file}: finetune.batch_size: {batch} is not split into "
                               f"{'even ' if batch % tasks == 0 else ''}shares by the {tasks} processes of cluster "
-                              f"profile {profile_path(name)} (tasks_per_node: {tasks}); allowed: a multiple of "
-                              f"{tasks * (2 if run.finetune['mixup'] > 0 or run.finetune['cutmix'] > 0 else 1)} (mixup "
-                              "and cutmix pair the images of each process's share)")
+                              f"profile {profile_path(name)} (tasks_per_node: {tasks}); allowed: a multiple of {step} "
+                              "(mixup and cutmix pair the images of each process's share)")
     return settings
 
 
@@ -316,16 +317,13 @@ def _wait_all(jobs_by_key: dict, results_dir: Path, flying: dict[str, dict[str, 
             ended = None if job.paths.result_pickle.exists() else _final_state(job)
             if ended not in (None, "COMPLETED", "UNKNOWN"):  # it ended outside Python (a setup line, scancel, the
                 # node): no result will come, where results() waited 15 s for one, job after job
-                message = state_message(job.job_id, ended) or last_error_line(job.stderr() or "",
-                                                                               f"job {job.job_id} {ended}")
-                log = str(job.paths.stderr) if job.paths.stderr.exists() else None
-                outcomes.append(Outcome(key, False, error=message, log=log))
-                continue
+                raise JobEnded(state_message(job.job_id, ended) or last_error_line(job.stderr() or "",
+                                                                                    f"job {job.job_id} {ended}"))
             # results(), not result(): a multi-task (DDP) job has one result per task (rank 0 records).
             job.results()
             outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
-            message = str(error) if isinstance(error, JobGone) else \
+            message = str(error) if isinstance(error, JobEnded) else \
                 state_message(job.job_id, _final_state(job)) or last_error_line(str(error), "unknown error")
             log = str(job.paths.stderr) if job.paths.stderr.exists() else None  # a task cancelled before it started
             outcomes.append(Outcome(key, False, error=message, log=log))
@@ -374,8 +372,10 @@ def _final_state(job: submitit.Job, tries: int = 5, interval: float = 1.0) -> st
     return "UNKNOWN"
 
 
-class JobGone(RuntimeError):
-    """SLURM dropped an array task without a trace (cancelled while pending): it will never end."""
+class JobEnded(RuntimeError):
+    """A job that ended without a result of its own, its message the line to show: SLURM dropped the array task
+    without a trace (cancelled while pending: it will never end for submitit), or it ended outside Python (a setup
+    line, scancel, the node)."""
 
 
 def poll_delay(started: float, interval: float = 2.0) -> float:
@@ -387,7 +387,7 @@ def poll_delay(started: float, interval: float = 2.0) -> float:
 
 
 def _await(job: submitit.Job, interval: float = 2.0, checks: int = 3) -> None:
-    """Until submitit sees ``job`` end; ``JobGone`` when the task is in neither squeue nor sacct (while
+    """Until submitit sees ``job`` end; ``JobEnded`` when the task is in neither squeue nor sacct (while
     sacct lists its array) at ``checks`` polls in a row: submitit would wait for it forever. A job SLURM holds
     (``HELD_REASONS``) is said once: it waits until someone releases or cancels it. Polls ``poll_delay`` apart."""
     missing, said, started = 0, False, time.monotonic()
@@ -399,7 +399,7 @@ def _await(job: submitit.Job, interval: float = 2.0, checks: int = 3) -> None:
         gone = answered and _task_state(states, job.job_id) == NO_RECORD  # SLURM cannot say now: keep waiting
         missing = missing + 1 if gone else 0
         if missing >= checks:
-            raise JobGone(f"job {job.job_id}: no accounting record (cancelled before it started?)")
+            raise JobEnded(f"job {job.job_id}: no accounting record (cancelled before it started?)")
 
 
 def pending_reasons(ids: str) -> dict[str, str]:
