@@ -89,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     args.began = time.monotonic()  # the wall-time line also says what came before the runs (calibrating)
-    if args.executor != "slurm" and not (args.dry_run or args.status):  # not silently ignored
-        given = [flag for flag, value in (("--wait", args.wait), ("--profile", args.profile)) if value]
-        if given:
-            return fail(f"{' and '.join(given)}: only with --executor slurm (--profile also with --dry-run); "
-                        f"this invocation uses --executor {args.executor}")
+    mode = " ".join(["--executor", args.executor, *(["--dry-run"] if args.dry_run else []),
+                     *(["--status"] if args.status else [])])
+    unused = [flag for flag, value, used in (  # not silently ignored
+        ("--wait", args.wait, args.executor == "slurm" and not (args.dry_run or args.status)),
+        ("--profile", args.profile, (args.executor == "slurm" or args.dry_run) and not args.status)) if value and not used]
+    if unused:
+        return fail(f"{' and '.join(unused)}: does nothing here (--wait: with --executor slurm, when it submits; "
+                    f"--profile: with --executor slurm or --dry-run); this invocation: {mode}")
     try:
         import methods  # noqa: F401 - every method file registers itself here
     except ImportError as error:  # a file of methods/ that does not import: one line naming it
@@ -214,8 +217,16 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
             cluster = check_submission(experiment, todo, args.profile)
         except (ProfileError, SubmitError) as error:
             return fail(str(error))
-    from bench.pipeline.records import ExperimentFileError, experiment_path, read_experiment, write_experiment
+    from bench.pipeline.records import (
+        ExperimentFileError,
+        experiment_bytes,
+        experiment_path,
+        read_experiment,
+        restore_experiment,
+        write_experiment,
+    )
 
+    earlier = experiment_bytes(results_dir)  # put back if nothing starts (weights not fetched, sbatch refused)
     try:
         previous = read_experiment(results_dir)
     except ExperimentFileError as error:
@@ -244,6 +255,7 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
         todo = prefetch_weights(todo, results_dir, warn=lambda message: print(message, file=sys.stderr),
                                 jobs_here=args.executor != "slurm")
     except WeightsError as error:
+        restore_experiment(results_dir, earlier)
         return fail(str(error))
     if args.executor == "slurm":
         from bench.pipeline.profiles import profile_path
@@ -252,7 +264,8 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
         try:  # with the profile checked above
             code = submit(experiment, todo, results_dir, cluster, wait=args.wait, redo=args.force,
                           profile_file=profile_path(profile_name(experiment, args.profile)), before_wait=release)
-        except SubmitError as error:
+        except SubmitError as error:  # sbatch took none of it (one experiment: one job array)
+            restore_experiment(results_dir, earlier)
             return fail(str(error))
         if args.wait and not args.no_report:
             write_report(results_dir)

@@ -290,13 +290,18 @@ def embed(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     return vit.pos_drop(x)
 
 
+def hybrid(patch: nn.Module) -> bool:
+    """A hybrid embedding: a CNN backbone before the patch projection (timm's ``HybridEmbed``, ``vit_*_r_*``)."""
+    return hasattr(patch, "backbone")
+
+
 def check_embeds(patch: nn.Module, size: Any) -> None:
     """Refuse an input size (H, W) other than the model's that ``embed`` cannot embed: one that is not a multiple
     of the patch size, or any other size for a hybrid embedding (a CNN backbone before the projection)."""
     height, width = size
     if (height, width) == tuple(patch.img_size):
         return
-    if hasattr(patch, "backbone"):
+    if hybrid(patch):
         raise ValueError(f"input {height}x{width}: this model's {type(patch).__name__} runs a CNN backbone before "
                          f"its patch projection; the harness embeds inputs of other sizes for plain patch embeddings "
                          f"only; allowed here: {patch.img_size[0]}x{patch.img_size[1]}")
@@ -307,7 +312,7 @@ def check_embeds(patch: nn.Module, size: Any) -> None:
 def patch_stride(patch: nn.Module) -> tuple[int, int]:
     """Input pixels per patch token (H, W): the patch size; for a hybrid embedding (a CNN backbone before the
     projection) the model's input size over its grid of tokens."""
-    if hasattr(patch, "backbone"):
+    if hybrid(patch):
         return tuple(size // count for size, count in zip(patch.img_size, patch.grid_size, strict=True))
     return tuple(patch.patch_size)
 
@@ -316,7 +321,8 @@ def input_grid(patch: nn.Module, size: Any) -> tuple[int, int]:
     """(rows, cols) of patch tokens ``embed`` makes of an input of ``size`` (H, W)."""
     if tuple(size) == tuple(patch.img_size):
         return tuple(patch.grid_size)
-    return size[0] // patch.patch_size[0], size[1] // patch.patch_size[1]
+    stride = patch_stride(patch)
+    return size[0] // stride[0], size[1] // stride[1]
 
 
 def check_supported(model: nn.Module) -> None:

@@ -337,6 +337,9 @@ def test_finetune_min_lr_above_lr_and_exports_that_would_replace_something_else_
         f"finetune.export: {tmp_path / 'link.pth'} is a symbolic link, which the export would replace by a file")
     assert refused(tmp_path, capsys, finetune(export="/dev/null")).startswith(
         "finetune.export: /dev/null is not a regular file, which the export would replace by a file")
+    # a folder that takes no file though os.access says writable (to root, /proc does): refused before training
+    assert refused(tmp_path, capsys, finetune(export="/proc/tokenbench/w.pth")).startswith(
+        "finetune.export: /proc/tokenbench/w.pth cannot be written: /proc ")
     assert len(load_experiment(write(tmp_path, finetune(lr=1.0e-7, min_lr=0.0, export=str(tmp_path / "target.pth"))),
                                data_required=False).runs) == 1
 

@@ -894,10 +894,17 @@ def test_a_closed_pipe_stops_quietly(tmp_path):
 def test_slurm_options_without_the_slurm_executor_are_one_line(tmp_path, capsys):
     path = write(tmp_path, config(tmp_path, stages=["macs"]))
     assert bench_main(path, tmp_path / "r", "--wait") == 2
-    assert capsys.readouterr().err.strip() == ("error: --wait: only with --executor slurm (--profile also with "
-                                               "--dry-run); this invocation uses --executor inprocess")
+    assert capsys.readouterr().err.strip() == (
+        "error: --wait: does nothing here (--wait: with --executor slurm, when it submits; --profile: with "
+        "--executor slurm or --dry-run); this invocation: --executor inprocess")
     assert bench_main(path, tmp_path / "r", "--executor", "local", "--profile", "local", "--wait") == 2
-    assert "error: --wait and --profile: only with --executor slurm" in capsys.readouterr().err
+    assert "error: --wait and --profile: does nothing here" in capsys.readouterr().err
+    # a dry run or --status submits nothing to wait for (both were accepted and the flag ignored)
+    for extra in (["--dry-run"], ["--status"], ["--executor", "slurm", "--dry-run"], ["--executor", "slurm", "--status"]):
+        assert bench_main(path, tmp_path / "r", *extra, "--wait") == 2, extra
+        assert capsys.readouterr().err.strip().endswith(f"this invocation: {' '.join(extra if 'slurm' in extra else ['--executor', 'inprocess', *extra])}"), extra
+    assert bench_main(path, tmp_path / "r", "--status", "--profile", "local") == 2  # --status reads no profile
+    assert "error: --profile: does nothing here" in capsys.readouterr().err
     assert bench_main(path, tmp_path / "r", "--dry-run", "--profile", "local") == 0
     assert not (tmp_path / "r" / "runs").exists()
 

@@ -247,9 +247,9 @@ def test_invocations_starting_together_do_not_remove_each_others_write_probe(tmp
     have its probe removed by the other between its write and its unlink, and refused a writable folder ("not
     writable (No such file or directory)", also with --wait-lock). The other's check runs exactly there here:
     both pass, and no probe is left behind."""
-    from bench.pipeline import lock
+    from bench.pipeline import files, lock
 
-    results, write, between = tmp_path / "results", lock.atomic_write, []
+    results, write, between = tmp_path / "results", files.atomic_write, []
 
     def write_then_the_other_checks(path, content):
         write(path, content)
@@ -257,7 +257,7 @@ def test_invocations_starting_together_do_not_remove_each_others_write_probe(tmp
             between.append(path)
             lock.check_usable(results)
 
-    monkeypatch.setattr(lock, "atomic_write", write_then_the_other_checks)
+    monkeypatch.setattr(files, "atomic_write", write_then_the_other_checks)
     lock.check_usable(results)
     assert between and list(results.iterdir()) == []
 
@@ -753,6 +753,7 @@ def test_an_sbatch_refusal_names_the_profile_file_and_key(slurm_env, tmp_path, c
         assert words in line and "nothing was submitted" in line
         assert line.endswith("; allowed here: debug, short") == (key == "partition"), line
         assert not (results / "jobs.json").exists()
+        assert not (results / "experiment.json").exists() and not (results / "logs").exists()
 
 
 @pytest.mark.slurm
@@ -767,8 +768,41 @@ def test_submitting_with_the_controller_down_is_one_line_exit_2(slurm_env, tmp_p
     line = one_line(capsys.readouterr().err)
     assert line.startswith("error: SLURM refused the submission (") and "Unable to contact slurm controller" in line
     assert not (results / "jobs.json").exists()
-    assert (results / "logs" / "slurm").is_dir()  # submitit wrote there, and its files for no job are gone:
-    assert [path.name for path in (results / "logs" / "slurm").rglob("*")] == []  # the pickles, the sbatch script
+    # submitit wrote its pickles and the sbatch script there: files of no job, gone with their folders, and the
+    # experiment.json this invocation wrote before submitting (the folder had none): nothing was submitted
+    assert sorted(path.name for path in results.iterdir()) == [".lock"], sorted(results.rglob("*"))
+    # a folder with runs: its experiment.json (the last invocation's) is put back as it was
+    assert bench(path, results) == 0
+    earlier = (results / "experiment.json").read_bytes()
+    time.sleep(0.01)  # written_at of a rewrite would differ
+    assert slurm(path, results, "--force") == 2
+    assert (results / "experiment.json").read_bytes() == earlier and not (results / "logs").exists()
+
+
+def test_a_wait_that_submitted_nothing_does_not_time_from_a_submission(tmp_path, capsys, monkeypatch):
+    """--wait whose runs were all still on earlier jobs: it submitted nothing, so its closing line counts from the
+    start of the wait (it said "after submission")."""
+    from bench.pipeline import slurm as slurm_module
+    from bench.pipeline.executors import Outcome
+
+    monkeypatch.setattr(slurm_module, "_wait_in_flight", lambda results_dir, flying: [Outcome(key, True) for key in flying])
+    assert slurm_module._wait_all({}, tmp_path, {"k": {"job_id": "7_0", "state": "RUNNING"}}, time.time()) == 0
+    assert "all 1 job(s) ended 0.0 s after the wait began (this invocation submitted none)\n" in capsys.readouterr().out
+
+
+def test_weights_that_cannot_be_fetched_leave_the_experiment_file_as_it_was(tmp_path, capsys):
+    """A URL that cannot be fetched stops the invocation before any run: the experiment.json it had rewritten (with
+    the new config's runs) is the earlier one again, or none where there was none."""
+    results = tmp_path / "results"
+    assert bench(config(tmp_path), results) == 0
+    earlier = (results / "experiment.json").read_bytes()
+    unreachable = config(tmp_path, name="other", weights="http://127.0.0.1:9/weights.pth")  # the discard port
+    time.sleep(0.01)
+    assert bench(unreachable, results) == 2
+    assert "http://127.0.0.1:9/weights.pth: download failed" in capsys.readouterr().err
+    assert (results / "experiment.json").read_bytes() == earlier
+    assert bench(unreachable, tmp_path / "fresh") == 2
+    assert not (tmp_path / "fresh" / "experiment.json").exists()
 
 
 def _local_job_gets_a_dropped_ctrl_c(tmp_path: Path, monkeypatch) -> tuple[Path, Any, Any, list[str], list]:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.pipeline.data import CROP_MODES, DATASETS, INTERPOLATIONS, TIMM_PREFIXES, dataset_problem
-from bench.pipeline.files import canonical, digest
+from bench.pipeline.files import canonical, digest, write_probe
 from bench.pipeline.fingerprint import weights_sha256
 from bench.pipeline.schema import FileError, SchemaError, check_keys, option, parse
 from bench.pipeline.stages import STAGES
@@ -570,6 +570,11 @@ class Parser:
             what = "is not a folder" if not ancestor.is_dir() else "is not writable"
             raise self.error("finetune.export", f"{export} cannot be written: {ancestor} {what}; allowed: a file "
                              "path under a writable folder")
+        try:  # root passes os.access everywhere: /proc, /sys, a read-only mount failed only after training
+            write_probe(ancestor)
+        except OSError as error:
+            raise self.error("finetune.export", f"{export} cannot be written: {ancestor} takes no file "
+                             f"({error.strerror or error}); allowed: a file path under a writable folder") from None
 
     def data_spec(self, data: DataSection) -> dict[str, Any]:
         problem = dataset_problem(data.name)

@@ -53,6 +53,15 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
         handle.write(content)
 
 
+def write_probe(folder: str | os.PathLike, size: int = 1) -> None:
+    """Write a file of ``size`` bytes in ``folder`` as every file is written, then remove it: ``OSError`` where the
+    folder does not take one (``os.access`` answers yes to root everywhere, /proc and /sys included). The name is
+    this call's own: invocations starting together do not write or remove each other's probe."""
+    probe = Path(folder) / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}"
+    atomic_write(probe, b"\0" * size)
+    probe.unlink()
+
+
 def atomic_write_json(path: str | os.PathLike, value: Any, indent: int = 1) -> None:
     with atomic_file(path) as handle:
         json.dump(value, handle, indent=indent, default=_jsonable)

@@ -22,7 +22,6 @@ import faulthandler
 import fcntl
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -33,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline.files import atomic_write, atomic_write_json
+from bench.pipeline.files import atomic_write_json, write_probe
 from bench.pipeline.textio import TextError, read_json
 
 PROBE_BYTES = 256 * 1024  # the results folder must take this much (a record is ~10 KB)
@@ -116,11 +115,8 @@ def check_usable(results_dir: Path) -> None:
         results_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise FolderError(f"cannot create results folder {results_dir} ({error.strerror})") from None
-    # a name of this call's own: invocations starting together must not write or remove each other's probe
-    probe = results_dir / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}"
     try:
-        atomic_write(probe, b"\0" * PROBE_BYTES)
-        probe.unlink()
+        write_probe(results_dir, PROBE_BYTES)
     except OSError as error:
         raise FolderError(f"results folder {results_dir} is not writable ({error.strerror or error})") from None
 

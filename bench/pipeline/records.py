@@ -73,7 +73,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline.files import atomic_write_json
+from bench.pipeline.files import atomic_write, atomic_write_json
 from bench.pipeline.textio import TextError, read_json
 
 SCHEMA = 1
@@ -201,6 +201,26 @@ def write_experiment(results_dir: Path, name: str, config: Path, keys: list[str]
     atomic_write_json(experiment_path(results_dir), {
         "name": name, "config": str(Path(config).resolve()), "written_at": now(), "runs": keys, "calibrations": calibrations,
         "budget_runs": budget_runs, "budget_methods": [] if budget_runs else sorted(budget_methods)})
+
+
+def experiment_bytes(results_dir: Path) -> bytes | None:
+    """``experiment.json`` as it is now (None: none, or unreadable), for ``restore_experiment``."""
+    try:
+        return experiment_path(results_dir).read_bytes()
+    except OSError:
+        return None
+
+
+def restore_experiment(results_dir: Path, content: bytes | None) -> None:
+    """Put back ``experiment.json`` as ``experiment_bytes`` read it, when the invocation that rewrote it started
+    nothing (sbatch refused the submission, weights could not be fetched): the folder describes its runs again."""
+    try:
+        if content is None:
+            experiment_path(results_dir).unlink(missing_ok=True)
+        else:
+            atomic_write(experiment_path(results_dir), content)
+    except OSError:  # the refusal is what the user needs to read; the next invocation rewrites the file anyway
+        pass
 
 
 def read_experiment(results_dir: Path) -> dict[str, Any] | None:

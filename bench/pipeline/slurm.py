@@ -328,7 +328,8 @@ def _wait_all(jobs_by_key: dict, results_dir: Path, flying: dict[str, dict[str, 
             log = str(job.paths.stderr) if job.paths.stderr.exists() else None  # a task cancelled before it started
             outcomes.append(Outcome(key, False, error=message, log=log))
     outcomes += _wait_in_flight(results_dir, flying)
-    print(f"all {len(jobs_by_key) + len(flying)} job(s) ended {time.time() - submitted_at:.1f} s after submission")
+    since = "submission" if jobs_by_key else "the wait began (this invocation submitted none)"
+    print(f"all {len(jobs_by_key) + len(flying)} job(s) ended {time.time() - submitted_at:.1f} s after {since}")
     return summary(outcomes)
 
 
@@ -349,6 +350,9 @@ def _submit_group(executor: submitit.AutoExecutor, group: list, results_dir: Pat
         for path in set(log_folder.iterdir()) - before if log_folder.is_dir() else ():
             if path.is_file():
                 path.unlink(missing_ok=True)
+        for folder in (log_folder, log_folder.parent):  # made for this array alone: empty, removed
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         reason = last_error_line(f"{captured.getvalue()}\n{error}", "no reason given")
         raise SubmitError(refusal(reason, profile_file)) from None
 
