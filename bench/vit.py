@@ -55,7 +55,7 @@ class ForwardInfo:
     map from output tokens to input tokens, when tracking was on. ``size``: (B, N, 1). ``mask``: (B, N).
     ``tokens_probe[i]``: tokens whose q and k a START reduction computed before reducing (0: none);
     ``probs_given[i]``: block i reused attention probabilities handed over by its START reduction.
-    ``layer_sources[i]``: ``(source, mask)`` as they left block i, for every block with a reduction step
+    ``layer_sources[i]``: ``(source, mask)`` as they left block i, for every block whose reduction step reduced
     (only when tracking was on): the token maps after each reducing layer.
     """
 
@@ -174,6 +174,7 @@ class ReducedViT(nn.Module):
             needs = step.signals if step is not None else frozenset()
             keep_attn = layer + 1 < ctx.depth and steps[layer + 1] is not None and PREV_ATTN in steps[layer + 1].signals
             counts["in"].append(int(tokens.x.shape[1]))
+            entering_mask = tokens.mask
 
             counts["probe"].append(int(tokens.x.shape[1]) if point == START and needs - {PREV_ATTN} else 0)
             if point == START:
@@ -207,7 +208,10 @@ class ReducedViT(nn.Module):
             if point == END:
                 tokens = self._reduce(layer, tokens, signals, ctx, stats)
             counts["out"].append(int(tokens.x.shape[1]))
-            if step is not None and tokens.source is not None:
+            # a token map of the blocks that reduced (a step that removed nothing, e.g. a keep rate of 0.999 on
+            # few tokens, drew a panel the same as the one before it)
+            reduced = counts["out"][-1] != counts["in"][-1] or tokens.mask is not entering_mask
+            if step is not None and tokens.source is not None and reduced:
                 layer_sources[layer] = (tokens.source, tokens.mask)
         self.last_forward = ForwardInfo(
             tokens_in=counts["in"],

@@ -121,8 +121,7 @@ class KMedoids(Method):
         clusters = cluster_count(self, layer, ctx)
         patches = tokens.x[:, ctx.num_prefix:]
         if self.params["equal_weight"]:
-            # numpy's global generator, one draw per layer shared by the batch (the reference's draw)
-            first = int(np.random.choice(patches.shape[1], 1)[0])
+            first = first_medoid(patches.shape[1])
             medoids = spread_medoids(patches, clusters, first)
             weights = patches.new_ones(patches.shape[:2])
         else:
@@ -136,6 +135,14 @@ class KMedoids(Method):
         """Work outside what torchprofile traces: ``cdist`` (Np^2 * C per layer, Np = patch tokens entering it;
         with ``equal_weight`` also the initialisation's distances to 1..K-1 medoids, Np * C * K(K-1)/2)."""
         return overhead_macs(tokens_in, self.params, ctx.num_prefix, ctx.num_tokens - ctx.num_prefix, dim)
+
+
+@torch.compiler.disable
+def first_medoid(count: int) -> int:
+    """The first medoid with ``equal_weight``: numpy's global generator, one draw per layer shared by the batch (the
+    reference's draw). Outside any compiled graph (one graph break per layer): traced into it, the draw's guard
+    failed under ``inference_mode`` (a crash of every compiled forward) and was a break of its own under no_grad."""
+    return int(np.random.choice(count, 1)[0])
 
 
 def overhead_macs(tokens_in: list[int], params: dict[str, Any], num_prefix: int, patches: int, dim: int) -> int:

@@ -100,7 +100,8 @@ def test_a_calibration_depends_on_its_method_modules_and_the_harness_only():
     harness (before: every methods/*.py)."""
     from bench.pipeline.calibrate import code_files
 
-    harness = {f"bench/{path.name}" for path in (REPO / "bench").glob("*.py")} | {"bench/pipeline/calibrate.py"}
+    harness = {f"bench/{path.name}" for path in (REPO / "bench").glob("*.py")} | {"bench/pipeline/calibrate.py",
+                                                                                   "bench/pipeline/models.py"}
     shared = {"methods/__init__.py", "methods/base.py"}
 
     def files(method):
@@ -112,6 +113,8 @@ def test_a_calibration_depends_on_its_method_modules_and_the_harness_only():
     assert files("topk") == {"methods/topk.py", "methods/evit.py", "methods/ops.py"}
     assert files("pruning") == {"methods/pruning.py", "methods/ppt.py", "methods/ops.py"}
     assert files("baseline") == {"methods/baseline.py"}
+    # ATS's MACs follow its images: what reads, transforms and draws them too (an edit to the draw reused a stale one)
+    assert files("ats") == {"methods/ats.py", "bench/pipeline/data.py", "bench/pipeline/samples.py"}
     assert harness <= {path.relative_to(REPO).as_posix() for path in code_files("tome")}
 
 
@@ -231,6 +234,61 @@ def test_budget_runs_without_eval_or_dense_run_print_no_nan(budget_run, tmp_path
     cells = [line.split("|")[3].strip().strip("*") for line in section.splitlines()
              if line.startswith("| ") and "Rank" not in line]
     assert len(cells) == 2 and all(re.fullmatch(r"\d+\.\d\d", cell) for cell in cells), cells
+
+
+def test_a_record_above_its_budget_is_marked_and_kept_out_of_bold_and_rank(budget_run, tmp_path):
+    """A record whose MACs are above its budget (calibrated on other images or code than it was measured with) was
+    shown, bold when best, under "≤ budget". It is now marked, never bold, and left out of the AUC and the rank."""
+    _, results = budget_run
+    folder = tmp_path / "over"
+    records, _ = read_all(results)
+    dense = next(r for r in records if r["run"]["method"] == "baseline")["metrics"]["macs"]["torchprofile"]
+    for record in records:
+        budget = record["run"]["budget"]
+        if record["run"]["method"] == "tome" and budget and budget["target"] == 0.55:
+            record = copy.deepcopy(record)
+            record["metrics"]["eval"]["top1"] = 99.0  # the best of its column, were it within the budget
+            record["metrics"]["macs"]["torchprofile"] = int(0.6 * dense)  # 0.600 of the dense MACs
+        write_record(record_path(folder, record["key"]), record)
+    shutil.copy(results / "experiment.json", folder / "experiment.json")
+    assert report.main([str(folder)]) == 0
+    section = (folder / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    rows = {cells[1]: cells for cells in ([cell.strip() for cell in line.split("|")[1:-1]]
+                                          for line in section.splitlines() if line.startswith("| ") and "Rank" not in line)}
+    assert rows["tome"][2].startswith("99.00 (") and rows["tome"][2].endswith(" @0.600 over budget")
+    assert rows["evit"][2].startswith("**") or rows["resize"][2].startswith("**")  # the best within the budget
+    assert rows["tome"][-1] == ""  # one cell left: no Pareto AUC
+    assert max(rows, key=lambda name: -int(rows[name][0])) != "tome" and int(rows["tome"][0]) > 1
+    assert "_over budget: the run's MACs are above its budget" in section
+
+
+def test_a_method_better_in_every_cell_ranks_first_whatever_fractions_its_knob_reached(tmp_path):
+    """Three budgets; evit beats tome by 0.1 points in every cell, but undershoots the lowest budget (0.40 of the
+    dense MACs under 0.55). Over the achieved fractions its AUC averaged a wider range of its own (83.69 against
+    84.23) and ranked it second; over the budgets both are measured on the same range (84.33 against 84.23)."""
+    cfg = yaml.safe_load(experiment(tmp_path).read_text())
+    cfg.update({"budgets": {"macs": [0.55, 0.7, 0.8]}, "grid": {"methods": ["baseline", "tome",
+                                                                           {"method": "evit", "layers": [1]}]}})
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    results = tmp_path / "results"
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--quiet", "--no-report"]) == 0
+    records, _ = read_all(results)
+    dense = next(r for r in records if r["run"]["method"] == "baseline")["metrics"]["macs"]["torchprofile"]
+    cells = {("evit", 0.55): (79.1, 0.40), ("evit", 0.7): (86.0, 0.69), ("evit", 0.8): (88.0, 0.79),
+             ("tome", 0.55): (79.0, 0.54), ("tome", 0.7): (85.9, 0.69), ("tome", 0.8): (87.9, 0.79)}
+    for record in records:
+        if record["run"]["budget"]:
+            top1, fraction = cells[record["run"]["method"], record["run"]["budget"]["target"]]
+            record["metrics"]["eval"]["top1"] = top1
+            record["metrics"]["macs"]["torchprofile"] = int(fraction * dense)
+            write_record(record_path(results, record["key"]), record)
+    assert report.main([str(results)]) == 0
+    section = (results / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith("| ") and "Rank" not in line]
+    assert [(row[0], row[1], row[-2], row[-1]) for row in rows] == [("1", "evit", "0.40–0.79", "84.33"),
+                                                                    ("2", "tome", "0.54–0.79", "84.23")]
 
 
 def test_one_budget_ranks_by_mean_top1_then_a_method_without_cells_last(budget_run, tmp_path):
@@ -357,6 +415,48 @@ def test_ats_budget_is_calibrated_on_the_images_its_record_averages_and_the_cach
         (fraction,) = table.loc[table["method"] == "ats", "mac_fraction"]
         assert fraction == pytest.approx(cells[images], abs=1e-3)
     assert cells[4] != cells[16]  # other images, another calibration (not the cached one)
+
+
+def test_a_budget_with_more_than_two_decimals_is_shown_with_them():
+    """Budgets 0.701 and 0.704 were both headed "≤ 0.70 MACs" (and a 0.705 cell at @0.703 under it)."""
+    from bench.pipeline.budgets import budget_text
+    from bench.pipeline.calibrate import Calibration
+
+    assert [budget_text(t) for t in (0.6, 0.705, 0.701, 0.8, 1.0)] == ["0.60", "0.705", "0.701", "0.80", "1.00"]
+    line = Calibration(method="tome", knob="r", target=0.705, value=4, achieved=0.7031, macs=7031, dense_macs=10000).describe()
+    assert line.startswith("tome @0.705 -> r=4 (0.703)"), line
+
+
+def test_an_ats_calibration_cached_for_a_folder_is_not_reused_once_its_images_change_in_place(tmp_path):
+    """The cache key of a data-dependent calibration held the data section, not the images: a folder whose JPEGs were
+    replaced under the same names reused the calibration of the old images (an audit saw a cell @0.966 under a
+    0.95 budget). It now holds the folder's identity (``data_digest``): another search, another cache entry."""
+    from PIL import Image
+
+    from bench.pipeline.calibrate import cache_path
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.data import forget_datasets
+    from tests.test_backbones import jpeg_folder
+
+    jpeg_folder(tmp_path / "imgs")
+    model = {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "num_classes": 2,
+                                                        "embed_dim": 48, "depth": 4, "num_heads": 3}}
+    cfg = {"name": "stale", "defaults": {"model": model, "weights": None, "device": "cpu", "batch_size": 4,
+                                         "data": {"name": "folder", "root": str(tmp_path / "imgs"), "split": "val",
+                                                  "transform": {"input_size": [3, 32, 32], "crop_pct": 1.0}}},
+           "stages": ["macs"], "macs": {"images": 4}, "budgets": {"macs": [0.9]}, "grid": {"methods": ["ats"]}}
+    path = tmp_path / "stale.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def ats_entries() -> int:  # one invocation: the data read afresh, as run_bench reads it
+        forget_datasets()
+        load_experiment(path)
+        return len(json.loads(cache_path().read_text()))
+
+    assert ats_entries() == 1 and ats_entries() == 1  # the same images: the cached calibration
+    for image in sorted((tmp_path / "imgs").rglob("*.JPEG")):  # other pixels under the same names
+        Image.new("RGB", (64, 48), (90, 120, 200)).save(image, format="JPEG")
+    assert ats_entries() == 2
 
 
 def test_ranking_ties_ignore_float_noise_and_a_budget_no_method_reaches_keeps_its_column(budget_run, tmp_path):

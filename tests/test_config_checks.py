@@ -167,6 +167,20 @@ def test_auto_device_without_cuda_refuses_cuda_only_attention_kernels_here(tmp_p
 
 
 # --------------------------------------------------------------------------- 6. tensor transforms at load time
+def test_flash_attention_with_float32_on_cuda_is_refused_and_warned_on_auto(tmp_path, capsys):
+    """CUDA's flash kernel has no float32 variant: every forward of such a run failed on the GPU ("No available
+    kernel"). device: cuda is refused; device: auto (the CPU where there is no CUDA, which has one) is warned."""
+    cfg = config()
+    cfg["defaults"].update(device="cuda", sdpa_backend="flash")
+    assert refused(tmp_path, capsys, cfg, "--dry-run").startswith(
+        "defaults.sdpa_backend: 'flash' has no float32 kernel on CUDA (every forward fails there)")
+    cfg["defaults"].update(device="auto")
+    experiment = load_experiment(write(tmp_path, cfg), data_required=False)
+    assert any("defaults.sdpa_backend: 'flash' has no float32 kernel on CUDA" in w for w in experiment.warnings)
+    cfg["defaults"].update(device="cuda", dtype="bf16")
+    assert not [w for w in load_experiment(write(tmp_path, cfg), data_required=False).warnings if "flash" in w]
+
+
 def test_fashion_mnist_transforms_tensors_cannot_do_are_refused_at_load_time(tmp_path, capsys):
     cfg = with_data(transform={"interpolation": "lanczos", "crop_pct": 0.875})
     message = "'lanczos' is not available for tensors; allowed: bicubic, bilinear, nearest"

@@ -271,9 +271,31 @@ def test_graph_breaks_are_counted():
     ats = throughput_stage.graph_breaks(bench.apply(vit, "ats", layers=[1]), batch, "fp32")  # reads the padded width
     assert ats["graph_breaks"] >= 1 and ats["graphs"] == ats["graph_breaks"] + 1
     assert 1 <= len(ats["break_reasons"]) <= 3 and "item" in ats["break_reasons"][0]
+    # K-Medoids' numpy draw of its first medoid (equal_weight) leaves the graph at each of its layers; traced into
+    # it, the draw's guard failed under inference mode (an AssertionError out of every compiled forward)
+    drawn = bench.apply(vit, "kmedoids", keep_rate=0.7, layers=[1, 2], equal_weight=True)
+    breaks = throughput_stage.graph_breaks(drawn, batch, "fp32")
+    assert breaks["graph_breaks"] >= 2 and breaks["graphs"] == breaks["graph_breaks"] + 1
+    assert all("disable" in reason for reason in breaks["break_reasons"]), breaks["break_reasons"]
 
 
 # ----------------------------------------------------------------------------------------- token maps
+
+
+def test_a_step_that_removes_nothing_draws_no_panel():
+    """One panel per reducing layer: a keep rate that keeps every token (0.999 of 49 patches) drew panels the same
+    as the input; the blocks that reduce keep theirs."""
+    vit = tiny_vit()
+    batch = images(3, size=28, channels=1)
+    for name, params in (("topk", {"keep_rate": 0.999, "layers": [0, 2]}), ("pitome", {"ratio": 0.999})):
+        model = bench.apply(vit, name, track_source=True, **params)
+        model(batch)
+        assert model.last_forward.tokens_out == [50, 50, 50] and model.last_forward.layer_sources == {}, name
+        layers, labels = token_maps(bench.apply(vit, name, **params), batch, "fp32")
+        assert layers == [2] and labels.shape[1] == 1  # the final map alone, as for a method that never reduces
+    halved = bench.apply(vit, "topk", keep_rate=0.5, layers=[0, 2], track_source=True)
+    halved(batch)
+    assert sorted(halved.last_forward.layer_sources) == [0, 2]
 
 
 @pytest.mark.parametrize("name, params", [("tome", {"r": 5}), ("topk", {"keep_rate": 0.5, "layers": [0, 2]}),

@@ -909,6 +909,24 @@ def test_slurm_options_without_the_slurm_executor_are_one_line(tmp_path, capsys)
     assert not (tmp_path / "r" / "runs").exists()
 
 
+def test_the_dense_reference_is_kept_per_device_and_attention_kernel(tmp_path):
+    """A GPU run (or one with another attention kernel) compared with the dense predictions a CPU run had cached:
+    its agreement and feature cos counted the devices' rounding flips. Each device type and kernel has its own."""
+    from dataclasses import replace
+
+    from bench.pipeline import dense
+    from bench.pipeline.context import StageContext
+
+    (run,) = load_experiment(write(tmp_path, config(tmp_path, stages=["eval"], grid={"methods": ["baseline"]})),
+                             check_files=False).runs
+
+    def path(run, device: str) -> Path:
+        return dense.cache_path(StageContext(run, None, tmp_path, torch.device(device), progress=False))
+
+    assert path(run, "cpu") == path(replace(run, key="another"), "cpu")  # shared by the runs of the folder
+    assert len({path(run, "cpu"), path(run, "cuda"), path(replace(run, sdpa_backend="math"), "cpu")}) == 3
+
+
 def test_a_random_init_seed_has_its_own_dense_reference(tmp_path):
     """weights: null with seeds 0 and 1 in one results folder: each run's agreement and feature cos compare with
     its own seed's dense model (user test 15: the cache was keyed without the seed, so seed 1's runs were compared

@@ -2,12 +2,14 @@
 budgets`` section (one row per method, one column per MAC budget, each cell top-1 (Δ vs dense) at the
 achieved MAC fraction, the best cell per column in bold) and the Pareto AUC that ranks the methods.
 
-Pareto AUC: the area under a method's top-1 over its achieved MAC fractions (trapezoid rule, points sorted by
-fraction) divided by the range of fractions it covered, i.e. its mean top-1 over that range. The covered
-range is printed next to it, so a method that covers the budgets badly (unreachable budgets, achieved
-fractions far below their targets) is visible. A method with a single point has no area: its AUC is empty.
-Rank: the methods with an AUC first, higher first; ties and those without one (a single budget) by their
-mean top-1 over their budget cells, higher first (a method without a cell last), then by name.
+Pareto AUC: the area under a method's top-1 over the budgets of its cells (trapezoid rule, each cell at its
+budget) divided by the range of those budgets, i.e. its mean top-1 over the budget range. Every method with a
+cell at every budget is measured over the same range, and one that is at least as accurate in every cell has at
+least its AUC (over the achieved fractions, a method whose knob undershoots a budget, ATS or resize, was averaged
+over a wider range of its own and could rank below one it beats in every cell). The achieved fractions it covered
+are printed next to it. A method with a single cell has no area: its AUC is empty.
+Rank: first by the budgets a method has no cell for (fewer first: out of reach, or over budget), then by AUC,
+higher first (none last), then by the mean top-1 of its cells, higher first, then by name.
 Light: pandas only (``report.py`` imports it without the model stack).
 """
 
@@ -20,10 +22,19 @@ from typing import Any
 
 import pandas as pd
 
+OVER_BUDGET = 1e-6  # a cell's MAC fraction above its budget by more than this is over it
+
+
+def budget_text(target: float) -> str:
+    """A MAC budget as the tables and messages show it: two decimals (0.60), more where it has more (0.705 was shown
+    as 0.70, the header of a cell at 0.703)."""
+    text = f"{target:.2f}"
+    return text if float(text) == round(target, 6) else f"{round(target, 6):g}"
+
 
 def pareto_auc(fractions: Sequence[float], top1: Sequence[float]) -> float:
-    """Trapezoid area of top-1 over the achieved MAC fractions divided by the range they cover (the mean
-    top-1 over that range); NaN with fewer than two distinct fractions."""
+    """Trapezoid area of top-1 over MAC fractions (the leaderboard's: the budgets of a method's cells) divided by
+    the range they cover (the mean top-1 over that range); NaN with fewer than two distinct fractions."""
     points = sorted((f, t) for f, t in zip(fractions, top1, strict=True) if not (math.isnan(f) or math.isnan(t)))
     span = points[-1][0] - points[0][0] if points else 0.0
     if len(points) < 2 or span <= 0:
@@ -87,10 +98,11 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
              "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile; for ATS, "
              "whose work depends on the image, the mean over the macs stage's real images); every "
              "method's knob was calibrated to the least reduction within the budget. `–`: the budget is out "
-             "of the method's reach. Pareto AUC: the method's mean top-1 over the MAC fractions it covered "
-             "(trapezoid over the achieved fractions, divided by the covered range, printed beside it). Rank: "
-             "by Pareto AUC (a method with one achieved fraction has none and comes after those with one), "
-             "then by the mean top-1 of the method's cells, then by name.", ""]
+             "of the method's reach. Pareto AUC: the method's mean top-1 over the budgets of its cells "
+             "(trapezoid with each cell at its budget, divided by the budgets' range; Covered: the achieved "
+             "fractions). Rank: by the budgets without a cell (fewer first), then by Pareto AUC (a method with "
+             "one cell has none and comes after those with one), then by the mean top-1 of its cells, then by "
+             "name.", ""]
     for keys, part in runs.groupby(group, sort=True):
         model = keys[0]
         # budgets out of reach: of one setting of a method (its calibration's ``setting``), or of every setting
@@ -116,11 +128,15 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
         # every budget of the group, also one that no method reached (a column of "–")
         targets = sorted({round(x, 6) for x in part["budget"]} | {t for _, _, t in unreachable})
         methods = sorted(setting_of)
-        best = {target: part[part["budget"].round(6) == target]["top1"].max() for target in targets}
-        rows = []
+        # a record above its budget (calibrated on other images or code than it was measured with): shown as such,
+        # never the best of its column nor part of a rank
+        over = part["mac_fraction"] > part["budget"] + OVER_BUDGET
+        within = part[~over]
+        best = {target: within[within["budget"].round(6) == target]["top1"].max() for target in targets}
+        rows, flagged = [], False
         for method in methods:
             mine = part[part["method"] == method]
-            cells, shown = [], []
+            cells, shown = [], []  # shown: (budget, top-1) of the row's cells within their budget
             for target in targets:
                 hit = mine[mine["budget"].round(6) == target]
                 if hit.empty:
@@ -129,24 +145,33 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
                     cells.append("–" if out else "")  # blank: not run, or its run failed
                     continue
                 row = hit.iloc[0]
-                shown.append(row["top1"])
                 text = f"{row['top1']:.2f}"  # Δ without a dense run, @ without the macs stage: left out
                 text += "" if pd.isna(row["delta_top1"]) else f" ({row['delta_top1']:+.2f})"
                 text += "" if pd.isna(row["mac_fraction"]) else f" @{row['mac_fraction']:.3f}"
+                if over[hit.index[0]]:
+                    cells.append(f"{text} over budget")
+                    flagged = True
+                    continue
+                shown.append((target, row["top1"]))
                 cells.append(f"**{text}**" if row["top1"] == best[target] else text)
-            auc = pareto_auc(list(mine["mac_fraction"]), list(mine["top1"]))
-            fractions = mine["mac_fraction"].dropna()
+            auc = pareto_auc([target for target, _ in shown], [top1 for _, top1 in shown])
+            fractions = mine[~over[mine.index]]["mac_fraction"].dropna()
             covered = f"{fractions.min():.2f}–{fractions.max():.2f}" if len(fractions) else ""
-            mean = sum(shown) / len(shown) if shown else math.nan
+            mean = sum(top1 for _, top1 in shown) / len(shown) if shown else math.nan
             # compared at 1e-4 points (one image in a million): top-1 values of earlier records carry float32 noise
             # of up to ~5e-6 (8.500000089, 85.9000027) that must not rank
-            rows.append(((math.isnan(auc), 0 if math.isnan(auc) else -round(auc, 4), math.isnan(mean),
-                          0 if math.isnan(mean) else -round(mean, 4), method), auc, method, [*cells, covered]))
+            rows.append(((len(targets) - len(shown), math.isnan(auc), 0 if math.isnan(auc) else -round(auc, 4),
+                          math.isnan(mean), 0 if math.isnan(mean) else -round(mean, 4), method), auc, method,
+                         [*cells, covered]))
         rows.sort(key=lambda item: item[0])
-        headers = ["Rank", "Method", *[f"≤ {target:.2f} MACs" for target in targets], "Covered", "Pareto AUC"]
+        headers = ["Rank", "Method", *[f"≤ {budget_text(target)} MACs" for target in targets], "Covered", "Pareto AUC"]
         body = [[str(rank), method, *cells, "" if math.isnan(auc) else f"{auc:.2f}"]
                 for rank, (_, auc, method, cells) in enumerate(rows, start=1)]
         lines += [f"### {title(*keys)}", "", table(body, headers), ""]
+        if flagged:
+            lines += ["_over budget: the run's MACs are above its budget, so it was calibrated on other images or "
+                      "code than it was measured with; it is left out of the bold cells, the AUC and the rank: "
+                      "run it again with --force._", ""]
         if part["finetune_epochs"].notna().any():
             lines += ["_[fine-tuned]: trained by the finetune stage before it was evaluated (see this model's table "
                       "below); not the method off the shelf._", ""]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from bench.pipeline import interrupts
+from bench.pipeline.budgets import budget_text
 from bench.pipeline.files import atomic_write_json, cache_dir, canonical, digest
 
 MAX_CORRECTIONS = 4
@@ -59,8 +60,8 @@ class Calibration:
     def describe(self) -> str:
         """``tome @0.70 -> r=9 (0.694)``, or why not."""
         if not self.reachable:
-            return f"{self.method} @{self.target:.2f} -> unreachable: {self.reason}"
-        return f"{self.method} @{self.target:.2f} -> {self.knob}={_show(self.value)} ({self.achieved:.3f})"
+            return f"{self.method} @{budget_text(self.target)} -> unreachable: {self.reason}"
+        return f"{self.method} @{budget_text(self.target)} -> {self.knob}={_show(self.value)} ({self.achieved:.3f})"
 
 
 def _show(value: Any) -> str:
@@ -110,9 +111,10 @@ def imported_modules(text: str) -> list[str]:
 
 
 def code_files(method: str) -> list[Path]:
-    """What decides ``method``'s MAC counts: the harness (``bench/*.py``), the methods package's shared files
-    (``__init__``, ``base``), the method's own module and the ``methods`` modules it imports (transitively), and
-    this module."""
+    """What decides ``method``'s MAC counts: the harness (``bench/*.py``), how a model is made
+    (``bench/pipeline/models.py``), the methods package's shared files (``__init__``, ``base``), the method's own
+    module and the ``methods`` modules it imports (transitively), and this module; for a method whose MACs depend
+    on the image, also what reads, transforms and draws the images (``data.py``, ``samples.py``)."""
     import sys
 
     import methods
@@ -126,16 +128,21 @@ def code_files(method: str) -> list[Path]:
             continue
         files.add(path)
         todo += [package / f"{name}.py" for name in imported_modules(path.read_text())]  # not a module: no such file
-    return sorted(files | {*root.joinpath("bench").glob("*.py"), Path(__file__).resolve()})
+    pipeline = Path(__file__).resolve().parent
+    files |= {*root.joinpath("bench").glob("*.py"), Path(__file__).resolve(), pipeline / "models.py"}
+    if methods.registered()[method].data_dependent:
+        files |= {pipeline / "data.py", pipeline / "samples.py"}
+    return sorted(files)
 
 
 @functools.cache
 def code_version(method: str) -> str:
-    """A hash of ``code_files(method)`` and the torch and timm versions: a cached calibration of other code is
-    never used, and an edit to another method (or a new one) keeps it."""
+    """A hash of ``code_files(method)`` and the torch, timm and torchprofile versions (the counter): a cached
+    calibration of other code is never used, and an edit to another method (or a new one) keeps it."""
     import timm
+    import torchprofile
 
-    parts = [torch.__version__, timm.__version__] + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}"
+    parts = [torch.__version__, timm.__version__, getattr(torchprofile, "__version__", "?")] + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}"
                                                      for f in code_files(method)]
     return digest(canonical(parts))
 
@@ -147,11 +154,12 @@ def cache_path() -> Path:
 class Calibrator:
     """Calibrates the methods of one model: ``vit`` with random weights (token counts of fixed-schedule
     methods do not depend on weights); ``data`` loads, for data-dependent methods, the run's own model and
-    real images ((N, C, H, W)), identified in the cache key by ``data_id`` (weights, data, image count, seed)."""
+    real images ((N, C, H, W)), identified in the cache key by ``data_id()`` (weights, data section and the images it
+    holds, image count, seed), asked only for such methods."""
 
     def __init__(self, vit: torch.nn.Module, identity: Any,
                  data: Callable[[], tuple[torch.nn.Module, torch.Tensor]] | None = None,
-                 data_id: str | None = None, announce: Callable[[str], None] | None = None) -> None:
+                 data_id: Callable[[], str] | None = None, announce: Callable[[str], None] | None = None) -> None:
         import bench
 
         self.vit = vit.eval()
@@ -173,7 +181,8 @@ class Calibrator:
         knob = cls.budget_knob
         if knob is None:
             raise ValueError(f"method {method!r} has no budget knob")
-        key = digest(canonical([code_version(method), self.identity, self.data_id if cls.data_dependent else None, method,
+        data_id = self.data_id() if cls.data_dependent and self.data_id is not None else None  # read only if needed
+        key = digest(canonical([code_version(method), self.identity, data_id, method,
                                 {k: v for k, v in params.items() if k != knob.name}, round(target, 6)]))
         cached = cached_calibration(read_cache().get(key))
         if cached is not None:

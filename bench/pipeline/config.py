@@ -49,7 +49,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline.data import CROP_MODES, DATASETS, INTERPOLATIONS, TIMM_PREFIXES, dataset_problem
+from bench.pipeline.data import (
+    CROP_MODES,
+    DATASETS,
+    INTERPOLATIONS,
+    TIMM_PREFIXES,
+    data_digest,
+    dataset_problem,
+)
 from bench.pipeline.files import canonical, digest, write_probe
 from bench.pipeline.fingerprint import weights_sha256
 from bench.pipeline.schema import FileError, SchemaError, check_keys, option, parse
@@ -484,6 +491,14 @@ class Parser:
         if defaults.device == "cpu" and defaults.sdpa_backend not in CPU_BACKENDS:
             raise self.error("defaults.sdpa_backend", f"{defaults.sdpa_backend!r} needs CUDA (device: cpu); "
                              f"allowed on CPU: {', '.join(CPU_BACKENDS)}")
+        if defaults.sdpa_backend == "flash" and defaults.dtype == "fp32" and defaults.device != "cpu":
+            # CUDA's flash kernel has no float32 variant: every forward (the dense model's too) would fail there
+            problem = ("'flash' has no float32 kernel on CUDA (every forward fails there); allowed with dtype fp32: "
+                       "auto, math, efficient, cudnn, explicit, or dtype fp16 / bf16")
+            if defaults.device == "cuda":
+                raise self.error("defaults.sdpa_backend", problem)
+            self.warnings.append(f"warning: {self.path}: defaults.sdpa_backend: {problem} (device: auto runs it on "
+                                 "the CPU where there is no CUDA)")
 
     def run_base(self, defaults: DefaultsSection, model_entry: Any, where: str | None, experiment: str) -> dict[str, Any]:
         """The run fields of one model: ``model_entry`` (a ``grid.models`` entry at ``where``; None: the file has no
@@ -708,6 +723,7 @@ class Parser:
         """The method's parameters with its budget knob calibrated to ``target`` and the run's budget record;
         ``(params, None)`` when the budget is out of reach (a warning says why)."""
         import methods
+        from bench.pipeline.budgets import budget_text
         from bench.pipeline.calibrate import Calibrator
 
         cls = methods.registered()[method]
@@ -722,10 +738,10 @@ class Parser:
             result = calibrator.calibrate(method, params, target)
         except (ValueError, OSError) as error:
             if cls.data_dependent and not self.data_required:
-                self.warnings.append(f"warning: {self.path}: {where}: {method} @{target:.2f}: not calibrated here "
+                self.warnings.append(f"warning: {self.path}: {where}: {method} @{budget_text(target)}: not calibrated here "
                                      f"({error}); calibrated when the run's data is present")
                 return params, None
-            raise self.error(where, f"{method} @{target:.2f}: calibration failed: {error} ({base['model_label']})") from None
+            raise self.error(where, f"{method} @{budget_text(target)}: calibration failed: {error} ({base['model_label']})") from None
         self.calibrations.append({"model": base["model_label"], **result.__dict__,
                                   "setting": self.setting(method, params, result.knob)})
         if not result.reachable:
@@ -808,9 +824,11 @@ class Parser:
             return model, torch.stack(macs_images(val, shared["macs"]["images"], base["seed"]))
 
         # what picks the model and the images: the weights by content (bench/pipeline/fingerprint.py) where a
-        # local file, else as written; the data (subset, transform), how many images, the seed
+        # local file, else as written; the data (subset, transform) and the images it holds (a folder edited in
+        # place is other data), how many images, the seed
         weights = base["weights_sha256"] or base["weights_path"]
-        return vit, identity, real, canonical([weights, base["data"], shared["macs"]["images"], base["seed"]])
+        return vit, identity, real, lambda: canonical([weights, base["data"], data_digest(base["data"]),
+                                                       shared["macs"]["images"], base["seed"]])
 
     def make_run(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
                  references: list[ReferenceSection], budget: dict[str, Any] | None = None) -> RunSpec:

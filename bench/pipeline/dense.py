@@ -1,6 +1,6 @@
 """The dense model's top-1 predictions and pre-logits features on a run's eval images, for the agreement
 and feature-similarity metrics: computed once per (model, weights and their content hash, the seed, data and
-the images it holds, dtype) and shared by all runs of a results folder
+the images it holds, dtype, device type and attention kernel) and shared by all runs of a results folder
 (``<results>/cache/``, ``{"top1": (N,), "features": (N, D) float16}``)."""
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from bench.pipeline.predict import predict
 def cache_path(ctx: StageContext) -> Path:
     """The cache file of the run's dense reference: keyed by the model, its weights (and their content), the seed
     (a random init, a new head), the data section, the images the eval set holds (``data_digest``: a folder
-    edited in place gets its own) and the dtype."""
+    edited in place gets its own), the dtype, and the device type and attention kernel it ran with (a GPU run
+    compared with a CPU run's dense predictions counted their rounding flips as disagreement)."""
     run = ctx.run
     identity = [run.model, run.model_kwargs, run.weights, run.data, run.dtype, data_digest(run.data)]
+    identity.append(["device", ctx.device.type, run.sdpa_backend])
     if run.weights_sha256:  # a checkpoint changed at the same path gets its own cache
         identity.append(run.weights_sha256)
     # the seed: it makes a random init, and the new head of pretrained weights (timm:<tag> with other num_classes);
