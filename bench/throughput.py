@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -145,6 +146,17 @@ class CaptureError(RuntimeError):
     token counts): the message says which operation."""
 
 
+SYNC_DEBUG_MESSAGE = "called a synchronizing CUDA operation"  # set_sync_debug_mode("error")'s RuntimeError
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the GPU ran out of memory: ``torch.cuda.OutOfMemoryError``, or a plain
+    ``RuntimeError`` from an allocation inside cuBLAS / cuDNN or a CUDA call ("CUDA error: out of memory")."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES))
+
+
 def capture(model: nn.Module, batch: torch.Tensor, dtype: str, warmup: int = 3) -> GraphReplay:
     """``model`` on ``batch`` (CUDA) as a ``GraphReplay``. A forward that synchronises with the host is refused
     with ``CaptureError`` before any capture (one forward under ``torch.cuda.set_sync_debug_mode("error")``, after
@@ -175,13 +187,22 @@ def _refuse_host_sync(model: nn.Module, batch: torch.Tensor) -> None:
     mode = torch.cuda.get_sync_debug_mode()
     try:
         torch.cuda.set_sync_debug_mode("error")
-        model(batch)
-    except torch.cuda.OutOfMemoryError:
-        raise  # the sweep records it (throughput.auto)
-    except RuntimeError as error:
-        raise CaptureError(str(error).splitlines()[0][:200]) from None
+        with _sync_refused():
+            model(batch)
     finally:
         torch.cuda.set_sync_debug_mode(mode)
+
+
+@contextlib.contextmanager
+def _sync_refused() -> Iterator[None]:
+    """The sync-debug ``RuntimeError`` raised inside as ``CaptureError``; any other error (out of memory: the
+    sweep records it) propagates as it is."""
+    try:
+        yield
+    except RuntimeError as error:
+        if SYNC_DEBUG_MESSAGE not in str(error):
+            raise
+        raise CaptureError(str(error).splitlines()[0][:200]) from None
 
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}

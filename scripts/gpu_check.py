@@ -11,7 +11,7 @@ process, ``bench.compare_throughput``), on CUDA the bf16 speed-up of CUDA-graph 
 (``bench.throughput.capture``: the kernels' time without Python's dispatch; ``n/a`` for a forward that
 synchronises with the host), the SDPA kernels each forward dispatched to, then 2 steps of
 DDP fine-tuning through the pipeline's own ``finetune`` (NCCL with 2 processes when 2 GPUs exist, else one
-process; ``--ddp-procs`` overrides, gloo on CPU). Exit code 0 when every method passed, 1 otherwise;
+process; ``--ddp-procs`` overrides, gloo on CPU, on CUDA one GPU per process). Exit code 0 when every method passed, 1 otherwise;
 methods whose parameters do not fit the model are listed as skipped.
 """
 
@@ -142,6 +142,14 @@ def ddp_worker(rank: int, world: int, args: argparse.Namespace, names: list[str]
         Path(folder, "ddp.json").write_text(json.dumps(results))
 
 
+def ddp_procs_error(procs: int | None, device: torch.device, gpus: int) -> str | None:
+    """Why ``--ddp-procs procs`` cannot run on ``device`` with ``gpus`` GPUs (each CUDA rank takes GPU ``rank``;
+    gloo on CPU takes any number), or None."""
+    if procs is not None and device.type == "cuda" and procs > gpus:
+        return f"error: --ddp-procs {procs} needs {procs} GPUs (one per process); {gpus} found"
+    return None
+
+
 def run_ddp(args: argparse.Namespace, names: list[str], world: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as folder:
         if world > 1:
@@ -181,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name not in methods.names()]
     if unknown:
         print(f"error: unknown method {unknown[0]!r}; allowed: {', '.join(methods.names())}", file=sys.stderr)
+        return 2
+    refused = ddp_procs_error(args.ddp_procs, device, torch.cuda.device_count())
+    if refused:
+        print(refused, file=sys.stderr)
         return 2
     world = args.ddp_procs or (2 if device.type == "cuda" and torch.cuda.device_count() >= 2 else 1)
     if device.type == "cuda":

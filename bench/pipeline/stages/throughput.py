@@ -9,8 +9,10 @@ with a seeded bootstrap 95% interval (``bench.stats``), and ``slow_rounds`` / ``
 forwards that took over 3x their median (slowed from outside: a warning line, and a note in the report). With ``compile: true`` both models run under
 ``torch.compile`` (compiled afresh per batch size, before the warm-up: ``compile_s``, both models'), and the method's
 graph breaks are counted once (``torch._dynamo.explain``). ``throughput.auto`` (CUDA): after the listed
-sizes, the batch size doubles until the GPU runs out of memory; those entries carry ``auto: true`` and the
-size that did not fit an entry ``out_of_memory: true`` without numbers. ``throughput.cuda_graphs`` (CUDA):
+sizes, the batch size doubles until the GPU runs out of memory (``bench.throughput.out_of_memory``); those
+entries carry ``auto: true`` and time the largest listed size's images repeated on the device (the host holds
+no more images than for that size), and the size that did not fit an entry ``out_of_memory: true`` without
+numbers. ``throughput.cuda_graphs`` (CUDA):
 both models are captured into CUDA graphs on the batch and the replays are timed (``bench.throughput.capture``:
 kernel time without Python's per-operation dispatch, which dominates small batches on a fast GPU); a method
 whose forward synchronises with the host (ATS) cannot be captured: its entry says ``cuda_graphs: false``
@@ -33,15 +35,21 @@ from bench.memory import peak_memory_mb
 from bench.pipeline.context import StageContext
 from bench.pipeline.samples import sample_indices
 from bench.sdpa import inductor
-from bench.throughput import CaptureError, autocast, capture, compare_throughput
+from bench.throughput import CaptureError, _sync, autocast, capture, compare_throughput, out_of_memory
 
 AUTO_LIMIT = 1 << 16  # the doubling stops here even if memory never runs out
 
 
-def real_batch(ctx: StageContext, batch_size: int) -> torch.Tensor:
-    """``batch_size`` eval images drawn across classes with the run's seed (cycled if the set is smaller)."""
+def real_batch(ctx: StageContext, batch_size: int, distinct: int | None = None) -> torch.Tensor:
+    """``batch_size`` eval images drawn across classes with the run's seed (cycled if the set is smaller). The host
+    decodes the draw's first ``distinct`` (default: all) and at most the set's size; the device repeats them in
+    order up to ``batch_size``: the whole draw itself when ``batch_size`` is within ``distinct`` or the set."""
     val = ctx.val_set()
-    return torch.stack([val[i][0] for i in sample_indices(val, batch_size, ctx.run.seed)]).to(ctx.device)
+    count = min(batch_size, len(val), distinct or batch_size)
+    images = torch.stack([val[i][0] for i in sample_indices(val, count, ctx.run.seed)]).to(ctx.device)
+    if count == batch_size:
+        return images
+    return images.index_select(0, torch.arange(batch_size, device=images.device) % count)  # exactly batch_size
 
 
 def forward(model: torch.nn.Module, batch: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -74,9 +82,11 @@ def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor,
     if compile_:
         torch._dynamo.reset()  # a fresh compilation per batch size, specialised to it
         model, dense = compiled(model), compiled(dense)
+        _sync(batch.device)
         start = time.perf_counter()
         forward(model, batch, dtype)
         forward(dense, batch, dtype)
+        _sync(batch.device)
         compile_s = time.perf_counter() - start
     timed, timed_dense = model, dense
     if cuda_graphs:
@@ -114,13 +124,16 @@ def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor,
 def sweep(sizes: list[int], measure_size: Callable[[int], dict[str, Any]], auto: bool) -> list[dict[str, Any]]:
     """The entries of the listed ``sizes`` and, with ``auto``, of doubled sizes (after the largest listed
     one) until one runs out of GPU memory (recorded as ``{"batch_size", "auto", "out_of_memory"}``). A
-    listed size that runs out of memory is recorded the same way and the sweep goes on."""
+    listed size that runs out of memory is recorded the same way and the sweep goes on. Out of memory:
+    ``bench.throughput.out_of_memory`` (cuBLAS / cuDNN allocation failures included); other errors propagate."""
     entries: list[dict[str, Any]] = []
 
     def attempt(batch_size: int, doubled: bool) -> bool:
         try:
             entry = measure_size(batch_size)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
+            if not out_of_memory(error):
+                raise
             entry = {"batch_size": batch_size, "out_of_memory": True}
         if doubled:
             entry["auto"] = True
@@ -148,9 +161,10 @@ def run(ctx: StageContext) -> list[dict[str, Any]]:
         print(f"throughput: {run.key}: cuda_graphs needs CUDA; timed eagerly", file=sys.stderr)
     compile_ = bool(run.compile)
     breaks = graph_breaks(ctx.model, real_batch(ctx, settings["batch_sizes"][0]), run.dtype) if compile_ else {}
+    distinct = max(settings["batch_sizes"])  # the listed sizes time their own draw; the doubled ones repeat it
 
     def measure_size(batch_size: int) -> dict[str, Any]:
-        entry = measure(ctx.model, dense, real_batch(ctx, batch_size), run.dtype, settings["warmup"],
+        entry = measure(ctx.model, dense, real_batch(ctx, batch_size, distinct), run.dtype, settings["warmup"],
                         settings["runs"], compile_, graphs)
         return {**entry, **breaks}
 
