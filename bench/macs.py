@@ -12,14 +12,14 @@ from torch import nn
 from torchprofile import profile_macs
 
 from bench.sdpa import sdpa_backend
-from bench.vit import ForwardInfo, ReducedViT
+from bench.vit import ForwardInfo, ReducedViT, input_channels
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model was built for."""
     vit = model.vit if isinstance(model, ReducedViT) else model
     height, width = vit.patch_embed.img_size
-    return (vit.patch_embed.proj.in_channels, height, width)
+    return (input_channels(vit.patch_embed), height, width)
 
 
 def _device(model: nn.Module) -> torch.device:

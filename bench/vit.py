@@ -104,6 +104,7 @@ class ReducedViT(nn.Module):
             patch_size=patch_stride(vit.patch_embed),
             grid=tuple(vit.patch_embed.grid_size),
             embed_dim=vit.embed_dim,
+            resizable=not hybrid(vit.patch_embed),
         )
         method.check(self.context)
         size = method.input_size(self.context)
@@ -299,6 +300,12 @@ def hybrid(patch: nn.Module) -> bool:
     return hasattr(patch, "backbone")
 
 
+def input_channels(patch: nn.Module) -> int:
+    """The channels of the images ``patch`` embeds: its first convolution's input (a hybrid's CNN stem; its
+    projection takes the backbone's features: 64 channels for ``vit_tiny_r_s16_p8_224``, not the image's 3)."""
+    return next(module for module in patch.modules() if isinstance(module, nn.Conv2d)).in_channels
+
+
 def check_embeds(patch: nn.Module, size: Any) -> None:
     """Refuse an input size (H, W) other than the model's that ``embed`` cannot embed: one that is not a multiple
     of the patch size, or any other size for a hybrid embedding (a CNN backbone before the projection)."""
@@ -367,4 +374,4 @@ def check_pooling(vit: VisionTransformer, method: str) -> None:
                          "average-pool ViT")
     if vit.global_pool not in ("token", "avg", ""):
         raise ValueError(f"model {name}: global_pool={vit.global_pool!r} is not supported with token reduction "
-                         f"(method {method!r}); allowed: token, avg")
+                         f"(method {method!r}); allowed: token, avg, '' (no pooling)")

@@ -60,6 +60,7 @@ class ReductionContext:
     patch_size: tuple[int, int] = (16, 16)  # input pixels per patch token (H, W)
     grid: tuple[int, int] = (14, 14)  # (rows, cols) of patch tokens: the model's; in a forward, its input's
     embed_dim: int = 0  # the token width C
+    resizable: bool = True  # the embedding takes other input sizes (False: a hybrid ViT's CNN backbone, its size only)
     scratch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     # ``Method.constants`` of this model, already on the model's device (buffers of the ``bench.apply`` model)
     constants: dict = field(default_factory=dict, compare=False, hash=False, repr=False)

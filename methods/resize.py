@@ -36,8 +36,12 @@ class Resize(Method):
     def budget_choices(self, ctx: ReductionContext) -> list[int]:
         """Every multiple of the patch size up to the model's own input size, smallest first. A non-square input
         is refused: squashing it to ``img_size`` x ``img_size`` would change its aspect ratio, not only its
-        resolution (a MAC budget is then unreachable, with this reason)."""
+        resolution (a MAC budget is then unreachable, with this reason); so is a hybrid embedding (a CNN backbone
+        before the projection), which the harness feeds only its own input size."""
         height, width = ctx.img_size
+        if not ctx.resizable:
+            raise self._error(f"needs an embedding that takes other input sizes; this model's runs a CNN backbone "
+                              f"before its patch projection (a hybrid ViT) and takes {height}x{width} only")
         if height != width:
             raise self._error(f"needs a square input (this model's: {height}x{width}); it resizes to img_size x img_size")
         patch = max(ctx.patch_size)

@@ -108,6 +108,23 @@ def test_eval_run_records_the_transform_timm_resolves(name, tmp_path):
         assert val[index][1] == label == index // 2
 
 
+def test_a_hybrid_vit_runs_the_pipeline_on_rgb_images(tmp_path):
+    """A hybrid ViT (a ResNet stem before the projection): its images have the stem's 3 channels, not the
+    projection's 64 (the resolved transform and the MAC counter's image took the projection's, so the macs stage
+    and MAC budgets failed in the stem); eval and macs run, and tome counts fewer MACs than the dense model."""
+    jpeg_folder(tmp_path / "imgs")
+    model = {"name": "vit_tiny_r_s16_p8_224", "label": "r-ti", "kwargs": {"img_size": 64, "num_classes": 2}}
+    path = experiment(tmp_path, model, {"name": "folder", "root": "imgs", "split": "val"},
+                      methods_=["baseline", {"method": "tome", "r": 1}], stages=["eval", "macs"], macs={"images": 1})
+    results = tmp_path / "results"
+    assert bench_main(path, results, "--no-report") == 0
+    records, problems = read_all(results)
+    assert not problems and len(records) == 2
+    assert records[0]["run"]["data"]["transform"]["input_size"] == [3, 64, 64]
+    macs = {r["run"]["method"]: r["metrics"]["macs"]["torchprofile"] for r in records}
+    assert 0 < macs["tome"] < macs["baseline"]
+
+
 def test_timm_tag_in_weights_selects_that_tags_config_and_overrides_win(tmp_path):
     """``weights: timm:<tag>`` resolves the tag's config (CLIP laion2b: 0.5 vs OpenAI's mean) without
     downloading at load time; data.transform then model.transform override it, and the run key, the dense
