@@ -68,7 +68,8 @@ def analytic_macs(
 ) -> int:
     """MACs from token counts, nanoGPT-style, as a cross-check of the counter: per block
     ``4*N*C^2 + 2*N^2*C`` for attention over N tokens (``ForwardInfo.tokens_attn``) and ``2*N'*C*hidden``
-    (= 8*N'*C^2) for the MLP over N' tokens (``tokens_mlp``), plus patch embedding and head. A block whose
+    (= 8*N'*C^2) for the MLP over N' tokens (``tokens_mlp``), plus patch embedding (its projection: a hybrid ViT's
+    CNN backbone is not counted, 119 of 435 MMACs of ``vit_tiny_r_s16_p8_224``) and head. A block whose
     START reduction first computed q and k over the unreduced tokens (``tokens_probe``) adds
     ``2*N*C^2 + N^2*C`` for them; a block that reused given attention probabilities (``probs_given``, MCTF's
     one-step-ahead) spends only ``2*N'*C^2 + N'^2*C`` (values, probabilities times values, projection).
