@@ -139,10 +139,11 @@ def code_files(method: str) -> list[Path]:
 def code_version(method: str) -> str:
     """A hash of ``code_files(method)`` and the torch, timm and torchprofile versions (the counter): a cached
     calibration of other code is never used, and an edit to another method (or a new one) keeps it."""
-    import timm
-    import torchprofile
+    import importlib.metadata
 
-    parts = [torch.__version__, timm.__version__, getattr(torchprofile, "__version__", "?")] + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}"
+    import timm
+
+    parts = [torch.__version__, timm.__version__, importlib.metadata.version("torchprofile")] + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}"
                                                      for f in code_files(method)]
     return digest(canonical(parts))
 
