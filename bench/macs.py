@@ -12,14 +12,13 @@ from torch import nn
 from torchprofile import profile_macs
 
 from bench.sdpa import sdpa_backend
-from bench.vit import ForwardInfo, ReducedViT, input_channels
+from bench.vit import ForwardInfo, ReducedViT, embedded_size
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model was built for."""
     vit = model.vit if isinstance(model, ReducedViT) else model
-    height, width = vit.patch_embed.img_size
-    return (input_channels(vit.patch_embed), height, width)
+    return embedded_size(vit.patch_embed)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -51,7 +51,8 @@ def autocast(device: torch.device, dtype: str, cache: bool = True) -> contextlib
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype], cache_enabled=cache)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -229,12 +230,12 @@ def _time_rounds(models: list[nn.Module], batch: torch.Tensor, dtype: str, warmu
         for _ in range(warmup):
             for model in models:
                 model(batch)
-        _sync(device)
+        sync(device)
         for _ in range(runs):
             for model, model_times in zip(models, times, strict=True):
                 start = time.perf_counter()
                 model(batch)
-                _sync(device)
+                sync(device)
                 model_times.append(time.perf_counter() - start)
     return times
 

@@ -175,7 +175,7 @@ class ReducedViT(nn.Module):
             needs = step.signals if step is not None else frozenset()
             keep_attn = layer + 1 < ctx.depth and steps[layer + 1] is not None and PREV_ATTN in steps[layer + 1].signals
             counts["in"].append(int(tokens.x.shape[1]))
-            entering_mask = tokens.mask
+            entering_mask = tokens.mask  # a step that removed nothing draws no token map (it equals the one before)
 
             counts["probe"].append(int(tokens.x.shape[1]) if point == START and needs - {PREV_ATTN} else 0)
             if point == START:
@@ -209,10 +209,8 @@ class ReducedViT(nn.Module):
             if point == END:
                 tokens = self._reduce(layer, tokens, signals, ctx, stats)
             counts["out"].append(int(tokens.x.shape[1]))
-            # a token map of the blocks that reduced (a step that removed nothing, e.g. a keep rate of 0.999 on
-            # few tokens, drew a panel the same as the one before it)
-            reduced = counts["out"][-1] != counts["in"][-1] or tokens.mask is not entering_mask
-            if step is not None and tokens.source is not None and reduced:
+            if step is not None and tokens.source is not None and (
+                    counts["out"][-1] != counts["in"][-1] or tokens.mask is not entering_mask):
                 layer_sources[layer] = (tokens.source, tokens.mask)
         self.last_forward = ForwardInfo(
             tokens_in=counts["in"],
@@ -300,10 +298,11 @@ def hybrid(patch: nn.Module) -> bool:
     return hasattr(patch, "backbone")
 
 
-def input_channels(patch: nn.Module) -> int:
-    """The channels of the images ``patch`` embeds: its first convolution's input (a hybrid's CNN stem; its
-    projection takes the backbone's features: 64 channels for ``vit_tiny_r_s16_p8_224``, not the image's 3)."""
-    return next(module for module in patch.modules() if isinstance(module, nn.Conv2d)).in_channels
+def embedded_size(patch: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the images ``patch`` was built to embed. C: its first convolution's input (a hybrid's CNN stem;
+    its projection takes the backbone's features: 64 channels for ``vit_tiny_r_s16_p8_224``, not the image's 3)."""
+    channels = next(module for module in patch.modules() if isinstance(module, nn.Conv2d)).in_channels
+    return (int(channels), *(int(side) for side in patch.img_size))
 
 
 def check_embeds(patch: nn.Module, size: Any) -> None:

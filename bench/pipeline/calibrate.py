@@ -143,8 +143,8 @@ def code_version(method: str) -> str:
 
     import timm
 
-    parts = [torch.__version__, timm.__version__, importlib.metadata.version("torchprofile")] + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}"
-                                                     for f in code_files(method)]
+    versions = [torch.__version__, timm.__version__, importlib.metadata.version("torchprofile")]
+    parts = versions + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}" for f in code_files(method)]
     return digest(canonical(parts))
 
 

@@ -67,14 +67,14 @@ def resolve_transform(model: torch.nn.Module, dataset: str, *overrides: dict[str
     Fashion-MNIST: its own statistics and whole image. ``overrides`` (experiment, then model) win."""
     from timm.data import resolve_model_data_config
 
-    from bench.vit import input_channels
+    from bench.vit import embedded_size
 
     config = dict(resolve_model_data_config(model))
     embed = getattr(model, "patch_embed", None)
     proj = getattr(embed, "proj", None)
     own = None  # the (C, H, W) the model was built for
     if embed is not None and proj is not None and getattr(embed, "img_size", None) is not None:
-        own = [int(input_channels(embed)), *(int(v) for v in embed.img_size)]
+        own = list(embedded_size(embed))
         config["input_size"] = tuple(own)
     channels = config["input_size"][0]
     if dataset == "fashion_mnist":

@@ -35,7 +35,7 @@ from bench.memory import peak_memory_mb
 from bench.pipeline.context import StageContext
 from bench.pipeline.samples import sample_indices
 from bench.sdpa import inductor
-from bench.throughput import CaptureError, _sync, autocast, capture, compare_throughput, out_of_memory
+from bench.throughput import CaptureError, autocast, capture, compare_throughput, out_of_memory, sync
 
 AUTO_LIMIT = 1 << 16  # the doubling stops here even if memory never runs out
 
@@ -82,11 +82,11 @@ def measure(model: torch.nn.Module, dense: torch.nn.Module, batch: torch.Tensor,
     if compile_:
         torch._dynamo.reset()  # a fresh compilation per batch size, specialised to it
         model, dense = compiled(model), compiled(dense)
-        _sync(batch.device)
+        sync(batch.device)
         start = time.perf_counter()
         forward(model, batch, dtype)
         forward(dense, batch, dtype)
-        _sync(batch.device)
+        sync(batch.device)
         compile_s = time.perf_counter() - start
     timed, timed_dense = model, dense
     if cuda_graphs:
