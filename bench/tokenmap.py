@@ -3,9 +3,9 @@
 From a source map (``ForwardInfo.source`` / ``layer_sources``: (B, N, N0), output tokens x input tokens,
 1 where an output token covers an input token) ``group_labels`` gives every patch the index of the output
 token that covers it, or ``PRUNED`` (-1) when none does (the patch was dropped). ``patch_colours`` colours
-each group of two or more patches (merged, pooled or fused tokens) with its own colour, leaves single
-patches transparent (the image shows through) and greys out pruned patches; ``draw`` puts that over the
-image with the group borders. Light: numpy and matplotlib only (``report.py`` composes the grids).
+each group of two or more patches (merged, pooled or fused tokens) with its own colour (that of its first
+patch: the same in every panel while that patch stays its first), leaves single patches transparent (the
+image shows through) and greys out pruned patches; ``draw`` puts that over the image with the group borders. Light: numpy and matplotlib only (``report.py`` composes the grids).
 
 The tokens stage keeps, per run, ``tokens/<key>.npz`` (the images as shown, the labels after each reducing
 layer) and ``tokens/<key>.png``; ``compose`` draws one grid from several runs' final-layer labels.
@@ -42,25 +42,24 @@ def group_labels(source: Any, mask: Any, num_prefix: int, grid: tuple[int, int])
     return labels.reshape(batch, *grid).astype(np.int32)
 
 
-def group_colour(rank: int) -> tuple[float, float, float, float]:
-    """The colour of the ``rank``-th group of an image: hues spaced by the golden ratio, never repeating."""
-    red, green, blue = colorsys.hsv_to_rgb((rank * _GOLDEN) % 1.0, 0.8, 0.95)
+def group_colour(anchor: int) -> tuple[float, float, float, float]:
+    """The colour of the group whose first patch (row-major) is ``anchor``: hues spaced by the golden ratio,
+    never repeating, so a group keeps its colour from panel to panel for as long as its first patch stays its
+    first (a group that absorbs one with a lower first patch takes that one's colour)."""
+    red, green, blue = colorsys.hsv_to_rgb((anchor * _GOLDEN) % 1.0, 0.8, 0.95)
     return (red, green, blue, MERGED_ALPHA)
 
 
 def patch_colours(labels: np.ndarray) -> np.ndarray:
-    """(gh, gw, 4) RGBA for one image's labels: each group of >= 2 patches its own colour (ranked by first
-    patch), single patches transparent, pruned patches ``GREY``."""
+    """(gh, gw, 4) RGBA for one image's labels: each group of >= 2 patches its own colour (that of its first
+    patch, ``group_colour``), single patches transparent, pruned patches ``GREY``."""
     labels = np.asarray(labels)
     out = np.zeros((*labels.shape, 4), dtype=np.float64)
     out[labels == PRUNED] = GREY
     groups, first, counts = np.unique(labels.reshape(-1), return_index=True, return_counts=True)
-    rank = 0
-    for group, _, count in sorted(zip(groups, first, counts, strict=True), key=lambda item: item[1]):
-        if group == PRUNED or count < 2:
-            continue
-        out[labels == group] = group_colour(rank)
-        rank += 1
+    for group, anchor, count in zip(groups, first, counts, strict=True):
+        if group != PRUNED and count >= 2:
+            out[labels == group] = group_colour(int(anchor))
     return out
 
 

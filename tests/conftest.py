@@ -90,6 +90,19 @@ def submitit_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory):
+    """tokenbench's user-level cache (weights hashes, calibrations) in this session's temporary folder, unless
+    ``TOKENBENCH_CACHE_DIR`` is set: a test run never writes to the user's ``~/.cache/tokenbench``. Tests that
+    need a cache of their own still set one."""
+    if os.environ.get("TOKENBENCH_CACHE_DIR"):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Small test models run fastest on one thread, and tests then share the 2-core machine fairly."""
     import torch

@@ -341,6 +341,30 @@ def test_token_groups_follow_source_tracking(name, params):
         assert [(labels[i, 0] == info.tokens_out[1] - 1).sum() for i in range(3)] == [24] * 3
 
 
+def test_a_merged_group_keeps_its_colour_from_panel_to_panel():
+    """ToMe r=5 at every block of a 4-block model: a group whose first patch stays its first keeps its colour in
+    the next panel, even where groups with lower first patches appear before it."""
+    vit = tiny_vit()
+    layers, labels = token_maps(bench.apply(vit, "tome", r=5), images(3, size=28, channels=1), "fp32")
+    assert len(layers) >= 3
+    kept = 0
+    for image in range(labels.shape[0]):
+        for column in range(len(layers) - 1):
+            before, after = labels[image, column].reshape(-1), labels[image, column + 1].reshape(-1)
+            colours_before = patch_colours(labels[image, column]).reshape(-1, 4)
+            colours_after = patch_colours(labels[image, column + 1]).reshape(-1, 4)
+            for group in np.unique(before):
+                members = np.flatnonzero(before == group)
+                first = members[0]
+                grown = np.flatnonzero(after == after[first])
+                if len(members) < 2 or grown[0] != first:
+                    continue
+                assert tuple(colours_after[first]) == tuple(colours_before[first])
+                assert all(tuple(c) == tuple(colours_before[first]) for c in colours_after[grown])
+                kept += 1
+    assert kept >= 10
+
+
 def test_padded_tokens_cover_nothing_and_the_grid_follows_a_resize():
     source = np.zeros((1, 3, 5))  # class token + 2 outputs over a 2x2 grid
     source[0, 0, 0] = source[0, 1, [1, 2]] = source[0, 2, [3, 4]] = 1

@@ -982,3 +982,18 @@ def test_a_tokens_only_run_records_its_token_counts(tmp_path):
     (record,), _ = read_all(tmp_path / "results")
     assert record["tokens_per_layer"]["out"] == [46, 42, 38, 34]
     assert record["tokens_per_layer"]["in"] == [50, 46, 42, 38]
+
+
+def test_the_cache_folder_rule_and_the_suite_keeps_out_of_the_users_cache(monkeypatch, tmp_path):
+    from bench.pipeline.files import cache_dir
+
+    session = cache_dir()  # this session's, from conftest
+    assert session.is_relative_to(tmp_path.parent) and not session.is_relative_to(Path.home() / ".cache")
+    monkeypatch.delenv("TOKENBENCH_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "tokenbench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "tokenbench"
+    monkeypatch.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path / "own"))
+    assert cache_dir() == tmp_path / "own"
