@@ -33,7 +33,10 @@ class ToMe(Method):
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         r = params["r"]
-        if isinstance(r, (list, tuple)):
+        if isinstance(r, tuple):  # ToMe's code reads a tuple as (r, inflection), never as one r per block
+            raise self._error(f"parameter 'r' must be an int or a list of ints (one per block), got the tuple {r!r} "
+                              "(ToMe's (r, inflection) pair is written r: R, inflection: I)")
+        if isinstance(r, list):
             if not r:
                 raise self._error("parameter 'r' is an empty list: give one int, or one per block from the first")
             r = [self._count("r", v) for v in r]

@@ -10,7 +10,9 @@ tokens fused into it). Written from the spec text, not from the project's code n
 
 Readings of the spec for prefix tokens (not covered by the reference code; docs/methods.md#prefix-tokens):
 p prefix tokens (class, distillation) are never sources nor destinations in either direction, come first
-in the output in their original order, and the counts use ``N - p`` where the spec writes ``N - 1``.
+in the output in their original order, and the counts use ``N - p`` where the spec writes ``N - 1``. Without any
+prefix token (a global-pool ViT) the surviving A tokens keep their matching order (the code sorts them only when
+it protects tokens).
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def fuse(tokens: list[torch.Tensor], sizes: list[float], sources: list[set[int]]
     for i in a_order[:r1]:
         j = b_pos[best_a[i][1]]
         groups[j] += groups.pop(i)
-    a_left = sorted(a_order[r1:])
+    # re-sorted by position where there is a prefix; without one the matching order stays (the code sorts only
+    # when it protects tokens, as ToMe's)
+    a_left = sorted(a_order[r1:]) if p else a_order[r1:]
     # B -> A
     if params["bidirection"]:
         best_b = {j: _best([W[i, j] for i in a_left]) for j in b_pos}

@@ -12,6 +12,7 @@ Readings taken where the spec is silent (they matter only for distilled models o
   kept first in its original order; "patch tokens" are the others (PiToMe's T = N - p; DiffRate sorts only them
   and excludes every prefix token as a destination; ToFu protects prefix rows (A side) and columns (B side));
 - ToFu's r is also capped at (N - p) // 2 (it binds only for ratios near 0.5 with two prefix tokens);
+- ToFu without any prefix token (a global-pool ViT): the surviving A tokens keep their matching order, as ToMe's;
 - DiffRate sorts at every block, as its code does (a block that reduces nothing is order-independent).
 Ties in a sort keep the lower index first (Python's stable sort); float64 inputs make ties unlikely.
 """
@@ -107,7 +108,8 @@ def tofu_step(tokens, sizes, sources, metric, layer: int, depth: int, ratio: flo
         best.append((row[k], b_pos[k]))
     by_value = sorted(range(len(a_pos)), key=lambda i: -best[i][0])
     selected = by_value[:r]
-    kept = sorted(a_pos[i] for i in by_value[r:])
+    # re-sorted by position where there is a prefix; without one the code's order stays (ToMe's quirk, as coded)
+    kept = sorted(a_pos[i] for i in by_value[r:]) if p else [a_pos[i] for i in by_value[r:]]
     new = {t: (tokens[t], sources[t]) for t in range(n_tokens)}
     if layer > depth // 2:  # MLERP as coded
         groups: dict[int, list[int]] = {}

@@ -24,6 +24,8 @@ MODEL_SPECS = {
     "dist8": ("deit_tiny_distilled_patch16_224", {"patch_size": 8}),  # class + distillation token (N = 66)
     "ls": ("vit_tiny_patch16_224", {"patch_size": 8, "init_values": 0.1}),  # LayerScale
     "qkn": ("vit_tiny_patch16_224", {"patch_size": 8, "qk_norm": True, "scale_attn_norm": True}),
+    # no class token, average pool: no prefix token, the surviving A tokens keep their matching order (N = 64)
+    "gap": ("vit_tiny_patch16_224", {"patch_size": 8, "class_token": False, "global_pool": "avg"}),
 }
 _CACHE: dict[str, torch.nn.Module] = {}
 
@@ -73,6 +75,9 @@ CASES = [
     ("dist8", {"r": 4, "bidirection": False, "one_step_ahead": 2}),
     ("ls", {"r": 4}),
     ("qkn", {"r": 4, "one_step_ahead": 2}),
+    ("gap", {"r": 4}),
+    ("gap", {"r": 5, "one_step_ahead": 0, "pooling_type": 0}),
+    ("gap", {"r": 4, "bidirection": False, "one_step_ahead": 2}),
 ]
 
 

@@ -68,6 +68,7 @@ RATIO_CASES = [
     ("dist16", 0.8),
     ("ls", 0.85),
     ("qkn", 0.75),
+    ("gap", 0.8),  # no prefix token: ToFu's surviving A tokens keep their matching order
 ]
 
 

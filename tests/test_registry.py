@@ -44,6 +44,9 @@ def test_build_fills_defaults(name, params, expected):
         ("tome", {"r": -1}, "'r' must be an integer >= 0, got -1"),
         ("tome", {"r": 2.5}, "'r' must be an integer >= 0, got 2.5"),
         ("tome", {"r": [1, 2], "inflection": -1}, "'inflection' is used only with an int r"),
+        # ToMe's code reads a tuple as (r, inflection): (13, 0) was taken as the per-layer list [13, 0]
+        ("tome", {"r": (13, 0)}, "'r' must be an int or a list of ints (one per block), got the tuple (13, 0)"),
+        ("tome", {"r": (13, -1)}, "ToMe's (r, inflection) pair is written r: R, inflection: I"),
         ("tome", {"r": 3, "prop_attn": "yes"}, "'prop_attn' must be true or false"),
         ("ppt", {"r": 3, "threshold": -1}, "'threshold' must be a number >= 0"),
         ("ppt", {"r": 3, "layers": []}, "'layers' must be a non-empty list"),
