@@ -101,8 +101,9 @@ class KMedoids(Method):
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         layers = self._layers(params["layers"])
         if layers[0] < 1:
-            raise self._error(f"parameter 'layers' must hold blocks >= 1 (the attention of the block before is "
-                              f"read), got {params['layers']!r}")
+            raise self._error(f"parameter 'layers' must hold blocks >= 1 (K-Medoids clusters after the first block, as "
+                              f"its reference: its medoid weights are the attention of the block before), got "
+                              f"{params['layers']!r}")
         iters = params["cluster_iters"]
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise self._error(f"parameter 'cluster_iters' must be an integer >= 0, got {iters!r}")

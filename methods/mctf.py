@@ -176,7 +176,7 @@ class MCTF(Method):
                                  "prop_attn": self._bool("prop_attn", params["prop_attn"])}
         for key, allowed in (("one_step_ahead", (0, 1, 2)), ("pooling_type", (0, 1))):
             value = params[key]
-            if isinstance(value, bool) or value not in allowed:
+            if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
                 raise self._error(f"parameter {key!r} must be one of {', '.join(map(str, allowed))}, got {value!r}")
             valid[key] = int(value)
         for key in ("tau_sim", "tau_info", "tau_size"):

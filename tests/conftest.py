@@ -91,12 +91,9 @@ def submitit_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _session_cache(tmp_path_factory):
-    """tokenbench's user-level cache (weights hashes, calibrations) in this session's temporary folder, unless
-    ``TOKENBENCH_CACHE_DIR`` is set: a test run never writes to the user's ``~/.cache/tokenbench``. Tests that
+    """tokenbench's user-level cache (weights hashes, calibrations) in this session's temporary folder, whatever
+    ``TOKENBENCH_CACHE_DIR`` says outside: a test run never writes to a user's cache, nor reads one. Tests that
     need a cache of their own still set one."""
-    if os.environ.get("TOKENBENCH_CACHE_DIR"):
-        yield
-        return
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         yield

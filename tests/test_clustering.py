@@ -223,8 +223,8 @@ def test_kmedoids_update_is_the_references_masked_argmin_without_the_cost_matrix
 
 
 def test_kmedoids_validation():
-    with pytest.raises(ValueError, match=">= 1"):
-        methods.build("kmedoids", layers=[0, 3])
+    with pytest.raises(ValueError, match=r"'layers' must hold blocks >= 1 \(K-Medoids clusters after the first block"):
+        methods.build("kmedoids", layers=[0, 3], equal_weight=True)
     with pytest.raises(ValueError, match="cluster_iters"):
         methods.build("kmedoids", cluster_iters=-1)
 

@@ -371,8 +371,11 @@ def test_a_submission_whose_processes_cannot_share_the_finetune_batch_is_refused
         experiment = load_experiment(write(tmp_path, cfg), data_required=False)
         with pytest.raises(SubmitError, match=rf"finetune.batch_size: {batch} is not split into (even )?shares by the "
                                               rf"4 processes of cluster profile {profile} \(tasks_per_node: 4\); "
-                                              rf"allowed: {allowed}"):
+                                              rf"allowed: {allowed}") as raised:
             check_submission(experiment, experiment.runs, str(profile))
+        # the pairs are named only where mixup makes them (they were named without mixup too)
+        assert str(raised.value).endswith(f"allowed: {allowed}" + (" (mixup and cutmix pair the images of each "
+                                                                   "process's share)" if mixup else ""))
     cfg["finetune"]["batch_size"] = 24
     experiment = load_experiment(write(tmp_path, cfg), data_required=False)
     assert check_submission(experiment, experiment.runs, str(profile)).tasks_per_node == 4

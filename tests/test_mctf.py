@@ -189,6 +189,8 @@ def test_fused_count(r, n, p, expected):
         ({"one_step_ahead": 3}, "'one_step_ahead' must be one of 0, 1, 2, got 3"),
         ({"one_step_ahead": True}, "'one_step_ahead' must be one of 0, 1, 2, got True"),
         ({"pooling_type": 2}, "'pooling_type' must be one of 0, 1, got 2"),
+        ({"pooling_type": 1.0}, "'pooling_type' must be one of 0, 1, got 1.0"),  # an int, as r
+        ({"one_step_ahead": 2.0}, "'one_step_ahead' must be one of 0, 1, 2, got 2.0"),
         ({"tau_info": -1}, "'tau_info' must be a number >= 0 (0 disables it), got -1"),
         ({"bidirection": 1}, "'bidirection' must be true or false, got 1"),
         ({"layers": []}, "'layers' must be a non-empty list"),

@@ -338,6 +338,8 @@ BAD_INPUTS = [
     ({"stages": ["finetune"], "finetune": {"label_smoothing": 1.5, "batch_size": 100}},
      "finetune.label_smoothing: must be a number in [0, 1], got 1.5"),
     ({"finetune": {"epochz": 3}}, "finetune.epochz: unknown key; allowed: epochs, batch_size"),
+    ({"stages": ["finetune"], "finetune": {"clip_grad": 0, "batch_size": 100}},  # was taken, and clipped nothing
+     "finetune.clip_grad: must be null (no clipping) or a number > 0 (the largest gradient norm), got 0"),
     ({"throughput": {"batch_sizes": [0]}}, "throughput.batch_sizes[0]: must be an integer >= 1, got 0"),
     ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),
     ({"throughput": {"batch_sizes": [4, 8, 4]}}, "throughput.batch_sizes: lists a batch size twice ([4, 8, 4]); allowed: distinct sizes"),
@@ -352,6 +354,12 @@ BAD_INPUTS = [
     ({"stages": ["finetune", "eval"], "finetune": {"batch_size": 256}},
      "finetune.batch_size: 256 is larger than the training set (defaults.data.subset: 200 images): not one full batch "
      "per epoch; allowed: at most 200"),
+    # a streamed dataset has no random access: the run failed, its message listing every index of the epoch
+    ({"stages": ["finetune", "eval"], "finetune": {"batch_size": 100},
+      "defaults": {"model": MODEL, "data": {"name": "wds/imagenet", "root": "."}}},
+     "defaults.data.name: 'wds/imagenet' is a streamed dataset (read in order, no random access): the finetune stage "
+     "draws shuffled batches of images by index; allowed with finetune: fashion_mnist, imagenet, folder, torch/<name> "
+     "or hfds/<name>"),
     ({"budgets": {"macs": [0.7, 0.8, 0.7]}}, "budgets.macs[2]: lists 0.7 twice ([0.7, 0.8, 0.7]); allowed: distinct fractions"),
     ({"budgets": {"macs": [0.7, 0.7000001]}, "grid": {"methods": ["tome"]}},
      "grid: grid.methods[0] at budget 0.7 and grid.methods[0] at budget 0.7000001 make the same run tiny-fmnist-tome-"),

@@ -127,6 +127,18 @@ def test_a_ctrl_c_mid_epoch_says_where_the_next_invocation_resumes(tmp_path, mon
     assert torch.load(tmp_path / "run" / "last.pth", weights_only=False)["epoch"] == 1
 
 
+
+def test_a_checkpoint_of_a_disabled_scaler_resumes_where_the_scaler_is_enabled(tmp_path, monkeypatch):
+    """device auto, dtype fp16: a run interrupted on a CPU host (GradScaler disabled: its state is {}) and resumed on a
+    CUDA host (enabled: same run key) failed with "The source state dict is empty". It resumes with a fresh scale."""
+    train(tmp_path, "run", stop_after_epoch=0)
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=False)["scaler"] == {}
+    scaler = torch.amp.GradScaler  # enabled, as on CUDA in fp16 (the same load_state_dict), here on the CPU
+    monkeypatch.setattr(train_module.torch.amp, "GradScaler", lambda device, enabled: scaler(device, enabled=True))
+    _, result = train(tmp_path, "run")
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3] and result["resumes"] == [{"epoch": 1, "step": 0}]
+
+
 class Preempted(Exception):
     pass
 

@@ -53,6 +53,7 @@ from bench.pipeline.data import (
     CROP_MODES,
     DATASETS,
     INTERPOLATIONS,
+    STREAMED_PREFIXES,
     TIMM_PREFIXES,
     data_digest,
     dataset_problem,
@@ -353,6 +354,11 @@ class Parser:
                 raise self.error("finetune.batch_size", f"{finetune['batch_size']} is odd; mixup and cutmix (timm's "
                                  "Mixup) pair the images of each process's batch; allowed: an even number (even per "
                                  "process under DDP)")
+            data_name = section.defaults.data.name if section.defaults.data else ""
+            if data_name.lower().startswith(STREAMED_PREFIXES):  # failed at the run, its message listing every index
+                raise self.error("defaults.data.name", f"{data_name!r} is a streamed dataset (read in order, no random "
+                                 "access): the finetune stage draws shuffled batches of images by index; allowed with "
+                                 f"finetune: {', '.join(DATASETS)}, torch/<name> or hfds/<name>")
             if subset is not None and finetune["batch_size"] > subset:
                 raise self.error("finetune.batch_size", f"{finetune['batch_size']} is larger than the training set "
                                  f"(defaults.data.subset: {subset} images): not one full batch per epoch; allowed: "

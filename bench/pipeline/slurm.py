@@ -234,8 +234,8 @@ def check_submission(experiment, runs, profile: str | None = None) -> Profile:
         if batch % step:
             raise SubmitError(f"{experiment.file}: finetune.batch_size: {batch} is not split into "
                               f"{'even ' if batch % tasks == 0 else ''}shares by the {tasks} processes of cluster "
-                              f"profile {profile_path(name)} (tasks_per_node: {tasks}); allowed: a multiple of {step} "
-                              "(mixup and cutmix pair the images of each process's share)")
+                              f"profile {profile_path(name)} (tasks_per_node: {tasks}); allowed: a multiple of {step}"
+                              + (" (mixup and cutmix pair the images of each process's share)" if pairs else ""))
     return settings
 
 

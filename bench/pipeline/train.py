@@ -47,7 +47,8 @@ class FinetuneOptions:
     label_smoothing: float = option(0.1, minimum=0, maximum=1)
     mixup: float = option(0.0, minimum=0)
     cutmix: float = option(0.0, minimum=0)
-    clip_grad: float | None = option(None, minimum=0)
+    clip_grad: float | None = option(None, positive=True,  # 0 was taken and ignored (no clipping)
+                                     expect="null (no clipping) or a number > 0 (the largest gradient norm)")
     seed: int = option(0, minimum=0, maximum=SEED_MAX)
     workers: int = option(0, minimum=0)
     export: str | None = option(None, expect="a file path")  # a copy of the final weights (rank 0)
@@ -194,7 +195,8 @@ def finetune(
     if state is not None:
         vit.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty: saved disabled (CPU, or not fp16); fp16 on CUDA then starts its own scale
+            scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
         start_step, partial = state.get("step", 0), state.get("partial")
         partial_seconds, resumes = state.get("partial_seconds") or 0.0, list(state.get("resumes", []))
