@@ -295,6 +295,81 @@ def test_the_embedded_model_keeps_its_input_exactly():
 
 
 @needs_fmnist
+@pytest.mark.parametrize(("kwargs", "override"), [
+    ({"img_size": [48, 80]}, None),  # non-square input, crop_mode center: timm keeps the image square and crops
+    ({"img_size": [80, 48]}, {"crop_pct": 0.9}),
+    ({"img_size": 28, "patch_size": 4, "in_chans": 1}, {"crop_pct": 0.9}),  # scaled to 31: an odd margin of 3
+])
+def test_fashion_mnist_is_adapted_as_timms_transform_would_crop_it(kwargs, override):
+    """The adapted tensors are timm's eval transform of the grey PIL image, up to the resize kernel (tensor vs PIL):
+    the same crop, not a squashed image or a crop one pixel off."""
+    from PIL import Image
+
+    from bench.pipeline.data import _find_idx, eval_transform, read_idx, resolve_transform
+    from bench.pipeline.models import create_model
+
+    transform = resolve_transform(create_model("vit_tiny_patch16_224", kwargs, meta=True), "fashion_mnist", override)
+    adapted = FashionMNIST(None, "val", transform=transform)
+    pixels = read_idx(_find_idx(DEBIAN_FMNIST, "t10k-images-idx3-ubyte"))
+    timm_transform = eval_transform(transform)
+    for index in range(4):
+        image = Image.fromarray(pixels[index]).convert("RGB" if transform["input_size"][0] == 3 else "L")
+        expected = timm_transform(image)
+        assert adapted[index][0].shape == expected.shape
+        assert (adapted[index][0] - expected).abs().mean() < 0.02, (adapted[index][0] - expected).abs().mean()
+
+
+def test_folder_classes_take_timms_natural_order(tmp_path):
+    """ImageNet-V2's folders are named by their class index (0 .. 999): folder 10 is class 10, not the third
+    (torchvision's string order: 0, 1, 10, 2), as timm's own reader orders them."""
+    jpeg_folder(tmp_path / "v2", classes=tuple(str(index) for index in range(12)), per_class=1, splits=(".",))
+    dataset = build_dataset("folder", "val", root=str(tmp_path / "v2"))
+    assert sorted((Path(path).parent.name, label) for path, label in dataset.samples) == sorted(
+        (str(index), index) for index in range(12))
+    assert dataset.class_to_idx == timm.data.create_dataset("", root=str(tmp_path / "v2")).reader.class_to_idx
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_an_unreadable_image_is_one_line_naming_its_file(damage, tmp_path, capsys):
+    jpeg_folder(tmp_path / "imgs", per_class=2)
+    bad = tmp_path / "imgs" / "val" / "n02" / "img_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:300] if damage == "truncated" else b"")
+    with pytest.raises(DataError, match=rf"image {bad}: cannot be read"):
+        build_dataset("imagenet", "val", root=str(tmp_path / "imgs"))[3]
+    path = experiment(tmp_path, {"name": "deit_tiny_patch16_224", "kwargs": {"depth": 1, "num_classes": 2}},
+                      {"name": "imagenet", "root": "imgs"})
+    assert bench_main(path, tmp_path / "results", "--no-report") == 1
+    (note,) = (tmp_path / "results" / "failed").iterdir()
+    assert json.loads(note.read_text())["error"].startswith(f"DataError: image {bad}: cannot be read")
+
+
+def test_class_indices_beyond_the_models_head_are_one_line(tmp_path):
+    """Three class folders, a two-class head: the run says so, not torch's "Target 2 is out of bounds"."""
+    jpeg_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=1, splits=(".",))
+    path = experiment(tmp_path, {"name": "deit_tiny_patch16_224", "kwargs": {"depth": 1, "num_classes": 2}},
+                      {"name": "folder", "root": "imgs"})
+    assert bench_main(path, tmp_path / "results", "--no-report") == 1
+    (note,) = (tmp_path / "results" / "failed").iterdir()
+    assert json.loads(note.read_text())["error"] == (
+        "DataError: data 'folder' (val): class index 2 is not one of the model's 2 classes (0 to 1); allowed: "
+        "model.kwargs num_classes above every class index of the data, or a data.class_map onto the model's classes")
+
+
+def test_an_unknown_timm_tag_is_named_where_it_is_given(tmp_path, capsys):
+    jpeg_folder(tmp_path / "imgs", per_class=1)
+    data = {"name": "imagenet", "root": "imgs"}
+    path = experiment(tmp_path, {"name": "vit_tiny_patch16_224", "weights": "timm:in1k"}, data)
+    assert bench_main(path, tmp_path / "results") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {path}: defaults.model.weights: vit_tiny_patch16_224 has no timm pretrained tag 'in1k'; allowed: "
+        "augreg_in21k, augreg_in21k_ft_in1k")
+    path = experiment(tmp_path, {"name": "deit_tiny_patch16_224.in1k"}, data)
+    assert bench_main(path, tmp_path / "results") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {path}: defaults.model.name: deit_tiny_patch16_224 has no timm pretrained tag 'in1k'; allowed: fb_in1k")
+
+
+@needs_fmnist
 def test_torch_dataset_through_timm_create_dataset(tmp_path):
     """``torch/fashion_mnist`` (torchvision's reader through timm) with timm's transform for a 1-channel model
     gives the same images as the project's own Fashion-MNIST reader."""

@@ -416,6 +416,33 @@ def test_url_weights_are_fetched_once_before_the_runs(tmp_path, weights_server, 
     assert bench_main(write(tmp_path, cfg, "missing.yaml"), tmp_path / "r2", "--no-report") == 2
 
 
+class _RunsCode:
+    """A pickled object whose unpickling makes a folder: what a checkpoint's foreign objects could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (str(self.marker),)
+
+
+def test_url_weights_read_before_the_fetch_run_no_pickled_code(tmp_path, weights_server, monkeypatch):
+    """The calibration of a data-dependent method's budget reads URL weights before they are fetched (torch.hub):
+    as a local file, with torch.load(weights_only=True), a checkpoint holding other objects is refused, not run."""
+    from bench.pipeline.models import WeightsError, create_model, read_weights
+
+    served, base, _ = weights_server
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    marker = tmp_path / "pickle-ran"
+    torch.save({"model": create_model(MODEL["name"], MODEL["kwargs"]).state_dict(), "extra": _RunsCode(marker)},
+               served / "tiny.pth")
+    with pytest.raises(WeightsError, match=r"/tiny\.pth: refused: the checkpoint holds pickled Python objects"):
+        read_weights(f"{base}/tiny.pth")
+    assert not marker.exists()
+
+
 def test_timm_weights_resolved_to_a_local_file_or_left_to_the_job(tmp_path, monkeypatch, capsys):
     import timm
 
@@ -435,12 +462,12 @@ def test_timm_weights_resolved_to_a_local_file_or_left_to_the_job(tmp_path, monk
         return model
 
     monkeypatch.setattr(timm, "create_model", create)
-    run = _runspec(tmp_path, "timm:fake_tag")
+    run = _runspec(tmp_path, "timm:augreg_in21k")  # a tag timm knows: the config refuses others
     (resolved,) = prefetch_weights([run], tmp_path / "results")
-    assert downloads == [f"{MODEL['name']}.fake_tag"]
+    assert downloads == [f"{MODEL['name']}.augreg_in21k"]
     assert resolved.key == run.key and Path(resolved.weights_path).is_file()
     from_file = load_model(run.model, run.model_kwargs, resolved.weights_path)
-    direct = load_model(run.model, run.model_kwargs, "timm:fake_tag")
+    direct = load_model(run.model, run.model_kwargs, "timm:augreg_in21k")
     assert all(torch.equal(a, b) for a, b in zip(from_file.state_dict().values(), direct.state_dict().values(),
                                                  strict=True))
     assert prefetch_weights([run], tmp_path / "results")[0].weights_path == resolved.weights_path
@@ -454,7 +481,7 @@ def test_timm_weights_resolved_to_a_local_file_or_left_to_the_job(tmp_path, monk
     monkeypatch.setattr(timm, "create_model", offline)
     warnings = []
     (kept,) = prefetch_weights([run], tmp_path / "other", warn=warnings.append)
-    assert kept.weights_path == "timm:fake_tag" and "each job will fetch it itself" in warnings[0]
+    assert kept.weights_path == "timm:augreg_in21k" and "each job will fetch it itself" in warnings[0]
 
 
 def _runspec(tmp_path: Path, weights: str):

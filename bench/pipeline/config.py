@@ -665,6 +665,12 @@ class Parser:
                 close = difflib.get_close_matches(base["model"], timm.list_models(), n=5, cutoff=0.8)
                 hint = f"; similar: {', '.join(close)}" if close else ""
                 raise self.error(keys["name"], f"unknown timm model {base['model']!r}{hint}")
+            arch, _, tag = timm_name(base).partition(".")  # a tag in the name, else in weights: timm:<tag>
+            tags = [name.partition(".")[2] for name in timm.list_models(f"{arch}.*", include_tags=True)]
+            if tag and tag not in tags:
+                key = keys["name"] if "." in base["model"] else weights_key or f"{where}.weights"
+                raise self.error(key, f"{arch} has no timm pretrained tag {tag!r}; allowed: "
+                                 f"{', '.join(tags) or 'none (no pretrained config)'}")
             from bench.pipeline.models import create_model
 
             try:

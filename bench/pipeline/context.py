@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bench.pipeline.config import RunSpec
-from bench.pipeline.data import cached_dataset
+from bench.pipeline.data import DataError, cached_dataset
+from bench.pipeline.samples import dataset_targets
 
 
 @dataclass
@@ -27,7 +28,17 @@ class StageContext:
     method_stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def dataset(self, split: str, augment: bool = False) -> Dataset:
-        return cached_dataset(self.run.data, split, augment)
+        """The run's ``split``; a label outside the model's classes is one line (not torch's "Target 2 is out of
+        bounds" at the first batch holding it)."""
+        data = cached_dataset(self.run.data, split, augment)
+        classes = getattr(self.model, "num_classes", 0)
+        labels = dataset_targets(data) if classes else None
+        bad = next((label for label in labels or () if not 0 <= label < classes), None)
+        if bad is not None:
+            raise DataError(f"data {self.run.data['name']!r} ({split}): class index {bad} is not one of the model's "
+                            f"{classes} classes (0 to {classes - 1}); allowed: model.kwargs num_classes above every "
+                            "class index of the data, or a data.class_map onto the model's classes")
+        return data
 
     def val_set(self) -> Dataset:
         return self.dataset("val")

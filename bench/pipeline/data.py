@@ -263,13 +263,15 @@ def _adapt_fmnist(image: torch.Tensor, t: dict[str, Any]) -> torch.Tensor:
     """A normalised (1, 28, 28) Fashion-MNIST image as the transform ``t`` wants it (see FashionMNIST)."""
     channels, height, width = t["input_size"]
     scale = (math.floor(height / t["crop_pct"]), math.floor(width / t["crop_pct"]))
+    if t["crop_mode"] != "squash":  # timm's center mode keeps the aspect: the square image to the larger side
+        scale = (max(scale), max(scale))
     mode = t["interpolation"]
     x = image[None] * FMNIST_STD + FMNIST_MEAN  # back to [0, 1]
     if tuple(x.shape[-2:]) != scale:
         x = torch.nn.functional.interpolate(x, size=scale, mode=mode, antialias=mode != "nearest",
                                             **({} if mode == "nearest" else {"align_corners": False}))
         x = x.clamp_(0, 1)
-    top, left = (scale[0] - height) // 2, (scale[1] - width) // 2
+    top, left = int(round((scale[0] - height) / 2)), int(round((scale[1] - width) / 2))  # torchvision's CenterCrop
     x = x[0, :, top : top + height, left : left + width].expand(channels, -1, -1)
     mean = torch.tensor(t["mean"], dtype=x.dtype)[:, None, None]
     std = torch.tensor(t["std"], dtype=x.dtype)[:, None, None]
@@ -307,8 +309,22 @@ def load_class_map(path: str | os.PathLike) -> dict[str, int]:
     return mapping
 
 
+def load_image(path: str):
+    """torchvision's image loader (PIL, RGB); an image it cannot read is one line naming the file."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"image {path}: cannot be read ({type(error).__name__}: {reason[:200]})") from None
+
+
 def image_folder(folder: Path, transform, class_map: str | None = None) -> Dataset:
-    """torchvision's ImageFolder; with ``class_map``, each class folder's index comes from that file."""
+    """torchvision's ImageFolder with timm's class order (folder names in natural order, ``2`` before ``10``, as
+    ImageNet-V2's folders ``0`` .. ``999`` are their class indices); with ``class_map``, each class folder's index
+    comes from that file."""
+    from timm.utils.misc import natural_key
     from torchvision.datasets import ImageFolder
 
     if not folder.is_dir():
@@ -317,9 +333,9 @@ def image_folder(folder: Path, transform, class_map: str | None = None) -> Datas
 
     class MappedFolder(ImageFolder):
         def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            classes, indices = super().find_classes(directory)
+            classes = sorted(super().find_classes(directory)[0], key=natural_key)
             if mapping is None:
-                return classes, indices
+                return classes, {name: index for index, name in enumerate(classes)}
             missing = [name for name in classes if name not in mapping]
             if missing:
                 raise DataError(f"class_map {class_map} has no entry for folder {missing[0]!r} of {directory} "
@@ -327,7 +343,7 @@ def image_folder(folder: Path, transform, class_map: str | None = None) -> Datas
             return classes, {name: mapping[name] for name in classes}
 
     try:
-        return MappedFolder(str(folder), transform=transform)
+        return MappedFolder(str(folder), transform=transform, loader=load_image)
     except (FileNotFoundError, OSError) as error:
         raise DataError(f"data folder {folder}: {error}") from None
 

@@ -42,9 +42,12 @@ def read_weights(path_or_url: str) -> dict[str, torch.Tensor]:
     """Load a state dict from a local file or URL (URLs go through torch.hub's download cache)."""
     if path_or_url.startswith(("http://", "https://")):
         try:
-            obj = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", check_hash=False)
+            obj = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", check_hash=False,
+                                                     weights_only=True)  # as a local file: no pickled code runs
         except Exception as error:  # noqa: BLE001 - network and format errors alike become one line
-            raise WeightsError(f"{path_or_url}: download failed ({type(error).__name__}: {error})") from None
+            what = (_load_failure(error) if "Weights only load failed" in str(error)
+                    else f"download failed ({type(error).__name__}: {error})")
+            raise WeightsError(f"{path_or_url}: {what}") from None
         return extract_state_dict(obj, path_or_url)
     path = Path(path_or_url)
     if not path.is_file():
