@@ -329,8 +329,10 @@ def test_folder_classes_take_timms_natural_order(tmp_path):
     assert dataset.class_to_idx == timm.data.create_dataset("", root=str(tmp_path / "v2")).reader.class_to_idx
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty"])
-def test_an_unreadable_image_is_one_line_naming_its_file(damage, tmp_path, capsys):
+@pytest.mark.parametrize(("damage", "workers"), [("truncated", 0), ("empty", 0), ("truncated", 1)])
+def test_an_unreadable_image_is_one_line_naming_its_file(damage, workers, tmp_path, capsys):
+    """Also read by a DataLoader worker, whose error arrives as "Caught DataError in DataLoader worker process 0."
+    with the worker's traceback in its message: the note's line is the worker's own."""
     jpeg_folder(tmp_path / "imgs", per_class=2)
     bad = tmp_path / "imgs" / "val" / "n02" / "img_1.JPEG"
     bad.write_bytes(bad.read_bytes()[:300] if damage == "truncated" else b"")
@@ -338,6 +340,9 @@ def test_an_unreadable_image_is_one_line_naming_its_file(damage, tmp_path, capsy
         build_dataset("imagenet", "val", root=str(tmp_path / "imgs"))[3]
     path = experiment(tmp_path, {"name": "deit_tiny_patch16_224", "kwargs": {"depth": 1, "num_classes": 2}},
                       {"name": "imagenet", "root": "imgs"})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["defaults"]["workers"] = workers
+    path.write_text(yaml.safe_dump(cfg))
     assert bench_main(path, tmp_path / "results", "--no-report") == 1
     (note,) = (tmp_path / "results" / "failed").iterdir()
     assert json.loads(note.read_text())["error"].startswith(f"DataError: image {bad}: cannot be read")

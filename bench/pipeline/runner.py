@@ -66,13 +66,25 @@ def write_failure(results_dir: Path, run: RunSpec, error: BaseException, log: st
     the note is not the job (default: the job's own ``$TOKENBENCH_LOG``)."""
     atomic_write_json(failure_path(results_dir, run.key), {
         "key": run.key,
-        "error": f"{type(error).__name__}: {error}".strip().rstrip(":").splitlines()[0][:500],  # no ": " for ""
+        "error": error_line(error),
         "state": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
         "traceback": traceback.format_exc(),
         "log": log or os.environ.get("TOKENBENCH_LOG"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "time": now(),
     })
+
+
+def error_line(error: BaseException) -> str:
+    """The failure note's one line: ``Type: message`` (its first line, at most 500 characters). An error raised in a
+    DataLoader worker arrives re-raised as "Caught X in DataLoader worker process N." with the worker's traceback
+    in its message: the line is then the worker's own ``X: message``, the traceback's last line (``X`` without its
+    module, as for an error of this process)."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "in DataLoader worker process" in text.splitlines()[0]:
+        name, colon, message = text.splitlines()[-1].strip().partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}{colon}{message}"[:500]
+    return f"{type(error).__name__}: {text}".rstrip(":").splitlines()[0][:500]  # no ": " for ""
 
 
 def resolve_device(name: str) -> torch.device:
