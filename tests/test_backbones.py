@@ -372,6 +372,12 @@ def test_an_unknown_timm_tag_is_named_where_it_is_given(tmp_path, capsys):
     assert bench_main(path, tmp_path / "results") == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {path}: defaults.model.name: deit_tiny_patch16_224 has no timm pretrained tag 'in1k'; allowed: fb_in1k")
+    # a tag in the name and another in weights: timm built "name.tag.other" and failed at the fetch, at no key
+    path = experiment(tmp_path, {"name": "deit_tiny_patch16_224.fb_in1k", "weights": "timm:in1k"}, data)
+    assert bench_main(path, tmp_path / "results") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {path}: defaults.model.weights: 'timm:in1k' gives a pretrained tag, and the model name "
+        "'deit_tiny_patch16_224.fb_in1k' gives one already; allowed: one of them (weights 'timm:' takes the name's tag)")
 
 
 @needs_fmnist

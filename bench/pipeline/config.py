@@ -665,6 +665,11 @@ class Parser:
                 close = difflib.get_close_matches(base["model"], timm.list_models(), n=5, cutoff=0.8)
                 hint = f"; similar: {', '.join(close)}" if close else ""
                 raise self.error(keys["name"], f"unknown timm model {base['model']!r}{hint}")
+            weights = base.get("weights_path") or ""
+            if "." in base["model"] and weights.startswith("timm:") and weights != "timm:":
+                raise self.error(weights_key or f"{where}.weights", f"{weights!r} gives a pretrained tag, and the model "
+                                 f"name {base['model']!r} gives one already; allowed: one of them (weights 'timm:' "
+                                 f"takes the name's tag)")
             arch, _, tag = timm_name(base).partition(".")  # a tag in the name, else in weights: timm:<tag>
             tags = [name.partition(".")[2] for name in timm.list_models(f"{arch}.*", include_tags=True)]
             if tag and tag not in tags:
