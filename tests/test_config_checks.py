@@ -101,6 +101,15 @@ def test_an_entry_naming_another_model_takes_neither_the_defaults_label_nor_kwar
     ]
 
 
+def test_an_entry_of_the_same_model_overrides_the_defaults_transform_key_by_key(tmp_path):
+    """As its kwargs: {transform: {mean: [0.5]}} kept the defaults' crop_pct (the whole transform was replaced)."""
+    cfg = config(grid={"models": [{}, {"label": "grey-mean", "transform": {"mean": [0.5]}}], "methods": ["baseline"]})
+    cfg["defaults"]["model"] = {**MODEL, "transform": {"crop_pct": 0.9, "mean": [0.4]}}
+    plain, tuned = load_experiment(write(tmp_path, cfg), check_files=False).runs
+    assert plain.data["transform"]["crop_pct"] == tuned.data["transform"]["crop_pct"] == 0.9
+    assert plain.data["transform"]["mean"] == [0.4] and tuned.data["transform"]["mean"] == [0.5]
+
+
 # --------------------------------------------------------------------------------------- 3. weights: ''
 @pytest.mark.parametrize(("where", "key"), [("defaults", "defaults.weights"), ("model", "defaults.model.weights"),
                                             ("entry", "grid.models[0].weights")])

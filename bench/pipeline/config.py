@@ -508,9 +508,10 @@ class Parser:
 
     def run_base(self, defaults: DefaultsSection, model_entry: Any, where: str | None, experiment: str) -> dict[str, Any]:
         """The run fields of one model: ``model_entry`` (a ``grid.models`` entry at ``where``; None: the file has no
-        grid.models) over ``defaults.model``. An entry naming another model than ``defaults.model.name`` takes
-        none of the defaults' label, kwargs and transform (they describe that other model; its label is its own
-        name unless it gives one); its weights follow the usual rule. Every problem names the key it came from."""
+        grid.models) over ``defaults.model`` (its ``kwargs`` and ``transform`` key by key over the defaults'). An entry
+        naming another model than ``defaults.model.name`` takes none of the defaults' label, kwargs and transform
+        (they describe that other model; its label is its own name unless it gives one); its weights follow the
+        usual rule. Every problem names the key it came from."""
         model_defaults = check_keys(ModelSection, defaults.model, "defaults.model")
         parse(ModelSection, model_defaults, "defaults.model")  # a bad value there is named there
         if isinstance(model_entry, str):
@@ -522,8 +523,10 @@ class Parser:
         else:
             inherited = model_defaults
         merged = {**inherited, **model_entry}
-        if "kwargs" in model_entry and "name" not in model_entry and isinstance(model_entry["kwargs"], dict):
-            merged["kwargs"] = {**(model_defaults.get("kwargs") or {}), **model_entry["kwargs"]}
+        for key in ("kwargs", "transform"):  # the same model: its entry's kwargs and transform keys over the defaults'
+            if key in model_entry and "name" not in model_entry and isinstance(model_entry[key], dict) and \
+                    isinstance(model_defaults.get(key) or {}, dict):
+                merged[key] = {**(model_defaults.get(key) or {}), **model_entry[key]}
         model = parse(ModelSection, merged, where or "defaults.model")
 
         def origin(key: str) -> str:  # the key a value of the model came from
