@@ -661,12 +661,12 @@ def plot_pareto(df: pd.DataFrame, path: str | Path) -> bool:
     markers = "os^Dv<>p*h"
     groups = list(valid.groupby(GROUP, sort=True))
     legend = measurements.figure_labels([names for names, _ in groups])
+    for name in method_colour:  # one legend entry per method (colour), also one that the first group lacks
+        ax.scatter([], [], color=method_colour[name], marker="o", s=40, label=name)
     for index, (names, group) in enumerate(groups):
         marker = markers[index % len(markers)]
         for method, points in group.groupby("method", sort=True):
-            label = method if index == 0 else None  # one legend entry per method (colour)
-            ax.scatter(points["gmacs"], points["top1"], color=method_colour[method], marker=marker, s=40,
-                       zorder=3, label=label)
+            ax.scatter(points["gmacs"], points["top1"], color=method_colour[method], marker=marker, s=40, zorder=3)
         short = legend[names]  # the full title (transform, weights) is in the markdown
         ax.scatter([], [], color="grey", marker=marker,  # cut in the middle: the end tells apart groups of one label
                    label=short if len(short) <= 60 else short[:28] + "..." + short[-29:])

@@ -262,6 +262,26 @@ def test_a_record_above_its_budget_is_marked_and_kept_out_of_bold_and_rank(budge
     assert "_over budget: the run's MACs are above its budget" in section
 
 
+def test_a_budget_whose_runs_all_lack_a_record_keeps_its_column(budget_run, tmp_path):
+    """Every run at 0.8 failed or was interrupted: its column stays, blank, with the rank unchanged (it vanished, and
+    the table read as if the experiment had one budget)."""
+    _, results = budget_run
+    folder = tmp_path / "partial"
+    records, _ = read_all(results)
+    for record in records:
+        budget = record["run"]["budget"]
+        if not (budget and budget["target"] == 0.8):
+            write_record(record_path(folder, record["key"]), record)
+    shutil.copy(results / "experiment.json", folder / "experiment.json")
+    assert report.main([str(folder)]) == 0
+    section = (folder / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+    header = next(line for line in section.splitlines() if line.startswith("| Rank"))
+    assert [cell.strip() for cell in header.split("|")[3:5]] == ["≤ 0.55 MACs", "≤ 0.80 MACs"]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith("| ") and "Rank" not in line]
+    assert rows and all(row[3] in ("", "–") for row in rows) and any(row[2] for row in rows)
+
+
 def test_a_method_better_in_every_cell_ranks_first_whatever_fractions_its_knob_reached(tmp_path):
     """Three budgets; evit beats tome by 0.1 points in every cell, but undershoots the lowest budget (0.40 of the
     dense MACs under 0.55). Over the achieved fractions its AUC averaged a wider range of its own (83.69 against

@@ -595,6 +595,20 @@ def test_token_grid_composition_uses_each_runs_final_map(sweep_results, tmp_path
         assert np.array_equal(labels, maps["labels"][:, -1])
 
 
+def test_token_grids_of_labels_alike_but_for_punctuation_get_a_file_each(tmp_path):
+    """fm_vit and fm-vit make one file-name slug: each group's grid must have its own file and link, not the second
+    written over the first (both links then showed the second group's maps)."""
+    cfg = config(tmp_path, stages=["eval", "tokens"], tokens={"images": 2})
+    cfg["defaults"]["data"]["subset"] = 20
+    cfg["grid"] = {"models": [{"label": "fm_vit"}, {"label": "fm-vit"}],
+                   "methods": ["baseline", {"method": "topk", "keep_rate": 0.5, "layers": [1]}]}
+    assert bench_main(write(tmp_path, cfg), tmp_path / "results", "--no-report") == 0
+    df, _, _, _, _ = report.load_all(tmp_path / "results")
+    written = measurements.token_grids(df, tmp_path / "results", report.GROUP, report.sort_group, report._group_title)
+    assert sorted(caption.split(" (")[0] for caption, _ in written) == ["Token maps: fm-vit", "Token maps: fm_vit"]
+    assert len({path for _, path in written}) == 2 and all(path.is_file() for _, path in written)
+
+
 def test_compile_and_out_of_memory_are_noted(sweep_results, tmp_path):
     from bench.pipeline.records import record_path, write_record
 

@@ -312,6 +312,21 @@ def test_main_writes_files_and_png(results, capsys):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+def test_pareto_legend_names_every_method_also_one_the_first_group_lacks(frame, tmp_path, monkeypatch):
+    """Each method has its colour in the legend: ppt, evit (group A) and topk (group C) are not in the first group
+    plotted (deit-s, random init), and only that group's methods were named."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its legend
+    assert report.plot_pareto(frame, tmp_path / "p.png")
+    labels = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    monkeypatch.undo()
+    plt.close(figures[0])
+    assert [label for label in labels if " on " not in label] == ["baseline", "evit", "ppt", "tome", "topk"]
+    assert len(labels) == 5 + 3  # and one marker per group
+
+
 def test_plot_skipped_without_top1_and_gmacs(tmp_path, capsys, real_records):
     record = real_records["pruning-a"]
     assert "eval" not in record["metrics"]

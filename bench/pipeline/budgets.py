@@ -125,8 +125,11 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
                 setting_of.setdefault(label(method, text), (method, text))
             elif method not in set(part["_base"]):
                 setting_of.setdefault(method, (method, None))
-        # every budget of the group, also one that no method reached (a column of "–")
-        targets = sorted({round(x, 6) for x in part["budget"]} | {t for _, _, t in unreachable})
+        # every budget of the group, also one that no method reached (a column of "–") and one whose runs all lack a
+        # record (failed, interrupted, not run yet: a column of blanks, not a table that reads as if it had no such
+        # budget)
+        targets = sorted({round(x, 6) for x in part["budget"]} | {t for _, _, t in unreachable}
+                         | {round(c["target"], 6) for c in calibrations if c.get("model") == model})
         methods = sorted(setting_of)
         # a record above its budget (calibrated on other images or code than it was measured with): shown as such,
         # never the best of its column nor part of a rank

@@ -250,13 +250,13 @@ def token_grids(df: pd.DataFrame, results_dir: str | Path, group_keys: Sequence[
         if columns:
             found.append((names, images, columns))
     written = []
-    labels = [str(names[0]) for names, _, _ in found]
+    slugs = [_slug(str(names[0])) for names, _, _ in found]  # labels that differ only in punctuation share a slug
     for index, (names, images, columns) in enumerate(found):
         if len(found) == 1:
             name = "tokens.png"
         else:
-            slug = _slug(labels[index])
-            name = f"tokens_{slug}.png" if labels.count(labels[index]) == 1 else f"tokens_{slug}-{index + 1}.png"
+            slug = slugs[index]
+            name = f"tokens_{slug}.png" if slugs.count(slug) == 1 else f"tokens_{slug}-{index + 1}.png"
         path = Path(out_dir or folder) / name
         caption = f"Token maps: {names[0]} ({names[-1]})"  # model label and weights
         compose(path, images, columns, f"Token maps: {names[0]} (grey: pruned; a colour: one merged token)")
