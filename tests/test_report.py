@@ -495,3 +495,17 @@ def test_settings_of_a_stage_that_did_not_run_do_not_label_a_row(real_records):
     assert full["run"]["stages"] == ["eval", "macs", "throughput"] and full["run"]["macs"]["images"] == 1
     df = report.build_frame([full, eval_only])
     assert list(df["params"]) == ["r=4 [stages=[eval, macs, throughput]]", "r=4 [stages=[eval]]"]
+
+
+def test_the_readme_lists_the_csv_columns_in_order(results, tmp_path):
+    """README's *CSV columns* paragraph names every column report.py writes, in the file's order."""
+    import re
+
+    from bench.pipeline.files import REPO
+
+    assert report.main([str(results), "--out", str(tmp_path / "board.md"), "--csv", str(tmp_path / "board.csv")]) == 0
+    header = (tmp_path / "board.csv").read_text().splitlines()[0].split(",")
+    readme = (REPO / "README.md").read_text()
+    paragraph = readme.split("**CSV columns**", 1)[1].split("\n\n", 1)[0]
+    listed = [name for name in re.findall(r"`([a-z0-9_]+)`", paragraph) if name not in ("leaderboard", "macs")]
+    assert listed == header == report.CSV_COLUMNS + report.EXTRA_COLUMNS
