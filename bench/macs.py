@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
+from timm.layers import AttentionPoolLatent
 from torch import nn
 from torchprofile import profile_macs
 
@@ -66,9 +67,11 @@ def analytic_macs(
     info: ForwardInfo | None = None,
 ) -> int:
     """MACs from token counts, nanoGPT-style, as a cross-check of the counter: per block
-    ``4*N*C^2 + 2*N^2*C`` for attention over N tokens (``ForwardInfo.tokens_attn``) and ``2*N'*C*hidden``
-    (= 8*N'*C^2) for the MLP over N' tokens (``tokens_mlp``), plus patch embedding (its projection: a hybrid ViT's
-    CNN backbone is not counted, 119 of 435 MMACs of ``vit_tiny_r_s16_p8_224``) and head. A block whose
+    ``4*N*C^2 + 2*N^2*C`` for attention over N tokens (``ForwardInfo.tokens_attn``) and the MLP's linear layers
+    over N' tokens (``tokens_mlp``): ``2*N'*C*hidden`` (= 8*N'*C^2) for timm's ``Mlp``, ``3*N'*C*hidden`` for a
+    SwiGLU (``SwiGLU``, ``SwiGLUPacked``: AIMv2, DINOv2-g), plus patch embedding (its projection, where there is
+    one: a hybrid ViT's CNN backbone is not counted, 119 of 435 MMACs of ``vit_tiny_r_s16_p8_224``) and head (an
+    attention pool's too, ``global_pool='map'``: SigLIP). A block whose
     START reduction first computed q and k over the unreduced tokens (``tokens_probe``) adds
     ``2*N*C^2 + N^2*C`` for them; a block that reused given attention probabilities (``probs_given``, MCTF's
     one-step-ahead) spends only ``2*N'*C^2 + N'^2*C`` (values, probabilities times values, projection).
@@ -98,16 +101,26 @@ def analytic_macs(
         patches = vit.patch_embed.num_patches
     tokens_mlp = tokens_mlp if tokens_mlp is not None else tokens_attn
     dim = vit.embed_dim
-    proj = vit.patch_embed.proj
-    macs = patches * dim * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    proj = vit.patch_embed.proj  # an Identity where a hybrid's backbone gives the tokens' width (ViTamin, MCi)
+    macs = 0
+    if isinstance(proj, nn.Conv2d):
+        macs = patches * dim * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
     for block, n_attn, n_mlp, n_probe, reused in zip(vit.blocks, tokens_attn, tokens_mlp, probe, given, strict=True):
-        hidden = block.mlp.fc1.out_features
+        # every linear layer of the MLP, per token: fc1 + fc2 of timm's Mlp (2 C hidden); SwiGLU's gate is a third
+        mlp = sum(layer.in_features * layer.out_features for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
         macs += 2 * n_probe * dim * dim + n_probe * n_probe * dim
         if reused:
             macs += 2 * n_attn * dim * dim + n_attn * n_attn * dim
         else:
             macs += 4 * n_attn * dim * dim + 2 * n_attn * n_attn * dim
-        macs += 2 * n_mlp * dim * hidden
+        macs += n_mlp * mlp
+    pool = getattr(vit, "attn_pool", None)
+    if isinstance(pool, AttentionPoolLatent):  # SigLIP's map head: keys and values of every token (a method is
+        # refused there), its queries' attention over them, its linear layers on the latents
+        keys = patches + (vit.num_prefix_tokens if vit.pool_include_prefix else 0)
+        macs += keys * pool.kv.in_features * pool.kv.out_features + pool.latent_len * keys * pool.kv.out_features
+        macs += pool.latent_len * sum(layer.in_features * layer.out_features for layer in pool.modules()
+                                      if isinstance(layer, nn.Linear) and layer is not pool.kv)
     for head in (vit.head, getattr(vit, "head_dist", None)):
         if isinstance(head, nn.Linear):
             macs += head.in_features * head.out_features

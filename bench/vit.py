@@ -338,9 +338,9 @@ def input_grid(patch: nn.Module, size: Any) -> tuple[int, int]:
 def check_supported(model: nn.Module) -> None:
     """The harness drives timm's ViT blocks itself: refuse models whose blocks it does not know."""
     if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"bench.apply needs a timm VisionTransformer (ViT / DeiT / distilled DeiT), got {type(model).__name__}"
-        )
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")  # timm's model name, if timm's
+        raise ValueError(f"bench.apply needs a timm VisionTransformer (ViT / DeiT / distilled DeiT), got "
+                         f"{type(model).__name__}{f' ({name})' if name else ''}")
     for index, block in enumerate(model.blocks):
         attn = getattr(block, "attn", None)
         missing = [name for name in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2") if not hasattr(block, name)]

@@ -102,8 +102,13 @@ def test_apply_accepts_a_built_method_and_rejects_extra_params():
 def test_apply_rejects_non_vit():
     import torch
 
-    with pytest.raises(ValueError, match="needs a timm VisionTransformer"):
+    with pytest.raises(ValueError, match=r"needs a timm VisionTransformer \(ViT / DeiT / distilled DeiT\), got Linear$"):
         bench.apply(torch.nn.Linear(2, 2), "baseline")
+    import timm
+
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1)
+    with pytest.raises(ValueError, match=r"got Eva \(eva02_tiny_patch14_224\)$"):  # which model: timm's name
+        bench.apply(eva, "tome", r=1)
 
 
 def test_forward_stats_before_forward_is_an_error():
