@@ -47,26 +47,19 @@ def test_plain_timm_model_counts_like_the_baseline(deit_s):
     assert bench.analytic_macs(deit_s) == bench.analytic_macs(bench.apply(deit_s, "baseline"))
 
 
-@pytest.mark.parametrize("name", ["vit_giant_patch14_dinov2", "aimv2_large_patch14_224"], ids=["packed", "swiglu"])
-def test_analytic_count_of_a_swiglu_mlp_agrees_with_torchprofile(name):
-    """A SwiGLU MLP (DINOv2-g, TIPSv2: ``SwiGLUPacked``; AIMv2: ``SwiGLU``) has three linear layers of the hidden
-    width, not fc1 and fc2: the formula read ``2 N C`` x fc1's width (19 % above torchprofile for the packed one)
-    and failed on AIMv2's, which has no fc1 (the macs stage and MAC budgets with it)."""
+@pytest.mark.parametrize(("name", "reducing"), [
+    # a SwiGLU MLP (DINOv2-g, TIPSv2: SwiGLUPacked; AIMv2: SwiGLU) has three linear layers of the hidden width, not
+    # fc1 and fc2: the formula read 2 N C x fc1's width (19 % above torchprofile for the packed one) and failed on
+    # AIMv2's, which has no fc1 (the macs stage and MAC budgets with it)
+    ("vit_giant_patch14_dinov2", ("tome", {"r": 4})), ("aimv2_large_patch14_224", ("tome", {"r": 4})),
+    # an attention-pool head (global_pool='map') projects keys and values of every output token: 1.4 % of
+    # SigLIP-B/16's MACs, which the formula left out (its dense model and resize run there)
+    ("vit_base_patch16_siglip_224", ("resize", {"img_size": 48})), ("test_vit3", ("resize", {"img_size": 48})),
+], ids=["swiglu-packed", "swiglu", "attention-pool", "attention-pool-with-prefix"])
+def test_analytic_count_of_mlps_and_heads_beyond_vits_agrees_with_torchprofile(name, reducing):
     vit = timm.create_model(name, pretrained=False, img_size=64, patch_size=8, embed_dim=96, num_heads=3, depth=4,
                             num_classes=10).eval()
-    for method, params in (("baseline", {}), ("tome", {"r": 4})):
-        model = bench.apply(vit, method, **params)
-        counted = bench.count_macs(model)
-        assert abs(bench.analytic_macs(model) - counted) / counted < 0.01, (method, bench.analytic_macs(model), counted)
-
-
-@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "test_vit3"], ids=["siglip", "with-prefix"])
-def test_analytic_count_of_an_attention_pool_head_agrees_with_torchprofile(name):
-    """An attention-pool head (``global_pool='map'``) projects keys and values of every output token: 1.4 % of
-    SigLIP-B/16's MACs, which the formula left out. Its dense model and ``resize`` run there."""
-    vit = timm.create_model(name, pretrained=False, img_size=64, patch_size=8, embed_dim=96, num_heads=3, depth=4,
-                            num_classes=10).eval()
-    for method, params in (("baseline", {}), ("resize", {"img_size": 48})):
+    for method, params in (("baseline", {}), reducing):
         model = bench.apply(vit, method, **params)
         counted = bench.count_macs(model)
         assert abs(bench.analytic_macs(model) - counted) / counted < 0.01, (method, bench.analytic_macs(model), counted)
