@@ -245,8 +245,9 @@ def own_cost_ms(measured, alone) -> float:
 
 
 def quickstart(batch_size: int, device: torch.device) -> tuple[torch.nn.Module, list, torch.Tensor, str]:
-    """The quickstart's model with its weights, its runs as (method, params, label), the first
-    ``batch_size`` Fashion-MNIST test images and its attention kernel (``sdpa_backend``)."""
+    """The quickstart's model with its weights, its runs as (method, params, label), ``batch_size`` of its
+    Fashion-MNIST test images (the seeded draw over the classes its throughput stage times, ``real_batch``) and
+    its attention kernel (``sdpa_backend``)."""
     from bench.pipeline.config import load_experiment
     from bench.pipeline.context import StageContext
     from bench.pipeline.models import load_model

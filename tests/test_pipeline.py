@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -798,6 +799,25 @@ def test_non_finite_logits_are_counted_warned_and_noted(tmp_path, capsys):
             in err.splitlines())
     note = next(line for line in (results / "leaderboard.md").read_text().splitlines() if "Non-finite" in line)
     assert note.startswith("_Non-finite logits (NaN or inf), images of the eval set: diffrate (") and ") 1; " in note
+
+
+def test_ece_nll_and_feature_cos_are_nan_where_logits_are_not_finite(tmp_path):
+    """Weights whose head gives class 0 a -inf logit on every image: the softmax stays finite (probability 0), so
+    ECE read a number, NLL inf and feature cos 1.0 (finite features), beside the warning that they are undefined
+    (NaN). They are NaN, as it says; top-1 and the agreement still count."""
+    from bench.pipeline.models import create_model
+
+    torch.manual_seed(0)
+    state = create_model(MODEL["name"], MODEL["kwargs"]).state_dict()
+    state["head.bias"][0] = -math.inf
+    torch.save({"model": state}, tmp_path / "minus_inf.pth")
+    cfg = config(tmp_path, stages=["eval"], grid={"methods": ["baseline", {"method": "tome", "r": 4}]})
+    cfg["defaults"]["weights"] = str(tmp_path / "minus_inf.pth")
+    assert bench_main(write(tmp_path, cfg), tmp_path / "results", "--no-report") == 0
+    for record in read_all(tmp_path / "results")[0]:
+        metrics = record["metrics"]["eval"]
+        assert metrics["nonfinite_images"] == 200 and 0 < metrics["top1"] < 100 and metrics["agreement"] > 0
+        assert all(math.isnan(metrics[name]) for name in ("ece", "nll", "feature_cos")), metrics
 
 
 def test_all_takes_delta_against_the_current_configs_baseline(tmp_path):

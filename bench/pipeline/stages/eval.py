@@ -7,6 +7,7 @@ model's, and ``feature_cos``, the mean cosine similarity of the pre-logits featu
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -52,6 +53,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             reference, features = dense.dense_reference(ctx)
         metrics["agreement"] = percent(top1 == reference)
         metrics["feature_cos"] = stats.mean_cosine(result.features.numpy(), features.numpy())
+    if result.nonfinite:  # undefined, as the warning says: -inf logits alone left ECE finite and NLL inf
+        metrics.update({name: math.nan for name in ("ece", "nll", "feature_cos") if name in metrics})
     ctx.note_tokens(result.info)
     ctx.method_stats = result.stats
     return metrics
