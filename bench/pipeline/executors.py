@@ -104,7 +104,7 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
     (``bench.pipeline.interrupts``) stops them as one it raised: the job in progress is stopped, none starts."""
     import time
 
-    from bench.pipeline.lock import PARENT_ENV, parent_marker, release_dead_claim
+    from bench.pipeline.lock import PARENT_ENV, claim_path, parent_marker, release_dead_claim
     from bench.pipeline.runner import run_job, write_failure
 
     outcomes = []
@@ -127,8 +127,14 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
             while not job.done() and time.monotonic() < deadline:  # marked when this process returns
                 time.sleep(0.05)
             # Killed before it could mark its run (SIGKILL 1 s after the SIGINT, the job inside one long
-            # operation): its claim is left behind a dead process. The note the job would have written, here.
-            if job.done() and release_dead_claim(results_dir, run.key):
+            # operation): its claim is left behind a dead process. The note the job would have written, here. The
+            # job's process can outlive the controller's answer by a moment (on a loaded machine: the claim's
+            # holder still alive when job.done() says so): its claim is awaited up to 10 s.
+            released, settle = False, time.monotonic() + 10
+            while job.done() and not (released := release_dead_claim(results_dir, run.key)) and \
+                    claim_path(results_dir, run.key).exists() and time.monotonic() < settle:
+                time.sleep(0.05)
+            if released:
                 write_failure(results_dir, run, KeyboardInterrupt(), log=str(job.paths.stderr))
             raise
         except Exception as error:  # noqa: BLE001

@@ -84,7 +84,7 @@ def error_line(error: BaseException) -> str:
     if text.startswith("Caught ") and "in DataLoader worker process" in text.splitlines()[0]:
         name, colon, message = text.splitlines()[-1].strip().partition(": ")
         return f"{name.rsplit('.', 1)[-1]}{colon}{message}"[:500]
-    return f"{type(error).__name__}: {text}".rstrip(":").splitlines()[0][:500]  # no ": " for ""
+    return f"{type(error).__name__}: {text}".strip().rstrip(":").splitlines()[0][:500]  # no ": " for ""
 
 
 def resolve_device(name: str) -> torch.device:
