@@ -316,7 +316,9 @@ def test_fashion_mnist_is_adapted_as_timms_transform_would_crop_it(kwargs, overr
         image = Image.fromarray(pixels[index]).convert("RGB" if transform["input_size"][0] == 3 else "L")
         expected = timm_transform(image)
         assert adapted[index][0].shape == expected.shape
-        assert (adapted[index][0] - expected).abs().mean() < 0.02, (adapted[index][0] - expected).abs().mean()
+        # the resize kernels (tensor, PIL) differ by ~0.003 at torchvision 0.29, 0.03 at 0.20; a squashed image or a
+        # crop one pixel off: 0.17-0.49
+        assert (adapted[index][0] - expected).abs().mean() < 0.08, (adapted[index][0] - expected).abs().mean()
 
 
 def test_folder_classes_take_timms_natural_order(tmp_path):
