@@ -59,6 +59,11 @@ def data_macs(model: nn.Module, images: Iterable[torch.Tensor]) -> float:
     return sum(counts) / len(counts)
 
 
+def _linear_macs(module: nn.Module) -> int:
+    """MACs of every ``nn.Linear`` in ``module`` for one token (row)."""
+    return sum(layer.in_features * layer.out_features for layer in module.modules() if isinstance(layer, nn.Linear))
+
+
 def analytic_macs(
     model: nn.Module,
     tokens_attn: Sequence[int] | ForwardInfo | None = None,
@@ -106,8 +111,7 @@ def analytic_macs(
     if isinstance(proj, nn.Conv2d):
         macs = patches * dim * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
     for block, n_attn, n_mlp, n_probe, reused in zip(vit.blocks, tokens_attn, tokens_mlp, probe, given, strict=True):
-        # every linear layer of the MLP, per token: fc1 + fc2 of timm's Mlp (2 C hidden); SwiGLU's gate is a third
-        mlp = sum(layer.in_features * layer.out_features for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
+        mlp = _linear_macs(block.mlp)  # per token: fc1 + fc2 of timm's Mlp (2 C hidden); SwiGLU's gate is a third
         macs += 2 * n_probe * dim * dim + n_probe * n_probe * dim
         if reused:
             macs += 2 * n_attn * dim * dim + n_attn * n_attn * dim
@@ -119,8 +123,7 @@ def analytic_macs(
         # refused there), its queries' attention over them, its linear layers on the latents
         keys = patches + (vit.num_prefix_tokens if vit.pool_include_prefix else 0)
         macs += keys * pool.kv.in_features * pool.kv.out_features + pool.latent_len * keys * pool.kv.out_features
-        macs += pool.latent_len * sum(layer.in_features * layer.out_features for layer in pool.modules()
-                                      if isinstance(layer, nn.Linear) and layer is not pool.kv)
+        macs += pool.latent_len * (_linear_macs(pool) - pool.kv.in_features * pool.kv.out_features)
     for head in (vit.head, getattr(vit, "head_dist", None)):
         if isinstance(head, nn.Linear):
             macs += head.in_features * head.out_features

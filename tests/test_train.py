@@ -127,7 +127,6 @@ def test_a_ctrl_c_mid_epoch_says_where_the_next_invocation_resumes(tmp_path, mon
     assert torch.load(tmp_path / "run" / "last.pth", weights_only=False)["epoch"] == 1
 
 
-
 def test_a_checkpoint_of_a_disabled_scaler_resumes_where_the_scaler_is_enabled(tmp_path, monkeypatch):
     """device auto, dtype fp16: a run interrupted on a CPU host (GradScaler disabled: its state is {}) and resumed on a
     CUDA host (enabled: same run key) failed with "The source state dict is empty". It resumes with a fresh scale."""

@@ -26,18 +26,21 @@ class StageContext:
     # {"in", "attn", "mlp", "out": [...]} of a real forward (bench.vit.ForwardInfo's counts)
     tokens_per_layer: dict[str, list[int]] | None = None
     method_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    labels_checked: set[str] = field(default_factory=set)  # the splits whose labels fit the model's classes
 
     def dataset(self, split: str, augment: bool = False) -> Dataset:
         """The run's ``split``; a label outside the model's classes is one line (not torch's "Target 2 is out of
-        bounds" at the first batch holding it)."""
+        bounds" at the first batch holding it), checked once per split (every stage and batch size asks)."""
         data = cached_dataset(self.run.data, split, augment)
-        classes = getattr(self.model, "num_classes", 0)
-        labels = dataset_targets(data) if classes else None
-        bad = next((label for label in labels or () if not 0 <= label < classes), None)
-        if bad is not None:
-            raise DataError(f"data {self.run.data['name']!r} ({split}): class index {bad} is not one of the model's "
-                            f"{classes} classes (0 to {classes - 1}); allowed: model.kwargs num_classes above every "
-                            "class index of the data, or a data.class_map onto the model's classes")
+        if split not in self.labels_checked:
+            classes = getattr(self.model, "num_classes", 0)
+            labels = dataset_targets(data) if classes else None
+            bad = next((label for label in labels or () if not 0 <= label < classes), None)
+            if bad is not None:
+                raise DataError(f"data {self.run.data['name']!r} ({split}): class index {bad} is not one of the "
+                                f"model's {classes} classes (0 to {classes - 1}); allowed: model.kwargs num_classes "
+                                "above every class index of the data, or a data.class_map onto the model's classes")
+            self.labels_checked.add(split)
         return data
 
     def val_set(self) -> Dataset:
