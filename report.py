@@ -98,7 +98,11 @@ def format_params(params: Any) -> str:
 def _data_label(data: Any) -> str:
     if isinstance(data, str):
         return data
-    name = str(_get(data, "name") or "")
+    # the split and class map are part of what was measured: runs on other images or labels (an earlier config,
+    # report.py --all) form a group of their own, with their own baseline
+    name = ", ".join([str(_get(data, "name") or ""),
+                      *(f"{key} {Path(str(value)).name if key == 'class_map' else value}"
+                        for key in ("split", "class_map") if (value := _get(data, key)))])
     subset = _get(data, "subset")
     label = f"{name} (subset {subset})" if subset else name
     transform = _get(data, "transform")

@@ -21,7 +21,14 @@ import methods
 import report
 import run_bench
 from bench.pipeline.config import RunSpec, load_experiment, run_key
-from bench.pipeline.data import DEBIAN_FMNIST, DataError, FashionMNIST, build_dataset, run_dataset
+from bench.pipeline.data import (
+    DEBIAN_FMNIST,
+    DataError,
+    FashionMNIST,
+    build_dataset,
+    load_class_map,
+    run_dataset,
+)
 from bench.pipeline.files import REPO
 from bench.pipeline.records import read_all
 from tests.helpers import images, small_vit
@@ -172,7 +179,7 @@ def test_leaderboard_group_header_shows_the_transform(tmp_path):
     assert bench_main(path, results, "--no-report") == 0
     assert report.main([str(results)]) == 0
     headers = [line for line in (results / "leaderboard.md").read_text().splitlines() if line.startswith("## augreg")]
-    assert headers == ["## augreg-s on folder (subset 2) [3x224x224 bicubic, crop_pct 0.9 center, mean 0.5/0.5/0.5, "
+    assert headers == ["## augreg-s on folder, split val (subset 2) [3x224x224 bicubic, crop_pct 0.9 center, mean 0.5/0.5/0.5, "
                        "std 0.5/0.5/0.5] (random init)"]
 
 
@@ -417,6 +424,12 @@ def test_folder_class_map_maps_folders_onto_a_larger_head(tmp_path):
     assert [mapped[i][1] for i in range(2)] == [5, 1]
     with pytest.raises(DataError, match=r"short.txt has no entry for folder 'n07' .* \(1 of 2 folders missing\)"):
         build_dataset("folder", "val", root=str(tmp_path / "r"), class_map=str(tmp_path / "short.txt"))
+    for name, mapping, message in (("bool.json", {"n03": True, "n07": 0}, "must map folder names to integer"),
+                                   ("float.json", {"n03": 1.0, "n07": 0}, "must map folder names to integer"),
+                                   ("empty.json", {}, "empty")):
+        (tmp_path / name).write_text(json.dumps(mapping))
+        with pytest.raises(DataError, match=f"class_map {tmp_path / name}: {message}"):
+            load_class_map(tmp_path / name)
     path = experiment(tmp_path, {"name": "deit_tiny_patch16_224", "kwargs": {"depth": 1, "num_classes": 10}},
                       {"name": "folder", "root": "r", "class_map": "classes.json"}, batch_size=2)
     results = tmp_path / "results"

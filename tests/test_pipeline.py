@@ -596,6 +596,30 @@ def test_all_takes_a_fine_tuned_runs_delta_against_the_fine_tuned_baseline(tmp_p
     assert df.loc["", "top1"] != df.loc["[fine-tuned] [earlier config]", "top1"]  # two different baselines
 
 
+def test_all_keeps_an_earlier_configs_other_split_in_a_group_of_its_own(tmp_path):
+    """report.py --all after the data's split changed: the earlier runs were measured on other images, so they form
+    their own group (its data label names the split) and take their delta against their own baseline."""
+    methods_ = ["baseline", {"method": "tome", "r": 2}]
+    results = tmp_path / "results"
+    train = config(tmp_path, stages=["eval"], grid={"methods": methods_},
+                   defaults={**config(tmp_path)["defaults"], "data": {"name": "fashion_mnist", "split": "train",
+                                                                     "subset": 200}})
+    assert bench_main(write(tmp_path, train), results, "--no-report") == 0
+    assert bench_main(write(tmp_path, config(tmp_path, stages=["eval"], grid={"methods": methods_})), results) == 0
+    assert report.main([str(results), "--all", "--out", str(tmp_path / "all.md"), "--csv", str(tmp_path / "all.csv")]) == 0
+    df = report.load_all(results, everything=True)[0]
+    assert sorted(df["data"].str.split(" \\[").str[0]) == ["fashion_mnist (subset 200)"] * 2 + \
+        ["fashion_mnist, split train (subset 200)"] * 2
+    bases = df.loc[df["method"] == "baseline", "top1"]
+    assert bases.nunique() == 2  # other images, other top-1s: one baseline's delta would be wrong for the other split
+    for data, group in df.groupby("data"):
+        base = group.loc[group["method"] == "baseline", "top1"].item()
+        tome = group.loc[group["method"] == "tome"].iloc[0]
+        assert tome["delta_top1"] == pytest.approx(tome["top1"] - base), data
+    assert pd.read_csv(tmp_path / "all.csv")["data"].str.contains("split train").sum() == 2
+    assert "fashion_mnist, split train (subset 200)" in (tmp_path / "all.md").read_text()
+
+
 @pytest.mark.parametrize("name", ["quickstart", "fmnist_vit", "deit_imagenet", "deit_s_ppt_finetune", "backbones"])
 def test_shipped_configs_are_valid_under_dry_run(name, tmp_path, capsys):
     path = REPO / "configs" / f"{name}.yaml"

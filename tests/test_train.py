@@ -88,6 +88,39 @@ def test_each_process_mixes_the_pairs_one_process_mixes(batch_size, world_size):
         assert set().union(*(pairs(part) for part in local)) == pairs(batch)
 
 
+def test_fashion_mnist_crops_and_flips_follow_the_finetune_seed(tmp_path):
+    """Fashion-MNIST's augmentation is seeded per (seed, epoch, image): the images a fine-tuning epoch trains on (the
+    model's inputs, as a set: the batch order follows the seed anyway) differ between seeds, not between two runs of
+    one seed, and seed 0 keeps the crops of before the seed counted (the embedded checkpoint's)."""
+    from torch.utils.data import Subset
+
+    from bench.pipeline.data import FMNIST_MEAN, FMNIST_STD, FashionMNIST
+
+    data = FashionMNIST(None, "test", augment=True)
+    epoch0 = data[5][0]
+    padded = torch.nn.functional.pad(data.images[5], (2, 2, 2, 2), value=-FMNIST_MEAN / FMNIST_STD)
+    top, left, flip = torch.randint(0, 5, (3,), generator=torch.Generator().manual_seed(5)).tolist()
+    expected = padded[:, top : top + 28, left : left + 28]
+    assert torch.equal(epoch0, expected.flip(-1) if flip % 2 else expected)  # epoch 0, seed 0: seeded by the index
+
+    def inputs(seed: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
+                                num_classes=10, embed_dim=32, depth=1, num_heads=2)
+        seen = []
+        vit.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().flatten(1).clone()))
+        opts = FinetuneOptions(epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0, mixup=0.0, seed=seed)
+        finetune(vit, Subset(data, range(32)), opts, tmp_path / f"seed{seed}-{len(list(tmp_path.iterdir()))}",
+                 torch.device("cpu"), progress=False, log=lambda message: None)
+        images = torch.cat(seen)
+        return images[torch.argsort(images.sum(1))]  # as a set: in the order of the images' sums
+
+    first = inputs(0)
+    assert first.shape == (64, 28 * 28)
+    assert torch.equal(first, inputs(0))
+    assert not torch.equal(first, inputs(1))
+
+
 def test_resume_after_an_epoch_is_exact(tmp_path):
     straight, result = train(tmp_path, "straight")
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
@@ -178,7 +211,7 @@ class _SignalAtEpoch(Dataset):
     def __init__(self, data: Toy, epoch: int, index: int) -> None:
         self.data, self.target_epoch, self.index, self.epoch, self.sent = data, epoch, index, 0, False
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:

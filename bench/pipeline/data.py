@@ -210,14 +210,16 @@ class FashionMNIST(Dataset):
         self.images = self.images.unsqueeze(1)
         self.targets = torch.from_numpy(labels.astype(np.int64))
         self.augment = augment
-        self.epoch = 0
+        self.epoch, self.seed = 0, 0
         self.adapt = transform if transform and not _native_fmnist(transform) else None
         problem = tensor_transform_problem(transform)
         if problem:
             raise DataError(f"fashion_mnist: transform.{problem[0]} {problem[1]}")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:
+        """The fine-tuning epoch and its ``finetune.seed``: other seeds, other crops and flips (seed 0: the streams
+        the embedded checkpoint was trained with)."""
+        self.epoch, self.seed = epoch, seed
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -225,8 +227,11 @@ class FashionMNIST(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index]
         if self.augment:
-            # Seeded by (epoch, image), not by process: one and several DDP processes see the same batches.
-            generator = torch.Generator().manual_seed(self.epoch * 1_000_003 + index)
+            # Seeded by (seed, epoch, image), not by process: one and several DDP processes see the same batches.
+            # The epoch's stream as the fine-tuning loop numbers it (seed * 10_007 + epoch); below 2**64 for every
+            # seed up to finetune.seed's ceiling, and for seed 0 the seeds of before the seed counted.
+            stream = self.seed * 10_007 + self.epoch
+            generator = torch.Generator().manual_seed((stream * 1_000_003 + index) % 2**64)
             padded = torch.nn.functional.pad(image, (2, 2, 2, 2), value=-FMNIST_MEAN / FMNIST_STD)
             top, left, flip = torch.randint(0, 5, (3,), generator=generator).tolist()
             image = padded[:, top : top + 28, left : left + 28]
@@ -292,9 +297,13 @@ def load_class_map(path: str | os.PathLike) -> dict[str, int]:
             mapping = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"class_map {path}: malformed JSON (line {error.lineno})") from None
-        if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
+        # bool is an int to Python, and JSON's true would be class 1: refused with the other non-integers
+        if not isinstance(mapping, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                    for v in mapping.values()):
             raise DataError(f"class_map {path}: must map folder names to integer class indices")
-        return {str(k): int(v) for k, v in mapping.items()}
+        if not mapping:
+            raise DataError(f"class_map {path}: empty")
+        return {str(k): v for k, v in mapping.items()}
     mapping: dict[str, int] = {}
     for number, line in enumerate(line for line in text.splitlines() if line.strip()):
         fields = line.split()
@@ -377,7 +386,7 @@ class StreamedDataset(IterableDataset):
                     break
         return self._head[index]
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:  # finetune refuses streamed data: evaluated only
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 

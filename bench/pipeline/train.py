@@ -2,7 +2,7 @@
 label smoothing, optional mixup / cutmix (timm), AMP on GPU. A checkpoint after every epoch; a run
 resumes from it. Multi-process (DDP) runs see the same global batches as a single process: each global
 batch is split across ranks. Datasets with ``set_epoch`` (Fashion-MNIST) seed their augmentation per
-(epoch, image), not per process, and resume exactly; for the others (timm's ImageNet transforms in loader
+(seed, epoch, image), not per process, and resume exactly; for the others (timm's ImageNet transforms in loader
 workers) the workers are seeded per (seed, epoch, rank, first step): ranks differ, and a resumed epoch
 draws fresh augmentations rather than replaying the interrupted ones. The checkpoint keeps the CPU
 generators and, on GPU, the training device's CUDA generator.
@@ -235,7 +235,7 @@ def finetune(
                 first_step, totals, before = start_step, list(partial), partial_seconds
                 set_rng_state(state["rng"], device)
             if hasattr(base_set, "set_epoch"):
-                base_set.set_epoch(epoch)
+                base_set.set_epoch(epoch, seed=opts.seed)  # Fashion-MNIST's crops and flips follow the seed too
             batches = EpochBatches(len(train_set), opts, epoch, rank, world_size)
             loader = DataLoader(train_set, batch_sampler=batches.batches[first_step:], num_workers=opts.workers,
                                 pin_memory=device.type == "cuda",

@@ -30,7 +30,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                           redone_history=_recorded_history(ctx.results_dir, run.key))
         result["world_size"] = dist.world_size  # processes that trained (tasks of a DDP job)
         if dist.rank == 0:
-            final = {"model": model.vit.state_dict()}
+            # on the CPU: a plain torch.load of the exported weights works on a machine without the training GPU
+            final = {"model": {name: value.detach().cpu() for name, value in model.vit.state_dict().items()}}
             atomic_torch_save(final, checkpoint_dir / "final.pth")
             if options.export:
                 atomic_torch_save(final, Path(options.export))
