@@ -122,8 +122,21 @@ def save_maps(path: str | Path, images: np.ndarray, labels: np.ndarray, layers: 
 
 
 def load_maps(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in ("images", "labels", "layers", "indices")}
+    """``save_maps``'s arrays. ``ValueError`` for a file that is not such an archive, however it breaks (empty:
+    numpy's ``EOFError``; cut short: ``zipfile.BadZipFile``; a damaged member: ``zlib.error``; a plain ``.npy``: an
+    array, no archive), so that ``report.py`` leaves that run's column out instead of failing; ``OSError`` for a
+    file that cannot be read, ``KeyError`` for an archive without one of the arrays."""
+    import zipfile
+    import zlib
+
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: an array, not an archive of token maps")
+        with data:
+            return {name: data[name] for name in ("images", "labels", "layers", "indices")}
+    except (EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{path}: not a readable archive of token maps ({error})") from error
 
 
 def _save_figure(fig: Any, path: str | Path) -> None:
@@ -134,6 +147,16 @@ def _save_figure(fig: Any, path: str | Path) -> None:
     with atomic_file(path, binary=True) as handle:
         fig.savefig(handle, dpi=110, format="png")
     plt.close(fig)
+
+
+def _suptitle(fig: Any, title: str, fontsize: float) -> None:
+    """``title`` over ``fig``, wrapped to the figure's width: one line of a long label (DiffRate's schedules, a
+    group's data and transform) ran past both edges of a figure a few panels wide, cutting off the model and the
+    method it names. About 0.6 em per character of matplotlib's default sans-serif."""
+    import textwrap
+
+    per_line = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    fig.suptitle("\n".join(textwrap.wrap(title, per_line, break_on_hyphens=False)), fontsize=fontsize)
 
 
 def _figure(rows: int, cols: int) -> tuple[Any, np.ndarray]:
@@ -156,7 +179,7 @@ def save_run_png(path: str | Path, maps: dict[str, np.ndarray], title: str, dept
             name = "final" if len(layers) == 1 and layer == depth - 1 else f"after block {layer}"
             groups = len(np.setdiff1d(np.unique(labels[row, col]), [PRUNED]))
             draw(axes[row, col + 1], image, labels[row, col], name if row == 0 else None, f"{groups} patch tokens")
-    fig.suptitle(title, fontsize=8)
+    _suptitle(fig, title, 8)
     fig.tight_layout()
     _save_figure(fig, path)
 
@@ -168,6 +191,6 @@ def compose(path: str | Path, images: np.ndarray, columns: Sequence[tuple[str, n
         draw(axes[row, 0], image, None, "input" if row == 0 else None)
         for col, (name, labels) in enumerate(columns):
             draw(axes[row, col + 1], image, labels[row], name if row == 0 else None)
-    fig.suptitle(title, fontsize=9)
+    _suptitle(fig, title, 9)
     fig.tight_layout()
     _save_figure(fig, path)

@@ -605,8 +605,90 @@ def test_token_grids_of_labels_alike_but_for_punctuation_get_a_file_each(tmp_pat
     assert bench_main(write(tmp_path, cfg), tmp_path / "results", "--no-report") == 0
     df, _, _, _, _ = report.load_all(tmp_path / "results")
     written = measurements.token_grids(df, tmp_path / "results", report.GROUP, report.sort_group, report._group_title)
-    assert sorted(caption.split(" (")[0] for caption, _ in written) == ["Token maps: fm-vit", "Token maps: fm_vit"]
+    assert sorted(caption.split(" on ")[0] for caption, _ in written) == ["Token maps: fm-vit", "Token maps: fm_vit"]
     assert len({path for _, path in written}) == 2 and all(path.is_file() for _, path in written)
+
+
+def test_an_unreadable_token_map_leaves_its_column_out_of_the_grid(sweep_results, tmp_path):
+    """A tokens/<key>.npz cut short (a copy interrupted), empty, damaged inside or a plain .npy: that run's column is
+    left out, as for a missing file; numpy's EOFError, zipfile's BadZipFile and zlib's error used to stop
+    report.py with a traceback."""
+    import io
+    import shutil
+
+    from bench.tokenmap import load_maps
+
+    results, _ = sweep_results
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    keys = {r["run"]["method"]: r["key"] for r in read_all(copy)[0]}
+    good = (copy / "tokens" / f"{keys['tome']}.npz").read_bytes()
+    damaged = bytearray(good)
+    damaged[200:202] = bytes(b ^ 0xFF for b in damaged[200:202])
+    array = io.BytesIO()
+    np.save(array, np.arange(3))
+    for broken in (good[:300], b"", bytes(damaged), array.getvalue()):
+        path = copy / "tokens" / f"{keys['tome']}.npz"
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match="token maps"):
+            load_maps(path)
+        df, _, _, _, _ = report.load_all(copy)
+        ((caption, png),) = measurements.token_grids(df, copy, report.GROUP, report.sort_group, report._group_title,
+                                                      out_dir=tmp_path)
+        assert png.is_file() and caption.startswith("Token maps: ")
+    assert report.main([str(copy), "--out", str(tmp_path / "md" / "board.md")]) == 0
+
+
+def test_token_grids_of_one_model_on_other_data_say_which_is_which(sweep_results, tmp_path):
+    """--all keeps an earlier config's other images (another subset or crop) in a group of its own: each grid's
+    caption and title must say which data it shows, not "Token maps: <model> (random init)" twice."""
+    import shutil
+
+    from bench.pipeline.records import record_path, write_record
+
+    results, _ = sweep_results
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    for record in read_all(results)[0]:  # the same runs with another crop: a second group of the same model
+        record["key"] = record["run"]["key"] = record["key"] + "-crop"
+        record["run"]["data"]["transform"]["crop_pct"] = 0.875
+        write_record(record_path(copy, record["key"]), record)
+        shutil.copy(results / "tokens" / f"{record['key'][:-5]}.npz", copy / "tokens" / f"{record['key']}.npz")
+    df, _, _, _, _ = report.load_all(copy, everything=True)
+    assert df.groupby(report.GROUP).ngroups == 2 and df["data"].str.split(" \\[").str[0].nunique() == 1
+    titles = []
+    import bench.tokenmap as tokenmap
+
+    original = tokenmap.compose
+    tokenmap.compose = lambda path, images_, columns, title: titles.append(title) or original(path, images_, columns,
+                                                                                            title)
+    try:
+        written = measurements.token_grids(df, copy, report.GROUP, report.sort_group, report._group_title)
+    finally:
+        tokenmap.compose = original
+    captions = sorted(caption for caption, _ in written)
+    assert len(set(captions)) == 2 and len(set(titles)) == 2
+    assert "crop_pct 0.875" in captions[0] and "crop_pct 1.0" in captions[1]
+    assert all(title.startswith(caption) for caption, title in zip(captions, sorted(titles), strict=True))
+
+
+def test_a_long_title_is_wrapped_inside_the_figure(tmp_path, monkeypatch):
+    """DiffRate's schedules in one run's title over four panels: the title ran past both edges of the PNG (the
+    model and the method's name cut off); wrapped, every line lies inside the figure."""
+    import bench.tokenmap as tokenmap
+
+    kept = []
+    monkeypatch.setattr(tokenmap, "_save_figure", lambda fig, path: kept.append(fig))
+    labels = np.zeros((2, 3, 7, 7), dtype=np.int32)
+    maps = {"images": np.zeros((2, 28, 28), dtype=np.uint8), "labels": labels, "layers": np.array([0, 1, 2])}
+    title = "tiny: diffrate (prune_kept_num=[49, 40, 30, 30], merge_kept_num=[49, 35, 25, 25], target_flops=None)"
+    tokenmap.save_run_png(tmp_path / "run.png", maps, title, depth=4)
+    tokenmap.compose(tmp_path / "grid.png", maps["images"], [("a", labels[:, -1])], "Token maps: " + title)
+    for fig in kept:
+        renderer = fig.canvas.get_renderer()
+        box, width = fig._suptitle.get_window_extent(renderer), fig.bbox.width
+        assert 0 <= box.x0 and box.x1 <= width, (box, width)
+        assert "diffrate" in fig._suptitle.get_text() and fig._suptitle.get_text().count("\n") >= 1
 
 
 def test_compile_and_out_of_memory_are_noted(sweep_results, tmp_path):
@@ -651,6 +733,12 @@ def test_figure_labels_add_the_weights_only_where_groups_would_read_alike():
         other: "deit-s on imagenet",
     }
     assert measurements.figure_labels([before, other])[before] == "vit on fashion_mnist (subset 300)"
+    # the same images through another crop (--all: an earlier config's), same weights: the whole data label
+    cropped = ("vit", "fashion_mnist (subset 300) [1x28x28 bicubic, crop_pct 0.875 ...]", "fmnist_vit.pth")
+    labels = measurements.figure_labels([before, cropped, other])
+    assert labels[cropped] == "vit on fashion_mnist (subset 300) [1x28x28 bicubic, crop_pct 0.875 ...] (fmnist_vit.pth)"
+    assert labels[before] == "vit on fashion_mnist (subset 300) [1x28x28 bicubic, ...] (fmnist_vit.pth)"
+    assert labels[other] == "deit-s on imagenet"
 
 
 def test_forward_with_features_is_forward_and_pre_logits_of_one_pass():

@@ -162,10 +162,14 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
 
 def figure_labels(groups: Sequence[tuple]) -> dict[tuple, str]:
     """A short label per (model, data, weights) group for a figure: ``model on data`` (the data label without its
-    transform), with ``(weights)`` added where two groups would read alike (before and after fine-tuning)."""
+    transform), with ``(weights)`` added where two groups would read alike (before and after fine-tuning), and the
+    whole data label, transform included, where they still would (``--all``: an earlier config's other crop)."""
     short = {group: f"{group[0]} on {str(group[1]).split(' [')[0]}" for group in groups}
     counts = Counter(short.values())
-    return {group: f"{text} ({group[2]})" if counts[text] > 1 else text for group, text in short.items()}
+    labels = {group: f"{text} ({group[2]})" if counts[text] > 1 else text for group, text in short.items()}
+    counts = Counter(labels.values())
+    return {group: f"{group[0]} on {group[1]} ({group[2]})" if counts[text] > 1 else text
+            for group, text in labels.items()}
 
 
 def plot_throughput(df: pd.DataFrame, tp: pd.DataFrame, path: str | Path, group_keys: Sequence[str],
@@ -251,6 +255,9 @@ def token_grids(df: pd.DataFrame, results_dir: str | Path, group_keys: Sequence[
             found.append((names, images, columns))
     written = []
     slugs = [_slug(str(names[0])) for names, _, _ in found]  # labels that differ only in punctuation share a slug
+    # captions and titles as throughput.png's rows: groups of one model label (another data set, crop or weights,
+    # --all) each say which they are, not "Token maps: <model> (<weights>)" twice
+    labels = figure_labels([names for names, _, _ in found])
     for index, (names, images, columns) in enumerate(found):
         if len(found) == 1:
             name = "tokens.png"
@@ -258,8 +265,8 @@ def token_grids(df: pd.DataFrame, results_dir: str | Path, group_keys: Sequence[
             slug = slugs[index]
             name = f"tokens_{slug}.png" if slugs.count(slug) == 1 else f"tokens_{slug}-{index + 1}.png"
         path = Path(out_dir or folder) / name
-        caption = f"Token maps: {names[0]} ({names[-1]})"  # model label and weights
-        compose(path, images, columns, f"Token maps: {names[0]} (grey: pruned; a colour: one merged token)")
+        caption = f"Token maps: {labels[names]}"
+        compose(path, images, columns, f"{caption} (grey: pruned; a colour: one merged token)")
         written.append((caption, path))
     return written
 
