@@ -98,7 +98,7 @@ def _main(argv: list[str] | None) -> int:
         return fail(f"{' and '.join(unused)}: does nothing here (--wait: with --executor slurm, when it submits; "
                     f"--profile: with --executor slurm or --dry-run); this invocation: {mode}")
     try:
-        import methods  # noqa: F401 - every method file registers itself here
+        import methods  # every method file registers itself here
     except ImportError as error:  # a file of methods/ that does not import: one line naming it
         return fail(str(error))
     from bench.pipeline.config import ConfigError, load_experiment, select
@@ -118,15 +118,20 @@ def _main(argv: list[str] | None) -> int:
     if args.only and not all(pattern.strip() for pattern in args.only):
         return fail("--only: an empty GLOB; give a method name or a key glob (e.g. --only tome --only 'deit-s-*')")
     runs = select(experiment.runs, args.only)
+    # each glob, not only all together: a typo beside a good one is not silently ignored; and a method the file does not
+    # name, also where no run is left at all (--only baseline on a grid of budget entries: its other methods' budgets
+    # left uncalibrated, said "no MAC budget of theirs is reachable" before)
+    unmatched = [pattern for pattern in args.only or () if not select(experiment.runs, [pattern]) and (
+        experiment.runs or (pattern in methods.names() and pattern not in experiment.methods))]
+    if unmatched:
+        keys = f"; keys: {experiment.runs[0].key}, ..." if experiment.runs else ""
+        return fail(f"{args.config}: --only {unmatched[0]!r} matches no run (methods: {', '.join(experiment.methods)}"
+                    f"{keys})")
     if not experiment.runs:  # e.g. every run a MAC budget no setting reaches (the warnings above say which)
         why = ("without its MAC-budget runs (--no-calibrate)" if args.no_calibrate else
                "of the methods --only selects (no MAC budget of theirs is reachable)" if not experiment.complete else
                "(no MAC budget is reachable)")
         return fail(f"{args.config}: grid: makes no run {why}")
-    unmatched = [pattern for pattern in args.only or () if not select(experiment.runs, [pattern])]
-    if unmatched:  # each glob, not only all together: a typo beside a good one is not silently ignored
-        return fail(f"{args.config}: --only {unmatched[0]!r} matches no run (methods: {', '.join(experiment.methods)}; "
-                    f"keys: {experiment.runs[0].key}, ...)")
 
     if (args.status or args.dry_run) and results_dir.exists() and not results_dir.is_dir():  # as the runs refuse it
         return fail(f"results folder {results_dir} is a file, not a folder")
@@ -178,8 +183,15 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
     if args.dry_run:
         for run in runs:
             print(f"  {'todo' if run in todo else 'done'}  {run.key}")
+        from bench.pipeline.budgets import labeller
+
+        settings: dict[str, set] = {}  # a method's settings (a sweep of its other parameters): told apart, as the
+        for calibration in experiment.calibrations:  # leaderboard's rows are (two like lines before)
+            settings.setdefault(calibration["method"], set()).add(calibration.get("setting"))
+        label = labeller(settings)
         for calibration in experiment.calibrations:  # every MAC budget: the knob found, or why none
-            print(f"  budget  {calibration['model']}: {calibration_line(calibration)}")
+            method = label(calibration["method"], calibration.get("setting"))
+            print(f"  budget  {calibration['model']}: {calibration_line({**calibration, 'method': method})}")
         from report import transform_label
 
         for line in dict.fromkeys(f"  transform  {run.model_label} on {run.data['name']}: "

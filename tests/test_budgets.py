@@ -544,6 +544,61 @@ def test_every_entry_is_checked_before_any_budget_is_calibrated(tmp_path, capsys
     assert not (tmp_path / "cache" / "calibration.json").exists()
 
 
+def test_a_budget_entry_whose_knob_has_no_choice_here_is_checked_and_a_knob_its_parameters_replace_is_refused(
+        tmp_path, capsys):
+    """DiffRate off DeiT-T/S/B has no schedule to calibrate (each budget a warning, out of reach): its parameters were
+    then not checked at all, so a typo was that warning too. And DiffRate's prune_kept_num / merge_kept_num replace
+    target_flops: every budget ran the one explicit schedule, recorded as calibrated to a target_flops it does not
+    use (DeiT-T: `diffrate @0.80 -> target_flops=0.6 (0.724)`), or out of reach on the fmnist model."""
+    from bench.pipeline.config import load_experiment
+
+    cfg = yaml.safe_load(experiment(tmp_path).read_text())
+    path = tmp_path / "diffrate.yaml"
+    lists = {"prune_kept_num": [50] * 8, "merge_kept_num": [50, 40, 40, 30, 30, 20, 20, 10]}
+    deit = {"name": "deit_tiny_patch16_224", "label": "deit-t"}
+    for model, entry, problem in [
+        (MODEL, {"method": "diffrate", "bogus": 1}, "method 'diffrate': unknown parameter 'bogus'; allowed: "
+                                                     "target_flops, prune_kept_num, merge_kept_num (fmnist-vit)"),
+        (MODEL, {"method": "diffrate", "prune_kept_num": [50]}, "method 'diffrate': parameters 'prune_kept_num' and "
+                                                                "'merge_kept_num' go together"),
+        *[(each, {"method": "diffrate", **schedule}, "method 'diffrate': budgets.macs sets target_flops, the "
+                                                     "method's budget knob, but prune_kept_num and merge_kept_num "
+                                                     "replace it")
+          for each, schedule in ((MODEL, lists), (deit, {"prune_kept_num": [197] * 12, "merge_kept_num": [150] * 12}))],
+    ]:
+        cfg = {**cfg, "defaults": {**cfg["defaults"], "model": model, "weights": None},
+               "grid": {"methods": ["baseline", entry]}}
+        path.write_text(yaml.safe_dump(cfg))
+        for flags in (["--dry-run"], []):
+            assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), *flags]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"error: {path}: grid.methods[1]: {problem}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r" / "runs").exists()
+    # the lists with target_flops given (null): one run as written; the plain method: out of reach, as before
+    cfg["defaults"]["model"] = MODEL
+    cfg["grid"]["methods"] = ["baseline", {"method": "diffrate", "target_flops": None, **lists}, "diffrate"]
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_experiment(path)
+    assert [(run.method, run.budget) for run in loaded.runs] == [("baseline", None), ("diffrate", None)]
+    assert [(c["method"], c["target"], c["value"]) for c in loaded.calibrations] == [("diffrate", 0.55, None),
+                                                                                        ("diffrate", 0.8, None)]
+
+
+def test_dry_run_tells_apart_the_calibrations_of_two_settings_of_a_method(tmp_path, capsys):
+    """A sweep of a budget entry's other parameters calibrates each setting: --dry-run printed the same
+    ``tome @0.55 -> r=...`` line for each; now labelled as the matched-budget table's rows are."""
+    cfg = yaml.safe_load(experiment(tmp_path).read_text())
+    cfg["grid"]["methods"] = ["baseline", {"method": "tome", "sweep": {"prop_attn": [True, False]}},
+                              {"method": "evit", "layers": [1]}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  budget  ")]
+    assert [re.sub(r" -> .*", "", line) for line in lines] == [
+        f"  budget  fmnist-vit: {method} @{target}" for method in ("tome [prop_attn=True]", "tome [prop_attn=False]",
+                                                                   "evit") for target in ("0.55", "0.80")]
+
+
 def test_each_calibration_searched_is_announced_and_a_cached_one_is_not(tmp_path, capsys):
     cfg = yaml.safe_load(experiment(tmp_path).read_text())
     cfg["grid"]["methods"] = ["baseline", "tome"]

@@ -214,6 +214,30 @@ def test_a_missing_fashion_mnist_root_is_refused_before_the_runs_even_with_downl
     assert refused(tmp_path, capsys, cfg) == f"defaults.data.root: {tmp_path / 'nope'} does not exist"
 
 
+def test_a_fashion_mnist_root_without_the_splits_files_or_not_a_folder_is_refused_before_the_runs(tmp_path, capsys):
+    """A folder without the IDX files was accepted and every run failed on it (exit 1, one failure per run); a file
+    was said not to exist."""
+    (tmp_path / "empty").mkdir()
+    assert refused(tmp_path, capsys, with_data(root=str(tmp_path / "empty"))) == (
+        f"defaults.data.root: {tmp_path / 'empty'}: no t10k-images-idx3-ubyte[.gz] (Fashion-MNIST IDX files expected; "
+        "apt-get install dataset-fashion-mnist); allowed: a folder holding the test split's IDX files, or null "
+        "(Debian's package, else torchvision's download)")
+    (tmp_path / "afile").write_text("x")
+    assert refused(tmp_path, capsys, with_data(root=str(tmp_path / "afile"))) == (
+        f"defaults.data.root: {tmp_path / 'afile'} is not a folder")
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    if not debian.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    test_only = tmp_path / "test-only"
+    test_only.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (test_only / name).symlink_to(debian / name)
+    assert len(load_experiment(write(tmp_path, with_data(root=str(test_only)))).runs) == 2  # eval: t10k is enough
+    cfg = with_data(root=str(test_only))
+    cfg.update(stages=["finetune", "eval"], finetune={"epochs": 1, "batch_size": 8})
+    assert refused(tmp_path, capsys, cfg).startswith(f"defaults.data.root: {test_only}: no train-images-idx3-ubyte")
+
+
 # ------------------------------------------------------------------------------------- 8. integer bounds
 @pytest.mark.parametrize(("section", "key", "value", "message"), [
     ("defaults", "batch_size", 10**23, "defaults.batch_size: must be an integer >= 1 and at most 2**63-1 "
@@ -303,6 +327,29 @@ def test_only_matching_no_run_lists_every_method_of_the_file(tmp_path, capsys):
     cfg = config(budgets={"macs": [0.7]}, grid={"methods": ["baseline", "tome", {"method": "evit", "layers": [1]}]})
     assert refused(tmp_path, capsys, cfg, "--dry-run", "--only", "pitome").startswith(
         "--only 'pitome' matches no run (methods: baseline, tome, evit; keys: tiny-fmnist-baseline-")
+
+
+def test_only_a_method_the_file_lacks_is_named_where_the_grid_has_budget_runs_only(tmp_path, capsys):
+    """With only budget entries, ``--only baseline`` left every run out uncalibrated and was refused as "no MAC budget
+    of theirs is reachable", of a method the file does not name."""
+    cfg = config(budgets={"macs": [0.7]}, grid={"methods": ["tome"]})
+    for flags in (["--dry-run"], []):
+        assert refused(tmp_path, capsys, cfg, *flags, "--only", "baseline") == (
+            "--only 'baseline' matches no run (methods: tome)")
+    assert not cache_path().exists()  # nothing calibrated for it
+
+
+# ------------------------------------------------------------------------- empty grid lists
+@pytest.mark.parametrize(("grid", "message"), [
+    ([], "grid: must be {models, methods} or a non-empty list of such blocks, got []"),
+    ({"models": [], "methods": ["baseline"]}, "grid.models: must be a non-empty list of model entries, got []; "
+                                              "allowed: leave the key out to run defaults.model alone"),
+    ([{"methods": ["baseline"]}, {"models": [], "methods": ["tome"]}], "grid[1].models: must be a non-empty list"),
+])
+@pytest.mark.parametrize("dry", [True, False])
+def test_empty_grid_lists_are_refused_naming_the_key(tmp_path, capsys, grid, message, dry):
+    """``grid: []`` was refused as "makes no run (no MAC budget is reachable)"; ``models: []`` ran defaults.model."""
+    assert refused(tmp_path, capsys, config(grid=grid), *["--dry-run"] * dry).startswith(message)
 
 
 def test_a_finetune_seed_its_epoch_streams_would_overflow_is_refused(tmp_path, capsys):

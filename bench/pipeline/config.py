@@ -389,6 +389,8 @@ class Parser:
         blocks = section.grid
         if blocks is None:
             raise self.error("grid", "missing; give models x methods to run (grid: {methods: [baseline, ...]})")
+        if blocks == []:  # no block: no run, said as "no MAC budget is reachable" at run_bench before
+            raise self.error("grid", "must be {models, methods} or a non-empty list of such blocks, got []")
         blocks = blocks if isinstance(blocks, list) else [blocks]
         shared = {"stages": stages, "throughput": asdict(section.throughput), "macs": asdict(section.macs),
                   "eval": asdict(section.eval), "finetune": finetune, "tokens": asdict(section.tokens),
@@ -398,6 +400,9 @@ class Parser:
         for block_index, block in enumerate(blocks):
             where = f"grid[{block_index}]" if isinstance(section.grid, list) else "grid"  # as the file has it
             block = parse(GridSection, block, where)
+            if block.models == []:  # not "no model": it ran defaults.model, as if the key were left out
+                raise self.error(f"{where}.models", "must be a non-empty list of model entries, got []; allowed: "
+                                 "leave the key out to run defaults.model alone")
             models = block.models or [None]  # None: defaults.model alone (its keys are named as defaults.model.*)
             method_entries = block.methods
             if not method_entries:
@@ -793,9 +798,13 @@ class Parser:
         """A budget entry's other parameters, validated as a calibrated run's would be before any calibration (and
         under ``--no-calibrate``): with its knob at the least reduction (0, the top of a float range, or the model's
         first choice) and at a value that reduces (1, the middle of a float range), where checks that apply only
-        to a reducing method run (EViT, top-k and PPT need a class token)."""
+        to a reducing method run (EViT, top-k and PPT need a class token). A choice knob without a choice for this
+        model (DiffRate off DeiT-T/S/B: calibrating calls each budget unreachable) still has the parameters checked,
+        with the knob at its default and not against the model: an unknown or mistyped one was a warning that the
+        budget is out of reach."""
         import bench
         import methods
+        from methods.base import REQUIRED
 
         vit = self.model_context(base, where)
         cls = methods.registered()[method]
@@ -805,9 +814,29 @@ class Parser:
             try:
                 values = cls.budget_choices(cls.__new__(cls), bench.apply(vit, "baseline").context)[:1]
             except ValueError:  # no choice for this model: calibrating would call the budget unreachable
+                default = cls.defaults[knob.name]
+                if default is not REQUIRED:  # resize, whose knob is all it takes, has none
+                    try:
+                        built = methods.build(method, **{**params, knob.name: default})
+                    except ValueError as error:
+                        raise self.error(where, f"{error} ({base['model_label']})") from None
+                    self.check_knob_acts(built, {**params, knob.name: default}, knob.name, where)
                 return
         for value in values:
             self.check_method(vit, base, method, {**params, knob.name: value}, where, knob.name)
+
+    def check_knob_acts(self, built: Any, params: dict[str, Any], knob: str, where: str) -> None:
+        """The budget knob ``params`` set is what the method ``built`` from them runs with, or one error line: where
+        the entry's other parameters replace it (DiffRate's prune_kept_num and merge_kept_num replace target_flops),
+        every budget would run the one setting they give, recorded as calibrated to a value it does not use."""
+        if built.params.get(knob) == params[knob]:
+            return
+        defaults = type(built).defaults
+        others = [key for key, value in built.params.items() if key != knob and value != defaults.get(key)]
+        raise self.error(where, f"method {built.name!r}: budgets.macs sets {knob}, the method's budget knob, but "
+                         f"{' and '.join(others) or 'the other parameters'} replace it (every budget would run the "
+                         f"same setting); allowed: leave them out to calibrate {knob} per budget, or give {knob} in "
+                         f"the entry ({knob}: null beside them) to run the entry as written")
 
     def check_method(self, vit: Any, base: dict[str, Any], method: str, params: dict[str, Any], where: str,
                      knob: str | None = None) -> None:
@@ -821,6 +850,8 @@ class Parser:
         except ValueError as error:
             note = f"; budgets.macs sets {knob}, the method's budget knob" if knob and knob in str(error) else ""
             raise self.error(where, f"{error} ({base['model_label']}){note}") from None
+        if knob:
+            self.check_knob_acts(reduced.method, params, knob, where)
 
     def _calibration_model(self, base: dict[str, Any], shared: dict[str, Any]):
         """(random-weight model, identity, loader of (the run's model, real images) for data-dependent methods,
@@ -898,7 +929,19 @@ class Parser:
                              "true, to download) it")
         elif root is not None and (data["name"] == "fashion_mnist" or not data.get("download")) \
                 and not Path(root).is_dir():  # Fashion-MNIST never downloads into a given root: the run needs it
-            raise self.error("defaults.data.root", f"{root} does not exist")
+            raise self.error("defaults.data.root", f"{root} {'is not a folder' if Path(root).exists() else 'does not exist'}")
+        elif data["name"] == "fashion_mnist" and root is not None:  # a folder without the split's IDX files: every
+            # run failed on it, one after the other (exit 1), where the file was accepted
+            from bench.pipeline.data import DataError, _find_idx
+
+            splits = [data.get("split") or "test", data.get("train_split") or "train"][:1 + needs_train]
+            for split in dict.fromkeys(splits):
+                for stem in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+                    try:
+                        _find_idx(Path(root), f"{'t10k' if split == 'test' else 'train'}-{stem}")
+                    except DataError as error:
+                        raise self.error("defaults.data.root", f"{error}; allowed: a folder holding the {split} split's "
+                                         "IDX files, or null (Debian's package, else torchvision's download)") from None
         if data.get("class_map"):
             from bench.pipeline.data import DataError, load_class_map
 
