@@ -214,6 +214,28 @@ def test_a_missing_fashion_mnist_root_is_refused_before_the_runs_even_with_downl
     assert refused(tmp_path, capsys, cfg) == f"defaults.data.root: {tmp_path / 'nope'} does not exist"
 
 
+def test_an_image_folder_without_images_is_refused_before_the_runs(tmp_path, capsys):
+    """A folder or ImageNet split that exists but holds no image torchvision reads (no class sub-folder; class
+    sub-folders with other files only) was accepted, and every run failed on it, one by one."""
+    from PIL import Image
+
+    flat = tmp_path / "flat"  # images, but not in class sub-folders
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "a.jpg")
+    empty = tmp_path / "empty" / "val"  # class sub-folders without an image
+    (empty / "n01").mkdir(parents=True)
+    (empty / "n02").mkdir()
+    (empty / "n02" / "notes.txt").write_text("x")
+    cases = [({"name": "folder", "root": str(flat)}, f"{flat}: no class sub-folder (ImageFolder layout: "
+                                                    "<class>/<image> files)"),
+             ({"name": "imagenet", "root": str(empty.parent)}, f"{empty}: no image file (.jpg, .jpeg, .png, .ppm, "
+                                                               "...) in its 2 class sub-folders (ImageFolder layout: <class>/<image> files)")]
+    for data, message in cases:
+        assert refused(tmp_path, capsys, with_data(**data, subset=None)) == f"defaults.data.root: {message}"
+    Image.new("RGB", (8, 8)).save(empty / "n02" / "deep.JPEG")  # an image, in upper case, is enough
+    assert len(load_experiment(write(tmp_path, with_data(name="imagenet", root=str(empty.parent), subset=None))).runs) == 2
+
+
 def test_a_fashion_mnist_root_without_the_splits_files_or_not_a_folder_is_refused_before_the_runs(tmp_path, capsys):
     """A folder without the IDX files was accepted and every run failed on it (exit 1, one failure per run); a file
     was said not to exist."""

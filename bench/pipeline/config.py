@@ -906,6 +906,14 @@ class Parser:
                       reference=reference, budget=budget, pool_rule=pool_rule)
         return RunSpec.from_dict({**run.to_dict(), "key": run_key(run), "params_label": params_label(method, params)})
 
+    def check_image_folder(self, folder: Path) -> None:
+        """An existing split folder that holds no image torchvision would read: one line here, not a failure per run."""
+        from bench.pipeline.data import folder_problem
+
+        problem = folder_problem(folder)
+        if problem:
+            raise self.error("defaults.data.root", f"{folder}: {problem}")
+
     def check_data(self, data: dict[str, Any], needs_train: bool) -> None:
         from bench.pipeline.data import DEBIAN_FMNIST
 
@@ -917,6 +925,7 @@ class Parser:
             for split in splits if needs_train else splits[:1]:
                 if not (Path(root) / split).is_dir():
                     raise self.error("defaults.data.root", f"{Path(root) / split} does not exist (ImageFolder layout)")
+                self.check_image_folder(Path(root) / split)
         elif data["name"] == "folder":
             splits = [data.get("split"), data.get("train_split") or "train"] if needs_train else [data.get("split")]
             for split in splits:
@@ -924,6 +933,7 @@ class Parser:
                 if root is None or not folder.is_dir():
                     raise self.error("defaults.data.root", f"{folder if root else 'missing'}: folder needs an "
                                      "existing ImageFolder tree (root, and split for a sub-folder)")
+                self.check_image_folder(folder)
         elif data["name"].startswith("torch/") and root is None:
             raise self.error("defaults.data.root", f"{data['name']} needs a folder to read (or, with download: "
                              "true, to download) it")

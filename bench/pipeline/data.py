@@ -329,6 +329,23 @@ def load_image(path: str):
         raise DataError(f"image {path}: cannot be read ({type(error).__name__}: {reason[:200]})") from None
 
 
+def folder_problem(folder: Path) -> str | None:
+    """What keeps an existing ``folder`` from being an ImageFolder tree, as torchvision reads it (class sub-folders,
+    each searched through for files of its image extensions), or None: the first image found ends the search (an
+    ImageNet split is not listed). Asked when the experiment is loaded: an empty tree failed every run, one by one."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(entry.path for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        return "no class sub-folder (ImageFolder layout: <class>/<image> files)"
+    for path in classes:
+        for _, _, files in os.walk(path, followlinks=True):
+            if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
+                return None
+    return (f"no image file ({', '.join(IMG_EXTENSIONS[:4])}, ...) in its {len(classes)} class sub-folder"
+            f"{'s' if len(classes) > 1 else ''} (ImageFolder layout: <class>/<image> files)")
+
+
 def image_folder(folder: Path, transform, class_map: str | None = None) -> Dataset:
     """torchvision's ImageFolder with timm's class order (folder names in natural order, ``2`` before ``10``, as
     ImageNet-V2's folders ``0`` .. ``999`` are their class indices); with ``class_map``, each class folder's index
