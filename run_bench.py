@@ -178,8 +178,16 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
     todo, notes = todo_runs(runs, results_dir, force=args.force, set_aside=not args.dry_run)
     for note in notes:
         print(note, file=sys.stderr)
-    print(f"{experiment.name}: {len(runs)} run(s), {len(runs) - len(todo)} already done, {len(todo)} to run "
-          f"-> {results_dir}")
+    done, left = len(runs) - len(todo), []
+    if args.executor != "slurm" and not args.dry_run:  # a run an earlier submission's job is on is left to that
+        # job, and counted apart: not "to run" here (the count said so, then fewer ran)
+        from bench.pipeline.slurm import leave_to_jobs
+
+        todo, left = leave_to_jobs(todo, results_dir)
+        for line in left:
+            print(line, file=sys.stderr)
+    queued = f"{len(left)} left to SLURM jobs, " if left else ""
+    print(f"{experiment.name}: {len(runs)} run(s), {done} already done, {queued}{len(todo)} to run -> {results_dir}")
     if args.dry_run:
         for run in runs:
             print(f"  {'todo' if run in todo else 'done'}  {run.key}")
@@ -212,12 +220,6 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
         if problem:  # what a run here would refuse (a config for GPU nodes may be dry-run on a login node)
             print(f"  note: --executor {args.executor} refuses this: {problem}")
         return 0
-    if args.executor != "slurm":  # a run an earlier submission's job is on is left to that job
-        from bench.pipeline.slurm import leave_to_jobs
-
-        todo, left = leave_to_jobs(todo, results_dir)
-        for line in left:
-            print(line, file=sys.stderr)
     problem = here_problem(experiment, todo) if args.executor != "slurm" else None
     if problem:  # said once, before anything runs (each run failed on its own before)
         return fail(problem)

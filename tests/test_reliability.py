@@ -1127,3 +1127,62 @@ def test_status_rows_keep_their_keys_in_one_column(capsys):
     print_status([RunStatus("m-tome-1", "interrupted", "KeyboardInterrupt"), RunStatus("m-base-2", "done")])
     lines = capsys.readouterr().out.splitlines()
     assert [line.index("m-") for line in lines[:2]] == [12, 12] and lines[2] == "1 done, 1 interrupted"
+
+
+def test_status_shows_the_attempt_made_here_after_a_slurm_job_ended(tmp_path, monkeypatch):
+    """A run whose SLURM job was cancelled (or failed, or killed), then computed again in process or by the local
+    executor: --status said 'failed  job 5_0 CANCELLED' while that run was being computed here (its live claim
+    was looked at only for a run without a job), and again after the attempt here failed, hiding that attempt's
+    error and log. A live claim is 'running'; the later attempt's note gives the row; the job's own note still
+    shows with its job."""
+    from types import SimpleNamespace
+
+    from bench.pipeline import runner, slurm
+    from bench.pipeline.lock import claim_run
+    from bench.pipeline.status import collect_status
+
+    run = SimpleNamespace(key="k-tome")
+    job = {"job_id": "5_0", "state": "CANCELLED", "submitted_at": "2026-01-01T00:00:00+00:00", "log": "/logs/5_0.err"}
+    monkeypatch.setattr(slurm, "job_states", lambda results: {"k-tome": dict(job)})
+    assert [(row.state, row.detail) for row in collect_status(["k-tome"], tmp_path)] == [("failed", "job 5_0 CANCELLED")]
+    with claim_run(tmp_path, "k-tome"):  # computed here now
+        (row,) = collect_status(["k-tome"], tmp_path)
+        assert row.state == "running" and row.detail.startswith(f"computing now: pid {os.getpid()} on "), row
+    monkeypatch.setenv("TOKENBENCH_LOG", "/logs/local/9/9_0_log.err")
+    try:
+        raise RuntimeError("boom here")
+    except RuntimeError as raised:  # the attempt here fails
+        runner.write_failure(tmp_path, run, raised)
+    (row,) = collect_status(["k-tome"], tmp_path)
+    assert (row.state, row.detail, row.log) == ("failed", "RuntimeError: boom here", "/logs/local/9/9_0_log.err")
+    job["state"] = "FAILED"  # the job's own note (written inside job 5_0): shown with its job, as before
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    monkeypatch.setenv("SLURM_JOB_ID", "6")
+    monkeypatch.setenv("TOKENBENCH_LOG", job["log"])
+    try:
+        raise RuntimeError("boom in the job")
+    except RuntimeError as raised:
+        runner.write_failure(tmp_path, run, raised)
+    (row,) = collect_status(["k-tome"], tmp_path)
+    assert (row.state, row.detail, row.log) == ("failed", "job 5_0 FAILED: RuntimeError: boom in the job", job["log"])
+
+
+def test_a_run_failing_in_a_local_job_leaves_a_note_with_the_jobs_log(tmp_path, monkeypatch, capsys):
+    """A failure note of the local executor named no log (only SLURM jobs set ``$TOKENBENCH_LOG``): --status
+    gave a failed local run without its log. The note and --status now name the job's log, as run_bench's
+    summary does."""
+    from bench.pipeline.records import read_failure
+
+    path = config(tmp_path)
+    results = tmp_path / "results"
+    monkeypatch.setenv("TOKENBENCH_FAIL_KEYS", "*-tome-*")  # the local job inherits it
+    assert bench(path, results, "--executor", "local", "--only", "tome") == 1
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED "))
+    log = summary.rsplit("(log: ", 1)[1].rstrip(")")
+    assert log.startswith(str(results / "logs" / "local")) and Path(log).is_file()
+    (key,) = [name.stem for name in (results / "failed").glob("*.json")]
+    assert read_failure(results, key)["log"] == log
+    assert run_bench.main(["--config", str(path), "--results", str(results), "--status", "--only", "tome"]) == 1
+    row = capsys.readouterr().out.splitlines()[0]
+    assert row.startswith(f"failed   {key}  RuntimeError: injected failure") and row.endswith(f"  log: {log}"), row

@@ -543,7 +543,7 @@ def test_a_forced_attempt_cancelled_on_slurm_shows_as_failed_beside_its_earlier_
 def test_an_inprocess_run_leaves_a_run_to_its_queued_slurm_job(slurm_env, tmp_path, capsys):
     """A run that an earlier submission's job is still queued on is not computed in this process too (it was: the
     job then failed on the run's claim, or computed it a second time). One line names the job; the other runs are
-    computed here, and the job stays queued."""
+    computed here, and the job stays queued; the count line says so (it counted that run "to run")."""
     from bench.pipeline.config import load_experiment
     from bench.pipeline.records import failure_path
 
@@ -565,6 +565,8 @@ def test_an_inprocess_run_leaves_a_run_to_its_queued_slurm_job(slurm_env, tmp_pa
         capsys.readouterr()
         assert bench(config, results) == 0
         out, err = capsys.readouterr()
+        # counted apart: the count said "0 already done, 2 to run", then one ran
+        assert f"left: 2 run(s), 0 already done, 1 left to SLURM jobs, 1 to run -> {results}" in out.splitlines(), out
         assert (f"left to SLURM: {key} (job {job} PENDING, submitted {entry['submitted_at']}); its job computes it "
                 f"(scancel {job} to run it here)") in err.splitlines(), err
         assert set(records_by_key(results)) == set(keys) - {key} and len(keys) == 2, out

@@ -71,6 +71,7 @@ def write_failure(results_dir: Path, run: RunSpec, error: BaseException, log: st
         "traceback": traceback.format_exc(),
         "log": log or os.environ.get("TOKENBENCH_LOG"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job": slurm_job(),  # as jobs.json names it: --status tells the job's own note from a later attempt's
         "time": now(),
     })
 

@@ -101,7 +101,9 @@ def collect_status(keys: list[str], results_dir: Path, data: Mapping[str, dict[s
     for key in keys:
         path = record_path(results_dir, key)
         job = queued.get(key)
-        if job is None and (holder := live_claim(results_dir, key)):  # in-process or local, computing now
+        # in-process or local, computing now: also where an earlier SLURM job of the run has ended (cancelled,
+        # failed), whose state showed instead (the run's own job, queued or running, shows as that job)
+        if not (job and job["state"] in ACTIVE_STATES) and (holder := live_claim(results_dir, key)):
             rows.append(RunStatus(key, "running", f"computing now: {describe(holder)}"))
             continue
         if path.exists():
@@ -129,6 +131,8 @@ def collect_status(keys: list[str], results_dir: Path, data: Mapping[str, dict[s
                 rows.append(RunStatus(key, "done", log=(job or {}).get("log")))
             continue
         failure = read_failure(results_dir, key)
+        if failure and job and job["state"] not in ACTIVE_STATES and _after_job(failure, job):
+            job = None  # computed again since its job ended (in process, local): that attempt's note says how
         if failure and failure.get("state") == "interrupted" and not (job and job["state"] in ACTIVE_STATES):
             rows.append(RunStatus(key, "interrupted", failure.get("error") or "", failure.get("log")))
         elif job and job["state"] in ("CANCELLED", NO_RECORD):  # scancel: no error of the run's own to show
@@ -150,6 +154,16 @@ def collect_status(keys: list[str], results_dir: Path, data: Mapping[str, dict[s
         else:
             rows.append(RunStatus(key, "todo"))
     return rows
+
+
+def _after_job(failure: dict, job: dict) -> bool:
+    """Whether ``failure`` is the note of an attempt outside ``job`` (the run computed again in process or by the
+    local executor after the job ended), not the job's own: its error and log, not the job's end (``job 4_0
+    CANCELLED``, a killed job's last log line), say how the run's latest attempt went. A note names the job that
+    wrote it (``slurm_job``, as ``jobs.json`` names it; a note from before that field: by SLURM's own id)."""
+    if "slurm_job" in failure:
+        return failure["slurm_job"] != job["job_id"]
+    return not failure.get("slurm_job_id")
 
 
 def _active(job: dict) -> str:
