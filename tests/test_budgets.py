@@ -220,7 +220,7 @@ def test_budget_runs_without_eval_or_dense_run_print_no_nan(budget_run, tmp_path
     cfg["grid"] = {"methods": ["tome", {"method": "evit", "layers": [1]}]}
     cases = {"timing": ["throughput"], "eval": ["eval"]}
     for label, stages in cases.items():
-        cfg.update(name=label, stages=stages, throughput={"batch_sizes": [4], "warmup": 0, "runs": 1})
+        cfg.update(name=label, stages=stages, throughput={"batch_sizes": [4], "warmup": 1, "runs": 1})
         config = tmp_path / f"{label}.yaml"
         config.write_text(yaml.safe_dump(cfg))
         with pytest.MonkeyPatch.context() as patch:

@@ -281,7 +281,7 @@ def test_records_carry_gpu_fields_null_on_cpu_and_a_pinned_backend_runs(tmp_path
     assert bench_main(auto, tmp_path / "auto", "--no-report") == 0
     for backend in ("math", "explicit"):
         cfg = config(tmp_path, stages=["eval", "throughput"], grid=grid,
-                     throughput={"batch_sizes": [2], "warmup": 0, "runs": 1})
+                     throughput={"batch_sizes": [2], "warmup": 1, "runs": 1})
         cfg["defaults"]["sdpa_backend"] = backend
         assert bench_main(write(tmp_path, cfg, f"{backend}.yaml"), tmp_path / backend, "--no-report") == 0
     assert [written for _, written in enabled] == [False] * 4 + [True] * 2  # explicit: every block written out

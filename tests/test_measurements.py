@@ -443,7 +443,7 @@ def test_cuda_graphs_on_a_machine_without_cuda_time_eagerly_and_say_so(tmp_path,
     """``device: auto`` resolved to the CPU: the stage says so on stderr and records eager timings (no
     ``cuda_graphs`` field: nothing was captured)."""
     cfg = config(tmp_path, stages=["throughput"],
-                 throughput={"batch_sizes": [4], "warmup": 0, "runs": 2, "cuda_graphs": True})
+                 throughput={"batch_sizes": [4], "warmup": 1, "runs": 2, "cuda_graphs": True})
     cfg["defaults"] = {**cfg["defaults"], "device": "auto", "model": {**MODEL, "kwargs": {**MODEL["kwargs"], "depth": 2}}}
     cfg["grid"] = {"methods": [{"method": "tome", "r": 2}]}
     assert bench_main(write(tmp_path, cfg), tmp_path / "results") == 0

@@ -343,6 +343,8 @@ BAD_INPUTS = [
      "finetune.clip_grad: must be null (no clipping) or a number > 0 (the largest gradient norm), got 0"),
     ({"throughput": {"batch_sizes": [0]}}, "throughput.batch_sizes[0]: must be an integer >= 1, got 0"),
     ({"throughput": {"batch_sizes": []}}, "throughput.batch_sizes: must be a non-empty list of integers >= 1, got []"),
+    ({"throughput": {"warmup": 0}}, "throughput.warmup: must be an integer >= 1, got 0"),  # the method paid the first
+    # forward's one-off costs alone: dense against itself read 0.15x with one timed round
     ({"throughput": {"batch_sizes": [4, 8, 4]}}, "throughput.batch_sizes: lists a batch size twice ([4, 8, 4]); allowed: distinct sizes"),
     ({"eval": {"agreement": "no"}}, "eval.agreement: must be true or false, got 'no'"),
     ({"stages": ["finetune"], "finetune": {"export": "tuned.pth", "batch_size": 100}},

@@ -63,7 +63,7 @@ def _experiment(folder: Path, runs: dict, stages: list[str], name: str, **defaul
         "defaults": {"model": MODEL, "data": {"name": "fashion_mnist", "subset": 100}, "batch_size": 100,
                      "device": "cpu", "threads": 1, **defaults},
         "stages": stages,
-        "throughput": {"batch_sizes": [32, 64], "warmup": 0, "runs": 1},
+        "throughput": {"batch_sizes": [32, 64], "warmup": 1, "runs": 1},
         "macs": {"images": 1},
         "grid": [{"models": [model], "methods": [method]} for model, method in runs.values()],
         "reference": [REFERENCE],
