@@ -201,6 +201,27 @@ def _gmacs(metrics: dict) -> float:
     return number(_get(metrics, "macs", "torchprofile"), 1e9)
 
 
+def _group_of(run: dict) -> tuple[str, str, str]:
+    """A record's ``run`` as its model group's (model label, data, weights) columns, but the ``(sha256 ...)`` that
+    ``_rows`` adds where one weights path had several contents."""
+    weights = run.get("weights")
+    return (str(run.get("model_label") or run.get("model") or ""), _data_label(run.get("data")),
+            str(weights) if weights else "random init")
+
+
+def _calibration_group(calibration: dict, weights_labels: set[str]) -> tuple[str, str, str] | None:
+    """The model group (``GROUP``'s values) a calibration of ``experiment.json`` was made for, from the weights and
+    data it records as its runs' records do (``weights_labels``: the frame's, to find its ``(sha256 ...)`` version);
+    None for one written before calibrations recorded them (``budgets.budget_section`` then matches its label)."""
+    if not isinstance(calibration.get("data"), dict) or "weights" not in calibration:
+        return None
+    model, data, weights = _group_of({"model_label": calibration.get("model"), "weights": calibration["weights"],
+                                      "data": calibration["data"]})
+    sha = calibration.get("weights_sha256")
+    version = f"{weights} (sha256 {sha[:8]})" if isinstance(sha, str) else None
+    return model, data, version if version in weights_labels else weights
+
+
 def _row(record: dict) -> dict[str, Any]:
     run = record.get("run") if isinstance(record.get("run"), dict) else {}
     metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
@@ -210,9 +231,9 @@ def _row(record: dict) -> dict[str, Any]:
     history = _get(metrics, "finetune", "history")  # a list where the finetune stage trained the model
     tuned = isinstance(history, list)
     reference = run.get("reference") if isinstance(run.get("reference"), dict) else {}
-    weights = run.get("weights")
+    model, data, weights = _group_of(run)
     return {
-        "model": str(run.get("model_label") or run.get("model") or ""),
+        "model": model,
         "method": method,
         "params": run["params_label"] if isinstance(run.get("params_label"), str) else format_params(run.get("params")),
         "top1": number(_get(metrics, "eval", "top1")),
@@ -228,8 +249,8 @@ def _row(record: dict) -> dict[str, Any]:
         "ece": number(_get(metrics, "eval", "ece")),
         "nll": number(_get(metrics, "eval", "nll")),
         "feature_cos": number(_get(metrics, "eval", "feature_cos")),
-        "data": _data_label(run.get("data")),
-        "weights": str(weights) if weights else "random init",
+        "data": data,
+        "weights": weights,
         "key": str(record.get("key") or ""),
         # the analytic count of the one-image trace, beside torchprofile's of that image (for ATS, whose work depends
         # on the image, gmacs is the mean over real images, gmacs_data, and the one image is the fixed random one)
@@ -616,7 +637,9 @@ def render_markdown(df: pd.DataFrame, problems: Sequence[str] = (), throughput_d
              f"{len(df)} run{'s' if len(df) != 1 else ''} in {n_groups} group{'s' if n_groups != 1 else ''}, "
              f"generated {stamp} by `report.py` from the run records (nothing re-run).{missing}", ""]
     if not df.empty:
-        lines += budgets.budget_section(df, calibrations, GROUP, _group_title, _table)
+        labels = set(df["weights"])
+        lines += budgets.budget_section(df, calibrations, GROUP, _group_title, _table,
+                                        group_of=lambda calibration: _calibration_group(calibration, labels))
         lines += _leaderboard_section(df)
         lines += _throughput_section(df, throughput_df)
         lines += measurements.speed_section(df, throughput_df, GROUP, sort_group, _group_title)

@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def calibration_line(calibration: dict) -> str:
+    from dataclasses import fields
+
     from bench.pipeline.calibrate import Calibration
 
-    return Calibration(**{k: v for k, v in calibration.items() if k not in ("model", "setting")}).describe()
+    # an entry of experiment.calibrations: Calibration's fields, then its model, setting and group (weights, data)
+    return Calibration(**{field.name: calibration[field.name] for field in fields(Calibration)}).describe()
 
 
 def fail(message: str) -> int:

@@ -599,6 +599,28 @@ def test_dry_run_tells_apart_the_calibrations_of_two_settings_of_a_method(tmp_pa
                                                                    "evit") for target in ("0.55", "0.80")]
 
 
+def test_each_calibration_announced_and_each_unreachable_warning_names_its_setting_as_the_dry_run(tmp_path, capsys):
+    """Two settings of a sweep printed the same ``calibrated on fmnist-vit: tome @0.55 -> r=6 (0.500) in 1.5 s`` line
+    and the same unreachable warning (the sweep's entry, its `where`, is one); now labelled as --dry-run's lines."""
+    cfg = yaml.safe_load(experiment(tmp_path).read_text())
+    cfg["grid"]["methods"] = ["baseline", {"method": "tome", "sweep": {"prop_attn": [True, False]}},
+                              {"method": "evit", "sweep": {"layers": [[1], [7]]}}]  # [7] cannot reach 0.55 or 0.8
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    announced = [re.sub(r" in \d+\.\d s$", "", line.removeprefix("calibrated on ")) for line in out.splitlines()
+                 if line.startswith("calibrated on ")]
+    dry = [line.removeprefix("  budget  ") for line in out.splitlines() if line.startswith("  budget  ")]
+    names = [f"{method} @{target}" for method in ("tome [prop_attn=True]", "tome [prop_attn=False]", "evit [layers=[1]]",
+                                                  "evit [layers=[7]]") for target in ("0.55", "0.80")]
+    assert [re.sub(r" -> .*", "", line) for line in dry] == [f"fmnist-vit: {name}" for name in names]
+    assert announced == [line for line in dry if "unreachable" not in line] and len(announced) == 6, announced
+    warned = [line.split(": fmnist-vit: ", 1)[1] for line in err.splitlines() if "unreachable" in line]
+    assert warned == [line.removeprefix("fmnist-vit: ") for line in dry if "unreachable" in line] and \
+        [re.sub(r" -> .*", "", line) for line in warned] == ["evit [layers=[7]] @0.55", "evit [layers=[7]] @0.80"]
+
+
 def test_each_calibration_searched_is_announced_and_a_cached_one_is_not(tmp_path, capsys):
     cfg = yaml.safe_load(experiment(tmp_path).read_text())
     cfg["grid"]["methods"] = ["baseline", "tome"]
@@ -714,3 +736,49 @@ def test_a_setting_out_of_reach_keeps_its_row_and_a_failed_run_is_blank(tmp_path
         assert (seven == "–") == ((7, target) in out_of_reach), (target, seven)
     assert rows["evit [layers=[1]]"][3] == ""  # its run failed: not out of reach
     assert re.fullmatch(r"\*{0,2}\d+\.\d\d .*", rows["evit [layers=[1]]"][2])
+
+
+def test_the_calibrations_fill_only_the_group_they_were_made_for(budget_run, tmp_path):
+    """report.py --all after a config of the same model label on other data: the earlier config's group (subset 64)
+    got the current config's budget column and a row of `–` for a method it never ran (the calibrations were
+    matched to a group by label alone); now they fill the group of their own weights and data, and a calibration
+    of an earlier experiment.json (no weights or data) the groups of its label that hold a current run."""
+    path, results = budget_run
+    folder = tmp_path / "results"
+    shutil.copytree(results, folder)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["defaults"]["data"]["subset"] = 32  # the same label, other data: a group of its own
+    cfg["budgets"] = {"macs": [0.6]}
+    cfg["grid"]["methods"] = ["baseline", "tome", {"method": "evit", "layers": [7]}]  # evit [7] cannot reach 0.6
+    edited = tmp_path / "exp.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(edited), "--results", str(folder), "--quiet"]) == 0
+    calibrations = json.loads((folder / "experiment.json").read_text())["calibrations"]
+    assert [(c["method"], c["value"] is None, c["data"]["subset"], c["weights"]) for c in calibrations] == [
+        ("tome", False, 32, cfg["defaults"]["weights"]), ("evit", True, 32, cfg["defaults"]["weights"])]
+
+    def tables() -> dict[str, dict[str, list[str]]]:
+        """Each matched-budget table's rows by their label, its header row under "", by its data's subset."""
+        section = (folder / "leaderboard.md").read_text().split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
+        found = {}
+        for part in section.split("\n### ")[1:]:
+            rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in part.splitlines() if line.startswith("| ")]
+            found[re.search(r"\(subset (\d+)\)", part)[1]] = {cells[1] if cells[0] != "Rank" else "": cells
+                                                               for cells in rows}
+        return found
+
+    for old in (False, True):  # old: the calibrations as an experiment.json of an earlier version has them
+        if old:
+            written = json.loads((folder / "experiment.json").read_text())
+            written["calibrations"] = [{k: v for k, v in c.items() if k not in ("weights", "weights_sha256", "data")}
+                                       for c in written["calibrations"]]
+            (folder / "experiment.json").write_text(json.dumps(written))
+        assert report.main([str(folder), "--all"]) == 0
+        found = tables()
+        assert sorted(found) == ["32", "64"]
+        assert found["32"][""][2:-2] == ["≤ 0.60 MACs"] and found["32"]["evit"][2] == "–", found["32"]
+        assert re.fullmatch(r"\*\*\d+\.\d\d \([+-]\d+\.\d\d\) @0\.\d{3}\*\*", found["32"]["tome"][2])
+        assert found["64"][""][2:-2] == ["≤ 0.55 MACs", "≤ 0.80 MACs"], found["64"][""]  # no 0.60 column
+        assert sorted(found["64"]) == ["", "evit [earlier config]", "ppt [earlier config]", "resize [earlier config]",
+                                       "tome [earlier config]"]  # no row of evit [7], which it never ran
+        assert "–" not in [cell for cells in found["64"].values() for cell in cells]  # its own calibrations are gone

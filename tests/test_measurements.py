@@ -557,7 +557,8 @@ def test_report_links_figures_and_carries_the_new_columns(sweep_results, tmp_pat
         assert cells[first_cell:first_cell + 6] == [f"{value:.{1 if 'mem' in field else 2}f}" for value, field
                                                     in zip(expected, fields * 2, strict=True)]
     found = measurements.crossover(list(entries), [entry["speedup"] for entry in entries.values()])
-    assert cells[2] == (f"bs {found}" if found else "not up to bs 8")
+    unsure = found and measurements.includes_one(entries[found]["speedup_low"], entries[found]["speedup_high"])
+    assert cells[2] == (f"bs {found}" + " †" * bool(unsure) if found else "not up to bs 8")
 
 
 def test_long_throughput_frame_has_the_entry_fields(sweep_results):

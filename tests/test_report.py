@@ -327,6 +327,33 @@ def test_pareto_legend_names_every_method_also_one_the_first_group_lacks(frame, 
     assert len(labels) == 5 + 3  # and one marker per group
 
 
+def test_a_crossover_whose_interval_includes_one_is_marked(real_records, tmp_path):
+    """A method that reduces nothing read "beats dense from bs 100" on a 1.00x median with a wide interval: the
+    crossover stays the median's (above 1 there and at every larger size), but where the 95% interval at its batch
+    size includes 1.00x the cell is marked † and a note under the group's table says so (only where one is)."""
+    for name, record in real_records.items():
+        record = controlled(record, name)
+        if name == "tome-a":  # as if it reduced nothing: below 1 at batch 32, 1.01x (0.95-1.08) at 64
+            for index, (speedup, low, high) in enumerate(((0.97, 0.90, 0.99), (1.01, 0.95, 1.08))):
+                for key, value in (("speedup", speedup), ("speedup_low", low), ("speedup_high", high)):
+                    _set(record["metrics"]["throughput"][index], key, value)
+        write_record(record_path(tmp_path, record["key"]), record)
+    assert report.main([str(tmp_path)]) == 0
+    section = _section((tmp_path / "leaderboard.md").read_text(), "## Latency, memory and crossover")
+    note = "†: the 95% interval of the speed-up at that batch size includes 1.00x (the median is above 1, but dense " \
+           "may be as fast there)"
+    groups = {}
+    for part in section.split("\n### ")[1:]:
+        rows = [[cell.strip() for cell in line.split("|")[1:4]] for line in part.splitlines()
+                if line.startswith("| ") and "Method" not in line]
+        groups[part.split("\n", 1)[0]] = ({(method, params): beats for method, params, beats in rows}, note in part)
+    a, b = groups[HEADING_A.removeprefix("## ")], groups[HEADING_B.removeprefix("## ")]
+    assert a == ({("baseline", ""): "(dense)", ("tome", "r=4"): "bs 64 †", ("ppt", "r=6, layers=[1, 2], threshold=0.001"):
+                  "bs 32"}, True)  # ppt: 1.30x (1.25-1.35) at 32, its only size
+    assert b == ({("baseline", ""): "(dense)", ("tome", "r=4"): "bs 32"}, False)  # 1.48x (1.43-1.53): no note
+    assert section.count("†: ") == 1
+
+
 def test_plot_skipped_without_top1_and_gmacs(tmp_path, capsys, real_records):
     record = real_records["pruning-a"]
     assert "eval" not in record["metrics"]

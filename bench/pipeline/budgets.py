@@ -86,13 +86,19 @@ def row_labels(runs: pd.DataFrame, label: Callable[[str, str | None], str] | Non
 
 
 def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], group: list[str],
-                   title: Callable[..., str], table: Callable[[list[list[str]], list[str]], str]) -> list[str]:
+                   title: Callable[..., str], table: Callable[[list[list[str]], list[str]], str],
+                   group_of: Callable[[dict[str, Any]], tuple | None] = lambda calibration: None) -> list[str]:
     """Markdown lines of the matched-budget tables, one per model group that has budget runs; empty when no
     run was calibrated to a budget and evaluated (a budget run without the eval stage has no top-1 to show).
-    ``calibrations``: those of the experiment's ``experiment.json`` (unreachable budgets appear there only)."""
+    ``calibrations``: those of the experiment's ``experiment.json`` (unreachable budgets appear there only), each
+    in the model group it was made for: ``group_of``'s (the ``group`` values of the weights and data it records);
+    where it gives None (an ``experiment.json`` of an earlier version), the groups of the calibration's model label
+    that hold a run of the current config. Not by label alone: with ``report.py --all``, an earlier config's group
+    of that label (other weights or data) got this config's `–` cells and rows of methods it never ran."""
     runs = df[df["budget"].notna() & df["top1"].notna()]
     if runs.empty:
         return []
+    current = {keys for keys, whole in df.groupby(group, sort=False) if (~whole["_earlier"].astype(bool)).any()}
     runs = runs.assign(_base=runs["method"])
     lines = ["## Matched budgets", "",
              "Each cell: top-1 (Δ vs dense) at the achieved fraction of the dense MACs (torchprofile; for ATS, "
@@ -104,11 +110,11 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
              "one cell has none and comes after those with one), then by the mean top-1 of its cells, then by "
              "name.", ""]
     for keys, part in runs.groupby(group, sort=True):
-        model = keys[0]
+        mine = [c for c in calibrations if (tuple(made) == tuple(keys) if (made := group_of(c)) is not None
+                                            else c.get("model") == keys[0] and keys in current)]
         # budgets out of reach: of one setting of a method (its calibration's ``setting``), or of every setting
         # (calibrations written before settings were told apart)
-        unreachable = {(c["method"], c.get("setting"), round(c["target"], 6)) for c in calibrations
-                       if c.get("model") == model and c.get("value") is None}
+        unreachable = {(c["method"], c.get("setting"), round(c["target"], 6)) for c in mine if c.get("value") is None}
         known: dict[str, set] = {}  # each method's settings: of its runs and of its budgets out of reach
         for method, text in [*zip(part["method"], part["_setting"], strict=True),
                              *((method, text) for method, text, _ in unreachable if text is not None)]:
@@ -129,7 +135,7 @@ def budget_section(df: pd.DataFrame, calibrations: Sequence[dict[str, Any]], gro
         # record (failed, interrupted, not run yet: a column of blanks, not a table that reads as if it had no such
         # budget)
         targets = sorted({round(x, 6) for x in part["budget"]} | {t for _, _, t in unreachable}
-                         | {round(c["target"], 6) for c in calibrations if c.get("model") == model})
+                         | {round(c["target"], 6) for c in mine})
         methods = sorted(setting_of)
         # a record above its budget (calibrated on other images or code than it was measured with): shown as such,
         # never the best of its column nor part of a rank

@@ -57,11 +57,13 @@ class Calibration:
         """What a run's record keeps: ``run.budget``."""
         return {"target": self.target, "achieved": self.achieved, "knob": self.knob, "value": self.value}
 
-    def describe(self) -> str:
-        """``tome @0.70 -> r=9 (0.694)``, or why not."""
+    def describe(self, name: str | None = None) -> str:
+        """``tome @0.70 -> r=9 (0.694)``, or why not; ``name``: the method as the line names it, by default
+        ``method`` (``tome [prop_attn=False]``: the setting of a sweep, ``bench.pipeline.budgets.labeller``)."""
+        name = name or self.method
         if not self.reachable:
-            return f"{self.method} @{budget_text(self.target)} -> unreachable: {self.reason}"
-        return f"{self.method} @{budget_text(self.target)} -> {self.knob}={_show(self.value)} ({self.achieved:.3f})"
+            return f"{name} @{budget_text(self.target)} -> unreachable: {self.reason}"
+        return f"{name} @{budget_text(self.target)} -> {self.knob}={_show(self.value)} ({self.achieved:.3f})"
 
 
 def _show(value: Any) -> str:
@@ -175,7 +177,9 @@ class Calibrator:
         self._memo: dict[str, float] = {}  # MAC counts already measured, shared by a method's budgets
 
     # -- public --------------------------------------------------------------------------------------
-    def calibrate(self, method: str, params: dict[str, Any], target: float) -> Calibration:
+    def calibrate(self, method: str, params: dict[str, Any], target: float, name: str | None = None) -> Calibration:
+        """``method`` with ``params`` calibrated to ``target``; ``name``: the method as the announcement names it
+        (``Calibration.describe``)."""
         import methods
 
         cls = methods.registered()[method]
@@ -192,7 +196,7 @@ class Calibrator:
         result = self._search(method, params, target, knob, cls.data_dependent)
         if self.announce and result.reachable:  # a search takes seconds to minutes on a large model: said as each
             # one ends (an unreachable budget is the caller's warning)
-            self.announce(f"{result.describe()} in {time.perf_counter() - started:.1f} s")
+            self.announce(f"{result.describe(name)} in {time.perf_counter() - started:.1f} s")
         cache = read_cache()
         cache[key] = asdict(result)
         try:

@@ -263,7 +263,8 @@ class Experiment:
     runs: list[RunSpec]
     slurm: SlurmSection = field(default_factory=SlurmSection)
     warnings: list[str] = field(default_factory=list)
-    # every budget calibration, reachable or not: [{"model": label, **Calibration fields}]
+    # every budget calibration, reachable or not: [{"model": label, **Calibration fields, "setting": ..., and its model
+    # group: "weights", "weights_sha256", "data" as the runs' records give them}]
     calibrations: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = True  # False: MAC-budget runs left out (--no-calibrate, or of methods --only does not select)
     methods: tuple[str, ...] = ()  # every method the grid names, in its order (budget runs left out or not)
@@ -314,6 +315,8 @@ class Parser:
         self.uncalibrated = 0
         self.only_methods: set[str] | None = None  # --only: the methods whose budget runs are calibrated
         self.unselected = 0  # budget runs of methods --only leaves out
+        # a calibrated setting's name in its progress line and warning (``labeller``; set before calibrating)
+        self.budget_label: Callable[[str, str | None], str] = lambda method, setting: method
         self.matched_references: set[int] = set()  # indices of the reference entries some run matched
         self.shadowed_references: dict[int, int] = {}  # entries a run matched that an earlier entry took first
 
@@ -429,6 +432,9 @@ class Parser:
                 self.check_uncalibrated(base, method, params, where)
         runs: list[RunSpec] = []
         origins: list[tuple] = []  # where each run comes from: (model entry, grid.methods[1], sweep value, budget)
+        calibrated = [entry for entry in entries if entry[3] is not None and self.calibrate_budgets
+                      and (self.only_methods is None or entry[1] in self.only_methods)]
+        self.budget_label = self.labeller(calibrated)
         for base, method, params, target, method_where, origin in entries:
             budget = None
             if target is not None and not self.calibrate_budgets:
@@ -761,24 +767,44 @@ class Parser:
                 *self._calibration_model(base, shared),
                 announce=lambda line: print(f"calibrated on {label}: {line}", flush=True))
         calibrator = self._calibrators[signature]
+        setting = self.setting(method, params, cls.budget_knob.name)
+        name = self.budget_label(method, setting)  # the setting of a sweep, as --dry-run and the table name it
         try:
-            result = calibrator.calibrate(method, params, target)
+            result = calibrator.calibrate(method, params, target, name)
         except (ValueError, OSError) as error:
             if cls.data_dependent and not self.data_required:
                 self.warnings.append(f"warning: {self.path}: {where}: {method} @{budget_text(target)}: not calibrated here "
                                      f"({error}); calibrated when the run's data is present")
                 return params, None
             raise self.error(where, f"{method} @{budget_text(target)}: calibration failed: {error} ({base['model_label']})") from None
+        # the model group it was made for, as its runs' records give it (label, weights and their content, data):
+        # the leaderboard's matched-budget table puts its cells in that group only, not in an earlier config's group
+        # of the same label (report.py --all)
         self.calibrations.append({"model": base["model_label"], **result.__dict__,
-                                  "setting": self.setting(method, params, result.knob)})
+                                  "setting": setting, "weights": base["weights"],
+                                  "weights_sha256": base["weights_sha256"], "data": copy.deepcopy(base["data"])})
         if not result.reachable:
-            self.warnings.append(f"warning: {self.path}: {where}: {base['model_label']}: {result.describe()}")
+            self.warnings.append(f"warning: {self.path}: {where}: {base['model_label']}: {result.describe(name)}")
             return params, None
         try:
             built = methods.build(method, **{**params, result.knob: result.value})
         except ValueError as error:
             raise self.error(where, str(error)) from None
         return built.params, result.budget()
+
+    def labeller(self, entries: list[tuple]) -> Callable[[str, str | None], str]:
+        """``bench.pipeline.budgets.labeller`` of the settings of the budget ``entries`` (those calibrated), over every
+        model as ``run_bench --dry-run`` labels the experiment's calibrations: a calibration's progress line and
+        its unreachable warning name the setting of a sweep (``tome [prop_attn=False] @0.70 -> r=10``), where two
+        settings printed the same line."""
+        import methods
+        from bench.pipeline.budgets import labeller
+
+        settings: dict[str, set] = {}
+        for _, method, params, *_ in entries:
+            knob = methods.registered()[method].budget_knob.name
+            settings.setdefault(method, set()).add(self.setting(method, params, knob))
+        return labeller(settings)
 
     @staticmethod
     def setting(method: str, params: dict[str, Any], knob: str) -> str | None:

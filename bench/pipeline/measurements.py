@@ -4,7 +4,7 @@
   long throughput frame;
 * ``format_speedup``: ``1.42x (1.39-1.45)``: the median paired ratio and its bootstrap 95% interval;
 * ``crossover``: the smallest measured batch size from which a method beats dense (speed-up > 1 at it and
-  at every larger measured size);
+  at every larger measured size); ``includes_one``: its 95% interval there includes 1.00x (marked ``UNSURE``);
 * ``speed_section``: per model group, the crossover and a latency / memory table at the smallest (batch 1
   where measured) and the largest batch size;
 * ``plot_throughput``: ``throughput.png``, images/s and speed-up against the batch size (log x), one row per
@@ -91,6 +91,17 @@ def crossover(batch_sizes: Sequence[Any], speedups: Sequence[Any]) -> int | None
     return found
 
 
+UNSURE = "†"  # a crossover whose speed-up interval at its batch size includes 1.00x (see speed_section's note)
+
+
+def includes_one(low: Any, high: Any) -> bool:
+    """The speed-up's 95% interval ``low``-``high`` includes 1.00x (False without one): the median is no evidence
+    that the method is faster than dense there (a method that reduces nothing read "beats dense from bs 100" on a
+    1.00x median with a wide interval). The crossover's definition stays the median's; the table marks it."""
+    low, high = number(low), number(high)
+    return not (math.isnan(low) or math.isnan(high)) and low <= 1.0 <= high
+
+
 def _measured(tp: pd.DataFrame) -> pd.DataFrame:
     """Entries with numbers (not the out-of-memory markers), batch size as int."""
     valid = tp.dropna(subset=["batch_size", "images_per_s"])
@@ -114,7 +125,7 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
         for batch in ends:
             headers += [f"p50 ms (bs {batch})", f"p90 ms (bs {batch})", f"Peak MB (bs {batch})",
                         f"Dense p50 ms (bs {batch})", f"Dense p90 ms (bs {batch})", f"Dense peak MB (bs {batch})"]
-        rows = []
+        rows, unsure = [], False
         for _, run in sort(df[df["key"].isin(group["key"])]).iterrows():
             entries = group[group["key"] == run["key"]]
             if run["method"] == "baseline":
@@ -122,6 +133,10 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
             else:
                 found = crossover(entries["batch_size"], entries["speedup"])
                 beats = f"bs {found}" if found is not None else f"not up to bs {int(entries['batch_size'].max())}"
+                at = entries[entries["batch_size"] == found]
+                if len(at) and includes_one(at["speedup_low"].iloc[0], at["speedup_high"].iloc[0]):
+                    beats += f" {UNSURE}"
+                    unsure = True
             row = [str(run["method"]), str(run["params"] or ""), beats]
             for batch in ends:
                 match = entries[entries["batch_size"] == batch]
@@ -136,6 +151,9 @@ def speed_section(df: pd.DataFrame, tp: pd.DataFrame, group_keys: Sequence[str],
         kinds = [MEMORY_KINDS.get(kind, kind) for kind in group["peak_mem_kind"].dropna().unique()]
         notes = ["“Beats dense from”: the smallest measured batch size from which the speed-up (median paired "
                  "ratio) stays above 1 at every larger measured size"]
+        if unsure:
+            notes.append(f"{UNSURE}: the 95% interval of the speed-up at that batch size includes 1.00x (the median "
+                         "is above 1, but dense may be as fast there)")
         if kinds:
             notes.append("peak memory: " + "; ".join(kinds))
         compiled = group[group["compile"].fillna(False).astype(bool)]
