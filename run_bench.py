@@ -15,7 +15,8 @@ A run that an earlier SLURM submission's job is still on (pending or running) is
 
 Exit codes: 0 every run succeeded (runs left to their SLURM jobs aside); 1 some runs failed (their errors
 are listed, the others' records kept); 2 bad input (the message names the file, the key and what is
-allowed), an unusable or busy results folder, or SLURM refusing the submission; 130 interrupted (Ctrl-C).
+allowed), an unusable or busy results folder, or SLURM refusing the submission; 130 interrupted (Ctrl-C);
+143 stopped by SIGTERM (``kill``, ``timeout``, the end of an allocation), handled as a Ctrl-C.
 """
 
 from __future__ import annotations
@@ -78,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             code = _main(argv)
             interrupts.check()  # a Ctrl-C Python dropped in a finalizer still ends here, exit 130
             return code
-    except KeyboardInterrupt:  # the run in progress has marked itself interrupted; finished records stay
-        print("interrupted (Ctrl-C): finished runs keep their records (a run in progress is marked interrupted, "
-              "finished calibrations stay cached); run the same command again to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # the run in progress has marked itself interrupted; finished records
+        # stay. SIGTERM (kill, timeout, an allocation's end) arrives as ``interrupts.Terminated``: the same, exit 143
+        print(f"interrupted ({interrupts.cause(interrupt)}): finished runs keep their records (a run in progress is "
+              "marked interrupted, finished calibrations stay cached); run the same command again to continue",
+              file=sys.stderr)
+        return interrupts.exit_code(interrupt)
     except BrokenPipeError:  # the reader of stdout went away (`--dry-run | head`): stop quietly
         import os
 
@@ -146,10 +149,17 @@ def _main(argv: list[str] | None) -> int:
         return run(args, experiment, runs, results_dir)
     from bench.pipeline.lock import FolderError, results_lock
 
+    waiting: list[float] = []  # when --wait-lock began waiting for another invocation: the wall-time line says
+    # that wait apart (its "before the runs" included it: 44.7 s, of which 41 s the wait)
+
+    def announce(line: str) -> None:
+        print(line, file=sys.stderr)
+        waiting.append(time.monotonic())
+
     try:  # the folder is checked usable and held for the whole invocation (nothing computed twice), but the
         # wait of --executor slurm --wait (its jobs are submitted and in jobs.json: SLURM's now)
-        with results_lock(results_dir, wait=args.wait_lock,
-                          announce=lambda line: print(line, file=sys.stderr)) as release:
+        with results_lock(results_dir, wait=args.wait_lock, announce=announce) as release:
+            args.waited = time.monotonic() - waiting[0] if waiting else 0.0
             return run(args, experiment, runs, results_dir, release)
     except FolderError as error:
         return fail(str(error))
@@ -290,14 +300,15 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
 
     from bench.pipeline.executors import run_inprocess, run_local, summary
 
-    started, before = time.time(), time.monotonic() - args.began
+    started, before = time.time(), time.monotonic() - args.began - args.waited
     if args.executor == "local":
         outcomes = run_local(todo, results_dir, redo=args.force)
     else:
         outcomes = run_inprocess(todo, results_dir, progress=not args.quiet and sys.stderr.isatty(), redo=args.force)
     code = summary(outcomes)
+    waited = f"; {args.waited:.1f} s waiting for the results folder (--wait-lock)" if args.waited else ""
     print(f"wall time {time.time() - started:.1f} s ({before:.1f} s before the runs: the experiment read, its MAC "
-          "budgets calibrated, weights checked)")
+          f"budgets calibrated, weights checked{waited})")
     if not args.no_report:
         write_report(results_dir)
     return code

@@ -14,6 +14,7 @@ job ids restart at 1 after a cluster wipe, and a reused folder would hand back s
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -233,6 +234,29 @@ def test_a_crash_inside_a_job_is_reported_failed_with_log_and_error(slurm_env, t
     assert log.exists() and "injected failure" in log.read_text()
     note = json.loads(next((results / "failed").glob("*tome*.json")).read_text())
     assert note["log"] == str(log) and note["slurm_job_id"]
+
+
+def test_a_job_whose_python_was_killed_shows_srun_saying_so(slurm_env, tmp_path, capsys):
+    """``kill -9`` of a job's Python (the kernel's OOM killer, a user): no Python error in its log, whose last line is
+    ``srun: Force Terminated StepId=<id>.0``, which --status showed (``job 1 FAILED: srun: Force Terminated ...``);
+    it now shows srun's line before it, which says what happened: ``srun: error: <node>: task 0: Killed``."""
+    config = experiment(tmp_path, "killed", stages=["throughput"], grid={"methods": EVAL_METHODS[:1]},
+                        throughput={"batch_sizes": [64], "warmup": 1, "runs": 1000000})
+    results = tmp_path / "slurm"
+    assert on_slurm(config, results) == 0
+    (key, job), = jobs(results).items()
+    claim = results / "claims" / f"{key}.json"
+    pid = wait_for(lambda: claim.exists() and claim.read_text() and json.loads(claim.read_text())["pid"], 120,
+                   "the job to claim its run")
+    subprocess.run(["kill", "-9", str(pid)], check=True, timeout=30)
+    assert sacct_final(slurm_env, job["job_id"])[0]["State"] == "FAILED"
+    log = Path(job["log"])
+    assert "Force Terminated" in log.read_text().strip().splitlines()[-1]  # the line that showed before
+    capsys.readouterr()
+    assert run_bench.main(["--config", str(config), "--results", str(results), "--status"]) == 1
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if key in line]
+    assert row.split(key)[1].strip() == f"job {job['job_id']} FAILED: srun: error: {socket.gethostname().split('.')[0]}: task 0: " \
+        f"Killed  log: {log}", row
 
 
 # --------------------------------------------------------------------------------------------------

@@ -150,10 +150,20 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
                 write_failure(results_dir, run, KeyboardInterrupt(), log=str(job.paths.stderr))
             raise
         except Exception as error:  # noqa: BLE001
-            message = last_error_line(str(error), "unknown error")
-            announce(f"    failed: {message}")
+            message = job_error(last_error_line(str(error), "unknown error"))
+            announce(f"    {message}" if message.startswith("skipped: ") else f"    failed: {message}")
             outcomes.append(Outcome(run.key, False, error=message, log=str(job.paths.stderr)))
     return outcomes
+
+
+def job_error(line: str) -> str:
+    """A job's error line (``last_error_line`` of its traceback) as its outcome says it: ``skipped: <why>`` where
+    the job refused a run that another process computes (``RunClaimed``), as ``run_inprocess`` says it (a local job
+    said ``failed: bench.pipeline.lock.RunClaimed: ...``); any other line as it is."""
+    from bench.pipeline.lock import RunClaimed
+
+    name = f"{RunClaimed.__module__}.{RunClaimed.__qualname__}: "
+    return f"skipped: {line[len(name):]}" if line.startswith(name) else line
 
 
 def summary(outcomes: list[Outcome], stream=None) -> int:

@@ -1,4 +1,4 @@
-"""Ctrl-C that Python cannot lose.
+"""Ctrl-C that Python cannot lose, and SIGTERM that stops run_bench as a Ctrl-C does.
 
 Python raises ``KeyboardInterrupt`` wherever the main thread is when SIGINT arrives. Where that is a finalizer
 (a ``weakref`` callback, a ``__del__``: tensors and data loaders run them all the time), Python prints
@@ -8,41 +8,95 @@ records such a dropped interrupt, and ``check()`` raises it again at the next sa
 training step and calibrated value, and run_bench's end), so it stops the work there: the run in progress is
 marked interrupted, exit 130. An interrupt that was raised and handled (``--wait``'s "stopped waiting") is not
 recorded: only the dropped ones are.
+
+SIGTERM (``kill``, ``timeout``, the end of a SLURM allocation that runs run_bench itself) killed run_bench at
+once: no note, its run ``todo`` under ``--status`` and its claim left to a later invocation. Inside
+``remembered()`` it raises ``Terminated``, a ``KeyboardInterrupt``: every path of a Ctrl-C (the run marked
+interrupted, its claim released, a local job stopped, one line) with exit 143. Only in run_bench's own main
+thread, and only where SIGTERM is at its default: a submitit job (local or SLURM) never calls run_bench's
+``main``, and submitit's own handler there (SIGTERM logged and bypassed, so that a preempted job is requeued
+through USR2) is never replaced. Forked children (DataLoader workers) keep SIGTERM's default meaning.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_pending = False
+_pending: KeyboardInterrupt | None = None  # the interrupt Python dropped since the last check
+_terminated = False  # a SIGTERM was raised: the process is stopping, later ones are not raised again
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to run_bench's process: handled as a Ctrl-C, exit 143 (128 + 15) instead of 130."""
+
+    def __str__(self) -> str:
+        return "SIGTERM"
+
+
+def cause(interrupt: KeyboardInterrupt) -> str:
+    """How the interrupt arrived, as run_bench's one line names it: ``Ctrl-C`` or ``SIGTERM``."""
+    return "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """run_bench's exit code for an interrupt: 130 for Ctrl-C (SIGINT), 143 for SIGTERM (128 + the signal)."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
 @contextmanager
 def remembered() -> Iterator[None]:
-    """Record every ``KeyboardInterrupt`` Python drops while the body runs (then report it as before)."""
-    global _pending
+    """Record every ``KeyboardInterrupt`` Python drops while the body runs (then report it as before), and raise
+    ``Terminated`` at SIGTERM (see the module docstring)."""
+    global _pending, _terminated
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
         global _pending
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            _pending = True
+            _pending = unraisable.exc_value
         previous(unraisable)
 
-    _pending = False
+    _pending, _terminated = None, False
     sys.unraisablehook = hook
+    restore = _raise_at_sigterm()
     try:
         yield
     finally:
+        restore()
         sys.unraisablehook = previous
-        _pending = False
+        _pending, _terminated = None, False
+
+
+def _raise_at_sigterm():
+    """Install the SIGTERM handler where it may be (main thread, SIGTERM at its default); the undo."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+    owner = os.getpid()
+
+    def handler(signum, frame) -> None:
+        global _terminated
+        if os.getpid() != owner:  # a forked child (a DataLoader worker): SIGTERM ends it, as before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if _terminated:  # already stopping: `timeout` signals its command, then the command's process group
+            return  # (a second raise would cut the first one's note short)
+        _terminated = True
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def check() -> None:
-    """Raise ``KeyboardInterrupt`` if Python dropped one since the last check."""
+    """Raise the ``KeyboardInterrupt`` (or ``Terminated``) Python dropped since the last check, if any."""
     global _pending
-    if _pending:
-        _pending = False
-        raise KeyboardInterrupt
+    if _pending is not None:
+        interrupt, _pending = _pending, None
+        raise type(interrupt)

@@ -291,10 +291,15 @@ def read_failure(results_dir: Path, key: str) -> dict[str, Any] | None:
 
 def last_error_line(text: str, default: str | None = None) -> str | None:
     """The line of a log or exception text that says what went wrong: the last one naming an Error or
-    Exception (or ``RunClaimed``: another process computes the run), else the last non-empty one, else
-    ``default``."""
+    Exception (or ``RunClaimed``: another process computes the run), else the last one in which SLURM says
+    ``error:`` (``srun: error: vm: task 0: Killed``, ``... Out Of Memory``: a task killed by a signal leaves no
+    Python error, and the log's last line, ``srun: Force Terminated StepId=7.0``, said only that its step
+    ended), else the last non-empty one, else ``default``."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
         if any(word in line for word in ("Error", "Exception", "RunClaimed")):
+            return line[:300]
+    for line in reversed(lines):
+        if "error:" in line.lower():
             return line[:300]
     return lines[-1][:300] if lines else default

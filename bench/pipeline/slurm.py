@@ -300,15 +300,17 @@ def submit(experiment, runs, results_dir: Path, settings: Profile, wait: bool = 
         before_wait()
     try:
         return _wait_all(jobs_by_key, results_dir, flying, submitted_at)
-    except KeyboardInterrupt:  # only the waiting stops: the jobs are SLURM's (not "the run in progress")
-        print(f"stopped waiting (Ctrl-C): the {len(jobs_by_key) + len(flying)} job(s) go on in SLURM; follow them with "
-              f"{follow} (scancel stops them)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # only the waiting stops: the jobs are SLURM's (not "the run in progress")
+        from bench.pipeline.interrupts import cause, exit_code
+
+        print(f"stopped waiting ({cause(interrupt)}): the {len(jobs_by_key) + len(flying)} job(s) go on in SLURM; "
+              f"follow them with {follow} (scancel stops them)", file=sys.stderr)
+        return exit_code(interrupt)
 
 
 def _wait_all(jobs_by_key: dict, results_dir: Path, flying: dict[str, dict[str, Any]], submitted_at: float) -> int:
     """``--wait``: every submitted job's outcome, and those of runs whose earlier jobs were still on them."""
-    from bench.pipeline.executors import Outcome, summary
+    from bench.pipeline.executors import Outcome, job_error, summary
 
     outcomes = []
     for key, job in jobs_by_key.items():
@@ -324,7 +326,7 @@ def _wait_all(jobs_by_key: dict, results_dir: Path, flying: dict[str, dict[str, 
             outcomes.append(Outcome(key, True, log=str(job.paths.stderr)))
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others go on
             message = str(error) if isinstance(error, JobEnded) else \
-                state_message(job.job_id, _final_state(job)) or last_error_line(str(error), "unknown error")
+                state_message(job.job_id, _final_state(job)) or job_error(last_error_line(str(error), "unknown error"))
             log = str(job.paths.stderr) if job.paths.stderr.exists() else None  # a task cancelled before it started
             outcomes.append(Outcome(key, False, error=message, log=log))
     outcomes += _wait_in_flight(results_dir, flying)
