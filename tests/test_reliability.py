@@ -554,7 +554,8 @@ def test_yaml_alias_bomb_in_kwargs_is_refused_quickly(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ 9. misc
-def test_ctrl_c_is_interrupted_not_failed_exit_130_without_traceback(tmp_path, capsys):
+def _signalled_run(tmp_path: Path, *signals: int):
+    """A slow in-process run_bench sent ``signals`` once its run is computing: (path, results, run, exit code, err)."""
     from bench.pipeline.config import load_experiment
 
     path = config(tmp_path, grid={"methods": ["baseline"]}, **SLOW)
@@ -564,12 +565,18 @@ def test_ctrl_c_is_interrupted_not_failed_exit_130_without_traceback(tmp_path, c
     try:
         wait_for(lambda: (results / "claims" / f"{run.key}.json").exists(), 120, "the run to start")
         time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
+        for signum in signals:
+            process.send_signal(signum)
         out, err = process.communicate(timeout=60)
     finally:
         process.kill()  # never leave a run of a million timed forwards computing
         process.wait()
-    assert process.returncode == 130, (out, err)
+    return path, results, run, process.returncode, err
+
+
+def test_ctrl_c_is_interrupted_not_failed_exit_130_without_traceback(tmp_path, capsys):
+    path, results, run, code, err = _signalled_run(tmp_path, signal.SIGINT)
+    assert code == 130, err
     assert one_line(err).startswith("interrupted (Ctrl-C)")
     note = json.loads((results / "failed" / f"{run.key}.json").read_text())
     assert note["state"] == "interrupted" and note["error"] == "KeyboardInterrupt"  # no dangling ": "
@@ -585,22 +592,9 @@ def test_sigterm_is_interrupted_as_a_ctrl_c_exit_143_and_leaves_submitits_handle
     run marked interrupted, its claim released, exit 143. Sent twice in a row, as ``timeout`` does (to its
     command, then to the command's process group): the second does not cut the first one's note short."""
     from bench.pipeline import interrupts
-    from bench.pipeline.config import load_experiment
 
-    path = config(tmp_path, grid={"methods": ["baseline"]}, **SLOW)
-    results = tmp_path / "results"
-    (run,) = load_experiment(path).runs
-    process = spawn("run_bench.py", "--config", str(path), "--results", str(results), "--quiet", "--no-report")
-    try:
-        wait_for(lambda: (results / "claims" / f"{run.key}.json").exists(), 120, "the run to start")
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()  # never leave a run of a million timed forwards computing
-        process.wait()
-    assert process.returncode == 143, (out, err)  # killed by the signal before: -15
+    path, results, run, code, err = _signalled_run(tmp_path, signal.SIGTERM, signal.SIGTERM)
+    assert code == 143, err  # killed by the signal before: -15
     assert one_line(err).startswith("interrupted (SIGTERM): finished runs keep their records")
     note = json.loads((results / "failed" / f"{run.key}.json").read_text())
     assert (note["state"], note["error"]) == ("interrupted", "Terminated: SIGTERM")
