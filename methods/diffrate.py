@@ -174,8 +174,9 @@ class DiffRate(Method):
         width = getattr(ctx, "embed_dim", None)
         if (ctx.depth, ctx.num_tokens, ctx.num_prefix) != (DEPTH, TOKENS, 1) or width not in MODELS:
             raise self._error(f"published schedules exist only for DeiT-Ti/S/B (12 blocks, 197 tokens, width 192/384/768);"
-                              f" this model: {ctx.depth} blocks, {ctx.num_tokens} tokens, width {width}: "
-                              "give prune_kept_num and merge_kept_num instead")
+                              f" this model: {ctx.depth} blocks, {ctx.num_tokens} tokens, width {width}: no budget "
+                              "to calibrate (a fixed schedule: prune_kept_num and merge_kept_num with target_flops: null"
+                              ", an entry of its own)")
         return published_targets(width)
 
     def signals(self, layer: int, ctx: ReductionContext) -> frozenset[str]:

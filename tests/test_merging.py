@@ -289,7 +289,9 @@ def test_diffrate_budget_choices_are_the_model_s_published_targets():
     for width, expected in ((192, [0.6, 0.7, 0.8, 0.9, 1.0]), (384, [2.3, 2.5, 2.7, 2.9, 3.1]),
                             (768, [8.7, 10.0, 10.4, 11.5, 12.5])):
         assert method.budget_choices(_WidthContext(12, 1, 197, embed_dim=width)) == expected == published_targets(width)
-    with pytest.raises(ValueError, match="published schedules exist only for DeiT-Ti/S/B"):
+    # the way out is a fixed entry: prune_kept_num / merge_kept_num beside a budget are refused (they replace the knob)
+    with pytest.raises(ValueError, match="published schedules exist only for DeiT-Ti/S/B.* no budget to calibrate "
+                                         r"\(a fixed schedule: prune_kept_num and merge_kept_num with target_flops: null"):
         method.budget_choices(_WidthContext(12, 1, 65, embed_dim=384))
     with pytest.raises(ValueError, match="width 512"):
         method.budget_choices(_WidthContext(12, 1, 197, embed_dim=512))
