@@ -132,7 +132,7 @@ def _rows(recs: Sequence[dict]) -> list[dict[str, Any]]:
     for record, row in zip(recs, rows, strict=True):
         sha = _get(record, "run", "weights_sha256")
         if len(versions[row["weights"]]) > 1 and isinstance(sha, str):
-            row["weights"] = f"{row['weights']} (sha256 {sha[:8]})"
+            row["weights"] = _weights_version(row["weights"], sha)
     collisions: dict[tuple, list[int]] = {}
     for index, row in enumerate(rows):
         collisions.setdefault(tuple(row[name] for name in [*GROUP, "method", "params"]), []).append(index)
@@ -201,6 +201,11 @@ def _gmacs(metrics: dict) -> float:
     return number(_get(metrics, "macs", "torchprofile"), 1e9)
 
 
+def _weights_version(label: str, sha: str) -> str:
+    """A weights label with the content it had, where one path had several: ``fmnist_vit.pth (sha256 1a2b3c4d)``."""
+    return f"{label} (sha256 {sha[:8]})"
+
+
 def _group_of(run: dict) -> tuple[str, str, str]:
     """A record's ``run`` as its model group's (model label, data, weights) columns, but the ``(sha256 ...)`` that
     ``_rows`` adds where one weights path had several contents."""
@@ -218,7 +223,7 @@ def _calibration_group(calibration: dict, weights_labels: set[str]) -> tuple[str
     model, data, weights = _group_of({"model_label": calibration.get("model"), "weights": calibration["weights"],
                                       "data": calibration["data"]})
     sha = calibration.get("weights_sha256")
-    version = f"{weights} (sha256 {sha[:8]})" if isinstance(sha, str) else None
+    version = _weights_version(weights, sha) if isinstance(sha, str) else None
     return model, data, version if version in weights_labels else weights
 
 

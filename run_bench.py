@@ -204,14 +204,9 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
     if args.dry_run:
         for run in runs:
             print(f"  {'todo' if run in todo else 'done'}  {run.key}")
-        from bench.pipeline.budgets import labeller
-
-        settings: dict[str, set] = {}  # a method's settings (a sweep of its other parameters): told apart, as the
-        for calibration in experiment.calibrations:  # leaderboard's rows are (two like lines before)
-            settings.setdefault(calibration["method"], set()).add(calibration.get("setting"))
-        label = labeller(settings)
-        for calibration in experiment.calibrations:  # every MAC budget: the knob found, or why none
-            method = label(calibration["method"], calibration.get("setting"))
+        for calibration in experiment.calibrations:  # every MAC budget: the knob found, or why none; a method's
+            # settings (a sweep of its other parameters) told apart as the progress lines and the leaderboard's rows
+            method = experiment.budget_label(calibration["method"], calibration.get("setting"))
             print(f"  budget  {calibration['model']}: {calibration_line({**calibration, 'method': method})}")
         from report import transform_label
 

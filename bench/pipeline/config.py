@@ -270,6 +270,8 @@ class Experiment:
     methods: tuple[str, ...] = ()  # every method the grid names, in its order (budget runs left out or not)
     # not complete: the methods whose MAC-budget runs are among ``runs`` all the same (--only METHOD: calibrated)
     budget_methods: tuple[str, ...] = ()
+    # a calibration's method as its lines name it: the setting of a sweep told apart (``Parser.labeller``)
+    budget_label: Callable[[str, str | None], str] = lambda method, setting: method
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,7 +487,8 @@ class Parser:
                           warnings=list(dict.fromkeys(self.warnings)), calibrations=self.calibrations,
                           complete=not (self.uncalibrated or self.unselected),
                           methods=tuple(dict.fromkeys(entry[1] for entry in entries)),
-                          budget_methods=tuple(sorted(self.only_methods)) if self.unselected else ())
+                          budget_methods=tuple(sorted(self.only_methods)) if self.unselected else (),
+                          budget_label=self.budget_label)
 
     def check_label(self, base: dict[str, Any], labelled: dict[tuple, tuple[str, str]], where: str) -> None:
         """One model per label (with the same weights): the leaderboard groups and compares runs by label."""
@@ -970,13 +973,13 @@ class Parser:
             raise self.error("defaults.data.root", f"{root} {'is not a folder' if Path(root).exists() else 'does not exist'}")
         elif data["name"] == "fashion_mnist" and root is not None:  # a folder without the split's IDX files: every
             # run failed on it, one after the other (exit 1), where the file was accepted
-            from bench.pipeline.data import DataError, _find_idx
+            from bench.pipeline.data import FMNIST_FILES, DataError, _find_idx
 
             splits = [data.get("split") or "test", data.get("train_split") or "train"][:1 + needs_train]
             for split in dict.fromkeys(splits):
                 for stem in ("images-idx3-ubyte", "labels-idx1-ubyte"):
                     try:
-                        _find_idx(Path(root), f"{'t10k' if split == 'test' else 'train'}-{stem}")
+                        _find_idx(Path(root), f"{FMNIST_FILES[split]}-{stem}")
                     except DataError as error:
                         raise self.error("defaults.data.root", f"{error}; allowed: a folder holding the {split} split's "
                                          "IDX files, or null (Debian's package, else torchvision's download)") from None

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = {"train": "train", "val": "t10k", "test": "t10k"}  # a split -> the prefix of its IDX files
 DATASETS = ("fashion_mnist", "imagenet", "folder")
 TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")  # timm.data.create_dataset's
 STREAMED_PREFIXES = ("hfids/", "tfds/", "wds/")  # iterable datasets: read in order, no random access
@@ -201,7 +202,7 @@ class FashionMNIST(Dataset):
     def __init__(self, root: str | os.PathLike | None, split: str, augment: bool = False,
                  transform: dict[str, Any] | None = None) -> None:
         base = fashion_mnist_root(root)
-        prefix = {"train": "train", "val": "t10k", "test": "t10k"}.get(split)
+        prefix = FMNIST_FILES.get(split)
         if prefix is None:
             raise DataError(f"fashion_mnist split {split!r} unknown; allowed: test (t10k, also called val), train")
         images = read_idx(_find_idx(base, f"{prefix}-images-idx3-ubyte"))

@@ -98,18 +98,6 @@ def run_local(runs: list[RunSpec], results_dir: Path, announce: Callable[[str], 
             (results_dir / "logs" / "local" / "%j").rmdir()
 
 
-def local_job(spec: dict, results_dir: str, redo: bool = False) -> str:
-    """The job of the ``local`` executor: ``run_job`` with the job's log named in ``$TOKENBENCH_LOG``, as
-    ``slurm.RunJob`` names it, so that a run failing in it leaves a note with its log (``--status`` shows it; the
-    note had none)."""
-    import submitit
-
-    from bench.pipeline.runner import run_job
-
-    os.environ["TOKENBENCH_LOG"] = str(submitit.JobEnvironment().paths.stderr)
-    return run_job(spec, results_dir, progress=False, redo=redo)
-
-
 def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results_dir: Path,
                   announce: Callable[[str], None], redo: bool) -> list[Outcome]:
     """``run_local``'s jobs, one after the other. A Ctrl-C that Python dropped in this process
@@ -117,7 +105,7 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
     import time
 
     from bench.pipeline.lock import PARENT_ENV, claim_path, parent_marker, release_dead_claim
-    from bench.pipeline.runner import write_failure
+    from bench.pipeline.runner import submitted_job, write_failure
 
     outcomes = []
     for index, run in enumerate(runs, start=1):
@@ -125,7 +113,7 @@ def _submit_local(executor: submitit.LocalExecutor, runs: list[RunSpec], results
         previous, os.environ[PARENT_ENV] = os.environ.get(PARENT_ENV), parent_marker()
         try:  # submitit's controller and the job inherit this environment, the controller also fds 1 and 2
             with output_to(results_dir / "logs" / "local" / "controller.log"):
-                job = executor.submit(local_job, run.to_dict(), str(results_dir), redo)
+                job = executor.submit(submitted_job, run.to_dict(), str(results_dir), redo)
         finally:
             os.environ.pop(PARENT_ENV) if previous is None else os.environ.update({PARENT_ENV: previous})
         announce(f"[{index}/{len(runs)}] {run.key} (local job {job.job_id}, log {job.paths.stderr})")

@@ -61,6 +61,15 @@ def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True, redo:
     return str(record_path(Path(results_dir), run.key))
 
 
+def submitted_job(spec: dict[str, Any], results_dir: str, redo: bool = False) -> str:
+    """``run_job`` as a submitit job runs it (``slurm.RunJob``, and the ``local`` executor's jobs): no progress bar,
+    and the job's log named in ``$TOKENBENCH_LOG``, so that a run failing in it leaves a note naming that log."""
+    import submitit
+
+    os.environ["TOKENBENCH_LOG"] = str(submitit.JobEnvironment().paths.stderr)
+    return run_job(spec, results_dir, progress=False, redo=redo)
+
+
 def write_failure(results_dir: Path, run: RunSpec, error: BaseException, log: str | None = None) -> None:
     """The run's failure note (``interrupted`` for a Ctrl-C). ``log``: the job's log, where the process writing
     the note is not the job (default: the job's own ``$TOKENBENCH_LOG``)."""

@@ -142,10 +142,9 @@ class RunJob(submitit.helpers.Checkpointable):
     checkpoint, which the training loop wrote at the step where the signal arrived."""
 
     def __call__(self, spec: dict[str, Any], results_dir: str, redo: bool = False) -> str:
-        from bench.pipeline.runner import run_job
+        from bench.pipeline.runner import submitted_job
 
-        os.environ["TOKENBENCH_LOG"] = str(submitit.JobEnvironment().paths.stderr)
-        return run_job(spec, results_dir, progress=False, redo=redo)
+        return submitted_job(spec, results_dir, redo)
 
 
 def jobs_file(results_dir: Path) -> Path:
