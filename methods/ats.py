@@ -18,7 +18,8 @@ Numerics (the sampling is discontinuous in the scores): every block runs the har
 (ATS's fp32 softmax with its epsilon). The sampling follows the reference's arithmetic and order of operations in
 the scores' dtype promoted to at least float32: float32 for float32 models, float64 for float64 models (the
 reference's arithmetic also follows the model's dtype, with ``linspace`` and the step indices in float32). Under
-autocast the harness's probabilities, hence the scores, arrive rounded to the half dtype.
+autocast the queries, keys and values come from half-precision projections; the policy softmax and the scores stay
+float32.
 
 Quirks of the reference kept: position 0 (the least significant patch) is never picked, so every ATS block drops
 at least one patch; when the only picked position is 1 (two patches left) the reference's duplicate removal drops

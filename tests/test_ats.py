@@ -255,3 +255,21 @@ def test_parameters_and_budget_knob():
         bench.apply(small_vit(), "ats", layers=[3, 12])
     with pytest.raises(ValueError, match="unknown parameter 'num_tokens'; allowed: layers"):
         methods.build("ats", num_tokens=100)
+
+
+def test_under_autocast_the_scores_stay_float32(monkeypatch):
+    """docs/methods.md#ats: under autocast q, k and v come from half-precision projections, while the policy softmax
+    and hence the scores the sampling reads stay float32 (not rounded to the half dtype)."""
+    import methods.ats as ats
+
+    seen = []
+
+    def spy(scores, real, num_samples):
+        seen.append(scores.dtype)
+        return sample_positions(scores, real, num_samples)
+
+    monkeypatch.setattr(ats, "sample_positions", spy)
+    vit = _model("deit_tiny_patch16_224").float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bench.apply(vit, "ats", layers=[3, 6])(images(2, 64))
+    assert seen == [torch.float32, torch.float32]

@@ -95,6 +95,18 @@ def test_dpcknn_merges_into_means_and_tracks_sizes():
     assert cover[:, 0].eq(0).all() and cover[:, 1:].eq(1).all()
 
 
+def test_dpcknn_merge_divides_by_members_plus_the_reference_epsilon():
+    """The reference's ``sum(w x) / (sum(w) + 1e-6)`` (quirk kept: every merged token shrinks by n / (n + 1e-6)),
+    too small for the logit comparisons above to see (1e-6 relative): pinned on the merge itself, in float64."""
+    from methods.base import TokenState
+    from methods.dpcknn import merge_clusters
+
+    x = torch.tensor([[[7.0], [1.0], [3.0], [5.0]]], dtype=torch.float64)  # a prefix token, then three patches
+    merged = merge_clusters(TokenState(x=x), torch.tensor([[0, 0, 1]]), clusters=2, num_prefix=1)
+    assert merged.x[0, :, 0].tolist() == pytest.approx([7.0, 4.0 / (2 + 1e-6), 5.0 / (1 + 1e-6)], rel=1e-12, abs=0)
+    assert merged.size[0, :, 0].tolist() == [1.0, 2.0, 1.0]
+
+
 def test_dpcknn_noise_is_the_global_generator_and_nearly_irrelevant():
     vit, x = model(), images(2)
     a, _ = run(vit, x, "dpcknn", global_seed=0)

@@ -69,6 +69,7 @@ RATIO_CASES = [
     ("ls", 0.85),
     ("qkn", 0.75),
     ("gap", 0.8),  # no prefix token: ToFu's surviving A tokens keep their matching order
+    ("reg", 0.51),  # class + 4 register tokens, N = 69: ToFu's cap (N - p) // 2 binds (33 -> 32)
 ]
 
 
@@ -330,6 +331,22 @@ def test_diffrate_schedule_must_fit_the_model(deit):
     # a DeiT-S schedule on DeiT-Ti: refused when the method is attached (the context knows the width)
     with pytest.raises(ValueError, match="target_flops=2.9 is a DeiT-S schedule, but the model is DeiT-Ti: allowed"):
         bench.apply(deit["tiny"], "diffrate", target_flops=2.9)
+
+
+def test_diffrate_published_schedule_refuses_images_of_another_size(deit):
+    """A published schedule counts 197 tokens: images of another size (the harness embeds any multiple of the patch)
+    give another count, which the schedule's absolute counts would silently cut (256 x 256: 257 tokens, 60 of them
+    dropped at block 0, which no published schedule reduces)."""
+    model = bench.apply(deit["tiny"], "diffrate", target_flops=0.7)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+        with pytest.raises(ValueError, match=r"target_flops=0.7 selects a published schedule for DeiT-Ti/S/B \(12 blocks, "
+                                             r"197 tokens, one class token\); these images give 257 tokens \(16x16"):
+            model(torch.randn(1, 3, 256, 256))
+        # explicit lists are the user's counts: they run at any size
+        explicit = bench.apply(deit["tiny"], "diffrate", prune_kept_num=[197] * 12, merge_kept_num=[150] * 12)
+        explicit(torch.randn(1, 3, 256, 256))
+    assert bench.forward_stats(explicit).tokens_mlp == [150] * 12
 
 
 @pytest.mark.parametrize("method", ["pitome", "tofu"])
