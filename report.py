@@ -793,8 +793,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # bad usage: argparse has printed the message
         return int(exit_.code or 0)
     folder: Path = args.results_dir
-    if not folder.is_dir():
-        print(f"report.py: error: results folder {folder} does not exist", file=sys.stderr)
+    if not folder.is_dir():  # a file given (a leaderboard, the experiment's YAML) is not "missing"
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        print(f"report.py: error: results folder {folder} {problem}", file=sys.stderr)
         return 2
     try:
         df, tp, problems, earlier, experiment = load_all(folder, everything=args.all)

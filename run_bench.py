@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="redo runs that already have a record")
     parser.add_argument("--only", metavar="GLOB", action="append",
                         help="only runs whose key or method matches GLOB (repeated: any of them)")
-    parser.add_argument("--profile", help="SLURM cluster profile (slurm/<name>.yaml or a path)")
+    parser.add_argument("--profile", help="SLURM cluster profile (slurm/<name>.yaml or a path; default: the "
+                        "experiment's slurm.profile, else local)")
     parser.add_argument("--wait", action="store_true",
                         help="with --executor slurm: wait for the jobs (the results folder is left free meanwhile)")
     parser.add_argument("--status", action="store_true", help="list every run's state and exit")

@@ -368,6 +368,10 @@ def test_main_missing_or_empty_folder(tmp_path, capsys):
     assert report.main([str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and len(err.strip().splitlines()) == 1
+    # a file where the folder belongs (the experiment's YAML, as run_bench takes it): said so, not "does not exist"
+    config = Path(report.__file__).parent / "configs" / "quickstart.yaml"
+    assert report.main([str(config)]) == 2
+    assert capsys.readouterr().err == f"report.py: error: results folder {config} is a file, not a folder\n"
     (tmp_path / "torn" / "runs").mkdir(parents=True)
     (tmp_path / "torn" / "runs" / "x.json").write_text('{"schema": 1, "ke')
     assert report.main([str(tmp_path / "torn")]) == 2
