@@ -5,7 +5,8 @@ whose reduction depends on the input."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from timm.layers import AttentionPoolLatent
@@ -33,6 +34,20 @@ def count_image(model: nn.Module, input_size: Sequence[int] | None = None) -> to
     return torch.randn(size, generator=torch.Generator().manual_seed(0))
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for a count, then every module back in its own mode: ``model.train(was)`` would set
+    all of them to the outer module's flag (a wrapper built around an eval ViT, or a model with frozen BatchNorm,
+    came back with dropout, drop path and BatchNorm in training mode)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def count_macs(model: nn.Module, input_size: Sequence[int] | None = None, image: torch.Tensor | None = None) -> int:
     """torchprofile's MAC count of one forward on one image (``image``, (C, H, W), or a fixed random one
     of ``input_size``, by default the model's own: (3, 224, 224) for DeiT). MACs do not depend on weights;
@@ -41,14 +56,9 @@ def count_macs(model: nn.Module, input_size: Sequence[int] | None = None, image:
     counts what the same run on SDPA counts (written out, the ``* scale`` would add B x H x N^2 MACs)."""
     if image is None:
         image = count_image(model, input_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), sdpa_backend("auto"):
-            warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches and ops without MACs
-            return int(profile_macs(model, image[None].to(_device(model))))
-    finally:
-        model.train(was_training)
+    with evaluating(model), warnings.catch_warnings(), torch.no_grad(), sdpa_backend("auto"):
+        warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches and ops without MACs
+        return int(profile_macs(model, image[None].to(_device(model))))
 
 
 def data_macs(model: nn.Module, images: Iterable[torch.Tensor]) -> float:
@@ -87,11 +97,8 @@ def analytic_macs(
         info, tokens_attn = tokens_attn, None
     if info is None and tokens_attn is None and isinstance(model, ReducedViT):
         count_input = count_image(model)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(count_input[None].to(_device(model)))
-        model.train(was_training)
         info = model.last_forward
     depth = len(vit.blocks)
     dense = vit.patch_embed.num_patches + vit.num_prefix_tokens

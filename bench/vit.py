@@ -93,6 +93,9 @@ class ReducedViT(nn.Module):
         super().__init__()
         check_supported(vit)
         self.vit = vit
+        # the wrapper is in the ViT's mode: count_macs / analytic_macs put a model back into the mode it reports, so
+        # a wrapper of an eval ViT that said "training" turned the ViT's BatchNorm, dropout and drop path on
+        self.training = vit.training
         self.method = method
         self.track_source = track_source
         self.last_forward: ForwardInfo | None = None
@@ -368,9 +371,9 @@ def check_pooling(vit: VisionTransformer, method: str) -> None:
     other heads are refused (their rule for merged tokens is not defined)."""
     name = getattr(vit, "default_cfg", {}).get("architecture") or type(vit).__name__
     if vit.attn_pool is not None:
-        raise ValueError(f"model {name}: its attention-pool head (global_pool='map') attends over all output tokens; "
-                         f"method {method!r} changes that set, which has no defined rule: use a class-token or "
-                         "average-pool ViT")
+        raise ValueError(f"model {name}: its attention-pool head (global_pool={vit.global_pool!r}) attends over all "
+                         f"output tokens; method {method!r} changes that set, which has no defined rule: use a "
+                         "class-token or average-pool ViT")
     if vit.global_pool not in ("token", "avg", ""):
         raise ValueError(f"model {name}: global_pool={vit.global_pool!r} is not supported with token reduction "
                          f"(method {method!r}); allowed: token, avg, '' (no pooling)")

@@ -238,11 +238,14 @@ def test_patch_dropout_is_refused_for_a_reducing_method():
                                   "patch_drop_rate 0")
 
 
-def test_attention_pool_heads_are_refused_with_a_reason():
+@pytest.mark.parametrize("pool", ["map", "prr"])
+def test_attention_pool_heads_are_refused_with_a_reason(pool):
+    """timm's two attention pools (``map``: SigLIP's AttentionPoolLatent; ``prr``: AttentionPoolPrr), each named as
+    the model has it (the line said global_pool='map' for a 'prr' head)."""
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, patch_size=8, num_classes=10,
-                            class_token=False, global_pool="map")
+                            class_token=False, global_pool=pool)
     bench.apply(vit, "baseline")
-    with pytest.raises(ValueError, match="attention-pool head"):
+    with pytest.raises(ValueError, match=f"attention-pool head \\(global_pool='{pool}'\\) attends over all output"):
         bench.apply(vit, "tome", r=4)
 
 

@@ -47,6 +47,38 @@ def test_plain_timm_model_counts_like_the_baseline(deit_s):
     assert bench.analytic_macs(deit_s) == bench.analytic_macs(bench.apply(deit_s, "baseline"))
 
 
+@pytest.mark.parametrize("count", [bench.count_macs, bench.analytic_macs], ids=["count_macs", "analytic_macs"])
+def test_counting_leaves_an_eval_model_in_eval_mode(count):
+    """README's order: a forward, then the counts, then more forwards. The wrapper of an eval ViT said it was
+    training, so the counters put the shared ViT back into training mode: drop path (and a hybrid's BatchNorm)
+    then changed every later forward, ToMe's logits by 0.4 on DeiT-Ti with drop_path_rate 0.1."""
+    from tests.helpers import images, small_vit
+
+    vit = small_vit(drop_path_rate=0.5)
+    model = bench.apply(vit, "tome", r=4)
+    x = images(2)
+    with torch.no_grad():
+        before = model(x)
+        count(model)
+        assert not vit.training and not model.training
+        assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("count", [bench.count_macs, bench.analytic_macs], ids=["count_macs", "analytic_macs"])
+def test_counting_restores_each_modules_own_mode(count):
+    """A model in training mode with one part frozen in eval mode (a frozen block, frozen BatchNorm) comes back as it
+    was: ``model.train(was_training)`` after the count had put the frozen part into training mode too."""
+    from tests.helpers import small_vit
+
+    model = bench.apply(small_vit(drop_path_rate=0.5), "tome", r=4).train()
+    model.vit.blocks[0].eval()
+    count(model)
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert [name for name, training in modes.items() if not training] == [
+        name for name, _ in model.named_modules() if name.startswith("vit.blocks.0")]
+    assert modes[""] and modes["vit.blocks.1.drop_path1"]
+
+
 @pytest.mark.parametrize(("name", "reducing"), [
     # a SwiGLU MLP (DINOv2-g, TIPSv2: SwiGLUPacked; AIMv2: SwiGLU) has three linear layers of the hidden width, not
     # fc1 and fc2: the formula read 2 N C x fc1's width (19 % above torchprofile for the packed one) and failed on
