@@ -426,6 +426,19 @@ def test_a_refusal_unrelated_to_the_budget_knob_does_not_blame_the_budget(tmp_pa
         "method 'evit' scores tokens by the class token's attention; this model has none (tiny-fmnist)")
 
 
+def test_an_unsupported_model_is_named_once(tmp_path, capsys):
+    """bench.vit's refusal of a model class already names timm's model; the config's line added the label (the same
+    name when no label is given) a second time: "got Eva (eva02_tiny_patch14_224) (eva02_tiny_patch14_224)"."""
+    cfg = config(tmp_path)
+    cfg["defaults"]["model"] = {"name": "eva02_tiny_patch14_224", "kwargs": {"img_size": 28, "patch_size": 4,
+                                                                             "in_chans": 1, "num_classes": 10}}
+    path = write(tmp_path, cfg)
+    assert bench_main(path, tmp_path / "results", "--dry-run") == 2
+    assert capsys.readouterr().err.strip() == (f"error: {path}: grid.methods[0]: bench.apply needs a timm "
+                                               "VisionTransformer (ViT / DeiT / distilled DeiT), got Eva "
+                                               "(eva02_tiny_patch14_224)")
+
+
 def test_a_finetune_section_without_the_stage_is_warned_about(tmp_path, capsys):
     """User test 14: the recipe was silently ignored, even by --dry-run."""
     path = write(tmp_path, config(tmp_path, finetune={"epochs": 1, "batch_size": 100}))

@@ -880,7 +880,9 @@ class Parser:
             reduced.method.check_budget(reduced.context)
         except ValueError as error:
             note = f"; budgets.macs sets {knob}, the method's budget knob" if knob and knob in str(error) else ""
-            raise self.error(where, f"{error} ({base['model_label']}){note}") from None
+            label = f" ({base['model_label']})"
+            named = str(error).endswith(label)  # bench.vit's line may name timm's model already
+            raise self.error(where, f"{error}{'' if named else label}{note}") from None
         if knob:
             self.check_knob_acts(reduced.method, params, knob, where)
 
