@@ -244,6 +244,7 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
         ExperimentFileError,
         experiment_bytes,
         experiment_path,
+        read_all,
         read_experiment,
         restore_experiment,
         write_experiment,
@@ -261,14 +262,19 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
               file=sys.stderr)
     # not every MAC-budget run keyed (--no-calibrate: none; --only METHOD...: those of its methods,
     # ``experiment.budget_methods``): the other methods' calibrations of the last invocation stay (and their budget
-    # records count as current); the keyed methods' calibrations and budget runs are this config's alone
+    # records that the config makes at those calibrations count as current); the keyed methods' calibrations and
+    # budget runs are this config's alone
     keyed = experiment.budget_methods
     calibrations = experiment.calibrations
+    keys = [run.key for run in experiment.runs]
     if not experiment.complete and previous:
-        calibrations = [c for c in previous["calibrations"] if c.get("method") not in keyed] + calibrations
+        kept = [c for c in previous["calibrations"] if c.get("method") not in keyed]
+        calibrations = kept + calibrations
+        # their budget runs' keys: those of the records the config makes at a kept calibration (every budget record
+        # of those methods counted as current, an earlier config's too: another budget, model, data or setting)
+        keys += [record["key"] for record in read_all(results_dir)[0] if experiment.left_out_run(record, kept)]
     try:  # the report shows the runs this config makes (and unreachable budgets as "-")
-        write_experiment(results_dir, experiment.name, experiment.file, [run.key for run in experiment.runs],
-                         calibrations, budget_runs=experiment.complete, budget_methods=keyed)
+        write_experiment(results_dir, experiment.name, experiment.file, keys, calibrations)
     except OSError as error:
         return fail(f"cannot write {experiment_path(results_dir)} ({error.strerror or error})")
     from bench.pipeline.fetch import prefetch_weights

@@ -421,6 +421,24 @@ def test_config_keys_compile_tokens_and_auto(tmp_path):
     assert load_experiment(write(tmp_path, auto, "g.yaml")).runs[0].throughput["auto"] is True
 
 
+def test_a_section_of_a_stage_the_runs_skip_changes_no_key(tmp_path):
+    """Editing throughput, compile, macs or eval where its stage does not run redoes no run (it redid every one,
+    the eval included); where the stage runs, the edit makes new runs; a run that left them at their defaults keeps
+    its key from before."""
+    def key(name: str, **changes) -> str:
+        return load_experiment(write(tmp_path, config(tmp_path, **changes), name)).runs[0].key
+
+    plain = key("a.yaml", stages=["eval", "macs"], throughput={"batch_sizes": [32], "warmup": 3, "runs": 10})
+    assert plain == "tiny-fmnist-baseline-70793164"  # its key before the fix: the sections at their defaults
+    for index, changes in enumerate([{}, {"compile": True}, {"throughput": {"batch_sizes": [8], "runs": 5}}]):
+        assert key(f"b{index}.yaml", stages=["eval", "macs"], **changes) == plain
+    assert key("c.yaml", stages=["eval"], macs={"images": 8}) == key("d.yaml", stages=["eval"])
+    assert key("e.yaml", stages=["macs"], eval={"agreement": False}) == key("f.yaml", stages=["macs"])
+    timed = key("g.yaml")  # stages: [eval, macs, throughput]
+    assert len({timed, key("h.yaml", compile=True), key("i.yaml", throughput={"batch_sizes": [8]}),
+                key("j.yaml", macs={"images": 8}), key("k.yaml", eval={"agreement": False})}) == 5
+
+
 def test_cuda_graphs_option_is_refused_on_cpu_and_keys_stay_without_it(tmp_path):
     plain = load_experiment(write(tmp_path, config(tmp_path), "a.yaml")).runs[0]
     off = config(tmp_path, throughput={"batch_sizes": [16], "warmup": 1, "runs": 2, "cuda_graphs": False})

@@ -223,7 +223,7 @@ def test_only_a_method_after_its_budgets_changed_shows_its_current_budget_cells_
     assert bench_main(path, results, "--only", "tome") == 0
     assert len(read_all(results)[0]) == 7  # nothing computed is lost
     written = json.loads((results / "experiment.json").read_text())
-    assert written["budget_runs"] is False and written["budget_methods"] == ["tome"]
+    assert {old[("evit", 0.6)], old[("evit", 0.8)]} <= set(written["runs"])  # EViT's kept calibrations' runs
     assert sorted((c["method"], c["target"]) for c in written["calibrations"]) == [
         ("evit", 0.6), ("evit", 0.8), ("tome", 0.5), ("tome", 0.7)]
     budgets = pd.read_csv(results / "leaderboard.csv").dropna(subset=["budget"]).groupby("method")["budget"]
@@ -235,6 +235,37 @@ def test_only_a_method_after_its_budgets_changed_shows_its_current_budget_cells_
     matched = tables.split("## Matched budgets", 1)[1].split("\n## ", 1)[0]
     (tome,) = [line.split("|") for line in matched.splitlines() if line.startswith("|") and line.split("|")[2].strip() == "tome"]
     assert [cell.strip() != "" for cell in tome[3:-3]] == [True, False, True, False], tome  # ≤ 0.50 and ≤ 0.70 only
+
+
+def test_only_a_method_keeps_no_earlier_configs_budget_runs_of_the_others_in_the_tables(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """--only tome keeps EViT's budget records of the last invocation's calibrations in the tables, not every EViT
+    budget record in runs/: one at a budget an earlier config calibrated (0.6, then 0.8) or made under settings
+    since edited (threads) is a record of an earlier config (it showed in the tables as a current run)."""
+    monkeypatch.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = config(tmp_path, stages=["eval", "macs"], budgets={"macs": [0.6]},
+                 grid={"methods": ["baseline", {"method": "tome", "r": 2}, {"method": "evit", "layers": [1]}]})
+    results = tmp_path / "results"
+    assert bench_main(write(tmp_path, cfg), results) == 0
+    cfg["budgets"] = {"macs": [0.8]}
+    assert bench_main(write(tmp_path, cfg), results) == 0
+    evit = {r["run"]["budget"]["target"]: r["key"] for r in read_all(results)[0] if r["run"]["method"] == "evit"}
+    assert sorted(evit) == [0.6, 0.8]
+
+    def shown() -> tuple[str, str]:
+        board = (results / "leaderboard.md").read_text()
+        tables, _, earlier = board.partition("## Records of earlier configs")
+        return tables, earlier
+
+    assert bench_main(write(tmp_path, cfg), results, "--only", "tome") == 0  # the same config: nothing to run
+    tables, earlier = shown()
+    assert evit[0.8] not in earlier and evit[0.6] in earlier and evit[0.6] not in tables
+    assert list(pd.read_csv(results / "leaderboard.csv")["key"]).count(evit[0.8]) == 1
+    cfg["defaults"] = {**cfg["defaults"], "threads": 2}
+    assert bench_main(write(tmp_path, cfg), results, "--only", "tome") == 0
+    tables, earlier = shown()
+    assert all(key in earlier and key not in tables for key in evit.values())
+    assert "evit" not in set(pd.read_csv(results / "leaderboard.csv")["method"])
 
 
 def test_a_config_whose_every_run_is_an_unreachable_budget_is_one_line(tmp_path, capsys):

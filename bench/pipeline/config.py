@@ -272,6 +272,8 @@ class Experiment:
     budget_methods: tuple[str, ...] = ()
     # a calibration's method as its lines name it: the setting of a sweep told apart (``Parser.labeller``)
     budget_label: Callable[[str, str | None], str] = lambda method, setting: method
+    # not complete: whether a record is a budget run left out that the config makes (``Parser.left_out_run``)
+    left_out_run: Callable[[dict[str, Any], list[dict[str, Any]]], bool] = lambda record, calibrations: False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,6 +319,7 @@ class Parser:
         self.uncalibrated = 0
         self.only_methods: set[str] | None = None  # --only: the methods whose budget runs are calibrated
         self.unselected = 0  # budget runs of methods --only leaves out
+        self.left_out: list[tuple] = []  # (model base, method, params, shared, where) of each budget entry not calibrated
         # a calibrated setting's name in its progress line and warning (``labeller``; set before calibrating)
         self.budget_label: Callable[[str, str | None], str] = lambda method, setting: method
         self.matched_references: set[int] = set()  # indices of the reference entries some run matched
@@ -441,9 +444,11 @@ class Parser:
             budget = None
             if target is not None and not self.calibrate_budgets:
                 self.uncalibrated += 1
+                self.left_out.append((base, method, params, shared, method_where))
                 continue
             if target is not None and self.only_methods is not None and method not in self.only_methods:
                 self.unselected += 1
+                self.left_out.append((base, method, params, shared, method_where))
                 continue
             if target is not None:
                 params, budget = self.calibrate(base, method, params, target, shared, method_where)
@@ -488,7 +493,32 @@ class Parser:
                           complete=not (self.uncalibrated or self.unselected),
                           methods=tuple(dict.fromkeys(entry[1] for entry in entries)),
                           budget_methods=tuple(sorted(self.only_methods)) if self.unselected else (),
-                          budget_label=self.budget_label)
+                          budget_label=self.budget_label, left_out_run=self.left_out_run)
+
+    def left_out_run(self, record: dict[str, Any], calibrations: list[dict[str, Any]]) -> bool:
+        """Whether ``record`` is a run of a MAC-budget entry left out uncalibrated (``--no-calibrate``, ``--only``):
+        the run the entry makes at the setting the record was calibrated to (its key), and that setting one of
+        ``calibrations`` (the last ones kept), so an edit of the entry's model, data or settings, or a budget an
+        earlier config calibrated, leaves it a record of an earlier config."""
+        import methods
+
+        run = record.get("run") or {}
+        budget = run.get("budget")
+        if not isinstance(budget, dict) or not any(
+                c.get("method") == run.get("method") and c.get("model") == run.get("model_label")
+                and c.get("target") == budget.get("target") and c.get("value") == budget.get("value")
+                for c in calibrations):
+            return False
+        for base, method, params, shared, where in self.left_out:
+            if method != run.get("method") or base["model_label"] != run.get("model_label"):
+                continue
+            try:
+                built = methods.build(method, **{**params, budget["knob"]: budget["value"]})
+            except (ValueError, TypeError, KeyError):
+                continue
+            if self.spec(base, method, built.params, where, shared, None, budget).key == record.get("key"):
+                return True
+        return False
 
     def check_label(self, base: dict[str, Any], labelled: dict[tuple, tuple[str, str]], where: str) -> None:
         """One model per label (with the same weights): the leaderboard groups and compares runs by label."""
@@ -932,9 +962,14 @@ class Parser:
                          if k not in ("model", "method", "params") and v is not None}
         if self.check_files:
             self.local_check(lambda: self.check_data(base["data"], "finetune" in shared["stages"]))
+        return self.spec(base, method, params, where, shared, reference, budget)
+
+    def spec(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
+             reference: dict[str, Any] | None, budget: dict[str, Any] | None) -> RunSpec:
+        """The run an entry makes, with its key (``make_run`` after its checks; ``left_out_run``)."""
         from bench.vit import pools_by_size
 
-        pool_rule = "size-mean" if pools_by_size(vit) else None
+        pool_rule = "size-mean" if pools_by_size(self.model_context(base, where)) else None
         run = RunSpec(**base, method=method, params=copy.deepcopy(params), **copy.deepcopy(shared),
                       reference=reference, budget=budget, pool_rule=pool_rule)
         return RunSpec.from_dict({**run.to_dict(), "key": run_key(run), "params_label": params_label(method, params)})
@@ -1063,6 +1098,11 @@ def run_key(run: RunSpec) -> str:
     identity["data"] = {**run.data, "root": Path(run.data["root"]).name if run.data["root"] else None}
     if run.data.get("class_map"):
         identity["data"]["class_map"] = Path(run.data["class_map"]).name
+    for name, section in (("throughput", ThroughputSection), ("macs", MacsSection), ("eval", EvalSection)):
+        if name not in run.stages:  # only its stage reads it: as the defaults, so editing it redoes no run (and the
+            identity[name] = asdict(section())  # keys of runs that left it at its defaults stay)
+    if "throughput" not in run.stages:
+        identity["compile"] = False  # the throughput stage's alone
     if identity["sdpa_backend"] == "auto":
         del identity["sdpa_backend"]  # PyTorch's own choice: the keys of runs from before the option stay
     if identity["weights_sha256"] is None:

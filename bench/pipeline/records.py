@@ -68,7 +68,6 @@ and redoes that run. A failure note may say ``"state": "interrupted"`` (Ctrl-C) 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -192,15 +191,14 @@ class ExperimentFileError(ValueError):
     """``experiment.json`` is unreadable or not what run_bench writes (the message names the file)."""
 
 
-def write_experiment(results_dir: Path, name: str, config: Path, keys: list[str], calibrations: list[dict[str, Any]],
-                     budget_runs: bool = True, budget_methods: Sequence[str] = ()) -> None:
-    """``budget_runs`` False: not every MAC-budget run is among ``keys``, only those of ``budget_methods``
-    (``--only tome``: ToMe's, calibrated; ``--no-calibrate``: none, not known without calibrating). The budget
-    records of the other methods count as current (the caller passes their last calibrations); those of
-    ``budget_methods`` are current where ``keys`` lists them, like every other record."""
+def write_experiment(results_dir: Path, name: str, config: Path, keys: list[str], calibrations: list[dict[str, Any]]
+                     ) -> None:
+    """``keys``: every run the config makes, the budget runs of calibrations it kept without calibrating
+    (``--no-calibrate``, ``--only``) included. ``budget_runs`` is written true: an earlier version wrote false where
+    its keys left such runs out, and ``current_runs`` still reads that."""
     atomic_write_json(experiment_path(results_dir), {
         "name": name, "config": str(Path(config).resolve()), "written_at": now(), "runs": keys, "calibrations": calibrations,
-        "budget_runs": budget_runs, "budget_methods": [] if budget_runs else sorted(budget_methods)})
+        "budget_runs": True, "budget_methods": []})
 
 
 def experiment_bytes(results_dir: Path) -> bytes | None:
