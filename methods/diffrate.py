@@ -12,6 +12,7 @@ selects one of the authors' published schedules for DeiT-Ti/S/B; the rate search
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -149,18 +150,19 @@ class DiffRate(Method):
                 raise self._error(f"prune_kept_num / merge_kept_num include {low}: every count must keep a patch token "
                                   f"besides the {ctx.num_prefix} prefix token(s) (allowed: >= {ctx.num_prefix + 1})")
             return
-        self._check_published(ctx, f"this model has {ctx.depth} blocks, {ctx.num_tokens} tokens, {ctx.num_prefix} "
-                                   "prefix token(s)")
+        self._check_published(ctx, lambda: f"this model has {ctx.depth} blocks, {ctx.num_tokens} tokens, "
+                                           f"{ctx.num_prefix} prefix token(s)")
         if getattr(ctx, "embed_dim", None):  # the width, where the harness provides it; else checked in reduce
             self.check_width(ctx.embed_dim)
 
-    def _check_published(self, ctx: ReductionContext, found: str) -> None:
-        """A published schedule counts the tokens of a 224 x 224 DeiT: refuse another geometry (``found`` says what
-        was found instead), at ``bench.apply`` and in a forward whose images give another token count."""
+    def _check_published(self, ctx: ReductionContext, found: Callable[[], str]) -> None:
+        """A published schedule counts the tokens of a 224 x 224 DeiT: refuse another geometry, at ``bench.apply`` and
+        in a forward whose images give another token count (``found()`` says what was found instead; formatted only
+        then: ``signals`` checks every block of every forward)."""
         if not self.explicit and (ctx.depth, ctx.num_tokens, ctx.num_prefix) != (DEPTH, TOKENS, 1):
             raise self._error(
                 f"target_flops={self.params['target_flops']} selects a published schedule for DeiT-Ti/S/B (12 blocks, "
-                f"197 tokens, one class token); {found}: give prune_kept_num and merge_kept_num instead")
+                f"197 tokens, one class token); {found()}: give prune_kept_num and merge_kept_num instead")
 
     def check_width(self, width: int) -> None:
         """A published schedule belongs to one model: its ``target_flops`` must be one of that width's values."""
@@ -186,7 +188,8 @@ class DiffRate(Method):
 
     def signals(self, layer: int, ctx: ReductionContext) -> frozenset[str]:
         # in a forward, ``ctx`` counts the tokens of its images: another input size is another count
-        self._check_published(ctx, f"these images give {ctx.num_tokens} tokens ({ctx.grid[0]}x{ctx.grid[1]} patches)")
+        self._check_published(ctx, lambda: f"these images give {ctx.num_tokens} tokens ({ctx.grid[0]}x{ctx.grid[1]} "
+                                           "patches)")
         prune, merge = self.schedule()
         counts = kept_counts(prune, merge, ctx.num_tokens)
         entering = ctx.num_tokens if layer == 0 else counts[layer - 1]
