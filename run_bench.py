@@ -186,10 +186,32 @@ def here_problem(experiment, todo: list) -> str | None:
     return None
 
 
+def auto_device(args: argparse.Namespace, experiment) -> tuple[str, str] | None:
+    """What ``device: auto`` runs on for this invocation, and why: with ``--executor slurm`` the nodes of the cluster
+    profile (cuda where it gives GPUs), else this machine. None: a profile that does not load (refused below)."""
+    if args.executor == "slurm":
+        from bench.pipeline.profiles import ProfileError, load_profile
+        from bench.pipeline.slurm import profile_name
+
+        name = profile_name(experiment, args.profile)
+        try:
+            gpus = load_profile(name).gpus_per_node
+        except ProfileError:
+            return None
+        return ("cuda", f"cluster profile {name} gives gpus_per_node: {gpus}") if gpus else (
+            "cpu", f"cluster profile {name} gives its jobs no GPU")
+    import torch
+
+    return ("cuda", "CUDA is available on this machine") if torch.cuda.is_available() else (
+        "cpu", "no CUDA on this machine")
+
+
 def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, release=None) -> int:
     from bench.pipeline.status import todo_runs
 
-    todo, notes = todo_runs(runs, results_dir, force=args.force, set_aside=not args.dry_run)
+    # a record of a device: auto run timed on another device kind than auto gives now is set aside and redone
+    todo, notes = todo_runs(runs, results_dir, force=args.force, set_aside=not args.dry_run,
+                            auto=auto_device(args, experiment))
     for note in notes:
         print(note, file=sys.stderr)
     done, left = len(runs) - len(todo), []

@@ -187,10 +187,21 @@ def test_weights_hash_is_computed_once_per_file_version(tmp_path):
     assert weights_sha256(str(tmp_path / "w.pth")) == "f" * 64
     os.utime(tmp_path / "w.pth", ns=(1, 1))  # another mtime: hashed again
     assert weights_sha256(str(tmp_path / "w.pth")) == real
+    # rewritten in place with the same size and its mtime put back (cp -p, touch -r): was the cached hash (a
+    # retrained checkpoint at the same path reused the old runs); the ctime tells it
+    times = (tmp_path / "w.pth").stat()
+    save_weights(tmp_path / "x.pth", seed=1)  # a name as long: torch.save names its archive after it
+    with open(tmp_path / "w.pth", "r+b") as handle:
+        handle.write((tmp_path / "x.pth").read_bytes())
+    os.utime(tmp_path / "w.pth", ns=(times.st_atime_ns, times.st_mtime_ns))
+    after = (tmp_path / "w.pth").stat()
+    assert (after.st_size, after.st_mtime_ns) == (times.st_size, times.st_mtime_ns)  # as before
+    other = hashlib.sha256((tmp_path / "x.pth").read_bytes()).hexdigest()
+    assert other != real and weights_sha256(str(tmp_path / "w.pth")) == other
     # URLs and timm tags are identified by their string, and runs without weights keep their keys
     assert weights_sha256("timm:augreg_in21k") is None and weights_sha256("https://x/y.pth") is None
     cache_file().write_bytes(b"\xff\xfe garbage")  # an unreadable cache is recomputed, not fatal
-    assert weights_sha256(str(tmp_path / "w.pth")) == real
+    assert weights_sha256(str(tmp_path / "w.pth")) == other
 
 
 def test_a_job_refuses_weights_changed_after_planning(tmp_path):
@@ -1150,6 +1161,60 @@ def test_status_says_todo_for_a_record_of_eval_images_edited_since_as_the_rerun_
     assert capsys.readouterr().err.count(", the run is redone") == 2
     assert run_bench.main(["--config", str(path), "--results", str(results), "--status"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "2 done"
+
+
+def test_a_device_auto_record_timed_on_another_device_kind_is_set_aside_and_redone(tmp_path, capsys):
+    """Run keys do not hold the machine: a ``device: auto`` record timed on the CPU (in process on a login node)
+    was reused when the experiment was submitted to GPU nodes, and the leaderboard showed CPU speeds for it (and a
+    GPU record for an in-process rerun on a CPU machine). Such a record now counts as stale where auto gives the
+    other device kind: a dry run says so and counts the run to do, the run sets it aside and redoes it; records
+    without a throughput stage, and those of device: cpu, are reused."""
+    from bench.pipeline.config import load_experiment
+
+    defaults = {"model": MODEL, "weights": None, "data": {"name": "fashion_mnist", "subset": 16},
+                "batch_size": 8, "device": "auto", "threads": 1}
+    grid = {"methods": ["baseline"]}
+    path = config(tmp_path, defaults=defaults, stages=["macs", "throughput"], grid=grid,
+                  throughput={"batch_sizes": [8], "warmup": 1, "runs": 2})
+    results = tmp_path / "results"
+    assert bench(path, results) == 0
+    (record_file,) = (results / "runs").glob("*.json")
+    assert read_record(record_file)["env"]["device"] == "cpu"  # this machine has no CUDA
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text(yaml.safe_dump({"partition": "debug", "gpus_per_node": 1, "timeout_min": 60}))
+    capsys.readouterr()
+    # a submission to GPU nodes: the CPU record is stale (a dry run sets nothing aside)
+    assert bench(path, results, "--dry-run", "--executor", "slurm", "--profile", str(gpu)) == 0
+    captured = capsys.readouterr()
+    assert "1 run(s), 0 already done, 1 to run" in captured.out
+    why = (f"its throughput was timed on cpu, and device: auto is cuda here (cluster profile {gpu} gives "
+           "gpus_per_node: 1); it would be set aside, the run is redone")
+    assert why in captured.err, captured.err
+    assert bench(path, results, "--dry-run", "--executor", "slurm", "--profile", "local") == 0  # CPU nodes: reused
+    assert "1 already done, 0 to run" in capsys.readouterr().out
+    # a record timed on a GPU (as a SLURM job writes it), rerun in process on this CPU machine: set aside, redone
+    record = read_record(record_file)
+    record["env"]["device"] = "cuda:0"
+    record_file.write_text(json.dumps(record))
+    assert bench(path, results) == 0
+    err = capsys.readouterr().err
+    assert ("its throughput was timed on cuda:0, and device: auto is cpu here (no CUDA on this machine); moved to "
+            f"{record_file.name}.stale.1, the run is redone") in err, err
+    assert read_record(record_file)["env"]["device"] == "cpu"
+    assert read_record(results / "runs" / f"{record_file.name}.stale.1")["env"]["device"] == "cuda:0"
+    # without the throughput stage the device does not matter, and device: cpu means the CPU wherever it runs
+    for changes in ({"stages": ["macs"]}, {"defaults": {**defaults, "device": "cpu"}}):
+        other = config(tmp_path, **{"defaults": defaults, "stages": ["macs", "throughput"], "grid": grid,
+                                    "throughput": {"batch_sizes": [8], "warmup": 1, "runs": 2}, **changes})
+        assert bench(other, results) == 0
+        (key,) = [run.key for run in load_experiment(other).runs]
+        stored = read_record(record_path(results, key))
+        stored["env"]["device"] = "cuda:0"
+        record_path(results, key).write_text(json.dumps(stored))
+        capsys.readouterr()
+        assert bench(other, results) == 0
+        assert "is redone" not in capsys.readouterr().err
+        assert read_record(record_path(results, key))["env"]["device"] == "cuda:0"  # reused
 
 
 def test_a_forced_rerun_that_fails_shows_as_failed_beside_its_earlier_record(tmp_path, capsys, monkeypatch):

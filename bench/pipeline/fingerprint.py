@@ -3,7 +3,9 @@ dense-prediction cache, so a checkpoint changed in place (same path) means new r
 
 The hash is computed once per file version: a small JSON cache (``$TOKENBENCH_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/tokenbench``, else ``~/.cache/tokenbench``; ``weights-sha256.json``) maps the resolved
-path to its size, modification time (ns) and hash; any change of size or mtime recomputes it. The cache
+path to its size, modification and status-change times (ns), inode and hash; any change of these recomputes it (a
+file rewritten in place keeps its size and may get its mtime back, ``cp -p`` / ``touch -r``, but not its ctime,
+which no call sets; one replaced by a rename has another inode). The cache
 is written with the one atomic writer; an unreadable cache is ignored (hashes are recomputed).
 URLs and ``timm:<tag>`` weights are identified by their string (the run key holds it already).
 """
@@ -46,7 +48,8 @@ def weights_sha256(weights: str | None) -> str | None:
     cache_path = cache_file()
     cache = _read_cache(cache_path)
     entry = cache.get(str(path))
-    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns \
+    version = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in version.items()) \
             and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     sha = hashlib.sha256()
@@ -55,7 +58,7 @@ def weights_sha256(weights: str | None) -> str | None:
             sha.update(block)
     value = sha.hexdigest()
     cache = _read_cache(cache_path)  # re-read: another process may have added entries meanwhile
-    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": value}
+    cache[str(path)] = {**version, "sha256": value}
     try:
         atomic_write_json(cache_path, cache)
     except OSError:

@@ -29,17 +29,25 @@ class RunStatus:
     log: str | None = None
 
 
-def read_current(path: Path, data: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str | None]:
+def read_current(path: Path, data: dict[str, Any] | None = None, auto: tuple[str, str] | None = None
+                 ) -> tuple[dict[str, Any] | None, str | None]:
     """``(record, why)``: the record at ``path`` and, where it does not count as the run's result, why not (the
     one rule of ``todo_runs``, which sets such a record aside and redoes its run, and of ``collect_status``,
     which shows that run as todo): a record that does not read (``record`` None; ``why`` the file's error
-    line), or one computed on other eval images than the run's ``data`` section (None: the one the record
+    line), one computed on other eval images than the run's ``data`` section (None: the one the record
     names) gives here now (its ``data_digest``; not checked where the record has none or the data cannot be
-    read here)."""
+    read here), or, given ``auto`` (``(kind, because)``: the device ``device: auto`` runs on for this invocation,
+    "cpu" or "cuda", and why), one of a ``device: auto`` run whose throughput was timed on the other kind (keys do
+    not hold the machine: a record made where auto meant the CPU would show CPU speeds for a GPU submission)."""
     try:
         record = read_record(path)
     except RecordError as error:
         return None, str(error)
+    timed_on = str((record.get("env") or {}).get("device") or "")
+    run = record["run"]
+    if (auto and run.get("device") == "auto" and "throughput" in (run.get("stages") or ())
+            and timed_on and timed_on.split(":")[0] != auto[0]):
+        return record, f"its throughput was timed on {timed_on}, and device: auto is {auto[0]} here ({auto[1]})"
     recorded = record.get("data_digest")
     data = data if data is not None else record["run"].get("data")
     if recorded and isinstance(data, dict) and isinstance(data.get("name"), str):
@@ -51,13 +59,15 @@ def read_current(path: Path, data: dict[str, Any] | None = None) -> tuple[dict[s
     return record, None
 
 
-def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
-              set_aside: bool = True) -> tuple[list[RunSpec], list[str]]:
+def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False, set_aside: bool = True,
+              auto: tuple[str, str] | None = None) -> tuple[list[RunSpec], list[str]]:
     """Runs without a finished record (all with ``force``). A record that does not read (cut off
     mid-write, not UTF-8, incomplete) is renamed ``*.json.torn.<n>`` (``set_aside``; never over an earlier
-    one) and its run redone. Of a readable record only ``run.reference`` can change (``set_aside``): the
-    published numbers are not part of the run key, so a ``reference`` entry added to or changed in the
-    experiment after its runs finished reaches their records (and the report) without recomputing them.
+    one) and its run redone; likewise, as ``*.json.stale.<n>``, one that ``read_current`` does not count (other
+    eval images; with ``auto``, throughput timed on another device kind than ``device: auto`` gives here). Of a
+    readable record only ``run.reference`` can change (``set_aside``): the published numbers are not part of the
+    run key, so a ``reference`` entry added to or changed in the experiment after its runs finished reaches their
+    records (and the report) without recomputing them.
     Likewise a changed ``finetune.export`` path gets the run's saved fine-tuned weights."""
     from bench.pipeline.stages.finetune import restore_export
 
@@ -67,8 +77,8 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False,
         if not path.exists() or force:
             todo.append(run)
             continue
-        record, why = read_current(path, run.data)
-        if why:  # torn (no record), or computed on other eval images
+        record, why = read_current(path, run.data, auto)
+        if why:  # torn (no record), computed on other eval images or timed on another device
             if set_aside:
                 moved = f"moved to {set_aside_file(path, 'torn' if record is None else 'stale').name}"
             else:
