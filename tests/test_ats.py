@@ -213,6 +213,41 @@ def test_sampling_equals_the_reference_on_random_scores():
             assert kept == sample(scores[b, : counts[b]].tolist(), num_samples), (trial, b)
 
 
+def test_sample_points_follow_the_reference_order_of_operations():
+    """Spec step 4: ``y_i = y0 + (u_i * (K-1) - y0 * i) / (K-1)`` with ``u = linspace(0, 1, K)`` in float32, "in this
+    order of operations" (mathematically ``y0 + (1 - y0) i / (K-1)``). At K = 4, ``u_2 * 3`` is 2 - 1.2e-7 in float32,
+    so y_2 lies 4e-8 below its exact value. Ten sorted scores with equal gaps g of G (y0 = g) put the midpoint of
+    G_6 and G_7 2e-8 below the exact y_2: the reference's y_2 picks sorted position 6, the exact one 7. Random
+    scores never come that close to a tie."""
+    c = 2e-8
+    g = (2 / 3 - c) / (6 + 1 / 6)  # G_m = m g for m <= 8, (G_6 + G_7) / 2 = exact y_2 - c
+    scores = torch.tensor([[0.5 * g] + [g] * 8 + [1 - 8 * g]], dtype=torch.float64)  # ascending: position = index
+    scores = scores / scores.sum()
+    picked, order = sample_positions(scores, None, 4)
+    kept = [int(order[0, pos]) for pos in range(10) if picked[0, pos]]
+    assert kept == sample(scores[0].tolist(), 4) == [1, 4, 6, 9]  # y = g, ~0.405, ~0.703, 1
+
+
+def test_policy_softmax_leaks_the_reference_epsilon():
+    """The policy softmax ``p = (exp(l - max) + eps/n) / (sum exp(l - max) + eps)``, eps = 1e-6 (spec, ATS numerics).
+    Its effect on real attention is ~1e-6 relative, below what the logit comparisons resolve; a key 200 below the
+    row maximum (exp underflows to 0 in float32) receives the leak alone: (1e-6 / 2) / (1 + 1e-6), n = 2 real keys
+    (with and without a padded third key, which gets exactly 0)."""
+    from bench.attention import probabilities
+
+    q = torch.ones(1, 1, 2, 1, dtype=torch.float64)
+    k = torch.tensor([0.0, -200.0], dtype=torch.float64).view(1, 1, 2, 1)
+    probs = probabilities(q, k, None, 1.0, "policy")
+    expected = 0.5e-6 / (1 + 1e-6)
+    assert probs[0, 0, :, 1].tolist() == pytest.approx([expected] * 2, rel=1e-6)
+    assert probs[0, 0, :, 0].tolist() == pytest.approx([(1 + 0.5e-6) / (1 + 1e-6)] * 2, rel=1e-6)
+    padded = torch.cat([k, torch.full((1, 1, 1, 1), 5.0, dtype=torch.float64)], dim=2)
+    q3 = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    probs = probabilities(q3, padded, None, 1.0, "policy", mask=torch.tensor([[True, True, False]]))
+    assert probs[0, 0, :, 1].tolist() == pytest.approx([expected] * 3, rel=1e-6)
+    assert probs[0, 0, :, 2].tolist() == [0.0] * 3
+
+
 def test_deit_s_macs_torchprofile_and_the_reference_formula():
     torch.manual_seed(0)
     vit = timm.create_model("deit_small_patch16_224", pretrained=False).eval()

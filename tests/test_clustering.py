@@ -107,6 +107,32 @@ def test_dpcknn_merge_divides_by_members_plus_the_reference_epsilon():
     assert merged.size[0, :, 0].tolist() == [1.0, 2.0, 1.0]
 
 
+def test_dpcknn_centres_stay_in_their_own_clusters_with_duplicate_tokens():
+    """Spec step 6: "then every centre is forced into its own cluster". Identical patches (a flat image region) are
+    at distance 0 from each other; when both are centres (here every token is: K = Np), the nearest-centre rule
+    alone sends the later one into the earlier one's cluster and leaves its own slot empty (a zero token)."""
+    from methods.dpcknn import dpc_knn_centres
+
+    torch.manual_seed(0)
+    patches = torch.tensor([[[0.0, 1.0], [3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]], dtype=torch.float64)
+    centres, assignment = dpc_knn_centres(patches, clusters=4, neighbours=2)
+    assert sorted(centres[0].tolist()) == [0, 1, 2, 3]
+    assert torch.equal(centres.gather(1, assignment), torch.arange(4)[None])  # token i is the centre of its slot
+
+
+def test_dpcknn_tie_break_noise_is_at_most_1e6():
+    """Spec step 3: ``rho += 1e-6 * U``. Tokens 0, 1, -1, 2 + 1e-5 on a line (k = 3): token 0's density
+    exp(-2/3) exceeds token 1's by ~3.4e-6, more than any 1e-6 noise can make up, so token 0 is the densest and
+    the first centre (delta = the largest distance), token 1 the second. Seed 9 draws U_1 - U_0 = 0.59: noise ten
+    times larger would make token 1 the densest and swap the centres."""
+    from methods.dpcknn import dpc_knn_centres
+
+    patches = torch.tensor([[[0.0], [1.0], [-1.0], [2.0 + 1e-5]]], dtype=torch.float64)
+    torch.manual_seed(9)
+    centres, assignment = dpc_knn_centres(patches, clusters=2, neighbours=3)
+    assert centres.tolist() == [[0, 1]] and assignment.tolist() == [[0, 1, 0, 1]]
+
+
 def test_dpcknn_noise_is_the_global_generator_and_nearly_irrelevant():
     vit, x = model(), images(2)
     a, _ = run(vit, x, "dpcknn", global_seed=0)
@@ -234,6 +260,23 @@ def test_kmedoids_update_is_the_references_masked_argmin_without_the_cost_matrix
     assert cheapest_members(assignment, torch.tensor([[50.0, 60.0, 70.0, 45.0]]), outside, 2).tolist() == [[0, 2]]
 
 
+def test_kmedoids_non_member_cost_is_a_row_of_reference_mask_values():
+    """``fit_medoids`` gives a non-member the reference's cost, Np entries of 1e6 summed (the test above passes
+    ``outside`` in by hand, so it cannot see the value ``fit_medoids`` uses). Four 1-D tokens, two far-apart
+    pairs, equal weights, medoids [0, 2]: every row cost (sum of distances, ~6e6) exceeds 4 x 1e6, so the
+    reference's masked argmin takes each slot's first non-member (slot 0: token 2, slot 1: token 0); an infinite
+    or missing mask would keep the cheapest members (tokens 1 and 2)."""
+    from methods.kmedoids import fit_medoids
+
+    patches = torch.tensor([[[0.0], [1.0], [3e6], [3e6 + 1]]], dtype=torch.float64)
+    # row costs 6e6 + 2, 6e6, 6e6, 6e6 + 2; assignment [0, 0, 1, 1]
+    medoids = fit_medoids(patches, torch.tensor([[0, 2]]), torch.ones(1, 4, dtype=torch.float64), iterations=1)
+    assert medoids.tolist() == [[2, 0]]
+    # the same tokens ten times closer: every cost (6e5) is below 4e6, the cheapest members win
+    medoids = fit_medoids(patches / 10, torch.tensor([[0, 2]]), torch.ones(1, 4, dtype=torch.float64), iterations=1)
+    assert medoids.tolist() == [[1, 2]]
+
+
 def test_kmedoids_validation():
     with pytest.raises(ValueError, match=r"'layers' must hold blocks >= 1 \(K-Medoids clusters after the first block"):
         methods.build("kmedoids", layers=[0, 3], equal_weight=True)
@@ -258,6 +301,30 @@ def test_kmedoids_validation():
 )
 def test_static_matches_reference(pattern, params):
     assert_matches_reference(model(), images(2), "static", heuristic_pattern=pattern, **params)
+
+
+def test_static_ties_take_the_smallest_radius():
+    """``not_contiguous``: "the count closest to K_i (smallest u on ties)". On the 8 x 8 l1 grid the counts are
+    4, 12, 24, 40, 52, 60, 64; keep 0.5 aims at 32 (24 and 40 tie), 16 (12), 8 (4 and 12 tie), so 24, 12, 4
+    patches stay. The cases above never hit a tie."""
+    _, info = assert_matches_reference(model(), images(2), "static", not_contiguous=True, keep_rate=0.5)
+    assert info.tokens_attn == [65] * 3 + [25] * 3 + [13] * 3 + [5] * 3
+
+
+def test_static_odd_grid_keeps_the_reference_asymmetric_coordinates():
+    """Spec: ``c = linspace(floor(-P/2), floor(P/2), P)``, asymmetric for odd P (quirk: P = 5 gives -3 .. 2 in steps
+    of 1.25, not -2 .. 2). Every grid of the comparisons above is even (8 x 8), where ``-(P // 2)`` agrees."""
+    from methods.static import grid_distances
+    from tests.reference_clustering import static_distances
+
+    l1 = grid_distances(5, "l1")
+    assert l1[0].item() == 6.0 and l1[2 * 5 + 2].item() == 1.0  # corner |-3| + |-3|; centre |-0.5| + |-0.5|
+    for side in (5, 7, 9):
+        for pattern in ("l1", "linf"):
+            assert grid_distances(side, pattern).tolist() == [float(v) for v in static_distances(side, pattern)]
+        # l2: torch's float32 sqrt and numpy's differ in the last bit on some patches
+        expected = [float(v) for v in static_distances(side, "l2")]
+        assert grid_distances(side, "l2").tolist() == pytest.approx(expected, rel=1e-6, abs=0)
 
 
 def test_static_distilled_and_batch_independent():
@@ -363,6 +430,15 @@ def test_random_counts_order_and_draws():
         assert kept[image].tolist() == [first[j] for j in second]
     for row in range(3):  # distinct keys within an image: the top-K set has no ties to break
         assert len(set(_spec_keys(5, row, row, 4096))) == 4096
+
+
+def test_keep_rate_schedule_follows_the_sorted_layers():
+    """``K_i`` belongs to the i-th entry of the *sorted* ``layers`` (spec, shared conventions): ``[9, 3, 6]`` is
+    ``[3, 6, 9]``, int(64 * 0.7 ** (i + 1)) = 44, 31, 21 patches. Every other case lists its layers in order, so a
+    schedule indexed by the list as written (block 9 first: 44 there, nothing left to prune) passed them all."""
+    assert methods.build("random", layers=[9, 3, 6]).params["layers"] == [3, 6, 9]
+    _, info = run(model(), images(1), "random", keep_rate=0.7, layers=[9, 3, 6])
+    assert info.tokens_mlp == [65] * 3 + [45] * 3 + [32] * 3 + [22] * 3
 
 
 def test_random_keeps_one_patch_token_where_the_schedule_truncates_to_zero():

@@ -258,6 +258,20 @@ def test_diffrate_published_schedules(deit, width, target):
     assert abs(analytic - DIFFRATE_GMACS[(width, target)]) / DIFFRATE_GMACS[(width, target)] < 0.001
 
 
+def test_diffrate_schedules_are_the_published_table():
+    """``SCHEDULES`` is the spec's table (docs/methods.md#diffrate), entry by entry. The counts and MACs above see
+    only ``min(P, M)``: a prune count above its block's merge count (DeiT-S 2.9, block 2: 190 > 176) decides which
+    tokens are merged rather than dropped, so a slip there changed neither."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "methods.md").read_text()
+    rows = re.findall(r"^\| DeiT-(Ti|S|B) ([0-9.]+) \| ([0-9 ]+) \| ([0-9 ]+) \|$", text, flags=re.M)
+    widths = {"Ti": 192, "S": 384, "B": 768}
+    table = {(widths[m], float(t)): (tuple(map(int, p.split())), tuple(map(int, q.split()))) for m, t, p, q in rows}
+    assert len(table) == 15 and table == SCHEDULES
+
+
 def test_diffrate_deit_s_default_torchprofile(deit):
     model, info = _counts(deit["small"], "diffrate")
     assert model.method.params["target_flops"] == 2.9
@@ -360,3 +374,25 @@ def test_ratio_is_checked(method):
     with torch.no_grad():
         model(get_images(2))
     assert bench.forward_stats(model).tokens_out == [65] * 12
+
+
+def test_pitome_first_half_keeps_unmerged_a_tokens_in_descending_match_order():
+    """Spec step 5: at a block i < ceil(L/2) the A tokens that stay come in descending order of their best match,
+    "not re-sorted by position". The model-level comparisons cannot see that order: every later PiToMe block ranks
+    its tokens by energy, whatever their order, so a re-sort by position there left the logits and the final token
+    order unchanged. Pinned on one block against the reference step, token by token."""
+    from methods.base import TokenState
+    from tests.reference_merging import pitome_step
+
+    gen = torch.Generator().manual_seed(11)
+    p, patches, dim = 1, 24, 8
+    x = torch.randn(1, p + patches, dim, generator=gen, dtype=torch.float64)
+    metric = torch.randn(1, p + patches, dim, generator=gen, dtype=torch.float64)
+    ctx = ReductionContext(depth=12, num_prefix=p, num_tokens=p + patches)
+    method = methods.build("pitome", ratio=0.8)  # r = floor(24 - 19.2) = 4 of 12 A tokens merge, 8 stay
+    got, _ = method.reduce(0, TokenState(x=x.clone()), {"metric": metric}, ctx)
+    sources = [{t} for t in range(p + patches)]
+    tokens, sizes, _ = pitome_step(list(x[0]), [1.0] * (p + patches), sources, metric[0], 0, 12, 0.8, p)
+    assert got.x.shape[1] == len(tokens) == p + patches - 4
+    torch.testing.assert_close(got.x[0], torch.stack(tokens), rtol=0, atol=1e-12)
+    assert got.size[0, :, 0].tolist() == sizes

@@ -155,6 +155,7 @@ TOME_CASES = [
     ("p8", {"r": [8, 0, 4, 2, 6, 1]}),
     ("p8", {"r": 3, "inflection": -1}),
     ("p8", {"r": 4, "inflection": 0.5}),
+    ("p8", {"r": 3, "inflection": 0.5}),  # lo = int(1.5) = 1 (truncated, not rounded): 1 1 1 2 2 2 3 3 3 4 4 5
     ("p8", {"r": 3, "prop_attn": False}),
     ("p16", {"r": 15}),  # above the cap (N - 1) // 2 at every layer, below the number of patches
     ("p8", {"r": 63}),
