@@ -600,11 +600,12 @@ def test_a_data_folder_edited_in_place_gets_a_fresh_dense_reference(tmp_path, ca
 
 def test_top5_is_left_empty_for_a_model_of_five_classes_or_fewer(tmp_path):
     """3 classes: every true class is among the top 5, so top-5 is None in the record, empty in the leaderboard
-    with a note (user test 15: a trivial 100 % was shown as a result); 6 classes: a real top-5."""
+    with a note (user test 15: a trivial 100 % was shown as a result), and so for 5 classes; 6 classes: a real
+    top-5."""
     jpeg_folder(tmp_path / "imgs", classes=("n01", "n02", "n03"))
     tiny = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
     models = [{"name": "vit_tiny_patch16_224", "label": f"tiny-{n}", "kwargs": {**tiny, "num_classes": n}}
-              for n in (3, 6)]
+              for n in (3, 5, 6)]
     path = experiment(tmp_path, models[0], {"name": "folder", "root": "imgs", "split": "val"})
     cfg = yaml.safe_load(path.read_text())
     cfg["grid"]["models"] = models
@@ -613,6 +614,7 @@ def test_top5_is_left_empty_for_a_model_of_five_classes_or_fewer(tmp_path):
     assert bench_main(path, results) == 0
     evals = {r["run"]["model_label"]: r["metrics"]["eval"] for r in read_all(results)[0]}
     assert evals["tiny-3"]["top5"] is None and evals["tiny-3"]["top1"] is not None
+    assert evals["tiny-5"]["top5"] is None  # 5 classes: still every true class among the top 5 (the boundary)
     assert isinstance(evals["tiny-6"]["top5"], float)  # 6 classes: top-5 is a measurement
     board = (results / "leaderboard.md").read_text()
     note = "_Top-5 is left empty: the model has 5 classes or fewer (every true class is among its top 5)._"

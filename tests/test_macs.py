@@ -135,6 +135,29 @@ def test_counts_do_not_depend_on_the_attention_kernel():
     assert bench.count_macs(bench.apply(vit, "baseline")) == dense == 48_234_624
 
 
+def test_analytic_count_of_dense_models_with_each_kind_of_head_by_hand():
+    """The formula's every term, exactly (the cross-checks against torchprofile allow 1 %, which a dropped head
+    (0.002 % of DeiT-S) or attention term of a small model passes): patch projection 49 x 96 x (1 x 4 x 4), per block
+    4 N C^2 (qkv, projection) + 2 N^2 C (q k^T, attention @ v) + 8 N C^2 (MLP 4C), and the head C x 10; a distilled
+    DeiT (two prefix tokens) adds its distillation head, SigLIP its attention pool (``global_pool='map'``)."""
+    width, patches = 96, 49
+    kwargs = {"pretrained": False, "img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10,
+              "embed_dim": width, "num_heads": 3}
+
+    def block(tokens):
+        return 4 * tokens * width**2 + 2 * tokens**2 * width + 8 * tokens * width**2
+
+    plain = timm.create_model("vit_tiny_patch16_224", depth=8, **kwargs).eval()
+    assert bench.analytic_macs(bench.apply(plain, "baseline")) == patches * 96 * 16 + 8 * block(50) + width * 10
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", depth=2, **kwargs).eval()
+    assert bench.analytic_macs(distilled) == patches * 96 * 16 + 2 * block(51) + 2 * width * 10
+    # SigLIP's attention-pool head over the 49 patch tokens (no prefix), one latent: keys and values 49 x C x 2C, the
+    # latent's q k^T and attention @ v 1 x 49 x 2C, its q, projection and MLP 1 x (C^2 + C^2 + 8 C^2)
+    siglip = timm.create_model("vit_base_patch16_siglip_224", depth=2, **kwargs).eval()
+    pool = patches * width * 2 * width + patches * 2 * width + 10 * width**2
+    assert bench.analytic_macs(siglip) == patches * 96 * 16 + 2 * block(49) + pool + width * 10
+
+
 def test_counts_do_not_depend_on_weights():
     a = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64)
     torch.manual_seed(5)
@@ -201,3 +224,22 @@ def test_throughput_records_the_protocol():
     assert len(measured.times_s) == len(dense.times_s) == 3
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         bench.measure_throughput(model, batch, dtype="fp8")
+
+
+def test_the_macs_stage_records_the_clustering_distances_of_the_tokens_entering_each_clustering_layer(tmp_path):
+    """DPC-KNN clusters at the start of blocks 1 and 2 of the 4-block test model (49 patches, 32 wide): its cdist
+    costs Np^2 x C for the Np patch tokens *entering* each of those blocks, 49 and then 24 (keep_rate 0.5), so the
+    record's ``macs.extra`` is (49^2 + 24^2) x 32, and the leaderboard CSV's ``gmacs_extra`` that / 1e9 (the tokens
+    leaving those blocks, 24 and 12, would give another number)."""
+    import pandas as pd
+
+    from bench.pipeline.records import read_all
+    from tests.test_pipeline import bench_main, config, write
+
+    cfg = config(tmp_path, stages=["macs"], grid={"methods": [{"method": "dpcknn", "keep_rate": 0.5, "layers": [1, 2]}]})
+    assert bench_main(write(tmp_path, cfg), tmp_path / "results") == 0
+    (record,), _ = read_all(tmp_path / "results")
+    assert record["tokens_per_layer"]["in"] == [50, 50, 25, 13]  # class token + patches
+    assert record["metrics"]["macs"]["extra"] == (49**2 + 24**2) * 32
+    csv = pd.read_csv(tmp_path / "results" / "leaderboard.csv")
+    assert csv["gmacs_extra"].tolist() == pytest.approx([(49**2 + 24**2) * 32 / 1e9])

@@ -75,6 +75,18 @@ def test_bootstrap_interval_contains_the_estimate_is_seeded_and_collapses_withou
     assert wider[1] - wider[0] > high - low
 
 
+def test_bootstrap_interval_is_the_95_percent_interval_of_resampled_medians():
+    """Pins the statistic and the level: 34 ratios of 1.0 and 21 of 2.0. A resample's median is 2.0 exactly when
+    at least 28 of its 55 draws are 2.0: P(Binomial(55, 21/55) >= 28) = 3.7 % (computed below), above the 2.5 %
+    tail of a 95 % interval and below the 5 % of a 90 % one. So the 95 % interval of the median is exactly
+    (1.0, 2.0): an interval of resampled means would have fractional bounds, a 90 % interval would be (1.0, 1.0)
+    and swapped bounds would read (2.0, 1.0)."""
+    n, twos = 55, 21
+    tail = sum(math.comb(n, k) * (twos / n) ** k * (1 - twos / n) ** (n - k) for k in range(n // 2 + 1, n + 1))
+    assert 0.030 < tail < 0.045  # 3.7 %: the seeded 2000 resamples stay on the same side of 2.5 % and 5 %
+    assert stats.bootstrap_interval([1.0] * (n - twos) + [2.0] * twos) == (1.0, 2.0)
+
+
 def test_latency_percentiles():
     times = [t / 1000 for t in range(1, 11)]  # 1..10 ms
     assert stats.percentile(times, 50) == pytest.approx(0.0055)
@@ -168,12 +180,24 @@ def test_ece_of_an_overconfident_toy_equals_the_hand_computed_value():
         assert math.isnan(stats.expected_calibration_error([0.55, float("nan")], [1, 0]))
 
 
+def test_ece_bins_are_closed_on_the_right_and_fifteen_wide():
+    """Bin i holds (i/15, (i+1)/15]. 0.6 = 9/15 is the top of bin 8, so 0.6 (right) and 0.65 (wrong) fall in two bins:
+    gaps 0.4 and 0.65 -> (0.4 + 0.65) / 2 = 0.525 (bins closed on the left would merge them: |1 - 1.25| / 2). 0.9
+    (bin 13) and 0.95 (bin 14) are two bins too: (0.1 + 0.95) / 2 = 0.525, not |1 - 1.85| / 2 as an index one too
+    high (clipped into the last bin) gives."""
+    assert stats.expected_calibration_error([0.6, 0.65], [1, 0]) == pytest.approx((0.4 + 0.65) / 2)
+    assert stats.expected_calibration_error([0.9, 0.95], [1, 0]) == pytest.approx((0.1 + 0.95) / 2)
+
+
 def test_mean_cosine():
     a = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
     assert stats.mean_cosine(a, a) == pytest.approx(1.0)
     assert stats.mean_cosine(a, 5 * a) == pytest.approx(1.0)
     b = np.array([[0.0, 1.0], [0.0, -1.0], [3.0, 3.0]])
     assert stats.mean_cosine(a, b) == pytest.approx((0.0 - 1.0 + 1.0) / 3)
+    # cosines 1, 0 and 1/sqrt(2): their mean, not their median (the line above has mean = median = 0)
+    c = np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert stats.mean_cosine(a, c) == pytest.approx((1.0 + 0.0 + 1.0 / math.sqrt(2.0)) / 3)
 
 
 # ----------------------------------------------------------------------------------- throughput entry
@@ -195,6 +219,40 @@ def test_throughput_entry_fields_come_from_its_own_timed_rounds():
     assert entry["speedup_low"] <= entry["speedup"] <= entry["speedup_high"]
     assert entry["peak_mem_kind"] == CPU_KIND and entry["peak_mem_mb"] >= 0 and entry["baseline_peak_mem_mb"] >= 0
     assert entry["compile"] is False and entry["compile_s"] is None
+
+
+def test_the_dense_models_latency_slow_rounds_and_memory_are_its_own():
+    """The ``baseline_...`` fields come from the dense model's own forwards, not the method's: a dense model that
+    sleeps 0.1 s and 0.3 s in two of its five timed forwards has a p90 between them (numpy's linear percentile of its
+    times) and two slow rounds (the method none), and one that writes 64 MB in the forward whose memory is measured a
+    peak above 56 MB (the method's tiny forward stays below)."""
+    vit = tiny_vit()
+    model, inner = bench.apply(vit, "tome", r=4), bench.apply(vit, "baseline")
+    calls = []
+
+    class SlowHeavyDense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls.append(None)
+            time.sleep({3: 0.1, 5: 0.3}.get(len(calls), 0.0))  # call 1: the warm-up; 2-6: timed
+            if len(calls) <= 6:
+                return self.inner(x)
+            block = torch.ones(64 * 2**20 // 4)  # the forward whose memory is measured: 64 MB, written
+            return self.inner(x) + float(block[-1]) - 1.0
+
+    entry = throughput_stage.measure(model, SlowHeavyDense(), images(8, size=28, channels=1), "fp32", warmup=1,
+                                     runs=5, compile_=False)
+    times, base = entry["times_s"], entry["baseline_times_s"]
+    assert sorted(base)[3] >= 0.1 and sorted(base)[4] >= 0.3 and sorted(base)[2] < 0.05
+    assert entry["baseline_latency_p90_ms"] == pytest.approx(1e3 * float(np.percentile(base, 90)))
+    assert entry["baseline_latency_p90_ms"] > 1e3 * (0.1 + 0.6 * 0.2) - 1  # p90 of 5: 60 % from the 4th to the 5th
+    assert entry["baseline_latency_p50_ms"] == pytest.approx(1e3 * sorted(base)[2])
+    assert entry["baseline_slow_rounds"] == sum(b > 3 * statistics.median(base) for b in base) >= 2
+    assert entry["slow_rounds"] == sum(t > 3 * statistics.median(times) for t in times)
+    assert entry["baseline_peak_mem_mb"] > 56 and entry["peak_mem_mb"] < 56
 
 
 def test_peak_memory_on_cpu_sees_what_the_call_touches():
@@ -393,6 +451,10 @@ def test_crossover_and_speedup_format():
     assert measurements.crossover([1, 8, 32], [1.2, 0.9, 1.3]) == 32  # beats dense *from* 32 on
     assert measurements.crossover([1, 8], [1.2, 1.1]) == 1
     assert measurements.crossover([1, 8], [1.2, 0.99]) is None
+    assert measurements.crossover([1, 8, 32], [1.2, 1.0, 1.3]) == 32  # 1.00x is not beating dense
+    # the interval includes 1.00x also where a bound is 1.00x itself (the † mark)
+    assert measurements.includes_one(1.0, 1.2) and measurements.includes_one(0.9, 1.0)
+    assert not measurements.includes_one(1.01, 1.2) and not measurements.includes_one(float("nan"), 1.2)
     assert measurements.crossover([1, 8], [1.2, float("nan")]) == 1  # unmeasured sizes do not count
     assert measurements.format_speedup(1.4234, 1.391, 1.4549) == "1.42x (1.39-1.45)"
     assert measurements.format_speedup(1.4234) == "1.42x"
@@ -419,6 +481,19 @@ def test_config_keys_compile_tokens_and_auto(tmp_path):
         load_experiment(write(tmp_path, auto, "f.yaml"))
     auto["defaults"] = {**auto["defaults"], "device": "cuda"}
     assert load_experiment(write(tmp_path, auto, "g.yaml")).runs[0].throughput["auto"] is True
+
+
+def test_each_finetune_setting_but_the_export_path_is_in_the_key(tmp_path):
+    """A run fine-tuned with another learning rate or for other epochs is another run (its record is not reused);
+    where the trained weights are exported to changes nothing measured, so not the key."""
+    def key(name: str, **finetune) -> str:
+        cfg = config(tmp_path, stages=["finetune", "eval"], grid={"methods": ["baseline"]},
+                     finetune={"epochs": 1, "lr": 1e-3, "batch_size": 50, **finetune})
+        return load_experiment(write(tmp_path, cfg, name)).runs[0].key
+
+    plain = key("a.yaml")
+    assert len({plain, key("b.yaml", lr=2e-3), key("c.yaml", epochs=2)}) == 3
+    assert key("d.yaml", export=str(tmp_path / "tuned.pth")) == plain
 
 
 def test_a_section_of_a_stage_the_runs_skip_changes_no_key(tmp_path):

@@ -540,3 +540,54 @@ def test_the_readme_lists_the_csv_columns_in_order(results, tmp_path):
     paragraph = readme.split("**CSV columns**", 1)[1].split("\n\n", 1)[0]
     listed = [name for name in re.findall(r"`([a-z0-9_]+)`", paragraph) if name not in ("leaderboard", "macs")]
     assert listed == header == report.CSV_COLUMNS + report.EXTRA_COLUMNS
+
+
+def test_a_fine_tuned_run_is_compared_with_the_fine_tuned_baseline(tmp_path):
+    """Δ Top-1 of a run fine-tuned by the finetune stage is taken against the baseline fine-tuned the same way, and
+    that of a run off the shelf against the baseline off the shelf: the same group (model, data, starting weights),
+    four real records of two experiments, the expected deltas taken from the records' own top-1."""
+    import yaml
+
+    runs = {name: RUNS[name] for name in ("baseline-b", "tome-b")}
+    plain = _experiment(tmp_path, runs, ["eval"], "plain.yaml")
+    tuned = _experiment(tmp_path, runs, ["finetune", "eval"], "tuned.yaml")
+    cfg = yaml.safe_load(tuned.read_text())
+    cfg["finetune"] = {"epochs": 1, "batch_size": 50, "lr": 3e-3}
+    tuned.write_text(yaml.safe_dump(cfg))
+    records = []
+    for path, folder in ((plain, "plain"), (tuned, "tuned")):
+        assert bench_main(path, tmp_path / folder, "--no-report") == 0
+        records += read_all(tmp_path / folder)[0]
+    top1 = {(r["run"]["method"], "finetune" in r["metrics"]): r["metrics"]["eval"]["top1"] for r in records}
+    assert len(top1) == 4 and top1["baseline", True] != top1["baseline", False]  # else the test could not tell
+    df = report.build_frame(records)
+    delta = {(method, not pd.isna(epochs)): value
+             for method, epochs, value in zip(df["method"], df["finetune_epochs"], df["delta_top1"], strict=True)}
+    assert delta == pytest.approx({(method, fine): top1[method, fine] - top1["baseline", fine]
+                                   for method, fine in top1})
+
+
+def test_with_all_every_row_is_compared_with_the_current_configs_baseline(tmp_path):
+    """``report.py --all``: the group holds the current config's baseline and an earlier config's (another seed of
+    the random init: other weights, other top-1); Δ Top-1 of every row is taken against the current one. Run with
+    the seeds both ways round, so that the earlier baseline comes first in the frame in one of them."""
+    import yaml
+
+    runs = {name: RUNS[name] for name in ("baseline-b", "tome-b")}
+    for earlier, current in ((0, 1), (1, 0)):
+        folder = tmp_path / f"seeds{earlier}{current}"
+        folder.mkdir()
+        path = _experiment(folder, runs, ["eval"], "exp.yaml")
+        cfg = yaml.safe_load(path.read_text())
+        for seed in (earlier, current):
+            cfg["defaults"]["seed"] = seed
+            path.write_text(yaml.safe_dump(cfg))
+            assert bench_main(path, folder / "results", "--no-report") == 0
+        records = {(r["run"]["method"], r["run"]["seed"]): r["metrics"]["eval"]["top1"]
+                   for r in read_all(folder / "results")[0]}
+        assert len(records) == 4 and records["baseline", 0] != records["baseline", 1]  # else the test could not tell
+        df = report.load_all(folder / "results", everything=True).frame
+        delta = {(method, bool(old)): value
+                 for method, old, value in zip(df["method"], df["_earlier"], df["delta_top1"], strict=True)}
+        assert delta == pytest.approx({(method, seed == earlier): top1 - records["baseline", current]
+                                       for (method, seed), top1 in records.items()})
