@@ -49,7 +49,7 @@ def read_current(path: Path, data: dict[str, Any] | None = None, auto: tuple[str
             and timed_on and timed_on.split(":")[0] != auto[0]):
         return record, f"its throughput was timed on {timed_on}, and device: auto is {auto[0]} here ({auto[1]})"
     recorded = record.get("data_digest")
-    data = data if data is not None else record["run"].get("data")
+    data = data if data is not None else run.get("data")
     if recorded and isinstance(data, dict) and isinstance(data.get("name"), str):
         from bench.pipeline.data import data_digest
 
