@@ -15,6 +15,7 @@ layer) and ``tokens/<key>.png``; ``compose`` draws one grid from several runs' f
 from __future__ import annotations
 
 import colorsys
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,38 +65,42 @@ def patch_colours(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def draw(ax: Any, image: np.ndarray, labels: np.ndarray | None = None, title: str | None = None,
-         note: str | None = None) -> None:
-    """``image`` (H, W) or (H, W, 3) uint8 with, if given, the colours of ``labels`` (gh, gw) and the borders
-    of the merged groups and pruned regions (not between two single patches)."""
-    from matplotlib.collections import LineCollection
-
-    height, width = image.shape[:2]
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest",
-              extent=(0, width, height, 0))
+def panel_pixels(image: np.ndarray, labels: np.ndarray | None, scale: int) -> np.ndarray:
+    """(H * scale, W * scale, 3) float RGB in [0, 1]: ``image`` (H, W) or (H, W, 3) uint8, each pixel a
+    ``scale`` x ``scale`` square, with, if given, the colours of ``labels`` (gh, gw) laid over it (``patch_colours``:
+    alpha-blended; a patch covers the pixels whose centres fall in it, so a grid of another size than the image's
+    patches, the ``resize`` method's, lies over the whole image too)."""
+    pixels = np.asarray(image, dtype=np.float64) / 255.0
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
     if labels is not None:
-        rows, cols = labels.shape
-        ax.imshow(patch_colours(labels), interpolation="nearest", extent=(0, width, height, 0))
-        values, counts = np.unique(labels, return_counts=True)
-        single = set(values[(counts == 1) & (values != PRUNED)].tolist())
-        dy, dx = height / rows, width / cols
-        segments = []
-        for i in range(rows):
-            for j in range(cols):
-                here = labels[i, j]
-                if j + 1 < cols and here != labels[i, j + 1] and not {here, labels[i, j + 1]} <= single:
-                    segments.append([((j + 1) * dx, i * dy), ((j + 1) * dx, (i + 1) * dy)])
-                if i + 1 < rows and here != labels[i + 1, j] and not {here, labels[i + 1, j]} <= single:
-                    segments.append([(j * dx, (i + 1) * dy), ((j + 1) * dx, (i + 1) * dy)])
-        ax.add_collection(LineCollection(segments, colors="black", linewidths=0.6))
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=7)
-    if note:
-        ax.set_xlabel(note, fontsize=6, labelpad=1)
+        height, width = pixels.shape[:2]
+        colours = patch_colours(labels)
+        rows = (np.arange(height) + 0.5) * labels.shape[0] // height
+        cols = (np.arange(width) + 0.5) * labels.shape[1] // width
+        over = colours[rows.astype(int)[:, None], cols.astype(int)[None, :]]
+        alpha = over[:, :, 3:]
+        pixels = pixels * (1.0 - alpha) + over[:, :, :3] * alpha
+    return pixels
+
+
+def group_borders(labels: np.ndarray, height: float, width: float) -> list[list[tuple[float, float]]]:
+    """Line segments, in a (``height``, ``width``) panel's coordinates (y down), between neighbouring patches of
+    different groups where at least one of the two is a merged group or pruned (none between two single patches)."""
+    rows, cols = labels.shape
+    values, counts = np.unique(labels, return_counts=True)
+    single = set(values[(counts == 1) & (values != PRUNED)].tolist())
+    dy, dx = height / rows, width / cols
+    segments = []
+    for i in range(rows):
+        for j in range(cols):
+            here = labels[i, j]
+            if j + 1 < cols and here != labels[i, j + 1] and not {here, labels[i, j + 1]} <= single:
+                segments.append([((j + 1) * dx, i * dy), ((j + 1) * dx, (i + 1) * dy)])
+            if i + 1 < rows and here != labels[i + 1, j] and not {here, labels[i + 1, j]} <= single:
+                segments.append([(j * dx, (i + 1) * dy), ((j + 1) * dx, (i + 1) * dy)])
+    return segments
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
@@ -145,52 +150,93 @@ def _save_figure(fig: Any, path: str | Path) -> None:
     from bench.pipeline.files import atomic_file
 
     with atomic_file(path, binary=True) as handle:
-        fig.savefig(handle, dpi=110, format="png")
+        fig.savefig(handle, dpi=DPI, format="png")
     plt.close(fig)
 
 
-def _suptitle(fig: Any, title: str, fontsize: float) -> None:
-    """``title`` over ``fig``, wrapped to the figure's width: one line of a long label (DiffRate's schedules, a
+def _wrapped(title: str, width_in: float, fontsize: float) -> str:
+    """``title`` wrapped to a figure ``width_in`` inches wide: one line of a long label (DiffRate's schedules, a
     group's data and transform) ran past both edges of a figure a few panels wide, cutting off the model and the
     method it names. About 0.6 em per character of matplotlib's default sans-serif."""
     import textwrap
 
-    per_line = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
-    fig.suptitle("\n".join(textwrap.wrap(title, per_line, break_on_hyphens=False)), fontsize=fontsize)
+    per_line = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(title, per_line, break_on_hyphens=False))
 
 
-def _figure(rows: int, cols: int) -> tuple[Any, np.ndarray]:
+DPI = 110
+PANEL_IN, GAP_IN, NOTE_IN, MARGIN_IN = 1.1, 0.16, 0.14, 0.1  # a panel's width and the space around it, inches
+
+
+def _grid_png(path: str | Path, cells: Sequence[Sequence[tuple[np.ndarray, np.ndarray | None]]],
+              titles: Sequence[str], notes: Sequence[Sequence[str | None]] | None, title: str, fontsize: float) -> None:
+    """A grid of panels (``cells``: rows of ``(image, labels or None)``, the images of one size) as one picture in
+    one axes: the panels' pixels composed here (``panel_pixels``), their frames and group borders as two line
+    collections, ``titles`` over the first row's columns, ``notes`` under each panel, ``title`` over it all. One
+    axes instead of one per panel: matplotlib spent most of a second a run creating and laying out 16-36 axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
 
-    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols + 0.3, 1.35 * rows + 0.5), squeeze=False)
-    return fig, axes
+    rows, cols = len(cells), len(cells[0])
+    height, width = cells[0][0][0].shape[:2]
+    scale = max(1, math.ceil(PANEL_IN * DPI / width))  # about one composed pixel per output pixel
+    panel_h, panel_w = height * scale, width * scale
+    unit = panel_w / PANEL_IN  # composed pixels per inch
+    lines = max([name.count("\n") + 1 for name in titles if name] or [0])  # a label may be wrapped
+    gap, head, margin = GAP_IN * unit, (0.06 + lines * 7 * 1.3 / 72) * unit, MARGIN_IN * unit
+    note = NOTE_IN * unit if notes is not None else 0.0
+    step_x, step_y = panel_w + gap, panel_h + note + gap
+    canvas_w = round(2 * margin + cols * panel_w + (cols - 1) * gap)
+    canvas_h = round(head + rows * step_y - gap + margin)
+    canvas = np.ones((canvas_h, canvas_w, 3))
+    frames, borders = [], []
+    for row, line in enumerate(cells):
+        for col, (image, labels) in enumerate(line):
+            x, y = round(margin + col * step_x), round(head + row * step_y)
+            canvas[y:y + panel_h, x:x + panel_w] = panel_pixels(image, labels, scale)
+            frames += [[(x, y), (x + panel_w, y)], [(x + panel_w, y), (x + panel_w, y + panel_h)],
+                       [(x + panel_w, y + panel_h), (x, y + panel_h)], [(x, y + panel_h), (x, y)]]
+            if labels is not None:
+                borders += [[(x + a, y + b) for a, b in segment] for segment in group_borders(labels, panel_h, panel_w)]
+    width_in = canvas_w / unit
+    text = _wrapped(title, width_in, fontsize)
+    top_in = (text.count("\n") + 1) * fontsize * 1.45 / 72 + 0.08
+    height_in = canvas_h / unit + top_in
+    fig = plt.figure(figsize=(width_in, height_in))
+    ax = fig.add_axes((0.0, 0.0, 1.0, (canvas_h / unit) / height_in))
+    ax.imshow(canvas, interpolation="nearest", extent=(0, canvas_w, canvas_h, 0))
+    ax.add_collection(LineCollection(borders, colors="black", linewidths=0.6))
+    ax.add_collection(LineCollection(frames, colors="black", linewidths=0.8))
+    for col, name in enumerate(titles):
+        if name:
+            ax.text(margin + col * step_x + panel_w / 2, head - 3, name, ha="center", va="bottom", fontsize=7)
+    for row, line in enumerate(notes or []):
+        for col, name in enumerate(line):
+            if name:
+                ax.text(margin + col * step_x + panel_w / 2, head + row * step_y + panel_h + 2, name, ha="center",
+                        va="top", fontsize=6)
+    ax.set_xlim(0, canvas_w)
+    ax.set_ylim(canvas_h, 0)
+    ax.set_axis_off()
+    fig.suptitle(text, fontsize=fontsize, y=1.0 - 0.04 / height_in, va="top")
+    _save_figure(fig, path)
 
 
 def save_run_png(path: str | Path, maps: dict[str, np.ndarray], title: str, depth: int) -> None:
     """One run's grid: a row per image; the input, then the token map after each reducing layer."""
     images, labels, layers = maps["images"], maps["labels"], list(maps["layers"])
-    fig, axes = _figure(len(images), 1 + len(layers))
-    for row, image in enumerate(images):
-        draw(axes[row, 0], image, None, "input" if row == 0 else None)
-        for col, layer in enumerate(layers):
-            name = "final" if len(layers) == 1 and layer == depth - 1 else f"after block {layer}"
-            groups = len(np.setdiff1d(np.unique(labels[row, col]), [PRUNED]))
-            draw(axes[row, col + 1], image, labels[row, col], name if row == 0 else None, f"{groups} patch tokens")
-    _suptitle(fig, title, 8)
-    fig.tight_layout()
-    _save_figure(fig, path)
+    names = ["final" if len(layers) == 1 and layer == depth - 1 else f"after block {layer}" for layer in layers]
+    cells = [[(image, None)] + [(image, labels[row, col]) for col in range(len(layers))]
+             for row, image in enumerate(images)]
+    notes = [[None] + [f"{len(np.setdiff1d(np.unique(labels[row, col]), [PRUNED]))} patch tokens"
+                       for col in range(len(layers))] for row in range(len(images))]
+    _grid_png(path, cells, ["input", *names], notes, title, 8)
 
 
 def compose(path: str | Path, images: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], title: str) -> None:
     """Rows = images; columns = the input, then per run its final-layer labels (``(title, (K, gh, gw))``)."""
-    fig, axes = _figure(len(images), 1 + len(columns))
-    for row, image in enumerate(images):
-        draw(axes[row, 0], image, None, "input" if row == 0 else None)
-        for col, (name, labels) in enumerate(columns):
-            draw(axes[row, col + 1], image, labels[row], name if row == 0 else None)
-    _suptitle(fig, title, 9)
-    fig.tight_layout()
-    _save_figure(fig, path)
+    cells = [[(image, None)] + [(image, labels[row]) for _, labels in columns] for row, image in enumerate(images)]
+    _grid_png(path, cells, ["input", *(name for name, _ in columns)], None, title, 9)

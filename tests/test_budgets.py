@@ -450,6 +450,68 @@ def test_ats_budget_is_calibrated_on_the_images_its_record_averages_and_the_cach
     assert cells[4] != cells[16]  # other images, another calibration (not the cached one)
 
 
+def test_a_budget_run_takes_the_counts_its_calibration_traced_in_the_same_process(tmp_path, monkeypatch):
+    """Calibrating a budget traces the setting it picks (torchprofile on the fixed image; for ATS on the macs stage's
+    images) and the dense model; in the same process the runs' macs stages take those counts instead of tracing
+    again (0.3-0.5 s a run, ATS's 16 images 4-8 s, in the quickstart). An entry that sets its knob was not traced by
+    a calibration: its stage traces it. A second invocation (the calibrations cached on disk, nothing traced before
+    the runs) and a rerun with --force trace in the stages, and their records hold the same counts."""
+    import bench
+    import bench.macs
+    from bench.pipeline import calibrate
+
+    monkeypatch.setenv("TOKENBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "_MEASURED", {})
+    traced = []
+    count_macs, data_macs = bench.macs.count_macs, bench.macs.data_macs
+
+    def counting_one(model, *args, **kwargs):
+        if kwargs.get("image") is None:  # the fixed image (data_macs passes each real one)
+            traced.append((model.method.name, json.dumps(model.method.params, sort_keys=True), 1))
+        return count_macs(model, *args, **kwargs)
+
+    def counting(model, images):
+        images = list(images)
+        traced.append((model.method.name, json.dumps(model.method.params, sort_keys=True), len(images)))
+        return data_macs(model, images)
+
+    for module in (bench.macs, bench):  # the calibration calls bench.count_macs, the stage its own import
+        monkeypatch.setattr(module, "count_macs", counting_one)
+        monkeypatch.setattr(module, "data_macs", counting)
+    monkeypatch.setattr("bench.pipeline.stages.macs.count_macs", counting_one)
+    monkeypatch.setattr("bench.pipeline.stages.macs.data_macs", counting)
+    cfg = yaml.safe_load(experiment(tmp_path).read_text())
+    # the budgets' runs, and entries that set the knob (ToMe's r, ATS's layers): they run as written
+    cfg.update({"stages": ["macs"], "macs": {"images": 4}, "budgets": {"macs": [0.8]},
+                "grid": {"methods": ["baseline", "tome", "ats", {"method": "tome", "r": 2},
+                                     {"method": "ats", "layers": [1, 2]}]}})
+    path = tmp_path / "ats.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "one"), "--quiet"]) == 0
+    records = {(r["run"]["method"], bool(r["run"]["budget"])): r for r in read_all(tmp_path / "one")[0]}
+    assert len(records) == 5
+    settings = {which: json.dumps(r["run"]["params"], sort_keys=True) for which, r in records.items()}
+    once = {("baseline", settings["baseline", False], 1), ("tome", settings["tome", True], 1),
+            ("ats", settings["ats", True], 4)}  # by the calibrations, not again by the stages
+    by_stage = {("tome", settings["tome", False], 1), ("ats", settings["ats", False], 4),  # no calibration traced
+                ("ats", settings["ats", True], 1), ("ats", settings["ats", False], 1)}  # ATS's image: its weights
+    for trace in once | by_stage:
+        assert traced.count(trace) == 1, (trace, traced)
+    first = len(traced)
+    every = sorted(once | by_stage)
+    for folder, force in (("two", []), ("one", ["--force"])):  # the calibrations from the disk cache: stages trace
+        monkeypatch.setattr(calibrate, "_MEASURED", {})
+        assert run_bench.main(["--config", str(path), "--results", str(tmp_path / folder), "--quiet", *force]) == 0
+        assert sorted(traced[first:]) == every, traced
+        first = len(traced)
+        for again in read_all(tmp_path / folder)[0]:
+            record = records[again["run"]["method"], bool(again["run"]["budget"])]
+            assert again["metrics"]["macs"] == record["metrics"]["macs"]
+    assert records["ats", True]["metrics"]["macs"]["data_mean"] != records["ats", False]["metrics"]["macs"]["data_mean"]
+    assert records["tome", True]["metrics"]["macs"]["torchprofile"] != records["tome", False]["metrics"]["macs"][
+        "torchprofile"]
+
+
 def test_a_budget_with_more_than_two_decimals_is_shown_with_them():
     """Budgets 0.701 and 0.704 were both headed "≤ 0.70 MACs" (and a 0.705 cell at @0.703 under it)."""
     from bench.pipeline.budgets import budget_text

@@ -215,8 +215,9 @@ def test_data_averaged_macs_use_the_drawn_images(monkeypatch):
     monkeypatch.setattr(macs, "data_macs", lambda model, images: traced.extend(images) or 90.0)
     model = SimpleNamespace(last_forward=SimpleNamespace(tokens_attn=[1], tokens_mlp=[1], tokens_in=[1], tokens_out=[1]),
                             method=SimpleNamespace(data_dependent=True))
-    ctx = SimpleNamespace(model=model, val_set=lambda: val, run=SimpleNamespace(seed=0, macs={"images": 5}),
-                          note_tokens=lambda info: None)
+    run = SimpleNamespace(seed=0, macs={"images": 5}, model="toy", model_kwargs={}, weights_sha256=None,
+                          weights_path=None, data={}, stages=("macs",))  # random weights: traced in the stage
+    ctx = SimpleNamespace(model=model, val_set=lambda: val, run=run, note_tokens=lambda info: None)
     assert macs.run(ctx)["data_mean"] == 90.0
     expected = [val[i][0] for i in sample_indices(val, 5)]
     assert len(traced) == 5 and all(torch.equal(a, b) for a, b in zip(traced, expected, strict=True))

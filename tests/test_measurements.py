@@ -703,6 +703,70 @@ def test_token_grids_of_labels_alike_but_for_punctuation_get_a_file_each(tmp_pat
     assert len({path for _, path in written}) == 2 and all(path.is_file() for _, path in written)
 
 
+def test_panel_pixels_blend_the_group_colours_over_the_image():
+    """Each patch's pixels: the image where the patch is a single token, 0.6 of its group's colour over 0.4 of the
+    image where it is merged, flat grey where pruned; a grid of another size (``resize``: 5 x 5 over 28 x 28 pixels)
+    covers the image by the pixels' centres."""
+    from bench.tokenmap import MERGED_ALPHA, group_colour, panel_pixels
+
+    image = np.full((28, 28), 100, dtype=np.uint8)
+    labels = np.arange(49, dtype=np.int32).reshape(7, 7)
+    labels[0, 1] = 0  # patches (0, 0) and (0, 1): one merged token, its first patch 0
+    labels[1, 1] = PRUNED
+    pixels = panel_pixels(image, labels, scale=2)
+    assert pixels.shape == (56, 56, 3)
+    grey, merged = 100 / 255, np.array(group_colour(0)[:3]) * MERGED_ALPHA + (1 - MERGED_ALPHA) * 100 / 255
+    np.testing.assert_allclose(pixels[0:8, 0:16], np.broadcast_to(merged, (8, 16, 3)))  # patch 4 px * scale 2
+    np.testing.assert_allclose(pixels[8:16, 8:16], np.broadcast_to(GREY[:3], (8, 8, 3)))
+    np.testing.assert_allclose(pixels[8:16, 0:8], grey)  # a single patch: the image shows through
+    np.testing.assert_allclose(pixels[16:, :], grey)
+    coarse = np.zeros((5, 5), dtype=np.int32)  # every patch one group: its colour everywhere
+    coarse[4, 4] = PRUNED
+    pixels = panel_pixels(image, coarse, scale=1)
+    np.testing.assert_allclose(pixels[27, 27], GREY[:3])  # centre 27.5 * 5 / 28 = 4.9: the last patch
+    np.testing.assert_allclose(pixels[22, 22], GREY[:3])  # centre 22.5 * 5 / 28 = 4.02: the last patch too
+    np.testing.assert_allclose(pixels[21, 21], merged)  # centre 21.5 * 5 / 28 = 3.84: patch 3, merged
+    rgb = np.zeros((28, 28, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    np.testing.assert_allclose(panel_pixels(rgb, None, scale=1)[5, 5], [1.0, 0.0, 0.0])
+
+
+def test_group_borders_surround_merged_and_pruned_patches_only():
+    from bench.tokenmap import group_borders
+
+    labels = np.array([[0, 0, 2], [3, 4, PRUNED]], dtype=np.int32)
+    segments = group_borders(labels, height=2.0, width=3.0)
+    assert sorted(map(tuple, map(tuple, segments))) == sorted([
+        ((2.0, 0.0), (2.0, 1.0)),  # merged 0 | single 2
+        ((0.0, 1.0), (1.0, 1.0)), ((1.0, 1.0), (2.0, 1.0)),  # merged 0 over singles 3 and 4
+        ((2.0, 1.0), (2.0, 2.0)),  # single 4 | pruned
+        ((2.0, 1.0), (3.0, 1.0)),  # single 2 over pruned
+    ])  # none between the singles 3 and 4
+
+
+def test_a_token_map_png_shows_the_input_and_each_panel(tmp_path):
+    """The written grid: an input panel (black image) and a panel of pruned patches (flat grey), each about a
+    1.1-inch square at 110 dpi, as whole areas of the PNG."""
+    import matplotlib.image
+
+    from bench import tokenmap
+
+    image = np.zeros((1, 28, 28), dtype=np.uint8)
+    pruned = np.full((1, 7, 7), PRUNED, dtype=np.int32)
+    tokenmap.compose(tmp_path / "grid.png", image, [("pruned", pruned)], "Token maps: a test")
+    pixels = matplotlib.image.imread(tmp_path / "grid.png")[..., :3]
+    panel = (1.1 * 110) ** 2
+    is_grey = np.all(np.abs(pixels - 0.7) < 0.01, axis=-1).sum()
+    is_black = np.all(pixels < 0.01, axis=-1).sum()
+    assert 0.85 * panel < is_grey < 1.05 * panel and 0.85 * panel < is_black < 1.15 * panel, (is_grey, is_black, panel)
+    maps = {"images": np.zeros((2, 28, 28), dtype=np.uint8), "labels": np.full((2, 3, 7, 7), PRUNED, dtype=np.int32),
+            "layers": np.array([1, 3, 5])}
+    tokenmap.save_run_png(tmp_path / "run.png", maps, "a run", depth=8)
+    pixels = matplotlib.image.imread(tmp_path / "run.png")[..., :3]
+    is_grey = np.all(np.abs(pixels - 0.7) < 0.01, axis=-1).sum()
+    assert 0.85 * 6 * panel < is_grey < 1.05 * 6 * panel, (is_grey, panel)
+
+
 def test_an_unreadable_token_map_leaves_its_column_out_of_the_grid(sweep_results, tmp_path):
     """A tokens/<key>.npz cut short (a copy interrupted), empty, damaged inside or a plain .npy: that run's column is
     left out, as for a missing file; numpy's EOFError, zipfile's BadZipFile and zlib's error used to stop

@@ -55,11 +55,11 @@ from bench.pipeline.data import (
     INTERPOLATIONS,
     STREAMED_PREFIXES,
     TIMM_PREFIXES,
-    data_digest,
     dataset_problem,
 )
 from bench.pipeline.files import canonical, digest, write_probe
 from bench.pipeline.fingerprint import weights_sha256
+from bench.pipeline.samples import images_identity
 from bench.pipeline.schema import FileError, SchemaError, check_keys, option, parse
 from bench.pipeline.stages import STAGES
 from bench.pipeline.train import FinetuneOptions
@@ -937,12 +937,9 @@ class Parser:
             # the images the run's macs stage averages over (bench/pipeline/stages/macs.py): achieved = data_mean
             return model, torch.stack(macs_images(val, shared["macs"]["images"], base["seed"]))
 
-        # what picks the model and the images: the weights by content (bench/pipeline/fingerprint.py) where a
-        # local file, else as written; the data (subset, transform) and the images it holds (a folder edited in
-        # place is other data), how many images, the seed
         weights = base["weights_sha256"] or base["weights_path"]
-        return vit, identity, real, lambda: canonical([weights, base["data"], data_digest(base["data"]),
-                                                       shared["macs"]["images"], base["seed"]])
+        return vit, identity, real, lambda: images_identity(weights, base["data"], shared["macs"]["images"],
+                                                            base["seed"])
 
     def make_run(self, base: dict[str, Any], method: str, params: dict[str, Any], where: str, shared: dict[str, Any],
                  references: list[ReferenceSection], budget: dict[str, Any] | None = None) -> RunSpec:

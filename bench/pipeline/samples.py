@@ -10,6 +10,7 @@ every machine and in every run of an experiment.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -57,3 +58,15 @@ def macs_images(dataset: Dataset, count: int, seed: int) -> list[torch.Tensor]:
     """The images a data-dependent method's MACs are averaged over (``macs.images`` of them, at most the set's
     size): the macs stage's ``data_mean`` and the calibration of its budgets take the same ones."""
     return [dataset[i][0] for i in sample_indices(dataset, min(count, len(dataset)), seed)]
+
+
+def images_identity(weights: str | None, data: dict[str, Any], count: int, seed: int) -> str:
+    """What picks the model and the images a data-dependent MAC count averages over: the weights by content where a
+    local file (``bench/pipeline/fingerprint.py``), else as written; the data (subset, transform) and the images it
+    holds (``data_digest``: a folder edited in place is other data); how many images; the seed. Part of the key of
+    a calibration and of its count (``bench/pipeline/calibrate.py``)."""
+    from bench.pipeline.data import data_digest
+    from bench.pipeline.files import canonical
+
+    return canonical([weights, data, data_digest(data), count, seed])
+
