@@ -15,7 +15,6 @@ layer) and ``tokens/<key>.png``; ``compose`` draws one grid from several runs' f
 from __future__ import annotations
 
 import colorsys
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,21 +64,22 @@ def patch_colours(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def panel_pixels(image: np.ndarray, labels: np.ndarray | None, scale: int) -> np.ndarray:
-    """(H * scale, W * scale, 3) float RGB in [0, 1]: ``image`` (H, W) or (H, W, 3) uint8, each pixel a
-    ``scale`` x ``scale`` square, with, if given, the colours of ``labels`` (gh, gw) laid over it (``patch_colours``:
-    alpha-blended; a patch covers the pixels whose centres fall in it, so a grid of another size than the image's
-    patches, the ``resize`` method's, lies over the whole image too)."""
-    pixels = np.asarray(image, dtype=np.float64) / 255.0
+def panel_pixels(image: np.ndarray, labels: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) float RGB in [0, 1], ``size`` = (h, w): ``image`` ((H, W) or (H, W, 3) uint8) taken at the centres of
+    the panel's pixels (nearest: enlarged k times, each image pixel a k x k block), with, if given, the colours of
+    ``labels`` (gh, gw) laid over it (``patch_colours``, alpha-blended; a patch covers the panel pixels whose centres
+    fall in it, so a grid of another size than the image's patches, the ``resize`` method's, covers it too)."""
+    height, width = size
+
+    def centres(count: int, over: int) -> np.ndarray:
+        return ((np.arange(count) + 0.5) * over / count).astype(int)
+
+    pixels = np.asarray(image, dtype=np.float64)[centres(height, image.shape[0])[:, None],
+                                                  centres(width, image.shape[1])[None, :]] / 255.0
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-    pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
     if labels is not None:
-        height, width = pixels.shape[:2]
-        colours = patch_colours(labels)
-        rows = (np.arange(height) + 0.5) * labels.shape[0] // height
-        cols = (np.arange(width) + 0.5) * labels.shape[1] // width
-        over = colours[rows.astype(int)[:, None], cols.astype(int)[None, :]]
+        over = patch_colours(labels)[centres(height, labels.shape[0])[:, None], centres(width, labels.shape[1])[None, :]]
         alpha = over[:, :, 3:]
         pixels = pixels * (1.0 - alpha) + over[:, :, :3] * alpha
     return pixels
@@ -150,7 +150,7 @@ def _save_figure(fig: Any, path: str | Path) -> None:
     from bench.pipeline.files import atomic_file
 
     with atomic_file(path, binary=True) as handle:
-        fig.savefig(handle, dpi=DPI, format="png")
+        fig.savefig(handle, dpi="figure", format="png")
     plt.close(fig)
 
 
@@ -182,21 +182,23 @@ def _grid_png(path: str | Path, cells: Sequence[Sequence[tuple[np.ndarray, np.nd
 
     rows, cols = len(cells), len(cells[0])
     height, width = cells[0][0][0].shape[:2]
-    scale = max(1, math.ceil(PANEL_IN * DPI / width))  # about one composed pixel per output pixel
-    panel_h, panel_w = height * scale, width * scale
-    unit = panel_w / PANEL_IN  # composed pixels per inch
+    # a panel of about PANEL_IN * DPI pixels, drawn one to one: a small image enlarged a whole number of times, a
+    # large one sampled down (a DeiT grid of 30 runs composed at 224 pixels a panel held 1.1 GB in matplotlib)
+    panel_w = width * max(1, round(PANEL_IN * DPI / width)) if width <= PANEL_IN * DPI else round(PANEL_IN * DPI)
+    panel_h = max(1, round(panel_w * height / width))
+    unit = panel_w / PANEL_IN  # pixels per inch: the figure's dpi
     lines = max([name.count("\n") + 1 for name in titles if name] or [0])  # a label may be wrapped
     gap, head, margin = GAP_IN * unit, (0.06 + lines * 7 * 1.3 / 72) * unit, MARGIN_IN * unit
     note = NOTE_IN * unit if notes is not None else 0.0
     step_x, step_y = panel_w + gap, panel_h + note + gap
     canvas_w = round(2 * margin + cols * panel_w + (cols - 1) * gap)
     canvas_h = round(head + rows * step_y - gap + margin)
-    canvas = np.ones((canvas_h, canvas_w, 3))
+    canvas = np.full((canvas_h, canvas_w, 3), 255, dtype=np.uint8)
     frames, borders = [], []
     for row, line in enumerate(cells):
         for col, (image, labels) in enumerate(line):
             x, y = round(margin + col * step_x), round(head + row * step_y)
-            canvas[y:y + panel_h, x:x + panel_w] = panel_pixels(image, labels, scale)
+            canvas[y:y + panel_h, x:x + panel_w] = np.round(255 * panel_pixels(image, labels, (panel_h, panel_w)))
             frames += [[(x, y), (x + panel_w, y)], [(x + panel_w, y), (x + panel_w, y + panel_h)],
                        [(x + panel_w, y + panel_h), (x, y + panel_h)], [(x, y + panel_h), (x, y)]]
             if labels is not None:
@@ -205,7 +207,7 @@ def _grid_png(path: str | Path, cells: Sequence[Sequence[tuple[np.ndarray, np.nd
     text = _wrapped(title, width_in, fontsize)
     top_in = (text.count("\n") + 1) * fontsize * 1.45 / 72 + 0.08
     height_in = canvas_h / unit + top_in
-    fig = plt.figure(figsize=(width_in, height_in))
+    fig = plt.figure(figsize=(width_in, height_in), dpi=unit)
     ax = fig.add_axes((0.0, 0.0, 1.0, (canvas_h / unit) / height_in))
     ax.imshow(canvas, interpolation="nearest", extent=(0, canvas_w, canvas_h, 0))
     ax.add_collection(LineCollection(borders, colors="black", linewidths=0.6))
