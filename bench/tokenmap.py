@@ -5,8 +5,9 @@ From a source map (``ForwardInfo.source`` / ``layer_sources``: (B, N, N0), outpu
 token that covers it, or ``PRUNED`` (-1) when none does (the patch was dropped). ``patch_colours`` colours
 each group of two or more patches (merged, pooled or fused tokens) with its own colour (that of its first
 patch: the same in every panel while that patch stays its first), leaves single patches transparent (the
-image shows through) and greys out pruned patches; ``draw`` puts that over the image with the group borders.
-Light: numpy and matplotlib only (``report.py`` composes the grids).
+image shows through) and greys out pruned patches; ``panel_pixels`` blends that over the image and
+``group_borders`` gives the lines around merged groups and pruned regions. A grid of panels is one composed image
+in one matplotlib axes (``_grid_png``). Light: numpy and matplotlib only (``report.py`` composes the grids).
 
 The tokens stage keeps, per run, ``tokens/<key>.npz`` (the images as shown, the labels after each reducing
 layer) and ``tokens/<key>.png``; ``compose`` draws one grid from several runs' final-layer labels.
