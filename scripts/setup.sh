@@ -19,8 +19,8 @@ timm.loss, timm.optim, submitit, torchprofile, pandas, pandas.io.formats.csvs, m
 matplotlib.collections, matplotlib.backends.backend_agg, yaml, tabulate, tqdm, huggingface_hub"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # --no-compile: pip would byte-compile every module of every package (torch's, sympy's, pandas' tests...),
-    # 46 s of a 111 s install on this project's machine; the import check below writes the bytecode of what
-    # the pipeline imports (about 2,750 modules, 20-22 s), even where PYTHONDONTWRITEBYTECODE is set; other
+    # 45 s of a 111 s install on this project's machine; the import check below writes the bytecode of what
+    # the pipeline imports (about 2,750 modules, 20-29 s), even where PYTHONDONTWRITEBYTECODE is set; other
     # modules (torch.compile's, 580 more) are compiled when first imported, as Python does.
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev]" 2>&1 \
         | grep -v "^WARNING: Location" || true
