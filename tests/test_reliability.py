@@ -960,6 +960,50 @@ def test_a_local_job_killed_before_it_marks_its_run_gets_its_note_from_run_bench
     assert len(announced) == 1 and not (results / "failed" / f"{second.key}.json").exists()
 
 
+@pytest.mark.parametrize("first", ["interrupted", "signalled twice", "failed"])
+def test_a_second_ctrl_c_while_the_note_is_written_does_not_cut_it_short(tmp_path, monkeypatch, first):
+    """A local job stopped from the terminal gets two SIGINTs milliseconds apart: the terminal's (the whole process
+    group) and the one submitit's controller passes on when the same Ctrl-C stops it. Taken between two of the
+    job's operations, the second arrived while the first one unwound: no note, and the claim released, so
+    run_bench's own fallback note (for a job killed before writing one) did not apply either (seen in CI:
+    ``test_ctrl_c_of_local_executor_is_one_line_without_submitit_tracebacks[group]``). Here SIGINTs are raised in
+    this (main) thread while the run unwinds and inside the note's writing: the note is written whole; an
+    interrupted run goes on as interrupted, and a failure's note is followed by the Ctrl-C, not lost."""
+    from bench.pipeline import runner
+    from bench.pipeline.config import load_experiment
+
+    (run,) = load_experiment(config(tmp_path, grid={"methods": ["baseline"]})).runs
+    results = tmp_path / "results"
+
+    def execute(*args, **kwargs):
+        if first == "signalled twice":  # the terminal's SIGINT raises; the controller's, as it unwinds, is dropped
+            try:
+                signal.raise_signal(signal.SIGINT)
+            finally:
+                signal.raise_signal(signal.SIGINT)
+        raise KeyboardInterrupt if first == "interrupted" else RuntimeError("the run's own failure")
+
+    def error_line(error):
+        signal.raise_signal(signal.SIGINT)  # Python's handler runs here: inside the note's writing
+        return original(error)
+
+    original = runner.error_line
+    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(runner, "error_line", error_line)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        runner.run_job(run.to_dict(), str(results), progress=False)
+    note = json.loads((results / "failed" / f"{run.key}.json").read_text())
+    if first != "failed":
+        assert (note["state"], note["error"]) == ("interrupted", "KeyboardInterrupt")
+        assert raised.value.__context__ is None  # the run's own interrupt, not a second one raised over it
+    else:
+        assert (note["state"], note["error"]) == ("failed", "RuntimeError: the run's own failure")
+        assert isinstance(raised.value.__context__, RuntimeError)
+    assert "Traceback" in note["traceback"]
+    assert not (results / "claims" / f"{run.key}.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("target", ["parent", "group"])
 def test_ctrl_c_of_local_executor_is_one_line_without_submitit_tracebacks(tmp_path, capsys, target):
     """``--executor local``: submitit's controller gets SIGINT too (from ``job.cancel``, and from the terminal

@@ -24,8 +24,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 _pending: KeyboardInterrupt | None = None  # the interrupt Python dropped since the last check
 _terminated = False  # a SIGTERM was raised: the process is stopping, later ones are not raised again
@@ -70,6 +70,49 @@ def remembered() -> Iterator[None]:
         restore()
         sys.unraisablehook = previous
         _pending, _terminated = None, False
+
+
+@contextmanager
+def once() -> Iterator[Callable[[bool], AbstractContextManager[None]]]:
+    """While one run computes (``runner.run_job``): SIGINT raises ``KeyboardInterrupt`` once; later ones, while that
+    interrupt unwinds (the run's note written, its claim released), are dropped. Yields ``note(interrupted)``: a
+    context in which SIGINT is held, then raised at its end unless ``interrupted`` (the note answers an interrupt,
+    which goes on). Only in the main thread where SIGINT has Python's own handler; elsewhere both change nothing.
+
+    A local job stopped from the terminal gets two SIGINTs milliseconds apart: the terminal's, to the whole process
+    group, and the one submitit's controller passes on to its job when the same Ctrl-C stops it. Where the job took
+    the first between two operations, the second arrived while the first one unwound: no note, and the claim
+    released on the way out, so run_bench's fallback (the note of a job killed before writing its own) did not
+    apply either (seen in CI)."""
+    state = {"raised": False, "held": None}
+
+    def handler(signum, frame) -> None:
+        if state["held"] is not None:
+            state["held"].append(signum)
+        elif not state["raised"]:
+            state["raised"] = True
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def note(interrupted: bool) -> Iterator[None]:
+        state["held"] = []
+        try:
+            yield
+        finally:
+            arrived, state["held"] = state["held"], None
+        if arrived and not (interrupted or state["raised"]):
+            state["raised"] = True
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda interrupted: nullcontext()
+        return
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield note
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _raise_at_sigterm():

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import bench
+from bench.pipeline import interrupts
 from bench.pipeline.accelerator import cuda_environment
 from bench.pipeline.config import RunSpec
 from bench.pipeline.context import StageContext
@@ -44,7 +45,7 @@ def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True, redo:
     a preemption signal. Test hook: a run whose key matches the glob in ``$TOKENBENCH_FAIL_KEYS`` raises
     ``RuntimeError`` at job time (after validation, so failures inside a real SLURM job can be tested)."""
     run = RunSpec.from_dict(spec)
-    with run_guard(Path(results_dir), run.key, redo) as already_done:
+    with interrupts.once() as note, run_guard(Path(results_dir), run.key, redo) as already_done:
         if already_done:
             return str(record_path(Path(results_dir), run.key))
         try:
@@ -56,7 +57,8 @@ def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True, redo:
         except SystemExit:
             raise
         except BaseException as error:
-            write_failure(Path(results_dir), run, error)
+            with note(interrupted=isinstance(error, KeyboardInterrupt)):  # a Ctrl-C meanwhile: after the note
+                write_failure(Path(results_dir), run, error)
             raise
     return str(record_path(Path(results_dir), run.key))
 
