@@ -122,7 +122,8 @@ class ReducedViT(nn.Module):
         steps = self._steps(self.context)
         needs = set().union(*(step.signals for step in steps if step is not None))
         if needs & {CLS_ATTN, PPT_SCORE} and not getattr(vit, "has_class_token", vit.cls_token is not None):
-            raise ValueError(f"method {method.name!r} scores tokens by the class token's attention; this model has none")
+            raise ValueError(f"model {model_name(vit)}: method {method.name!r} scores tokens by the class token's "
+                             "attention; this model has none")
         if any(step is not None for step in steps):
             check_pooling(vit, method.name)
             if getattr(vit.patch_drop, "prob", 0) > 0:  # timm's PatchDropout: drops tokens before block 0 in training
@@ -366,10 +367,15 @@ def pools_by_size(vit: nn.Module) -> bool:
     return getattr(vit, "attn_pool", None) is None and getattr(vit, "global_pool", None) == "avg"
 
 
+def model_name(vit: nn.Module) -> str:
+    """The timm architecture a refusal names (``vit_small_patch16_224``), else the model's class."""
+    return getattr(vit, "default_cfg", {}).get("architecture") or type(vit).__name__
+
+
 def check_pooling(vit: VisionTransformer, method: str) -> None:
     """Reduced tokens reach the head through the class token, or through size-weighted average pooling;
     other heads are refused (their rule for merged tokens is not defined)."""
-    name = getattr(vit, "default_cfg", {}).get("architecture") or type(vit).__name__
+    name = model_name(vit)
     if vit.attn_pool is not None:
         raise ValueError(f"model {name}: its attention-pool head (global_pool={vit.global_pool!r}) attends over all "
                          f"output tokens; method {method!r} changes that set, which has no defined rule: use a "

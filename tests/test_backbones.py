@@ -533,8 +533,8 @@ def test_every_method_on_every_family(family, method):
     assert vit.num_prefix_tokens == PREFIX[family]
     x = images(2)
     if vit.cls_token is None and method in CLASS_TOKEN_METHODS:
-        with pytest.raises(ValueError, match=f"method '{method}' scores tokens by the class token's attention; "
-                                             "this model has none"):
+        with pytest.raises(ValueError, match=f"^model {FAMILIES[family][0]}: method '{method}' scores tokens by the "
+                                             "class token's attention; this model has none$"):
             bench.apply(vit, method, **family_params(method, vit))
         return
     model = bench.apply(vit, method, track_source=True, **family_params(method, vit))

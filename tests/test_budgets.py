@@ -614,8 +614,8 @@ def test_every_entry_is_checked_before_any_budget_is_calibrated(tmp_path, capsys
         for flags in (["--dry-run"], []):
             assert run_bench.main(["--config", str(path), "--results", str(tmp_path / "r"), *flags]) == 2
             err = capsys.readouterr().err.strip()
-            assert err.startswith(f"error: {path}: grid.methods[2]: method '{method['method']}' scores tokens by the "
-                                  "class token's attention") and len(err.splitlines()) == 1, err
+            assert err.startswith(f"error: {path}: grid.methods[2]: model {gap['name']}: method '{method['method']}' "
+                                  "scores tokens by the class token's attention") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "cache" / "calibration.json").exists()
 
 

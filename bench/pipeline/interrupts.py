@@ -104,22 +104,27 @@ def once() -> Iterator[Callable[[bool], AbstractContextManager[None]]]:
             state["raised"] = True
             raise KeyboardInterrupt
 
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    restore = _install(signal.SIGINT, signal.default_int_handler, handler)
+    if restore is None:
         yield lambda interrupted: nullcontext()
         return
-    signal.signal(signal.SIGINT, handler)
     try:
         yield note
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore()
+
+
+def _install(signum: int, default, handler) -> Callable[[], None] | None:
+    """Install ``handler`` for ``signum`` where it may be: in the main thread, and only where the signal is at
+    ``default`` (a handler of someone else's, or an ignored signal, is left as it is). The undo, or None."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signum) is not default:
+        return None
+    signal.signal(signum, handler)
+    return lambda: signal.signal(signum, default)
 
 
 def _raise_at_sigterm():
     """Install the SIGTERM handler where it may be (main thread, SIGTERM at its default); the undo."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return lambda: None
     owner = os.getpid()
 
     def handler(signum, frame) -> None:
@@ -133,8 +138,7 @@ def _raise_at_sigterm():
         _terminated = True
         raise Terminated
 
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return _install(signal.SIGTERM, signal.SIG_DFL, handler) or (lambda: None)
 
 
 def check() -> None:
