@@ -117,19 +117,11 @@ def code_files(method: str) -> list[Path]:
     (``bench/pipeline/models.py``), the methods package's shared files (``__init__``, ``base``), the method's own
     module and the ``methods`` modules it imports (transitively), and this module; for a method whose MACs depend
     on the image, also what reads, transforms and draws the images (``data.py``, ``samples.py``)."""
-    import sys
-
     import methods
 
     root = Path(__file__).resolve().parents[2]
-    package = root / "methods"
-    files, todo = {package / "__init__.py", package / "base.py"}, [Path(sys.modules[methods.registered()[method].__module__].__file__)]
-    while todo:  # the method's module and what it imports from the package
-        path = todo.pop().resolve()
-        if path in files or not path.is_file():
-            continue
-        files.add(path)
-        todo += [package / f"{name}.py" for name in imported_modules(path.read_text())]  # not a module: no such file
+    package = Path(methods.__file__).resolve().parent
+    files = {package / "__init__.py", package / "base.py", *method_files(method)}
     pipeline = Path(__file__).resolve().parent
     files |= {*root.joinpath("bench").glob("*.py"), Path(__file__).resolve(), pipeline / "models.py"}
     if methods.registered()[method].data_dependent:
@@ -146,8 +138,39 @@ def code_version(method: str) -> str:
     import timm
 
     versions = [torch.__version__, timm.__version__, importlib.metadata.version("torchprofile")]
-    parts = versions + [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}" for f in code_files(method)]
-    return digest(canonical(parts))
+    return digest(canonical(versions + _contents(code_files(method))))
+
+
+def method_files(method: str) -> list[Path]:
+    """``method``'s own module and the ``methods`` modules it imports, transitively (``ops``; not the package's
+    ``__init__`` and ``base``, the harness's side); a method registered from elsewhere: its own file only."""
+    import sys
+
+    import methods
+
+    package = Path(methods.__file__).resolve().parent
+    shared = {package / "__init__.py", package / "base.py"}
+    files: set[Path] = set()
+    todo = [Path(sys.modules[methods.registered()[method].__module__].__file__)]
+    while todo:
+        path = todo.pop().resolve()
+        if path in files or path in shared or not path.is_file():
+            continue
+        files.add(path)
+        todo += [package / f"{name}.py" for name in imported_modules(path.read_text())]  # not a module: no such file
+    return sorted(files)
+
+
+def method_code(method: str) -> str:
+    """A hash of ``method_files(method)``, read now (not cached: an edit shows at the next call): a record keeps
+    the one of its run's start, and a record reused after that code changed at the same ``revision`` is named
+    (``bench.pipeline.status.todo_runs``)."""
+    return digest(canonical(_contents(method_files(method))), 16)
+
+
+def _contents(files: list[Path]) -> list[str]:
+    """Each file as ``name:hash of its bytes``: the part of a code hash that one file gives."""
+    return [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}" for f in files]
 
 
 def cache_path() -> Path:

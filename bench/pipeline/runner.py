@@ -20,6 +20,7 @@ import torch
 import bench
 from bench.pipeline import interrupts
 from bench.pipeline.accelerator import cuda_environment
+from bench.pipeline.calibrate import method_code
 from bench.pipeline.config import RunSpec
 from bench.pipeline.context import StageContext
 from bench.pipeline.data import data_digest
@@ -136,6 +137,7 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
     """All stages of ``run``; writes and returns its record (None on the non-zero ranks of a DDP job,
     which only train)."""
     started, clock = now(), time.time()
+    code = method_code(run.method)  # the method's code as this run imported it (an edit while it computes: not)
     device = rank_device(resolve_device(run.device))  # each DDP rank's GPU is current before any CUDA call
     check_backend(run.sdpa_backend, device)
     if run.threads:
@@ -153,7 +155,7 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
     record = build_record(run.to_dict(), metrics, ctx.tokens_per_layer, ctx.method_stats,
                           environment(device, run.sdpa_backend),
                           started_at=started, wall_s=time.time() - clock, method_revision=model.method.revision,
-                          data_digest=data_digest(run.data))
+                          data_digest=data_digest(run.data), method_code=code)
     write_record(record_path(results_dir, run.key), record)
     failure_path(results_dir, run.key).unlink(missing_ok=True)
     return record
