@@ -137,7 +137,7 @@ def execute(run: RunSpec, results_dir: Path, progress: bool = True) -> dict[str,
     """All stages of ``run``; writes and returns its record (None on the non-zero ranks of a DDP job,
     which only train)."""
     started, clock = now(), time.time()
-    code = method_code(run.method)  # the method's code as this run imported it (an edit while it computes: not)
+    code = method_code(run.method)  # its method's files as the run starts (imported at the process's start)
     device = rank_device(resolve_device(run.device))  # each DDP rank's GPU is current before any CUDA call
     check_backend(run.sdpa_backend, device)
     if run.threads:
