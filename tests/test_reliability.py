@@ -1004,6 +1004,49 @@ def test_a_second_ctrl_c_while_the_note_is_written_does_not_cut_it_short(tmp_pat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+# A local job's run, as submitit's task runs it, with SIGINT ignored as a script's background job inherits it (the
+# job restores Python's handler itself): two SIGINTs as the run unwinds, a third inside its note's writing.
+TWICE_IGNORED = """
+import json, signal, sys
+from bench.pipeline import runner
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+original = runner.error_line
+def execute(*args, **kwargs):
+    try:
+        signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.raise_signal(signal.SIGINT)
+def error_line(error):
+    signal.raise_signal(signal.SIGINT)
+    return original(error)
+runner.execute, runner.error_line = execute, error_line
+try:
+    runner.run_job(json.loads(sys.argv[1]), sys.argv[2], progress=False)
+except KeyboardInterrupt as raised:
+    print("raised once" if raised.__context__ is None else "raised over another", flush=True)
+"""
+
+
+def test_a_local_job_that_inherited_an_ignored_sigint_drops_the_second_one_too(tmp_path):
+    """The job restores Python's SIGINT handler (``lock.exit_with_parent``), which it did inside ``run_guard``,
+    after ``interrupts.once()`` had seen SIGINT ignored and stayed out: there the second SIGINT of one Ctrl-C raised
+    over the first and a third cut the note short (no note, the claim released). Now the handler is restored first."""
+    from bench.pipeline.config import load_experiment
+    from bench.pipeline.lock import PARENT_ENV, process_start
+
+    (run,) = load_experiment(config(tmp_path, grid={"methods": ["baseline"]})).runs
+    results = tmp_path / "results"
+    parent = f"{os.getpid()}:{process_start(os.getpid())}"  # this test's process: alive throughout, never killed
+    done = subprocess.run([sys.executable, "-c", TWICE_IGNORED, json.dumps(run.to_dict()), str(results)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), PARENT_ENV: parent},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (done.returncode, done.stdout) == (0, "raised once\n"), done.stderr
+    note = json.loads((results / "failed" / f"{run.key}.json").read_text())
+    assert (note["state"], note["error"]) == ("interrupted", "KeyboardInterrupt")
+    assert not (results / "claims" / f"{run.key}.json").exists()
+
+
 @pytest.mark.parametrize("target", ["parent", "group"])
 def test_ctrl_c_of_local_executor_is_one_line_without_submitit_tracebacks(tmp_path, capsys, target):
     """``--executor local``: submitit's controller gets SIGINT too (from ``job.cancel``, and from the terminal

@@ -317,14 +317,14 @@ def _no_foreign_claim(results_dir: Path, key: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def run_guard(results_dir: Path, key: str, redo: bool = False) -> Iterator[bool]:
-    """What every executor's job does around one run: stop with a dead ``local`` parent, hold the run's
-    claim (rank 0; other ranks check it), and yield ``True`` when a finished record appeared since the run
-    was planned (another process computed it: nothing to do) unless ``redo`` (``--force``)."""
+    """What every executor's job does around one run (inside ``exit_with_parent``'s watch, which the job starts
+    first): hold the run's claim (rank 0; other ranks check it), and yield ``True`` when a finished record
+    appeared since the run was planned (another process computed it: nothing to do) unless ``redo``
+    (``--force``)."""
     from bench.pipeline.distributed import job_world
     from bench.pipeline.records import RecordError, read_record, record_path
 
     results_dir = Path(results_dir)
-    exit_with_parent()
     guard = claim_run(results_dir, key) if job_world()[0] == 0 else _no_foreign_claim(results_dir, key)
     with guard:
         done = False

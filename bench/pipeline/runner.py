@@ -27,7 +27,7 @@ from bench.pipeline.data import data_digest
 from bench.pipeline.distributed import rank_device
 from bench.pipeline.files import REPO, atomic_write_json
 from bench.pipeline.fingerprint import check_unchanged
-from bench.pipeline.lock import run_guard, slurm_job
+from bench.pipeline.lock import exit_with_parent, run_guard, slurm_job
 from bench.pipeline.models import load_model
 from bench.pipeline.records import build_record, failure_path, now, record_path, write_record
 from bench.pipeline.stages import stage
@@ -46,6 +46,7 @@ def run_job(spec: dict[str, Any], results_dir: str, progress: bool = True, redo:
     a preemption signal. Test hook: a run whose key matches the glob in ``$TOKENBENCH_FAIL_KEYS`` raises
     ``RuntimeError`` at job time (after validation, so failures inside a real SLURM job can be tested)."""
     run = RunSpec.from_dict(spec)
+    exit_with_parent()  # first: a local job's inherited ignored SIGINT is Python's own again before once() looks
     with interrupts.once() as note, run_guard(Path(results_dir), run.key, redo) as already_done:
         if already_done:
             return str(record_path(Path(results_dir), run.key))
