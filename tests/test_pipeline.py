@@ -448,50 +448,60 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, change, message, more):
 
 def test_a_record_reused_after_its_methods_code_changed_is_named(tmp_path, capsys):
     """A method's file edited without raising its `revision` keeps its run keys, so its records were reused without a
-    word: a researcher trying a variant saw the old numbers. A record keeps its method's code hash; a rerun names, in
-    one line per method, the reused records of other code (reused as they are: a comment edit redoes nothing), and
-    --force redoes them, after which nothing is named."""
+    word: a researcher trying a variant saw the old numbers. A record keeps the hash of each of its method's files; a
+    rerun names, in one line per set of changed files, those files and the methods whose records it reuses (reused as
+    they are: a comment edit redoes nothing), and --force redoes them, after which nothing is named."""
+    import hashlib
     import importlib.util
     import sys
 
     from methods.base import _REGISTRY
 
-    source = tmp_path / "zz_mine.py"
+    source = tmp_path / "zz_mine.py"  # two methods in one file, built on baseline
     text = ('from methods.base import register\nfrom methods.baseline import Baseline\n\n\n'
-            '@register("zz_mine")\nclass Mine(Baseline):\n    """The first version."""\n')
+            '@register("zz_mine")\nclass Mine(Baseline):\n    """The first version."""\n\n\n'
+            '@register("zz_other")\nclass Other(Baseline):\n    pass\n')
     source.write_text(text)
     spec = importlib.util.spec_from_file_location("zz_mine", source)
     sys.modules["zz_mine"] = module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        path = write(tmp_path, config(tmp_path, stages=["eval"], grid={"methods": ["zz_mine", {"method": "tome", "r": 4}]}))
+        grid = {"methods": ["zz_mine", "zz_other", {"method": "tome", "r": 4}], "models": [MODEL, {**MODEL, "label": "b"}]}
+        path = write(tmp_path, config(tmp_path, stages=["eval"], grid=grid))
         results = tmp_path / "results"
 
         def invocation(*extra):
             assert bench_main(path, results, *extra) == 0
             err = capsys.readouterr().err
-            records = {r["run"]["method"]: r for r in read_all(results)[0]}
+            records = {r["key"]: r for r in read_all(results)[0]}
             return [line for line in err.splitlines() if line.startswith("warning")], records
 
         warnings, first = invocation()
         assert warnings == [] and invocation() == ([], first)  # computed, then reused: nothing named
-        assert len(first["zz_mine"]["method_code"]) == 16 and first["zz_mine"]["method_code"] != first["tome"]["method_code"]
-        source.write_text(text.replace("The first", "The second"))  # what the method computes is the same
+        codes = {r["run"]["method"]: r["method_code"] for r in first.values()}
+        assert set(codes["zz_mine"]) == {str(source.resolve()), "methods/baseline.py"}
+        assert set(codes["tome"]) == {"methods/tome.py", "methods/ops.py"}
+        sha1 = hashlib.sha1(json.dumps(source.read_bytes().decode("latin-1")).encode()).hexdigest()[:8]
+        assert codes["zz_mine"][str(source.resolve())] == sha1  # the file's own bytes
+        source.write_text(text.replace("The first", "The second"))  # what the methods compute is the same
         warnings, reused = invocation()
-        files = ", ".join(sorted([str(source.resolve()), "methods/baseline.py"],
-                                 key=lambda f: Path(f) if Path(f).is_absolute() else REPO / f))
-        assert warnings == [f"warning: zz_mine: {files} changed since 1 of its finished run(s) were computed, at the "
-                            "same revision (0): their records are reused as they are; if the change makes zz_mine "
-                            "compute something else, raise its `revision` (methods/base.py: Method.revision), or redo "
-                            "them with --force"]
+        assert warnings == [f"warning: {source.resolve()} changed since 4 finished run(s) of zz_mine, zz_other were "
+                            "computed, at the same revision: their records are reused as they are; where the change "
+                            "makes a method compute something else, raise its `revision` (methods/base.py: "
+                            "Method.revision), or redo them with --force"]
         assert reused == first  # tome's code did not change: not named; no record rewritten
         warnings, redone = invocation("--force")
-        assert warnings == [] and redone["zz_mine"]["finished_at"] >= first["zz_mine"]["finished_at"]
-        assert redone["zz_mine"]["method_code"] != first["zz_mine"]["method_code"]
-        assert redone["tome"]["method_code"] == first["tome"]["method_code"]
-        assert invocation()[0] == []
+        assert warnings == [] and invocation()[0] == []
+        for key, record in redone.items():
+            again = record["method_code"]
+            if record["run"]["method"] == "tome":
+                assert again == first[key]["method_code"]
+            else:
+                assert again[str(source.resolve())] != sha1
+                assert again["methods/baseline.py"] == first[key]["method_code"]["methods/baseline.py"]
     finally:
         _REGISTRY.pop("zz_mine", None)
+        _REGISTRY.pop("zz_other", None)
         sys.modules.pop("zz_mine", None)
 
 

@@ -161,16 +161,24 @@ def method_files(method: str) -> list[Path]:
     return sorted(files)
 
 
-def method_code(method: str) -> str:
-    """A hash of ``method_files(method)``, read now (not cached: an edit shows at the next call): a record keeps
-    the one of its run's start, and a record reused after that code changed at the same ``revision`` is named
-    (``bench.pipeline.status.todo_runs``)."""
-    return digest(canonical(_contents(method_files(method))), 16)
+def method_code(method: str) -> dict[str, str]:
+    """``method_files(method)``, each named as a line shows it (``methods/tome.py``; a file outside the repository
+    by its path) with the hash of its bytes, read now (not cached: an edit shows at the next call): a record keeps
+    the one of its run's start, and a record reused after one of those files changed at the same ``revision`` is
+    named, with the files (``bench.pipeline.status.todo_runs``)."""
+    from bench.pipeline.files import shown
+
+    return {shown(path): _hash(path) for path in method_files(method)}
+
+
+def _hash(path: Path) -> str:
+    """The hash of one file's bytes, as every code hash takes it."""
+    return digest(path.read_bytes().decode("latin-1"))
 
 
 def _contents(files: list[Path]) -> list[str]:
     """Each file as ``name:hash of its bytes``: the part of a code hash that one file gives."""
-    return [f"{f.name}:{digest(f.read_bytes().decode('latin-1'))}" for f in files]
+    return [f"{f.name}:{_hash(f)}" for f in files]
 
 
 def cache_path() -> Path:

@@ -86,6 +86,11 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def shown(path: Path) -> str:
+    """A file as a line names it: relative to the repository where it is in it (``methods/tome.py``), else its path."""
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
 def canonical(value: Any) -> str:
     """JSON with sorted keys and no spaces: equal values give equal text on every machine."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -21,8 +21,9 @@ A record (``schema: 1``), as ``build_record`` makes it::
         "config_file": "configs/quickstart.yaml", "key": "...", "params_label": "r=4"
       },
       "method_revision": 0,                  # Method.revision of the code that computed it (absent: 0)
-      "method_code": "0a1b2c3d4e5f6a7b",     # a hash of the method's modules (calibrate.method_code; absent: not
-                                             # checked): a reused record whose code changed since is named
+      "method_code": {"methods/tome.py": "0a1b2c3d", "methods/ops.py": "..."},  # the method's modules, each
+                                             # file's hash (calibrate.method_code; absent: not checked): a reused
+                                             # record whose code changed since is named, with the files
       "data_digest": "0a1b2c3d4e5f6a7b",     # the eval images it was computed on (data.dataset_identity; absent:
                                              # not checked): a rerun redoes it when the data folder holds others
       "metrics": {                           # one entry per stage that ran (bench/pipeline/stages/)
@@ -88,7 +89,7 @@ class RecordError(ValueError):
 def build_record(run: dict[str, Any], metrics: dict[str, Any], tokens_per_layer: dict[str, list[int]] | None,
                  method_stats: dict[str, dict[str, float]], env: dict[str, Any], started_at: str,
                  wall_s: float, method_revision: int = 0, data_digest: str | None = None,
-                 method_code: str | None = None) -> dict[str, Any]:
+                 method_code: dict[str, str] | None = None) -> dict[str, Any]:
     """The record of a finished run (``run``: ``RunSpec.to_dict()``); ``finished_at`` is now."""
     return {
         "schema": SCHEMA,

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from bench.pipeline.records import (
     RecordError,
     last_error_line,
-    method_revision,
     read_failure,
     read_record,
     record_path,
@@ -71,15 +70,15 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False, set_a
     records (and the report) without recomputing them.
     Likewise a changed ``finetune.export`` path gets the run's saved fine-tuned weights.
     A record reused although its method's code (``calibrate.method_code``: its module and the ``methods`` modules
-    it imports) changed since, at the same ``revision``, counts as before: one line per method says so, and how
-    to redo them (a comment edited must not redo every run; a change of what the method computes raises its
-    ``revision``, which the run key holds)."""
-    from bench.pipeline.calibrate import method_code, method_files
+    it imports) changed since, at the same ``revision``, counts as before: one line per set of changed files says
+    so, with the methods and how to redo them (a comment edited must not redo every run; a change of what the
+    method computes raises its ``revision``, which the run key holds)."""
+    from bench.pipeline.calibrate import method_code
     from bench.pipeline.stages.finetune import restore_export
 
     todo, notes, updated = [], [], 0
-    codes: dict[str, str] = {}
-    changed: dict[str, list[int]] = {}  # method: [records of other code, revision]
+    codes: dict[str, dict[str, str]] = {}
+    changed: dict[tuple[str, ...], dict[str, int]] = {}  # the files that changed: {method: records reused}
     for run in runs:
         path = record_path(results_dir, run.key)
         if not path.exists() or force:
@@ -94,8 +93,11 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False, set_a
             notes.append(f"warning: {why if record is None else f'run {run.key}: {why}'}; {moved}, the run is redone")
             todo.append(run)
             continue
-        if (recorded := record.get("method_code")) and recorded != codes.setdefault(run.method, method_code(run.method)):
-            changed.setdefault(run.method, [0, method_revision(record)])[0] += 1
+        if isinstance(recorded := record.get("method_code"), dict):  # absent: a record from before the field
+            now = codes.setdefault(run.method, method_code(run.method))
+            if files := tuple(sorted(f for f in {*recorded, *now} if recorded.get(f) != now.get(f))):
+                methods = changed.setdefault(files, {})
+                methods[run.method] = methods.get(run.method, 0) + 1
         if set_aside and record["run"].get("reference") != run.reference:
             write_record(path, {**record, "run": {**record["run"], "reference": run.reference}})
             updated += 1
@@ -103,19 +105,12 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False, set_a
             notes.append(note)
     if updated:
         notes.append(f"note: the published reference of {updated} finished run(s) updated from the experiment file")
-    for method, (count, revision) in changed.items():
-        notes.append(f"warning: {method}: {', '.join(_shown(path) for path in method_files(method))} changed since "
-                     f"{count} of its finished run(s) were computed, at the same revision ({revision}): their records "
-                     f"are reused as they are; if the change makes {method} compute something else, raise its "
-                     "`revision` (methods/base.py: Method.revision), or redo them with --force")
+    for files, methods in changed.items():
+        notes.append(f"warning: {', '.join(files)} changed since {sum(methods.values())} finished run(s) of "
+                     f"{', '.join(methods)} were computed, at the same revision: their records are reused as they are; "
+                     "where the change makes a method compute something else, raise its `revision` (methods/base.py: "
+                     "Method.revision), or redo them with --force")
     return todo, notes
-
-
-def _shown(path: Path) -> str:
-    """A file as a line names it: relative to the repository where it is in it."""
-    from bench.pipeline.files import REPO
-
-    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
 
 
 def collect_status(keys: list[str], results_dir: Path, data: Mapping[str, dict[str, Any]] | None = None
