@@ -94,7 +94,9 @@ def todo_runs(runs: list[RunSpec], results_dir: Path, force: bool = False, set_a
             todo.append(run)
             continue
         if isinstance(recorded := record.get("method_code"), dict):  # absent: a record from before the field
-            now = codes.setdefault(run.method, method_code(run.method))
+            if run.method not in codes:  # read once per method and invocation, not once per record
+                codes[run.method] = method_code(run.method)
+            now = codes[run.method]
             if files := tuple(sorted(f for f in {*recorded, *now} if recorded.get(f) != now.get(f))):
                 methods = changed.setdefault(files, {})
                 methods[run.method] = methods.get(run.method, 0) + 1
