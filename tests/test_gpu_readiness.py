@@ -53,15 +53,17 @@ def test_epoch_totals_are_reduced_on_the_training_device(monkeypatch):
 
 
 def test_ddp_finetune_reduces_on_the_model_device_and_seeds_loaders_per_rank(tmp_path, monkeypatch):
-    """The training loop itself, as rank 0 of 2 (a one-process gloo group; all_reduce doubles the totals
-    as a second identical rank would): the reduced tensor is on the model's device, the history is the
-    ratio of the summed totals, and the DataLoader's generator is seeded by (seed, epoch, rank, step)."""
-    reduced_on, loader_seeds = [], []
+    """The training loop itself, as rank 0 of 2 (a one-process gloo group; all_reduce adds a second rank's
+    totals, other than this rank's): the reduced tensor is on the model's device, the history is the ratio of
+    the summed totals, and the DataLoader's generator is seeded by (seed, epoch, rank, step)."""
+    reduced_on, loader_seeds, local = [], [], []
     model = tiny_model()
+    other = [1000.0, 7.0, 10.0]  # the other rank's loss sum, correct and seen
 
     def all_reduce(tensor, *args, **kwargs):
         reduced_on.append((tensor.device, next(model.parameters()).device))
-        tensor.mul_(2)
+        local.append(tensor.tolist())
+        tensor.add_(torch.tensor(other, dtype=tensor.dtype, device=tensor.device))
 
     real_loader = train.DataLoader
 
@@ -79,7 +81,10 @@ def test_ddp_finetune_reduces_on_the_model_device_and_seeds_loaders_per_rank(tmp
     finally:
         dist.destroy_process_group()
     assert reduced_on == [(torch.device("cpu"), torch.device("cpu"))] * 2
-    assert all(0 < h["train_loss"] < 10 and 0 <= h["train_top1"] <= 100 for h in result["history"])
+    assert [seen for _, _, seen in local] == [16.0, 16.0]  # this rank's half of the 32 images, each epoch
+    for history, (loss_sum, correct, seen) in zip(result["history"], local, strict=True):
+        assert history["train_loss"] == pytest.approx((loss_sum + 1000.0) / (seen + 10.0), rel=1e-12)
+        assert history["train_top1"] == pytest.approx(100.0 * (correct + 7.0) / (seen + 10.0), rel=1e-12)
     assert loader_seeds == [train.loader_seed(3, 0, 0, 0), train.loader_seed(3, 1, 0, 0)]
 
 
