@@ -345,6 +345,8 @@ def check_supported(model: nn.Module) -> None:
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")  # timm's model name, if timm's
         raise ValueError(f"bench.apply needs a timm VisionTransformer (ViT / DeiT / distilled DeiT), got "
                          f"{type(model).__name__}{f' ({name})' if name else ''}")
+    if len(model.blocks) == 0:  # nothing to reduce, and every method's layer check read "allowed: 0..-1"
+        raise ValueError(f"{model_name(model)} has no blocks (depth 0); allowed: a depth of at least 1")
     for index, block in enumerate(model.blocks):
         attn = getattr(block, "attn", None)
         missing = [name for name in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2") if not hasattr(block, name)]

@@ -382,7 +382,10 @@ class Method:
 
 
 def threshold_value(method: Method, value: Any) -> float:
-    """A float >= 0; ``inf`` (YAML ``.inf`` or the string "inf") allowed."""
+    """A float >= 0; ``inf`` (YAML ``.inf`` or the string "inf") allowed. Another string is refused, as every
+    other number parameter refuses one (a quoted "1e-3" was taken)."""
+    if isinstance(value, str) and value.strip().lower().lstrip("+") not in ("inf", "infinity"):
+        raise method._error(f"parameter 'threshold' must be a number >= 0 (or inf), got {value!r}")
     try:
         threshold = float(value)
     except (TypeError, ValueError):

@@ -349,6 +349,10 @@ BAD_INPUTS = [
     ({"defaults": {"model": MODEL, "colour": 1}}, "defaults.colour: unknown key; allowed: model, weights"),
     ({"grid": {"methods": ["tomee"]}}, "grid.methods[0].method: unknown method 'tomee'; allowed: " + ", ".join(methods.names())),
     ({"grid": {"methods": [{"method": "tome", "rr": 1}]}}, "grid.methods[0]: method 'tome': unknown parameter 'rr'"),
+    ({"grid": {"methods": ["baseline", {"methd": "tome", "r": 2}]}}, "grid.methods[1]: has no method key (its keys: "
+     "methd, r); must be a method name or {method: NAME, param: value, sweep: {param: [values]}}"),
+    ({"grid": {"methods": [7]}}, "grid.methods[0]: must be a method name or {method: NAME, param: value, sweep: "
+     "{param: [values]}}"),
     ({"grid": {"methods": [{"method": "tome", "r": 49}]}}, "r=49 would remove all 49 patch tokens"),
     ({"grid": {"methods": [{"method": "tome", "r": []}]}},
      "grid.methods[0]: method 'tome': parameter 'r' is an empty list: give one int, or one per block from the first"),
@@ -412,6 +416,14 @@ BAD_INPUTS = [
     ({"slurm": {"profile": 3}}, "slurm.profile: must be the name of a cluster profile"),
     ({"finetune": {"epochs": 0}}, "finetune.epochs: must be an integer >= 1, got 0"),
     ({"stages": ["eval", "speed"]}, "stages[1]: 'speed' not allowed; allowed: finetune, eval, macs, throughput"),
+    # the model's own key, not the first method entry applied to it
+    ({"defaults": {"model": {"name": "resnet18", "label": "r18"}, "data": {"name": "fashion_mnist"}}},
+     "defaults.model.name: bench.apply needs a timm VisionTransformer (ViT / DeiT / distilled DeiT), got ResNet "
+     "(resnet18)"),
+    ({"defaults": {"model": {**MODEL, "kwargs": {**MODEL["kwargs"], "depth": 0}}, "data": {"name": "fashion_mnist"}}},
+     "defaults.model.kwargs: vit_tiny_patch16_224 has no blocks (depth 0); allowed: a depth of at least 1"),
+    ({"stages": ["eval", "macs", "eval"]},
+     "stages[2]: lists eval twice (eval, macs, eval); allowed: each stage once, of: finetune, eval, macs, throughput, tokens"),
     ({"defaults": {"model": MODEL, "data": {"name": "fashion_mnist", "root": "/nonexistent/fm"}}},
      "defaults.data.root: /nonexistent/fm does not exist"),
     ({"defaults": {"model": MODEL, "data": {"name": "imagenet", "root": "/nonexistent/in1k"}}},

@@ -1,5 +1,7 @@
 """The method registry: names, building, parameter validation with errors that name what is allowed."""
 
+import math
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ def test_names_lists_every_method():
         ("tome", {"r": 13}, {"r": 13, "inflection": 0, "prop_attn": True}),
         ("tome", {"r": [4, 4, 2]}, {"r": [4, 4, 2], "inflection": 0, "prop_attn": True}),
         ("ppt", {"r": 50}, {"r": 50, "layers": [3, 6, 9], "threshold": 7e-5, "prop_attn": True}),
+        ("ppt", {"r": 5, "threshold": "inf"}, {"r": 5, "layers": [3, 6, 9], "threshold": math.inf, "prop_attn": True}),
         ("pruning", {"r": 50}, {"r": 50, "layers": [3, 6, 9], "prop_attn": True}),
         ("pooling", {"r": 5, "layers": [1]}, {"r": 5, "layers": [1], "prop_attn": True}),
         ("evit", {"keep_rate": 0.5}, {"keep_rate": 0.5, "layers": [3, 6, 9]}),
@@ -49,6 +52,8 @@ def test_build_fills_defaults(name, params, expected):
         ("tome", {"r": (13, -1)}, "ToMe's (r, inflection) pair is written r: R, inflection: I"),
         ("tome", {"r": 3, "prop_attn": "yes"}, "'prop_attn' must be true or false"),
         ("ppt", {"r": 3, "threshold": -1}, "'threshold' must be a number >= 0"),
+        # a quoted number is refused, as for every other number parameter
+        ("ppt", {"r": 3, "threshold": "1.0e-3"}, "'threshold' must be a number >= 0 (or inf), got '1.0e-3'"),
         ("ppt", {"r": 3, "layers": []}, "'layers' must be a non-empty list"),
         ("ppt", {"r": 3, "layers": [2, 2]}, "repeated block index"),
         ("evit", {"keep_rate": 1.5}, "'keep_rate' must be a number in (0, 1], got 1.5"),

@@ -537,7 +537,11 @@ def test_duplicate_keys_name_the_key_and_both_lines(tmp_path, capsys):
     nested = tmp_path / "nested.yaml"
     nested.write_text("name: n\ngrid:\n  methods:\n    - {method: tome, r: 4, r: 8}\n")
     assert bench(nested, tmp_path / "r") == 2
-    assert "nested.yaml: r: duplicate key (line 4 and line 4)" in capsys.readouterr().err
+    assert "nested.yaml: grid.methods[0].r: duplicate key (line 4 and line 4)" in capsys.readouterr().err
+    nested.write_text("name: n\ndefaults:\n  batch_size: 8\n  seed: 1\n  batch_size: 16\ngrid: {methods: [baseline]}\n")
+    assert bench(nested, tmp_path / "r") == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: {nested}: defaults.batch_size: duplicate key (line 3 and line 5); each key may appear once")
 
     from bench.pipeline.profiles import ProfileError, load_profile
 

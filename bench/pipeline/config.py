@@ -343,6 +343,10 @@ class Parser:
         if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):  # a plain file name: no '.', '..', '/'
             raise self.error("name", f"must be a plain file name of letters, digits, '_', '.', '-' "
                              f"(not starting with '.'), got {name!r}")
+        for index, stage in enumerate(section.stages):  # as budgets and batch sizes: a repeat is a slip
+            if stage in section.stages[:index]:
+                raise self.error(f"stages[{index}]", f"lists {stage} twice ({', '.join(section.stages)}); allowed: "
+                                 f"each stage once, of: {', '.join(STAGES)}")
         stages = tuple(stage for stage in STAGES if stage in section.stages)  # run order is fixed
         finetune = None
         subset = section.defaults.data.subset if section.defaults.data else None  # the eval and training images
@@ -731,6 +735,13 @@ class Parser:
                 vit = create_model(timm_name(base), base["model_kwargs"], meta=True)
             except Exception as error:  # noqa: BLE001 - timm raises many kinds for bad kwargs
                 raise self.error(keys["kwargs"], f"timm.create_model({base['model']!r}) failed: {error}") from None
+            from bench.vit import VisionTransformer, check_supported
+
+            try:  # here, not at the first method entry applied to it (which a refusal named before)
+                check_supported(vit)
+            except ValueError as error:  # not a ViT: the name; its depth or attention: the kwargs where given
+                key = keys["kwargs"] if base["model_kwargs"] and isinstance(vit, VisionTransformer) else keys["name"]
+                raise self.error(key, str(error)) from None
             self._contexts[signature] = vit
         vit = self._contexts[signature]
         if self.check_files and base["weights_path"]:
@@ -755,7 +766,9 @@ class Parser:
         if isinstance(entry, str):
             entry = {"method": entry}
         if not isinstance(entry, dict) or "method" not in entry:
-            raise self.error(where, "must be a method name or {method: NAME, param: value, sweep: {param: [values]}}")
+            keys = ", ".join(map(str, entry)) if isinstance(entry, dict) else ""
+            raise self.error(where, (f"has no method key (its keys: {keys}); " if keys else "") + "must be a method "
+                             "name or {method: NAME, param: value, sweep: {param: [values]}}")
         entry = dict(entry)
         name = entry.pop("method")
         if name not in methods.names():

@@ -1,8 +1,8 @@
 """The one YAML loader for experiment files and cluster profiles.
 
 A ``yaml.SafeLoader`` that also refuses
-- a key given twice in one mapping (PyYAML keeps the last one silently): the message names the key and
-  both lines;
+- a key given twice in one mapping (PyYAML keeps the last one silently): the message names the key by its
+  path (``defaults.batch_size``, ``grid.methods[0].r``) and both lines;
 - a document whose aliases expand to more than ``MAX_VALUES`` values, or refer to themselves (a
   "billion laughs" alias bomb loads instantly as shared objects, then exhausts memory in whatever walks
   it): refused after composing, before anything is constructed.
@@ -25,8 +25,8 @@ MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, first: int, second: int) -> None:
-        self.key, self.first, self.second = key, first, second
+    def __init__(self, key: Any, first: int, second: int, mapping: yaml.MappingNode | None = None) -> None:
+        self.key, self.first, self.second, self.mapping = key, first, second, mapping
         super().__init__(f"duplicate key {key!r} (line {first} and line {second})")
 
 
@@ -38,6 +38,7 @@ class Loader(yaml.SafeLoader):
     def compose_document(self) -> yaml.Node:
         node = super().compose_document()
         expanded_size(node)
+        self.root = node  # where a duplicate key's mapping is looked up (its path)
         return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -52,7 +53,7 @@ class Loader(yaml.SafeLoader):
                 except TypeError:  # unhashable: SafeLoader's own error follows
                     continue
                 if first is not None:
-                    raise DuplicateKey(key, first, key_node.start_mark.line + 1)
+                    raise DuplicateKey(key, first, key_node.start_mark.line + 1, node)
                 lines[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -61,6 +62,26 @@ class Loader(yaml.SafeLoader):
 # a number, and so does a user writing lr: 1e-4; the plain exponent forms are floats here too.
 Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def node_path(root: yaml.Node, target: yaml.Node) -> str:
+    """The path of ``target`` in the document ``root`` as messages write keys (``grid.methods[0]``; "" for the
+    root itself or a node not found)."""
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        if id(node) in seen:  # an alias: its anchor's node, walked once
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(child, f"{path}[{index}]") for index, child in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            stack += [(value, f"{path}.{key.value}" if path else str(key.value)) for key, value in node.value
+                      if isinstance(key, yaml.ScalarNode)]
+    return ""
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -107,11 +128,14 @@ def load_yaml(path: str | os.PathLike, error: type[FileError] = FileError) -> An
         text = read_text(path)
     except TextError as problem:
         raise error(path, "", "file not found" if problem.missing else problem.problem) from None
+    loader = None
     try:
-        return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
+        loader = Loader(text)  # its reader checks the characters: inside the try
+        return loader.get_single_data()
     except DuplicateKey as problem:
-        raise error(path, str(problem.key), f"duplicate key (line {problem.first} and line {problem.second}); "
-                    "each key may appear once") from None
+        where = node_path(loader.root, problem.mapping) if problem.mapping is not None else ""
+        raise error(path, f"{where}.{problem.key}" if where else str(problem.key), f"duplicate key (line "
+                    f"{problem.first} and line {problem.second}); each key may appear once") from None
     except TooLarge as problem:
         raise error(path, "", f"YAML {problem}") from None
     except yaml.YAMLError as problem:
@@ -119,3 +143,6 @@ def load_yaml(path: str | os.PathLike, error: type[FileError] = FileError) -> An
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         what = getattr(problem, "problem", None) or str(problem).splitlines()[0]
         raise error(path, "", f"malformed YAML ({where}{what})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
