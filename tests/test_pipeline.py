@@ -420,6 +420,10 @@ BAD_INPUTS = [
     ({"defaults": {"model": {"name": "resnet18", "label": "r18"}, "data": {"name": "fashion_mnist"}}},
      "defaults.model.name: bench.apply needs a timm VisionTransformer (ViT / DeiT / distilled DeiT), got ResNet "
      "(resnet18)"),
+    # timm's own message ("not all arguments converted during string formatting") names no keyword
+    ({"defaults": {"model": {**MODEL, "kwargs": {**MODEL["kwargs"], "embed_dim": "32"}}, "data": {"name": "fashion_mnist"}}},
+     "defaults.model.kwargs.embed_dim: must be an integer (VisionTransformer's embed_dim), got '32'; "
+     "timm.create_model('vit_tiny_patch16_224') failed: "),
     ({"defaults": {"model": {**MODEL, "kwargs": {**MODEL["kwargs"], "depth": 0}}, "data": {"name": "fashion_mnist"}}},
      "defaults.model.kwargs: vit_tiny_patch16_224 has no blocks (depth 0); allowed: a depth of at least 1"),
     ({"stages": ["eval", "macs", "eval"]},

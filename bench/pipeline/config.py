@@ -734,7 +734,9 @@ class Parser:
             try:
                 vit = create_model(timm_name(base), base["model_kwargs"], meta=True)
             except Exception as error:  # noqa: BLE001 - timm raises many kinds for bad kwargs
-                raise self.error(keys["kwargs"], f"timm.create_model({base['model']!r}) failed: {error}") from None
+                key, expect = mistyped_kwarg(base["model_kwargs"])  # timm's message rarely names it
+                raise self.error(f"{keys['kwargs']}.{key}" if key else keys["kwargs"],
+                                 f"{expect}timm.create_model({base['model']!r}) failed: {error}") from None
             from bench.vit import VisionTransformer, check_supported
 
             try:  # here, not at the first method entry applied to it (which a refusal named before)
@@ -1060,6 +1062,27 @@ def describe_origins(first: tuple, second: tuple) -> tuple[str, str]:
 def model_signature(base: dict[str, Any]) -> str:
     """The model a run builds (timm name and kwargs), whatever its label and weights."""
     return canonical([timm_name(base), base["model_kwargs"]])
+
+
+def mistyped_kwarg(kwargs: dict[str, Any]) -> tuple[str | None, str]:
+    """The first model keyword whose value is not of the type timm's ``VisionTransformer`` declares for it (an int,
+    a float or a bool), with what it must be (``("embed_dim", "must be an integer (VisionTransformer's embed_dim), got
+    '96'; ")``); ``(None, "")``
+    when every one fits (or is not a ``VisionTransformer`` argument)."""
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    wanted = {int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+              float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+              bool: ("true or false", lambda v: isinstance(v, bool))}
+    parameters = inspect.signature(VisionTransformer.__init__).parameters
+    for key, value in (kwargs or {}).items():
+        annotation = parameters[key].annotation if key in parameters else None
+        kind = next((kind for kind in wanted if annotation in (kind, kind.__name__)), None)
+        if kind is not None and not wanted[kind][1](value):
+            return key, f"must be {wanted[kind][0]} (VisionTransformer's {key}), got {value!r}; "
+    return None, ""
 
 
 def timm_name(base: dict[str, Any]) -> str:
