@@ -631,6 +631,11 @@ def test_malformed_yaml_and_missing_file(tmp_path, capsys):
     assert bench_main(path, tmp_path / "r") == 2
     err = capsys.readouterr().err
     assert "broken.yaml: malformed YAML (line" in err
+    # the line where the unclosed bracket opened, not only the one where the parser gave up
+    path.write_text("name: x\ntokens: {images: 4\nmacs: {images: 2}\n")
+    assert bench_main(path, tmp_path / "r") == 2
+    assert capsys.readouterr().err.strip() == (f"error: {path}: malformed YAML (line 3, column 5: expected ',' or '}}', "
+                                               "but got ':'; while parsing a flow mapping from line 2, column 9)")
     assert bench_main(tmp_path / "nope.yaml", tmp_path / "r") == 2
     assert "nope.yaml: experiment file not found" in capsys.readouterr().err
     (tmp_path / "configs").mkdir()

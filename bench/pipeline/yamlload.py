@@ -142,6 +142,9 @@ def load_yaml(path: str | os.PathLike, error: type[FileError] = FileError) -> An
         mark = getattr(problem, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         what = getattr(problem, "problem", None) or str(problem).splitlines()[0]
+        start, context = getattr(problem, "context_mark", None), getattr(problem, "context", None)
+        if start and context and mark and start.line != mark.line:  # an unclosed bracket: where it opened
+            what += f"; {context} from line {start.line + 1}, column {start.column + 1}"
         raise error(path, "", f"malformed YAML ({where}{what})") from None
     finally:
         if loader is not None:
