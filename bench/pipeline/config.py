@@ -1066,9 +1066,8 @@ def model_signature(base: dict[str, Any]) -> str:
 
 def mistyped_kwarg(kwargs: dict[str, Any]) -> tuple[str | None, str]:
     """The first model keyword whose value is not of the type timm's ``VisionTransformer`` declares for it (an int,
-    a float or a bool), with what it must be (``("embed_dim", "must be an integer (VisionTransformer's embed_dim), got
-    '96'; ")``); ``(None, "")``
-    when every one fits (or is not a ``VisionTransformer`` argument)."""
+    a float or a bool) and what it must be: ``("embed_dim", "must be an integer (VisionTransformer's embed_dim), got
+    '96'; ")``; ``(None, "")`` when every one fits or is not such an argument. Read only after timm refused them."""
     import inspect
 
     from timm.models.vision_transformer import VisionTransformer
