@@ -540,7 +540,8 @@ def test_an_unsupported_model_is_named_once(tmp_path, capsys):
                                                                              "in_chans": 1, "num_classes": 10}}
     path = write(tmp_path, cfg)
     assert bench_main(path, tmp_path / "results", "--dry-run") == 2
-    assert capsys.readouterr().err.strip() == (f"error: {path}: grid.methods[0]: bench.apply needs a timm "
+    # at the model's name (it was at grid.methods[0], the first method applied to it)
+    assert capsys.readouterr().err.strip() == (f"error: {path}: defaults.model.name: bench.apply needs a timm "
                                                "VisionTransformer (ViT / DeiT / distilled DeiT), got Eva "
                                                "(eva02_tiny_patch14_224)")
 
