@@ -331,8 +331,9 @@ def run(args: argparse.Namespace, experiment, runs: list, results_dir: Path, rel
         outcomes = run_inprocess(todo, results_dir, progress=not args.quiet and sys.stderr.isatty(), redo=args.force)
     code = summary(outcomes)
     waited = f"; {args.waited:.1f} s waiting for the results folder (--wait-lock)" if args.waited else ""
-    print(f"wall time {time.time() - started:.1f} s ({before:.1f} s before the runs: the experiment read, its MAC "
-          f"budgets calibrated, weights checked{waited})")
+    # the runs' own time, and apart from it the time before them (it read as if the first held the second)
+    print(f"wall time {time.time() - started:.1f} s for the runs, {before:.1f} s before them (the experiment read, its "
+          f"MAC budgets calibrated, weights checked{waited})")
     if not args.no_report:
         write_report(results_dir)
     return code

@@ -722,8 +722,8 @@ def test_the_wall_time_line_counts_the_calibration_before_the_runs(tmp_path, cap
     searched = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in out.splitlines()
                 if line.startswith("calibrated on ")]
     (line,) = [line for line in out.splitlines() if line.startswith("wall time ")]
-    runs, before = re.fullmatch(r"wall time (\d+\.\d) s \((\d+\.\d) s before the runs: the experiment read, its "
-                                r"MAC budgets calibrated, weights checked\)", line).groups()
+    runs, before = re.fullmatch(r"wall time (\d+\.\d) s for the runs, (\d+\.\d) s before them \(the experiment read, "
+                                r"its MAC budgets calibrated, weights checked\)", line).groups()
     assert len(searched) == 2 and float(before) >= sum(searched) - 0.1 and float(runs) > 0, out
 
 

@@ -262,7 +262,7 @@ def test_second_invocation_refuses_naming_the_holder_or_waits(tmp_path, capsys):
     # the wait is said apart, not counted in "before the runs" (it was: 44.7 s before the runs, 41 s of them waiting)
     import re
 
-    (before, waited), = re.findall(r"\(([\d.]+) s before the runs: the experiment read, its MAC budgets calibrated, "
+    (before, waited), = re.findall(r"([\d.]+) s before them \(the experiment read, its MAC budgets calibrated, "
                                    r"weights checked; ([\d.]+) s waiting for the results folder \(--wait-lock\)\)", out)
     assert float(waited) >= 0.5 and float(before) + float(waited) <= elapsed + 0.1, (out, elapsed)
 
