@@ -435,7 +435,9 @@ def test_two_task_ddp_finetune_matches_one_process(slurm_env, finetuned_inproces
     assert history(record, "epoch", "lr") == history(reference, "epoch", "lr")
     assert loss_rel < 1e-5
     assert overall < 1e-3
-    assert per_tensor[worst] < 1e-3
+    # 7.6e-05 in every CI run so far; a DDP that summed the two ranks' gradients instead of averaging them gives
+    # 1.1e-03 (the same training in one process with its gradients doubled), which 1e-3 let by
+    assert per_tensor[worst] < 4e-4
     assert key_bias < 5 * FINETUNE["lr"]
     assert abs(record["metrics"]["eval"]["top1"] - reference["metrics"]["eval"]["top1"]) <= 0.2  # <= 2 of 1000
 
