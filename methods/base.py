@@ -384,12 +384,13 @@ class Method:
 def threshold_value(method: Method, value: Any) -> float:
     """A float >= 0; ``inf`` (YAML ``.inf`` or the string "inf") allowed. Another string is refused, as every
     other number parameter refuses one (a quoted "1e-3" was taken)."""
-    if isinstance(value, str) and value.strip().lower().lstrip("+") not in ("inf", "infinity"):
-        raise method._error(f"parameter 'threshold' must be a number >= 0 (or inf), got {value!r}")
+    refusal = method._error(f"parameter 'threshold' must be a number >= 0 (or inf), got {value!r}")
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower().lstrip("+") not in ("inf", "infinity")):
+        raise refusal
     try:
         threshold = float(value)
     except (TypeError, ValueError):
-        raise method._error(f"parameter 'threshold' must be a number >= 0 (or inf), got {value!r}") from None
-    if isinstance(value, bool) or math.isnan(threshold) or threshold < 0:
-        raise method._error(f"parameter 'threshold' must be a number >= 0 (or inf), got {value!r}")
+        raise refusal from None
+    if math.isnan(threshold) or threshold < 0:
+        raise refusal
     return threshold

@@ -60,7 +60,7 @@ from bench.pipeline.data import (
 from bench.pipeline.files import canonical, digest, write_probe
 from bench.pipeline.fingerprint import weights_sha256
 from bench.pipeline.samples import images_identity
-from bench.pipeline.schema import FileError, SchemaError, check_keys, option, parse
+from bench.pipeline.schema import FileError, SchemaError, check, check_keys, describe, option, parse
 from bench.pipeline.stages import STAGES
 from bench.pipeline.train import FinetuneOptions
 from bench.pipeline.yamlload import load_yaml
@@ -1072,15 +1072,16 @@ def mistyped_kwarg(kwargs: dict[str, Any]) -> tuple[str | None, str]:
 
     from timm.models.vision_transformer import VisionTransformer
 
-    wanted = {int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-              float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-              bool: ("true or false", lambda v: isinstance(v, bool))}
+    kinds = {kind.__name__: kind for kind in (int, float, bool)}  # annotations as classes, or as their names
     parameters = inspect.signature(VisionTransformer.__init__).parameters
     for key, value in (kwargs or {}).items():
         annotation = parameters[key].annotation if key in parameters else None
-        kind = next((kind for kind in wanted if annotation in (kind, kind.__name__)), None)
-        if kind is not None and not wanted[kind][1](value):
-            return key, f"must be {wanted[kind][0]} (VisionTransformer's {key}), got {value!r}; "
+        kind = kinds.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None))
+        if kind is not None:
+            try:  # the schema's own type check and words
+                check(value, kind, key, {"expect": f"{describe(kind, {})} (VisionTransformer's {key})"})
+            except SchemaError as error:
+                return key, f"{error.problem}; "
     return None, ""
 
 

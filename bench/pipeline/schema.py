@@ -106,7 +106,7 @@ def check(value: Any, kind: Any, key: str, meta: typing.Mapping[str, Any] | None
     if origin in (list, tuple):
         item = args[0]
         if not isinstance(value, list) or (meta.get("nonempty") and not value):
-            raise SchemaError(key, f"must be {meta.get('expect') or _describe(kind, meta)}, got {value!r}")
+            raise SchemaError(key, f"must be {meta.get('expect') or describe(kind, meta)}, got {value!r}")
         items = [check(v, item, f"{key}[{i}]", {**meta, "expect": None}) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if choices is not None:
@@ -118,9 +118,9 @@ def check(value: Any, kind: Any, key: str, meta: typing.Mapping[str, Any] | None
     if kind is Any:
         return value
     if not _is(value, origin or kind) or not _in_range(value, meta):
-        raise SchemaError(key, f"must be {meta.get('expect') or _describe(kind, meta)}, got {value!r}")
+        raise SchemaError(key, f"must be {meta.get('expect') or describe(kind, meta)}, got {value!r}")
     if (origin or kind) is int and meta.get("maximum") is None and abs(value) > INT64_MAX:  # 1e23 overflowed at run time
-        raise SchemaError(key, f"must be {meta.get('expect') or _describe(kind, meta)} and at most 2**63-1 "
+        raise SchemaError(key, f"must be {meta.get('expect') or describe(kind, meta)} and at most 2**63-1 "
                           f"({INT64_MAX}), got {value!r}")
     return value
 
@@ -141,13 +141,14 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _describe(kind: Any, meta: typing.Mapping[str, Any]) -> str:
+def describe(kind: Any, meta: typing.Mapping[str, Any]) -> str:
+    """What a value of ``kind`` with the field's checks ``meta`` must be, as messages say it: "an integer >= 1"."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (list, tuple):
         words = f"a{' non-empty' if meta.get('nonempty') else ''} list"
         if args[0] is Any:  # any items: a list is all there is to say ("a list of s" before)
             return words
-        first, _, rest = _describe(args[0], {**meta, "nonempty": False}).partition(" ")[2].partition(" ")
+        first, _, rest = describe(args[0], {**meta, "nonempty": False}).partition(" ")[2].partition(" ")
         return f"{words} of {first}s{' ' + rest if rest else ''}"
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
         origin or kind, str(kind))

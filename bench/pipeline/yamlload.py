@@ -25,7 +25,7 @@ MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, first: int, second: int, mapping: yaml.MappingNode | None = None) -> None:
+    def __init__(self, key: Any, first: int, second: int, mapping: yaml.MappingNode) -> None:
         self.key, self.first, self.second, self.mapping = key, first, second, mapping
         super().__init__(f"duplicate key {key!r} (line {first} and line {second})")
 
@@ -133,7 +133,7 @@ def load_yaml(path: str | os.PathLike, error: type[FileError] = FileError) -> An
         loader = Loader(text)  # its reader checks the characters: inside the try
         return loader.get_single_data()
     except DuplicateKey as problem:
-        where = node_path(loader.root, problem.mapping) if problem.mapping is not None else ""
+        where = node_path(loader.root, problem.mapping)
         raise error(path, f"{where}.{problem.key}" if where else str(problem.key), f"duplicate key (line "
                     f"{problem.first} and line {problem.second}); each key may appear once") from None
     except TooLarge as problem:
